@@ -1,0 +1,284 @@
+"""Typed, validated configuration: one frozen dataclass per `params.yaml` section, loaded in one place.
+
+`params.yaml` holds the base sections, the selected `preset`, and under `presets:` the overrides
+each preset applies on top of the base (sizes, model path, batch). Loading:
+1. reads YAML with a YAML 1.2 loader (so `3e-05` is a float, as DVC writes it);
+2. deep-merges `presets[preset]`, then any caller overrides (`{"train.learning_rate": 3e-5}`);
+3. builds the dataclasses, rejecting unknown keys and wrong types with the offending key path;
+4. checks combinations across sections, saying what to change.
+This module imports no torch, so flows and CLIs can validate parameters cheaply.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flash_grpo_core.choices import (
+    FINETUNE_KINDS, NOISE_KINDS, PRESETS, RECTIFY_MODES, SCHEDULE_KINDS, STD_SCOPES, TRAIN_MODES,
+)
+
+
+class ConfigError(ValueError):
+    """A params file or override that cannot be used; the message says which key and what to do."""
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str | None = None  # local Diffusers-format Wan 2.1 T2V folder (wan presets)
+    dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
+    device: str = "auto"  # auto: cuda when available
+    finetune: str = "lora"  # lora | full
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    gradient_checkpointing: bool = False
+    text_len: int = 512
+
+    def __post_init__(self):
+        _check(self.dtype in ("auto", "float32", "bfloat16", "float16"), f"model.dtype: unknown {self.dtype!r}")
+        _check(self.finetune in FINETUNE_KINDS, f"model.finetune must be one of {FINETUNE_KINDS}, got {self.finetune!r}")
+        _check(self.lora_rank > 0 and self.lora_alpha > 0, "model.lora_rank and lora_alpha must be > 0")
+        _check(self.text_len > 0, "model.text_len must be > 0")
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    num_steps: int = 20  # N
+    shift: float = 3.0
+    schedule: str = "authors"  # authors | diffusers
+    num_candidates: int = 10  # K: flash draws its step from the first K
+    iso_temporal: bool = True
+    noise: str = "wan"  # wan | flow_grpo | dance
+    noise_level: float | None = None  # None: the noise kind's default
+    guidance: float = 4.5  # classifier-free guidance scale; 1.0 disables CFG
+    negative_prompt: str = ""
+    height: int = 480
+    width: int = 832
+    frames: int = 81
+    prompts_per_iteration: int = 8  # B (global)
+    group_size: int = 8  # G
+    batch_size: int = 8  # samples per transformer call while sampling
+
+    def __post_init__(self):
+        _check(self.num_steps >= 1, "rollout.num_steps must be >= 1")
+        _check(1 <= self.num_candidates <= self.num_steps,
+               f"rollout.num_candidates (K={self.num_candidates}) must be between 1 and num_steps (N={self.num_steps})")
+        _check(self.schedule in SCHEDULE_KINDS, f"rollout.schedule must be one of {SCHEDULE_KINDS}")
+        _check(self.noise in NOISE_KINDS, f"rollout.noise must be one of {NOISE_KINDS}")
+        _check(self.shift > 0, "rollout.shift must be > 0")
+        _check(self.guidance >= 1.0, "rollout.guidance must be >= 1 (1 disables classifier-free guidance)")
+        _check((self.frames - 1) % 4 == 0, f"rollout.frames - 1 must be divisible by 4 (Wan's VAE), got {self.frames}")
+        _check(self.height % 16 == 0 and self.width % 16 == 0,
+               f"rollout.height and width must be multiples of 16, got {self.height}x{self.width}")
+        _check(self.prompts_per_iteration >= 1 and self.group_size >= 2,
+               "rollout.prompts_per_iteration must be >= 1 and group_size >= 2 (advantages need a group)")
+        _check(self.batch_size >= 1, "rollout.batch_size must be >= 1")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    mode: str = "flash"  # flash | window | full
+    rectify: str = "exact"  # exact | none | flow_grpo
+    learning_rate: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 1e-4
+    grad_clip: float = 1.0
+    clip_range: float = 1e-3
+    adv_clip: float = 5.0
+    std_scope: str = "batch"  # batch | group
+    kl_beta: float = 0.0
+    minibatches: int = 1  # optimizer steps per iteration; later ones are slightly off-policy
+    micro_batch: int = 2  # trained items per forward/backward
+    skip_zero_advantage: bool = True
+    ema_decay: float = 0.9
+    ema_every: int = 8  # optimizer steps between EMA updates
+    timestep_fraction: float = 1.0  # full mode: fraction of the N steps trained
+    window_size: int = 2  # window mode: W
+    window_stride: int = 1
+    window_every: int = 1  # iterations between window moves
+
+    def __post_init__(self):
+        _check(self.mode in TRAIN_MODES, f"train.mode must be one of {TRAIN_MODES}, got {self.mode!r}")
+        _check(self.rectify in RECTIFY_MODES, f"train.rectify must be one of {RECTIFY_MODES}, got {self.rectify!r}")
+        _check(self.std_scope in STD_SCOPES, f"train.std_scope must be one of {STD_SCOPES}, got {self.std_scope!r}")
+        _check(self.learning_rate > 0, "train.learning_rate must be > 0")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas must be two numbers in [0, 1)")
+        _check(self.clip_range > 0 and self.adv_clip > 0 and self.grad_clip > 0,
+               "train.clip_range, adv_clip and grad_clip must be > 0")
+        _check(self.kl_beta >= 0, "train.kl_beta must be >= 0")
+        _check(self.minibatches >= 1 and self.micro_batch >= 1, "train.minibatches and micro_batch must be >= 1")
+        _check(0 <= self.ema_decay < 1 and self.ema_every >= 1, "train.ema_decay must be in [0, 1), ema_every >= 1")
+        _check(0 < self.timestep_fraction <= 1, "train.timestep_fraction must be in (0, 1]")
+        _check(self.window_size >= 1 and self.window_stride >= 1 and self.window_every >= 1,
+               "train.window_size, window_stride and window_every must be >= 1")
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    weights: dict[str, float] = field(default_factory=lambda: {"brightness": 1.0})
+    options: dict[str, dict] = field(default_factory=dict)  # per-reward keyword arguments
+    frame_stride: int = 1
+
+    def __post_init__(self):
+        _check(len(self.weights) > 0, "reward.weights must name at least one reward")
+        _check(all(name in self.weights for name in self.options),
+               f"reward.options names rewards not in reward.weights: {sorted(set(self.options) - set(self.weights))}")
+        _check(self.frame_stride >= 1, "reward.frame_stride must be >= 1")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    num_steps: int = 50
+    guidance: float = 4.5
+    seed: int = 1234
+    num_prompts: int = 8
+    use_ema: bool = True
+
+    def __post_init__(self):
+        _check(self.num_steps >= 1 and self.num_prompts >= 1, "eval.num_steps and num_prompts must be >= 1")
+
+
+@dataclass(frozen=True)
+class Params:
+    preset: str = "tiny"
+    seed: int = 0
+    iterations: int = 2
+    model: ModelConfig = field(default_factory=ModelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self):
+        _check(self.preset in PRESETS, f"preset must be one of {PRESETS}, got {self.preset!r}")
+        _check(self.iterations >= 1, "iterations must be >= 1")
+        rollout, train = self.rollout, self.train
+        samples = rollout.prompts_per_iteration * rollout.group_size
+        _check(samples % train.minibatches == 0,
+               f"train.minibatches ({train.minibatches}) must divide the {samples} samples of an iteration "
+               f"(rollout.prompts_per_iteration x group_size)")
+        if train.mode == "window":
+            _check(train.window_size <= rollout.num_candidates,
+                   f"train.window_size ({train.window_size}) must be <= rollout.num_candidates "
+                   f"({rollout.num_candidates}): the window slides over the first K steps")
+        if self.preset != "tiny":
+            _check(bool(self.model.path),
+                   f"preset {self.preset} loads Wan 2.1 weights: set presets.{self.preset}.model.path in params.yaml "
+                   f"to a local Diffusers-format folder")
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.preset == "tiny"
+
+
+def _build(cls, data: Any, where: str):
+    """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types."""
+    _check(isinstance(data, dict), f"{where or 'params'} must be a mapping, got {type(data).__name__}")
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(names))
+    _check(not unknown, f"unknown key(s) {', '.join(f'{where}.{k}'.lstrip('.') for k in unknown)}; "
+                        f"known keys{' of ' + where if where else ''}: {', '.join(sorted(names))}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {name: _coerce(hints[name], value, f"{where}.{name}".lstrip(".")) for name, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as error:
+        raise ConfigError(f"{where or 'params'}: {error}") from error
+
+
+def _coerce(hint, value: Any, where: str):
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        return _coerce(next(a for a in args if a is not type(None)), value, where)
+    if origin is tuple:
+        _check(isinstance(value, (list, tuple)) and len(value) == len(args),
+               f"{where} must be a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(a, v, where) for a, v in zip(args, value))
+    if origin is dict:
+        _check(isinstance(value, dict), f"{where} must be a mapping, got {value!r}")
+        return {str(k): _coerce(args[1], v, f"{where}.{k}") for k, v in value.items()}
+    if hint is float:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), f"{where} must be a number, got {value!r}")
+        return float(value)
+    if hint is bool or hint is int:
+        _check(type(value) is hint, f"{where} must be {'true/false' if hint is bool else 'an integer'}, got {value!r}")
+        return value
+    if hint is str:
+        _check(isinstance(value, str), f"{where} must be a string, got {value!r}")
+    return value
+
+
+def _merge(base: dict, overrides: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _dotted(overrides: dict[str, Any]) -> dict:
+    nested: dict = {}
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML file with a YAML 1.2 loader; a clear error for a missing or malformed file."""
+    from ruamel.yaml import YAML, YAMLError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params file not found: {path}")
+    try:
+        data = YAML(typ="safe", pure=True).load(path.read_text())
+    except YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from error
+    return data or {}
+
+
+def params_from_dict(raw: dict, preset: str | None = None, overrides: dict[str, Any] | None = None) -> Params:
+    """Typed Params from a parsed params mapping, the selected preset's overrides and dotted overrides."""
+    raw = _merge(raw, _dotted(overrides or {}))
+    presets = raw.pop("presets", {}) or {}
+    chosen = preset or raw.get("preset", "tiny")
+    _check(chosen in PRESETS, f"preset must be one of {PRESETS}, got {chosen!r}")
+    _check(set(presets) <= set(PRESETS), f"presets: unknown preset(s) {sorted(set(presets) - set(PRESETS))}")
+    merged = _merge(raw, presets.get(chosen, {}) or {})
+    merged = _merge(merged, _dotted(overrides or {}))  # caller overrides win over the preset's
+    merged["preset"] = chosen
+    return _build(Params, merged, "")
+
+
+def load_params(path: str | Path = "params.yaml", preset: str | None = None,
+                overrides: dict[str, Any] | None = None) -> Params:
+    """Load and validate `params.yaml` (see the module docstring)."""
+    try:
+        return params_from_dict(read_yaml(path), preset, overrides)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
+
+
+def to_dict(params: Params) -> dict:
+    """Plain mapping of the resolved parameters (for manifests and logs)."""
+    return dataclasses.asdict(params)

@@ -1,0 +1,184 @@
+"""One Flash-GRPO iteration in the core: prompts -> rollouts -> videos -> rewards -> advantages -> update.
+
+`Engine` holds what lives across iterations (models, policy, optimizer, EMA, schedule tables);
+the stages of the pipeline call its pieces separately (`plan_steps`, `generate`, `score`,
+`advantages_for`, `update`), and `run_iteration` chains them for the single-process main job and
+the benchmarks. Every random draw derives from `params.seed` and the iteration number.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from flash_grpo_core.advantages import group_advantages
+from flash_grpo_core.config import Params
+from flash_grpo_core.ema import EMA
+from flash_grpo_core.rectify import rectification_factors
+from flash_grpo_core.sampler import PassCounter, RolloutBatch, rollout
+from flash_grpo_core.schedule import flow_sigmas
+from flash_grpo_core.seeding import derive_seed
+from flash_grpo_core.sde import noise_scales
+from flash_grpo_core.steps import full_steps, iso_temporal_steps, window_start, window_steps
+from flash_grpo_core.trainer import Policy, StepContext, make_optimizer, update_policy
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def build_stack(params: Params, dtype: torch.dtype):
+    """The preset's Wan stack: a seeded tiny random model, or Wan 2.1 from `model.path`."""
+    from flash_grpo_core import models
+
+    if params.is_tiny:
+        return models.build_tiny_stack(seed=params.seed, dtype=dtype, text_len=params.model.text_len)
+    return models.load_stack(params.model.path, dtype=dtype, max_text_len=params.model.text_len)
+
+
+def make_trainable(transformer: torch.nn.Module, params: Params) -> torch.nn.Module | None:
+    """Attach LoRA or unfreeze every weight (before moving to the device, so LoRA's seeded CPU init
+    is the same on every machine). Returns the frozen reference for a KL term under full
+    fine-tuning, else None (under LoRA the reference is the model with its adapter disabled)."""
+    import copy
+
+    from flash_grpo_core import models
+
+    if params.model.finetune == "lora":
+        models.apply_lora(transformer, rank=params.model.lora_rank, alpha=params.model.lora_alpha,
+                          seed=derive_seed(params.seed, "lora") % 2**32)
+        return None
+    reference = copy.deepcopy(transformer).requires_grad_(False) if params.train.kl_beta > 0 else None
+    models.enable_full_finetune(transformer)
+    return reference
+
+
+def build_policy(transformer: torch.nn.Module, params: Params, reference: torch.nn.Module | None = None) -> Policy:
+    """Optimizer and EMA over the transformer's trainable weights (already on their device)."""
+    from flash_grpo_core import models
+
+    if params.model.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    parameters = models.trainable_parameters(transformer)
+    ema = EMA(parameters, decay=params.train.ema_decay, every=params.train.ema_every)
+    return Policy(transformer, parameters, make_optimizer(parameters, params.train), ema, reference)
+
+
+@dataclass
+class Engine:
+    params: Params
+    stack: object  # models.WanStack
+    policy: Policy
+    device: torch.device
+    sigmas: torch.Tensor = field(init=False)  # [N + 1]
+    scales: torch.Tensor = field(init=False)  # [N]
+    step_factors: torch.Tensor = field(init=False)  # [N]
+
+    def __post_init__(self):
+        r = self.params.rollout
+        self.sigmas = flow_sigmas(r.num_steps, r.shift, r.schedule)
+        self.scales = noise_scales(self.sigmas, r.noise, r.noise_level)
+        self.step_factors = rectification_factors(self.sigmas, self.params.train.rectify, r.noise, r.noise_level)
+
+    @property
+    def guided(self) -> bool:
+        return self.params.rollout.guidance != 1.0
+
+
+def build_engine(params: Params) -> Engine:
+    device = resolve_device(params.model.device)
+    stack = build_stack(params, resolve_dtype(params.model.dtype, device))
+    reference = make_trainable(stack.transformer, params)
+    for module in (stack.transformer, stack.text_encoder, stack.vae, reference):
+        if module is not None:
+            module.to(device)
+    return Engine(params, stack, build_policy(stack.transformer, params, reference), device)
+
+
+def plan_steps(params: Params, num_prompts: int, iteration: int) -> torch.Tensor:
+    """Trained steps [B, G, T] of `iteration` for the configured mode."""
+    r, t = params.rollout, params.train
+    if t.mode == "flash":
+        generator = torch.Generator().manual_seed(derive_seed(params.seed, iteration, "steps"))
+        return iso_temporal_steps(num_prompts, r.group_size, r.num_candidates, generator, r.iso_temporal)
+    if t.mode == "window":
+        start = window_start(iteration, r.num_candidates, t.window_size, t.window_stride, t.window_every)
+        return window_steps(num_prompts, r.group_size, start, t.window_size)
+    return full_steps(num_prompts, r.group_size, r.num_steps, t.timestep_fraction)
+
+
+def encode(engine: Engine, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Prompt embeddings [B, L, D] and, with guidance, the negative prompt's [1, L, D]."""
+    from flash_grpo_core.models import encode_prompts
+
+    cond = encode_prompts(engine.stack, prompts, engine.device)
+    uncond = encode_prompts(engine.stack, [engine.params.rollout.negative_prompt], engine.device) if engine.guided else None
+    return cond, uncond
+
+
+def generate(engine: Engine, prompts: list[str], iteration: int, counter: PassCounter,
+             train_steps: torch.Tensor | None = None) -> tuple[RolloutBatch, torch.Tensor]:
+    """Rollouts of one iteration and their decoded videos uint8 [S, F, H, W, 3]."""
+    from flash_grpo_core.models import decode_latents
+
+    r = engine.params.rollout
+    if train_steps is None:
+        train_steps = plan_steps(engine.params, len(prompts), iteration)
+    cond, uncond = encode(engine, prompts)
+    shape = engine.stack.latent_shape(r.frames, r.height, r.width)
+    batch = rollout(engine.policy.transformer, cond, uncond, train_steps, engine.sigmas, engine.scales, r.guidance,
+                    shape, derive_seed(engine.params.seed, iteration, "noise"), r.batch_size, counter)
+    videos = torch.cat([decode_latents(engine.stack, chunk.to(engine.device))
+                        for chunk in batch.final_latents.split(r.batch_size)])
+    return batch, videos
+
+
+def score(reward_fn, videos: torch.Tensor, prompts: list[str], batch: RolloutBatch):
+    """Reward of every sample (S = B * G) via the reward protocol; returns (scores [S], info)."""
+    sample_prompts = [prompts[i] for i in batch.prompt_index.tolist()]
+    metadata = [{"prompt_index": int(p), "steps": s.tolist()} for p, s in zip(batch.prompt_index, batch.steps)]
+    output = reward_fn(videos, sample_prompts, metadata)
+    return output.scores, output.info
+
+
+def advantages_for(params: Params, rewards: torch.Tensor) -> torch.Tensor:
+    """Advantages [S] from rewards [S] laid out prompt-major (s = b * G + g)."""
+    grouped = rewards.reshape(-1, params.rollout.group_size)  # [B, G]
+    return group_advantages(grouped, params.train.std_scope, params.train.adv_clip).reshape(-1)
+
+
+def update(engine: Engine, prompts: list[str], batch: RolloutBatch, advantages: torch.Tensor, iteration: int,
+           counter: PassCounter) -> dict[str, float]:
+    cond, uncond = encode(engine, prompts)
+    ctx = StepContext(batch, advantages, cond, uncond, engine.sigmas.float().to(engine.device),
+                      engine.scales.float().to(engine.device), engine.params.rollout.guidance)
+    generator = torch.Generator().manual_seed(derive_seed(engine.params.seed, iteration, "minibatches"))
+    engine.policy.transformer.train()
+    try:
+        return update_policy(engine.policy, ctx, engine.step_factors, engine.params.train, generator, counter)
+    finally:
+        engine.policy.transformer.eval()
+
+
+def run_iteration(engine: Engine, prompts: list[str], reward_fn, iteration: int) -> dict[str, float]:
+    """Rollout, score and update once; metrics include reward statistics and pass counts."""
+    rollout_counter, train_counter = PassCounter(), PassCounter()
+    batch, videos = generate(engine, prompts, iteration, rollout_counter)
+    rewards, _ = score(reward_fn, videos, prompts, batch)
+    advantages = advantages_for(engine.params, rewards)
+    metrics = update(engine, prompts, batch, advantages, iteration, train_counter)
+    return {
+        "iteration": iteration, "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std(unbiased=False)),
+        **metrics,
+        "rollout_forward_passes": rollout_counter.forward,
+        "train_forward_passes": train_counter.forward, "train_backward_passes": train_counter.backward,
+    }

@@ -1,0 +1,45 @@
+"""Temporal gradient rectification (TGR, SPEC section 3): per-item weights of the policy loss.
+
+Each trained item (one sample at one step i) gets a factor from the schedule:
+- `exact`: c(t_i) = 1/g(t_i), normalised by its mean over the global batch so the average weight
+  is 1 and the learning rate keeps its meaning (Flash-GRPO);
+- `none`: 1 (plain GRPO, for ablations);
+- `flow_grpo`: s_i / sqrt(-dt), Flow-GRPO's Wan trainer's partial fix, applied as that trainer
+  does, without normalisation.
+The factors are always computed from the actual schedule, never from a table.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from flash_grpo_core.choices import RECTIFY_MODES
+from flash_grpo_core.distributed import global_mean
+from flash_grpo_core.sde import noise_scales, rectification_coefficients
+
+
+
+def rectification_factors(
+    sigmas: torch.Tensor, mode: str, noise_kind: str = "wan", noise_level: float | None = None
+) -> torch.Tensor:
+    """The unnormalised loss factor of each of the N steps, float64 [N]."""
+    if mode == "exact":
+        return rectification_coefficients(sigmas, noise_kind, noise_level)
+    if mode == "none":
+        return torch.ones(len(sigmas) - 1, dtype=torch.float64)
+    if mode == "flow_grpo":
+        delta = (sigmas[:-1] - sigmas[1:]).double()  # -dt > 0, [N]
+        return noise_scales(sigmas, noise_kind, noise_level) / torch.sqrt(delta)
+    raise ValueError(f"unknown rectify mode {mode!r}; expected one of {RECTIFY_MODES}")
+
+
+def rectification_weights(step_factors: torch.Tensor, steps: torch.Tensor, mode: str) -> torch.Tensor:
+    """Weights of the trained items, float32 shaped like `steps`.
+
+    `step_factors` is `rectification_factors(...)` [N]; `steps` holds each item's step index.
+    In `exact` mode the weights are divided by their mean over the whole global batch.
+    """
+    weights = step_factors.to(steps.device)[steps]
+    if mode == "exact":
+        weights = weights / global_mean(weights)
+    return weights.float()

@@ -1,0 +1,133 @@
+"""Rollouts: ODE sampling with SDE steps at the trained steps, classifier-free guidance batched.
+
+For B prompts x G samples (sample s = b * G + g) and trained steps [B, G, T] (see `steps.py`), every
+sample starts from its own noise and follows deterministic Euler steps, except at its trained
+steps, where the SDE step of `sde.py` is taken and x_t, x_{t+1} and log p_old are recorded.
+
+Each sample draws all its noise (initial latent and SDE noise) from its own CPU generator seeded by
+(seed, sample id), so a rollout does not depend on the batch size used to sample it, on the
+device, or on which rank produced it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from flash_grpo_core.sde import ode_step, sde_step
+from flash_grpo_core.seeding import derive_seed
+from flash_grpo_core.steps import sde_mask
+
+
+@dataclass
+class PassCounter:
+    """Transformer passes in sample units: a CFG call on S latents counts 2S forwards."""
+
+    forward: int = 0
+    backward: int = 0
+    last_forward: int = 0  # sample passes of the latest call, which a backward through it repeats
+
+    def as_dict(self) -> dict[str, int]:
+        return {"forward_passes": self.forward, "backward_passes": self.backward}
+
+    def add(self, other: "PassCounter") -> None:
+        self.forward += other.forward
+        self.backward += other.backward
+
+
+@dataclass
+class RolloutBatch:
+    """What training needs from one iteration's rollouts (S = B * G samples, T trained steps each)."""
+
+    prompt_index: torch.Tensor  # [S] long, into the iteration's prompt list
+    steps: torch.Tensor  # [S, T] long, trained step indices
+    latents: torch.Tensor  # [S, T, C, F, H, W] x_{t_k}
+    next_latents: torch.Tensor  # [S, T, C, F, H, W] x_{t_{k+1}}
+    log_probs: torch.Tensor  # [S, T] float32, log p_old
+    final_latents: torch.Tensor  # [S, C, F, H, W] x_0 estimate after N steps
+    counters: dict = field(default_factory=dict)
+
+    @property
+    def num_samples(self) -> int:
+        return self.steps.shape[0]
+
+
+def predict_velocity(
+    transformer, latents: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor,
+    uncond: torch.Tensor | None, guidance: float, counter: PassCounter | None = None,
+) -> torch.Tensor:
+    """Guided velocity v = v_u + w (v_c - v_u) for latents [S, C, F, H, W] at sigma [S].
+
+    The conditional and unconditional halves go through the transformer as one batch of 2S.
+    """
+    dtype = next(transformer.parameters()).dtype
+    timestep = (sigma.float() * 1000).to(latents.device)  # [S]
+    guided = uncond is not None and guidance != 1.0
+    if guided:
+        latents, timestep = torch.cat([latents, latents]), torch.cat([timestep, timestep])
+        cond = torch.cat([cond, uncond.expand_as(cond)])
+    out = transformer(hidden_states=latents.to(dtype), timestep=timestep, encoder_hidden_states=cond.to(dtype),
+                      return_dict=False)[0]
+    if counter is not None:
+        counter.forward += out.shape[0]
+        counter.last_forward = out.shape[0]
+    if not guided:
+        return out
+    v_cond, v_uncond = out.chunk(2)
+    return v_uncond + guidance * (v_cond - v_uncond)
+
+
+def sample_generators(seed: int, sample_ids: list[int]) -> list[torch.Generator]:
+    """One CPU generator per sample, seeded from (seed, sample id)."""
+    return [torch.Generator().manual_seed(derive_seed(seed, sid)) for sid in sample_ids]
+
+
+def _draw(generators: list[torch.Generator], shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.stack([torch.randn(shape, generator=g) for g in generators])
+
+
+@torch.no_grad()
+def rollout(
+    transformer, cond_embeds: torch.Tensor, uncond_embed: torch.Tensor | None, train_steps: torch.Tensor,
+    sigmas: torch.Tensor, scales: torch.Tensor, guidance: float, latent_shape: tuple[int, int, int, int],
+    seed: int, batch_size: int, counter: PassCounter | None = None,
+) -> RolloutBatch:
+    """Sample B x G videos' latents; cond_embeds [B, L, D], uncond_embed [1, L, D], train_steps [B, G, T]."""
+    num_prompts, group, trained = train_steps.shape
+    num_steps, total = len(sigmas) - 1, num_prompts * group
+    device = cond_embeds.device
+    steps = train_steps.reshape(total, trained)  # [S, T]
+    mask = sde_mask(train_steps, num_steps)  # [S, N]
+    slot = torch.full((total, num_steps), -1, dtype=torch.long)
+    slot.scatter_(1, steps, torch.arange(trained).expand(total, trained))
+    prompt_index = torch.arange(num_prompts).repeat_interleave(group)  # [S]
+    dtype = next(transformer.parameters()).dtype
+    latents = torch.empty(total, trained, *latent_shape, dtype=dtype)
+    next_latents, log_probs = torch.empty_like(latents), torch.empty(total, trained)
+    finals = []
+    for start in range(0, total, batch_size):
+        ids = list(range(start, min(start + batch_size, total)))
+        generators = sample_generators(seed, ids)
+        x = _draw(generators, latent_shape).to(device, dtype)  # [b, C, F, H, W]
+        cond = cond_embeds[prompt_index[ids]]
+        for i in range(num_steps):
+            sigma = sigmas[i].expand(len(ids))
+            v = predict_velocity(transformer, x, sigma, cond, uncond_embed, guidance, counter)
+            x_next = ode_step(x, v, sigmas[i], sigmas[i + 1])
+            stochastic = mask[ids, i]
+            if stochastic.any():
+                # Only the samples that take the SDE step draw noise, so each sample's stream is its own.
+                noise = torch.zeros(len(ids), *latent_shape)
+                noise[stochastic] = _draw([g for g, s in zip(generators, stochastic) if s], latent_shape)
+                step = sde_step(x, v, sigmas[i], sigmas[i + 1], scales[i], noise=noise.to(device))
+                rows = torch.tensor(ids)[stochastic]
+                cols = slot[rows, i]
+                latents[rows, cols] = x[stochastic].cpu()
+                next_latents[rows, cols] = step.prev_sample[stochastic].cpu()
+                log_probs[rows, cols] = step.log_prob[stochastic].cpu()
+                x_next = torch.where(stochastic.to(device).view(-1, 1, 1, 1, 1), step.prev_sample, x_next)
+            x = x_next
+        finals.append(x.cpu())
+    return RolloutBatch(prompt_index=prompt_index, steps=steps, latents=latents, next_latents=next_latents,
+                        log_probs=log_probs, final_latents=torch.cat(finals))

@@ -1,0 +1,49 @@
+"""Flow-matching sampling schedules (SPEC section 1).
+
+Two variants of the shifted sigma schedule for N steps:
+
+- `authors`: what the authors' released code trained with (an older diffusers formula):
+  `s = 1 - linspace(1, 1/1000, N+1)`, shifted with `shift*s / (1 + (shift-1)*s)`, reversed.
+  Its first sigma is slightly below 1 (0.99967 for shift 3).
+- `diffusers`: what `UniPCMultistepScheduler(use_flow_sigmas=True, flow_shift=shift)` builds today:
+  `linspace(1, 1/1000, N+1)[:-1]`, shifted, a first sigma of exactly 1 nudged down by 1e-6 (as
+  the scheduler does, to keep logs finite), then a final 0.
+
+Both return N+1 values, decreasing, the last one 0. Timesteps given to the transformer are
+`1000 * sigma` for the first N.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from flash_grpo_core.choices import SCHEDULE_KINDS
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+def _shift(s: np.ndarray, shift: float) -> np.ndarray:
+    return shift * s / (1.0 + (shift - 1.0) * s)
+
+
+def flow_sigmas(num_steps: int, shift: float, kind: str = "authors") -> torch.Tensor:
+    """The N+1 sigmas sigma_0 ~ 1 > ... > sigma_{N-1} > sigma_N = 0, float64 [N+1]."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if shift <= 0:
+        raise ValueError(f"shift must be > 0, got {shift}")
+    ramp = np.linspace(1.0, 1.0 / NUM_TRAIN_TIMESTEPS, num_steps + 1)
+    if kind == "authors":
+        sigmas = _shift(1.0 - ramp, shift)[::-1][:num_steps]
+    elif kind == "diffusers":
+        sigmas = _shift(ramp[:-1], shift)
+        if abs(sigmas[0] - 1.0) < 1e-6:
+            sigmas[0] -= 1e-6
+    else:
+        raise ValueError(f"unknown schedule kind {kind!r}; expected one of {SCHEDULE_KINDS}")
+    return torch.from_numpy(np.append(sigmas, 0.0).copy())
+
+
+def timesteps(sigmas: torch.Tensor) -> torch.Tensor:
+    """Transformer timesteps `1000 * sigma_i` for the N steps (the final sigma 0 has none)."""
+    return sigmas[:-1] * NUM_TRAIN_TIMESTEPS

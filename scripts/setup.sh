@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Create .venv and install the project with its test extras.
+# CPU (default): installs torch 2.13.0 first, so no CUDA build is pulled in.
+# GPU: TORCH_SPEC="torch==2.13.0" TORCH_INDEX=https://download.pytorch.org/whl/cu128 bash scripts/setup.sh
+#      (or install your CUDA build of torch into .venv yourself first; this script keeps it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  if [ -n "${TORCH_INDEX:-}" ]; then
+    .venv/bin/pip install -q "${TORCH_SPEC:-torch==2.13.0}" --index-url "$TORCH_INDEX"
+  else
+    .venv/bin/pip install -q "${TORCH_SPEC:-torch==2.13.0}"
+  fi
+fi
+.venv/bin/pip install -q -e ".[test]"

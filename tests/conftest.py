@@ -1,0 +1,26 @@
+"""Shared fixtures: telemetry off, the tiny preset's parameters and engine."""
+
+import os
+
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def tiny_params():
+    """Factory: the repository's tiny preset with dotted overrides."""
+    from flash_grpo_core.config import load_params
+
+    def make(preset="tiny", **overrides):
+        return load_params(ROOT / "params.yaml", preset=preset,
+                           overrides={key.replace("__", "."): value for key, value in overrides.items()})
+
+    return make

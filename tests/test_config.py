@@ -1,0 +1,66 @@
+from pathlib import Path
+
+import pytest
+
+from flash_grpo_core.config import ConfigError, load_params, params_from_dict, read_yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_repository_params_load_for_every_preset(tmp_path):
+    tiny = load_params(ROOT / "params.yaml")
+    assert tiny.preset == "tiny" and tiny.rollout.height == 32 and tiny.rollout.num_steps == 20
+    wan = load_params(ROOT / "params.yaml", preset="wan14b")
+    assert wan.rollout.height == 480 and wan.model.path.endswith("14B-Diffusers")
+
+
+def test_yaml_1_2_reads_exponents_as_numbers(tmp_path):
+    params = load_params(_write(tmp_path, "train:\n  learning_rate: 3e-05\n"))
+    assert params.train.learning_rate == pytest.approx(3e-5)
+
+
+def test_unknown_key_is_rejected_with_its_path(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) train\.learnig_rate.*known keys of train"):
+        load_params(_write(tmp_path, "train:\n  learnig_rate: 1.0e-4\n"))
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) rolout"):
+        load_params(_write(tmp_path, "rolout: {}\n"))
+
+
+def test_wrong_types_are_rejected(tmp_path):
+    with pytest.raises(ConfigError, match="train.learning_rate must be a number"):
+        load_params(_write(tmp_path, "train:\n  learning_rate: fast\n"))
+    with pytest.raises(ConfigError, match="rollout.iso_temporal must be true/false"):
+        load_params(_write(tmp_path, "rollout:\n  iso_temporal: 1\n"))
+
+
+def test_impossible_combinations_say_what_to_change(tmp_path):
+    with pytest.raises(ConfigError, match=r"num_candidates \(K=30\) must be between 1 and num_steps \(N=20\)"):
+        params_from_dict({"rollout": {"num_candidates": 30}})
+    with pytest.raises(ConfigError, match=r"minibatches \(3\) must divide the 64 samples"):
+        params_from_dict({"train": {"minibatches": 3}})
+    with pytest.raises(ConfigError, match="window_size .* must be <= rollout.num_candidates"):
+        params_from_dict({"train": {"mode": "window", "window_size": 12}})
+    with pytest.raises(ConfigError, match="frames - 1 must be divisible by 4"):
+        params_from_dict({"rollout": {"frames": 10}})
+    with pytest.raises(ConfigError, match="preset wan1.3b loads Wan 2.1 weights: set presets.wan1.3b.model.path"):
+        params_from_dict({"preset": "wan1.3b"})
+
+
+def test_overrides_win_over_the_preset():
+    raw = read_yaml(ROOT / "params.yaml")
+    params = params_from_dict(raw, overrides={"rollout.group_size": 2, "train.mode": "full"})
+    assert params.rollout.group_size == 2 and params.train.mode == "full"
+    assert params.rollout.height == 32  # the tiny preset still applies
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="params file not found"):
+        load_params(tmp_path / "absent.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(_write(tmp_path, "train: [unclosed\n"))

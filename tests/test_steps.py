@@ -1,0 +1,43 @@
+import torch
+
+from flash_grpo_core.steps import full_steps, iso_temporal_steps, sde_mask, window_start, window_steps
+
+
+def test_iso_temporal_group_shares_its_step():
+    steps = iso_temporal_steps(64, 8, 10, torch.Generator().manual_seed(0))
+    assert steps.shape == (64, 8, 1)
+    assert torch.all(steps == steps[:, :1])  # every sample of a prompt has the prompt's k
+    assert len(steps[:, 0].unique()) > 3  # prompts differ
+    assert steps.min() >= 0 and steps.max() < 10
+
+
+def test_same_seed_same_steps_on_every_rank():
+    a = iso_temporal_steps(16, 4, 10, torch.Generator().manual_seed(7))
+    b = iso_temporal_steps(16, 4, 10, torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+
+
+def test_per_sample_ablation_varies_within_groups():
+    steps = iso_temporal_steps(32, 8, 10, torch.Generator().manual_seed(0), iso_temporal=False)
+    assert any(len(group.unique()) > 1 for group in steps[:, :, 0])
+
+
+def test_full_mode_trains_the_same_steps_for_all_prompts():
+    steps = full_steps(3, 4, 20, timestep_fraction=0.5)
+    assert steps.shape == (3, 4, 10)
+    assert torch.all(steps == torch.arange(10))
+
+
+def test_window_moves_and_stays_inside_the_candidates():
+    starts = [window_start(it, num_candidates=10, window_size=3, stride=2, every=1) for it in range(6)]
+    assert starts == [0, 2, 4, 6, 0, 2]  # 8 positions 0..7 (K - W + 1), stride 2: 8 wraps to 0
+    assert [window_start(it, 10, 3, 1, every=2) for it in range(4)] == [0, 0, 1, 1]
+    steps = window_steps(2, 3, start=4, window_size=3)
+    assert torch.all(steps == torch.tensor([4, 5, 6]))
+
+
+def test_sde_mask_marks_exactly_the_trained_steps():
+    steps = torch.tensor([[[2], [2]], [[5], [5]]])  # B=2, G=2, T=1
+    mask = sde_mask(steps, 8)
+    assert mask.shape == (4, 8) and mask.sum() == 4
+    assert mask[0, 2] and mask[3, 5] and not mask[0, 5]
