@@ -53,6 +53,11 @@ class RolloutBatch:
         return self.steps.shape[0]
 
 
+def compute_dtype(transformer) -> torch.dtype:
+    """The dtype the transformer computes in: its patch embedding's (some modules stay fp32)."""
+    return transformer.patch_embedding.weight.dtype
+
+
 def predict_velocity(
     transformer, latents: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor,
     uncond: torch.Tensor | None, guidance: float, counter: PassCounter | None = None,
@@ -61,7 +66,7 @@ def predict_velocity(
 
     The conditional and unconditional halves go through the transformer as one batch of 2S.
     """
-    dtype = next(transformer.parameters()).dtype
+    dtype = compute_dtype(transformer)
     timestep = (sigma.float() * 1000).to(latents.device)  # [S]
     guided = uncond is not None and guidance != 1.0
     if guided:
@@ -102,7 +107,7 @@ def rollout(
     slot = torch.full((total, num_steps), -1, dtype=torch.long)
     slot.scatter_(1, steps, torch.arange(trained).expand(total, trained))
     prompt_index = torch.arange(num_prompts).repeat_interleave(group)  # [S]
-    dtype = next(transformer.parameters()).dtype
+    dtype = compute_dtype(transformer)
     latents = torch.empty(total, trained, *latent_shape, dtype=dtype)
     next_latents, log_probs = torch.empty_like(latents), torch.empty(total, trained)
     finals = []

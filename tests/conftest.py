@@ -16,10 +16,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def tiny_params():
-    """Factory: the repository's tiny preset with dotted overrides."""
+    """Factory: the repository's tiny preset with dotted overrides (`train__mode="full"`).
+
+    Runs on the CPU unless `model__device` says otherwise: bit-identity is a CPU guarantee, and GPU
+    checks live in test_gpu.py.
+    """
     from flash_grpo_core.config import load_params
 
     def make(preset="tiny", **overrides):
+        overrides.setdefault("model__device", "cpu")
         return load_params(ROOT / "params.yaml", preset=preset,
                            overrides={key.replace("__", "."): value for key, value in overrides.items()})
 

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Every GPU check in one run: the CUDA tests, then the iteration-cost benchmark on Wan 2.1 1.3B's
+# real architecture (random weights). Results go to $OUT (default bench/results/gpu).
+# Needs the project's dependencies importable (PYTHONPATH or an installed environment).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/results/gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 DO_NOT_TRACK=1 PREFECT_SERVER_ANALYTICS_ENABLED=false DVC_NO_ANALYTICS=1 HF_HUB_OFFLINE=1
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
+PY=${PYTHON:-python3}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
+"$PY" -c "import torch, diffusers, transformers, peft; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)" | tee -a "$OUT/device.txt"
+"$PY" -m pytest -q -rA -s tests/test_gpu.py tests/test_sde.py tests/test_iteration.py -p no:cacheprovider 2>&1 | tee "$OUT/pytest.txt"
+timeout "${BENCH_TIMEOUT:-420}" "$PY" bench/iteration_cost.py --arch wan1.3b --height 240 --width 416 --frames 17 \
+  --prompts 2 --group 4 --micro-batch 4 --repeats 2 --tag wan1.3b-cuda 2>&1 | tee "$OUT/bench.txt"
+cp bench/results/iteration_cost-wan1.3b-cuda.* "$OUT/" 2>/dev/null || true
