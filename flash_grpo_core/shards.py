@@ -1,0 +1,466 @@
+"""Rollout records on disk: WebDataset tar shards with safetensors tensors and a `shards.json` index.
+
+One rollout sample is one `RolloutRecord` (SPEC section 4: what training and scoring need from a
+rollout). In a shard a record is two tar entries, written in this order:
+
+    <key>.json                  metadata, UTF-8 JSON with sorted keys: format, key, prompt_id,
+                                prompt, prompt_index, group_index, iteration, seed
+    <key>.tensors.safetensors   one safetensors file holding steps, latents, next_latents,
+                                log_probs and video
+
+WebDataset splits a member name at the first dot of its base name: what comes before is the sample
+key, what comes after (`json`, `tensors.safetensors`) the field name. So keys never contain dots
+(they are `[A-Za-z0-9_-]`, at most 80 characters, e.g. `it0003-p000012-g05`). The output directory
+holds `shard-000000.tar`, `shard-000001.tar`, ... and, written last, `shards.json`:
+
+    {"format": ..., "group_size": G, "records": n,
+     "shards": [{"name": "shard-000000.tar", "records": n0, "bytes": ..., "sha256": ...}, ...]}
+
+A directory without `shards.json` is an unfinished write (an interrupted rollout stage).
+
+Why this format:
+- No pickle anywhere: tensors are safetensors bytes and metadata is JSON, so reading a shard never
+  runs code (webdataset's default `.pth` decoder unpickles; we never use its decoders).
+- bfloat16 latents round-trip exactly (`.npy` cannot hold bf16; safetensors can).
+- Byte-reproducible shards, so DVC sees identical outputs for identical rollouts: records are
+  sorted by key, every tar header is fixed (mtime 0, uid/gid 0, fixed uname/gname, mode 0644,
+  ustar format) and the index holds no timestamps. The tars are written with `tarfile` rather than
+  webdataset 1.0.2's `TarWriter`, whose `format` argument is ignored and whose uid/gid cannot be
+  set; the result is an ordinary WebDataset shard all the same.
+- Whole groups per shard (a shard holds `groups_per_shard * G` records), so a reader streaming one
+  shard always sees complete groups for the group-relative advantages.
+
+`read_shards` parses the tars with `tarfile` directly, not through `wds.WebDataset`: it checks every
+shard against the index's sha256, rejects unexpected or duplicated entries and reports errors
+naming the shard file and record key, where webdataset's pipeline would hand exceptions to its
+handlers and group members silently. Standard tools still stream the shards:
+`wds.WebDataset(urls, shardshuffle=False).map(RolloutRecord.from_sample)` (no `.decode()`, so no
+pickle), with the urls from `shard_paths`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from flash_grpo_core.sampler import RolloutBatch
+
+FORMAT = "flash-grpo-rollout/1"
+INDEX_NAME = "shards.json"
+TEMP_PREFIX = ".tmp-"  # unfinished files in the output directory; removed before the next write
+ENTRIES = ("json", "tensors.safetensors")
+TENSOR_FIELDS = ("steps", "latents", "next_latents", "log_probs", "video")
+META_FIELDS = {"prompt_id": str, "prompt": str, "prompt_index": int, "group_index": int, "iteration": int, "seed": int}
+TAR_USER = "flash-grpo"
+TAR_MODE = 0o644
+_KEY = re.compile(r"[A-Za-z0-9_-]{1,80}")  # 80 + len(".tensors.safetensors") fits a ustar name (100)
+
+
+class ShardError(ValueError):
+    """A record, shard or shard directory that breaks the format; the message names what and where."""
+
+
+@dataclass
+class RolloutRecord:
+    """One rollout sample (T trained steps; latents [C, F, H, W] per step; a decoded video F' x H' x W').
+
+    key: str                   unique sample key without dots, e.g. `it0003-p000012-g05`
+    prompt_id: str             stable prompt id from the curate stage
+    prompt: str                the prompt text
+    prompt_index: int          index of the prompt in its iteration's prompt list
+    group_index: int           position g in the prompt's group, 0 <= g < G
+    iteration: int             training iteration that produced the rollout
+    seed: int                  the rollout seed of that iteration
+    steps: [T] long            trained step indices k
+    latents: [T, C, F, H, W]   x_{t_k}, any floating dtype (bfloat16 included)
+    next_latents: [T, C, F, H, W] x_{t_{k+1}}, same shape and dtype as latents
+    log_probs: [T] float32     log p_old of next_latents given latents
+    video: [F', H', W', 3] uint8  the decoded video, for scoring
+    """
+
+    key: str
+    prompt_id: str
+    prompt: str
+    prompt_index: int
+    group_index: int
+    iteration: int
+    seed: int
+    steps: torch.Tensor
+    latents: torch.Tensor
+    next_latents: torch.Tensor
+    log_probs: torch.Tensor
+    video: torch.Tensor
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def _error(self, name: str, problem: str) -> ShardError:
+        return ShardError(f"record {self.key!r}: field {name!r}: {problem}")
+
+    def validate(self) -> None:
+        """Raise ShardError naming the key and field if any field breaks the format."""
+        if not isinstance(self.key, str) or not _KEY.fullmatch(self.key):
+            raise ShardError(f"record key {self.key!r}: keys are 1-80 characters of [A-Za-z0-9_-] "
+                             "(no dots: webdataset splits a member name into key and field at the first dot)")
+        for name, kind in META_FIELDS.items():
+            value = getattr(self, name)
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise self._error(name, f"expected {kind.__name__}, got {type(value).__name__}")
+        for name in ("prompt_index", "group_index", "iteration"):
+            if getattr(self, name) < 0:
+                raise self._error(name, f"must be >= 0, got {getattr(self, name)}")
+        for name in TENSOR_FIELDS:
+            if not isinstance(getattr(self, name), torch.Tensor):
+                raise self._error(name, f"expected a torch.Tensor, got {type(getattr(self, name)).__name__}")
+        self._validate_tensors()
+
+    def _validate_tensors(self) -> None:
+        steps, latents, next_latents = self.steps, self.latents, self.next_latents
+        if steps.dtype != torch.long or steps.dim() != 1:
+            raise self._error("steps", f"expected long [T], got {steps.dtype} {list(steps.shape)}")
+        if latents.dim() != 5 or not latents.is_floating_point():
+            raise self._error("latents", f"expected floating [T, C, F, H, W], "
+                                         f"got {latents.dtype} {list(latents.shape)}")
+        if latents.shape[0] != steps.shape[0]:
+            raise self._error("steps", f"length {steps.shape[0]} != latents' T = {latents.shape[0]}")
+        if next_latents.shape != latents.shape or next_latents.dtype != latents.dtype:
+            raise self._error("next_latents", f"{next_latents.dtype} {list(next_latents.shape)} differs from "
+                                              f"latents' {latents.dtype} {list(latents.shape)}")
+        if self.log_probs.dtype != torch.float32 or self.log_probs.shape != steps.shape:
+            raise self._error("log_probs", f"expected float32 [{steps.shape[0]}], "
+                                           f"got {self.log_probs.dtype} {list(self.log_probs.shape)}")
+        video = self.video
+        if video.dtype != torch.uint8 or video.dim() != 4 or video.shape[-1] != 3:
+            raise self._error("video", f"expected uint8 [F, H, W, 3], got {video.dtype} {list(video.shape)}")
+
+    def to_sample(self) -> dict[str, str | bytes]:
+        """The WebDataset sample: `__key__` (str), `json` and `tensors.safetensors` (bytes)."""
+        self.validate()
+        meta = {"format": FORMAT, "key": self.key, **{name: getattr(self, name) for name in META_FIELDS}}
+        tensors = {name: getattr(self, name).detach().cpu().contiguous() for name in TENSOR_FIELDS}
+        return {
+            "__key__": self.key,
+            "json": json.dumps(meta, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8"),
+            "tensors.safetensors": save_safetensors(tensors),
+        }
+
+    @classmethod
+    def from_sample(cls, sample: dict) -> RolloutRecord:
+        """Rebuild a record from a sample of raw bytes (ours, or `wds.WebDataset`'s with no decoding).
+
+        Entries whose names start with `_` (`__key__`, `__url__`, ...) are metadata; any other entry
+        than `json` and `tensors.safetensors` is an error.
+        """
+        key = sample.get("__key__")
+        where = f"record {key!r}" if key is not None else "record"
+        entries = sorted(name for name in sample if not name.startswith("_"))
+        if entries != sorted(ENTRIES):
+            raise ShardError(f"{where}: expected entries {list(ENTRIES)}, found {entries}")
+        meta = _parse_meta(sample["json"], where)
+        if key is not None and meta["key"] != key:
+            raise ShardError(f"{where}: field 'json': its key {meta['key']!r} differs from the sample key")
+        where = f"record {meta['key']!r}"
+        try:
+            tensors = load_safetensors(bytes(sample["tensors.safetensors"]))
+        except Exception as error:  # safetensors raises its own (Rust-side) error types for bad bytes
+            raise ShardError(f"{where}: field 'tensors.safetensors': not a readable safetensors file "
+                             f"({error})") from error
+        if sorted(tensors) != sorted(TENSOR_FIELDS):
+            raise ShardError(f"{where}: field 'tensors.safetensors': expected tensors {sorted(TENSOR_FIELDS)}, "
+                             f"found {sorted(tensors)}")
+        return cls(key=meta["key"], **{name: meta[name] for name in META_FIELDS}, **tensors)
+
+
+def _parse_meta(raw, where: str) -> dict:
+    try:
+        meta = json.loads(bytes(raw).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, TypeError) as error:
+        raise ShardError(f"{where}: field 'json': not valid UTF-8 JSON ({error})") from error
+    expected = {"format", "key", *META_FIELDS}
+    if not isinstance(meta, dict) or set(meta) != expected:
+        found = sorted(meta) if isinstance(meta, dict) else type(meta).__name__
+        raise ShardError(f"{where}: field 'json': expected keys {sorted(expected)}, found {found}")
+    if meta["format"] != FORMAT:
+        raise ShardError(f"{where}: field 'json': format {meta['format']!r}, this reader knows {FORMAT!r}")
+    return meta
+
+
+def records_from_batch(batch: RolloutBatch, videos: torch.Tensor, prompts: list[str], prompt_ids: list[str],
+                       iteration: int, seed: int, group_size: int) -> list[RolloutRecord]:
+    """Split one iteration's rollouts (S samples) and decoded videos [S, F', H', W', 3] into records.
+
+    Sample s belongs to prompt `batch.prompt_index[s]` (an index into `prompts` / `prompt_ids`) and
+    is member s % G of its group; the G consecutive samples of a group must share a prompt.
+    `batch.final_latents` and `batch.counters` are not part of a record.
+    """
+    total = batch.num_samples
+    if group_size < 1 or total % group_size:
+        raise ShardError(f"{total} samples do not form whole groups of {group_size}")
+    if videos.shape[0] != total:
+        raise ShardError(f"videos hold {videos.shape[0]} samples, the batch {total}")
+    if len(prompts) != len(prompt_ids):
+        raise ShardError(f"{len(prompts)} prompts but {len(prompt_ids)} prompt ids")
+    prompt_index = batch.prompt_index.tolist()  # [S]
+    for s, p in enumerate(prompt_index):
+        if not 0 <= p < len(prompts):
+            raise ShardError(f"sample {s}: prompt index {p} outside the {len(prompts)} prompts")
+        if p != prompt_index[s - s % group_size]:
+            raise ShardError(f"sample {s}: group {s // group_size} mixes prompts "
+                             f"{prompt_index[s - s % group_size]} and {p}")
+    prompt_width, group_width = max(6, len(str(len(prompts) - 1))), max(2, len(str(group_size - 1)))
+    records = []
+    for s, p in enumerate(prompt_index):
+        g = s % group_size
+        records.append(RolloutRecord(
+            key=f"it{iteration:04d}-p{p:0{prompt_width}d}-g{g:0{group_width}d}", prompt_id=prompt_ids[p],
+            prompt=prompts[p], prompt_index=p, group_index=g, iteration=iteration, seed=seed,
+            # clone: a record owns its tensors rather than keeping the whole batch alive
+            steps=batch.steps[s].clone(), latents=batch.latents[s].clone(), next_latents=batch.next_latents[s].clone(),
+            log_probs=batch.log_probs[s].clone(), video=videos[s].clone()))
+    _check_unique_keys(records)
+    return records
+
+
+def batch_from_records(records: Sequence[RolloutRecord]) -> tuple[RolloutBatch, torch.Tensor, list[str], list[str]]:
+    """Stack records (in the given order) back into (RolloutBatch, videos [S, F', H', W', 3], prompts, prompt_ids).
+
+    Prompts are numbered in first-seen order of their (iteration, prompt_index), and
+    `batch.prompt_index` indexes the returned `prompts` / `prompt_ids`. `final_latents` is not stored
+    in records: it comes back as an empty tensor of shape [S, 0]; `counters` comes back empty.
+    """
+    if not records:
+        raise ShardError("no records to build a batch from")
+    first = records[0]
+    slots: dict[tuple[int, int], int] = {}
+    prompts, prompt_ids, prompt_index = [], [], []
+    for record in records:
+        _check_same_layout(first, record)
+        slot = slots.setdefault((record.iteration, record.prompt_index), len(slots))
+        if slot == len(prompts):
+            prompts.append(record.prompt)
+            prompt_ids.append(record.prompt_id)
+        elif (prompts[slot], prompt_ids[slot]) != (record.prompt, record.prompt_id):
+            raise ShardError(f"record {record.key!r}: prompt index {record.prompt_index} of iteration "
+                             f"{record.iteration} names two different prompts")
+        prompt_index.append(slot)
+
+    def stack(name: str) -> torch.Tensor:
+        return torch.stack([getattr(record, name) for record in records])
+
+    batch = RolloutBatch(prompt_index=torch.tensor(prompt_index, dtype=torch.long), steps=stack("steps"),
+                         latents=stack("latents"), next_latents=stack("next_latents"), log_probs=stack("log_probs"),
+                         final_latents=torch.empty(len(records), 0, dtype=first.latents.dtype))
+    return batch, stack("video"), prompts, prompt_ids
+
+
+def _check_same_layout(first: RolloutRecord, record: RolloutRecord) -> None:
+    for name in TENSOR_FIELDS:
+        a, b = getattr(first, name), getattr(record, name)
+        if a.shape != b.shape or a.dtype != b.dtype:
+            raise ShardError(f"record {record.key!r}: field {name!r}: {b.dtype} {list(b.shape)} differs from record "
+                             f"{first.key!r}'s {a.dtype} {list(a.shape)}; records of one batch must match")
+
+
+def _check_unique_keys(records: Sequence[RolloutRecord]) -> None:
+    seen: set[str] = set()
+    for record in records:
+        if record.key in seen:
+            raise ShardError(f"record key {record.key!r} occurs twice")
+        seen.add(record.key)
+
+
+def iter_groups(records: Iterable[RolloutRecord], group_size: int) -> Iterator[list[RolloutRecord]]:
+    """Yield the records G at a time, checking each chunk is one prompt's whole group.
+
+    A group is G consecutive records with the same (iteration, prompt_index, prompt_id) whose
+    group indices are 0..G-1. Raises ShardError otherwise.
+    """
+    records = list(records)
+    if group_size < 1 or len(records) % group_size:
+        raise ShardError(f"{len(records)} records do not form whole groups of {group_size}")
+    for start in range(0, len(records), group_size):
+        group = records[start:start + group_size]
+        head = group[0]
+        for record in group:
+            if (record.iteration, record.prompt_index, record.prompt_id) != (head.iteration, head.prompt_index,
+                                                                              head.prompt_id):
+                raise ShardError(f"records {head.key!r} and {record.key!r} fall in one group of {group_size} but "
+                                 "belong to different prompts: records must come in whole consecutive groups")
+        if sorted(record.group_index for record in group) != list(range(group_size)):
+            raise ShardError(f"group of {head.key!r}: group indices {[r.group_index for r in group]} are not "
+                             f"0..{group_size - 1}: records must come in whole consecutive groups")
+        yield group
+
+
+def write_shards(records: Iterable[RolloutRecord], out_dir: str | os.PathLike, group_size: int,
+                 groups_per_shard: int, pattern: str = "shard-%06d.tar") -> list[Path]:
+    """Write records as byte-reproducible tar shards of whole groups, then `shards.json`; return the shard paths.
+
+    Records are sorted by key first (the order they come in does not matter) and must then form
+    whole consecutive groups of G. Each shard is written under a temporary name and renamed when
+    complete; the index is written last. A previous attempt's index, temporary files and shards
+    matching `pattern` are removed first; other files in `out_dir` are left alone.
+    """
+    if groups_per_shard < 1:
+        raise ShardError(f"groups_per_shard must be >= 1, got {groups_per_shard}")
+    shard_name = _shard_name_pattern(pattern)
+    ordered = sorted(records, key=lambda record: record.key)
+    _check_unique_keys(ordered)
+    groups = list(iter_groups(ordered, group_size))  # validates before anything touches the disk
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _remove_previous_attempt(out_dir, shard_name)
+    paths, entries = [], []
+    for number, start in enumerate(range(0, len(groups), groups_per_shard)):
+        shard = [record for group in groups[start:start + groups_per_shard] for record in group]
+        path = out_dir / (pattern % number)
+        _write_tar(shard, path)
+        entries.append({"name": path.name, "records": len(shard), "bytes": path.stat().st_size,
+                        "sha256": _sha256(path)})
+        paths.append(path)
+    index = {"format": FORMAT, "group_size": group_size, "records": len(ordered), "shards": entries}
+    _replace_atomically(out_dir / INDEX_NAME, (json.dumps(index, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+    return paths
+
+
+def _shard_name_pattern(pattern: str) -> re.Pattern:
+    """The regex of shard names `pattern` produces; the pattern holds exactly one `%d`-style number."""
+    specs = re.findall(r"%0?\d*d", pattern)
+    rest = pattern.replace(specs[0], "", 1) if len(specs) == 1 else pattern
+    if len(specs) != 1 or "%" in rest or "/" in pattern or os.sep in pattern or pattern.startswith(TEMP_PREFIX) \
+            or pattern % 0 == INDEX_NAME:
+        raise ShardError(f"shard name pattern {pattern!r}: expected a file name with one %d-style number, "
+                         f"e.g. 'shard-%06d.tar'")
+    head, tail = pattern.split(specs[0], 1)
+    return re.compile(re.escape(head) + r"\d+" + re.escape(tail))
+
+
+def _remove_previous_attempt(out_dir: Path, shard_name: re.Pattern) -> None:
+    # The index goes first, so the directory reads as unfinished until the new index is written.
+    (out_dir / INDEX_NAME).unlink(missing_ok=True)
+    for path in sorted(out_dir.iterdir()):
+        if path.is_file() and (path.name.startswith(TEMP_PREFIX) or shard_name.fullmatch(path.name)):
+            path.unlink()
+
+
+def _write_tar(records: Sequence[RolloutRecord], path: Path) -> None:
+    """A ustar archive whose bytes depend only on the records: fixed headers, records in the given order."""
+    temp = path.with_name(TEMP_PREFIX + path.name)
+    with open(temp, "wb") as stream:
+        with tarfile.open(fileobj=stream, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for record in records:
+                sample = record.to_sample()
+                for field in sorted(ENTRIES):
+                    data = sample[field]
+                    info = tarfile.TarInfo(f"{record.key}.{field}")
+                    info.size, info.mtime, info.mode = len(data), 0, TAR_MODE
+                    info.uid = info.gid = 0
+                    info.uname = info.gname = TAR_USER
+                    tar.addfile(info, io.BytesIO(data))
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.replace(temp, path)
+
+
+def _replace_atomically(path: Path, data: bytes) -> None:
+    temp = path.with_name(TEMP_PREFIX + path.name)
+    with open(temp, "wb") as stream:
+        stream.write(data)
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.replace(temp, path)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _load_index(out_dir: Path) -> dict:
+    index_path = out_dir / INDEX_NAME
+    if not index_path.is_file():
+        raise ShardError(f"rollout directory {out_dir} is incomplete: no {INDEX_NAME} "
+                         "(was the rollout stage interrupted?)")
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+        shards = index["shards"]
+        valid = index["format"] == FORMAT and all(
+            isinstance(entry["name"], str) and "/" not in entry["name"] and isinstance(entry["records"], int)
+            and isinstance(entry["sha256"], str) for entry in shards)
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ShardError(f"{index_path}: not a valid shard index ({error!r})") from error
+    if not valid:
+        raise ShardError(f"{index_path}: not a {FORMAT!r} shard index")
+    return index
+
+
+def shard_paths(out_dir: str | os.PathLike) -> list[Path]:
+    """The shard files listed in `out_dir/shards.json` (each must exist), e.g. as urls for `wds.WebDataset`."""
+    out_dir = Path(out_dir)
+    paths = [out_dir / entry["name"] for entry in _load_index(out_dir)["shards"]]
+    for path in paths:
+        if not path.is_file():
+            raise ShardError(f"shard {path}: missing (listed in {out_dir / INDEX_NAME})")
+    return paths
+
+
+def read_shards(out_dir: str | os.PathLike) -> list[RolloutRecord]:
+    """All records of a finished shard directory, sorted by key, after checking every shard's sha256."""
+    out_dir = Path(out_dir)
+    index = _load_index(out_dir)
+    records: list[RolloutRecord] = []
+    for path, entry in zip(shard_paths(out_dir), index["shards"]):
+        digest = _sha256(path)
+        if digest != entry["sha256"]:
+            raise ShardError(f"shard {path}: sha256 {digest} does not match {INDEX_NAME} ({entry['sha256']}); "
+                             "the file is truncated, corrupt or was changed after writing")
+        shard_records = [_record_in_shard(sample, path) for sample in _tar_samples(path)]
+        if len(shard_records) != entry["records"]:
+            raise ShardError(f"shard {path}: holds {len(shard_records)} records, {INDEX_NAME} says {entry['records']}")
+        records.extend(shard_records)
+    records.sort(key=lambda record: record.key)
+    _check_unique_keys(records)
+    return records
+
+
+def _record_in_shard(sample: dict, path: Path) -> RolloutRecord:
+    try:
+        return RolloutRecord.from_sample(sample)
+    except ShardError as error:
+        raise ShardError(f"shard {path}: {error}") from error
+
+
+def _tar_samples(path: Path) -> list[dict]:
+    """The shard's samples as raw bytes ({'__key__', '__url__', field: bytes}), members grouped by key."""
+    samples: list[dict] = []
+    key = None
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for member in tar:
+                key = member.name.split(".", 1)[0]
+                if not member.isfile() or "/" in member.name or "." not in member.name:
+                    raise ShardError(f"shard {path}: unexpected tar member {member.name!r}")
+                field = member.name.split(".", 1)[1]
+                if not samples or samples[-1]["__key__"] != key:
+                    samples.append({"__key__": key, "__url__": str(path)})
+                if field in samples[-1]:
+                    raise ShardError(f"shard {path}: record {key!r}: entry {field!r} occurs twice")
+                samples[-1][field] = tar.extractfile(member).read()
+    except (tarfile.TarError, EOFError, OSError) as error:
+        where = f", record {key!r}" if key is not None else ""
+        raise ShardError(f"shard {path}{where}: not a readable tar file ({error}); is it truncated?") from error
+    return samples
