@@ -15,4 +15,4 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     .venv/bin/pip install -q "${TORCH_SPEC:-torch==2.13.0}"
   fi
 fi
-.venv/bin/pip install -q -e ".[test]"
+.venv/bin/pip install -q -e ".[test,semantic]"

