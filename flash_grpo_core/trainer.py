@@ -102,7 +102,7 @@ def _item_terms(policy: Policy, ctx: StepContext, items: torch.Tensor, train: Tr
 
 
 def update_policy(policy: Policy, ctx: StepContext, step_factors: torch.Tensor, train: TrainConfig,
-                  generator: torch.Generator, counter: PassCounter) -> dict[str, float]:
+                  generator: torch.Generator, counter: PassCounter, progress=None) -> dict[str, float]:
     """Run the minibatch optimizer steps of one iteration; return averaged training metrics."""
     total, trained = ctx.batch.steps.shape
     ctx.weights = rectification_weights(step_factors, ctx.batch.steps, train.rectify)  # [S, T]
@@ -111,6 +111,8 @@ def update_policy(policy: Policy, ctx: StepContext, step_factors: torch.Tensor, 
     history: list[dict[str, float]] = []
     for chunk in order.split(per_minibatch):
         history.append(_minibatch_step(policy, ctx, chunk, train, counter, samples_in_chunk=len(chunk) / trained))
+        if progress is not None:
+            progress.update(len(chunk))
     summed = {"trained_items"}
     return {key: sum(h[key] for h in history) / (1 if key in summed else len(history)) for key in history[0]}
 

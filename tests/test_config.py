@@ -64,3 +64,20 @@ def test_missing_and_malformed_files(tmp_path):
         load_params(tmp_path / "absent.yaml")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_params(_write(tmp_path, "train: [unclosed\n"))
+
+
+def test_pipeline_loop_must_match_the_iteration_count(tmp_path):
+    with pytest.raises(ConfigError, match=r"pipeline.loop must map iterations 1..3 .*stages.iterations 3"):
+        params_from_dict({"iterations": 3, "pipeline": {"loop": {"1": 0, "2": 1}}})
+
+
+def test_setting_the_iteration_count_rewrites_both_and_keeps_comments(tmp_path):
+    from stages.iterations import set_iterations
+
+    path = tmp_path / "params.yaml"
+    path.write_text((ROOT / "params.yaml").read_text())
+    set_iterations(path, 4)
+    params = load_params(path)
+    assert params.iterations == 4 and params.pipeline.loop == {"1": 0, "2": 1, "3": 2, "4": 3}
+    text = path.read_text()
+    assert "# Flash-GRPO parameters." in text and "loop: {'1': 0, '2': 1, '3': 2, '4': 3}" in text

@@ -24,8 +24,7 @@ def test_log_prob_matches_torch_normal():
 
 def test_mean_and_std_follow_the_spec():
     x, v = _latents(batch=1)
-    sigma, sigma_next, s = 0.8, 0.6, 0.5
-    dt = sigma_next - sigma  # -0.2
+    sigma, sigma_next, s = 0.8, 0.6, 0.5  # dt = -0.2
     # mean = x (1 + s^2 dt / (2 sigma)) + v (1 + s^2 (1 - sigma) / (2 sigma)) dt
     #      = x (1 - 0.25 * 0.2 / 1.6) + v (1 + 0.25 * 0.2 / 1.6) (-0.2) = 0.96875 x - 0.20625 v
     step = sde_step(x, v, sigma, sigma_next, s, noise=torch.zeros_like(x))

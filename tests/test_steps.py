@@ -41,3 +41,14 @@ def test_sde_mask_marks_exactly_the_trained_steps():
     mask = sde_mask(steps, 8)
     assert mask.shape == (4, 8) and mask.sum() == 4
     assert mask[0, 2] and mask[3, 5] and not mask[0, 5]
+
+
+def test_iteration_prompts_cover_each_prompt_once_per_epoch():
+    from flash_grpo_core.iteration import iteration_prompts
+
+    items = list(range(10))
+    chosen = [iteration_prompts(items, 4, it, seed=0) for it in range(5)]  # 20 draws = 2 epochs
+    flat = [x for batch in chosen for x in batch]
+    assert sorted(flat[:10]) == items and sorted(flat[10:]) == items
+    assert chosen[1] == iteration_prompts(items, 4, 1, seed=0)  # depends only on (seed, iteration, items)
+    assert chosen[1] != iteration_prompts(items, 4, 1, seed=1)

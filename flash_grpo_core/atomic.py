@@ -1,0 +1,36 @@
+"""Atomic file writes: a temporary file beside the target, fsynced, then renamed onto it.
+
+An interrupted writer leaves at most a hidden `.name.<random>.tmp` file, never a half-written
+target that a later stage could take for a finished one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside `path` to write to; renamed onto `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # not created here: the writer creates it, with the usual permissions (mkstemp would give 0600)
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    try:
+        yield temporary
+        with open(temporary, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def write_json(data, path: str | os.PathLike) -> None:
+    """Pretty, key-sorted JSON with a final newline, written atomically."""
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")

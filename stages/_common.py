@@ -1,0 +1,81 @@
+"""What every pipeline stage shares: argument parsing, parameter loading, error reporting, progress.
+
+Stages get every path from `dvc.yaml` on their command line and read their settings from
+`params.yaml`; known input errors end the stage with exit code 2 and a one-line message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights come from local paths only
+
+
+def parser(name: str, description: str) -> argparse.ArgumentParser:
+    result = argparse.ArgumentParser(prog=f"python -m stages.{name}", description=description)
+    result.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
+    return result
+
+
+def load_params(path: str):
+    from flash_grpo_core.config import load_params as load
+
+    return load(path)
+
+
+def engine_at(params, checkpoint: str):
+    """The preset's engine with the trainable weights, EMA and optimizer state of `checkpoint`."""
+    from flash_grpo_core.checkpoint import load_checkpoint
+    from flash_grpo_core.iteration import build_engine
+
+    engine = build_engine(params)
+    state = load_checkpoint(engine.policy, checkpoint)
+    return engine, state
+
+
+def progress_bar(total: int, description: str):
+    """A tqdm bar on stderr, quiet when stderr is not a terminal unless FLASH_GRPO_PROGRESS=1."""
+    from tqdm import tqdm
+
+    show = sys.stderr.isatty() or os.environ.get("FLASH_GRPO_PROGRESS") == "1"
+    return tqdm(total=total, desc=description, unit="sample", disable=not show, leave=False)
+
+
+def known_errors() -> tuple[type[BaseException], ...]:
+    from flash_grpo_core.advantages import NonFiniteError
+    from flash_grpo_core.checkpoint import CheckpointError
+    from flash_grpo_core.config import ConfigError
+    from flash_grpo_core.models import ModelPathError
+    from flash_grpo_core.prompts import PromptFileError
+    from flash_grpo_core.rewards import RewardError
+    from flash_grpo_core.scores import ScoresError
+    from flash_grpo_core.shards import ShardError
+
+    return (ConfigError, ModelPathError, PromptFileError, ShardError, CheckpointError, RewardError, ScoresError,
+            NonFiniteError, FileNotFoundError)
+
+
+def run(name: str, body) -> int:
+    """Run a stage body; known input errors become a one-line message and exit code 2."""
+    began = time.perf_counter()
+    try:
+        summary = body()
+    except Exception as error:  # noqa: BLE001 - filtered right below
+        if isinstance(error, known_errors()):
+            print(f"{name}: error: {error}", file=sys.stderr)
+            return 2
+        raise
+    fields = " ".join(f"{key}={value}" for key, value in summary.items())
+    print(f"{name}: {fields} seconds={time.perf_counter() - began:.1f}", flush=True)
+    return 0
+
+
+@contextlib.contextmanager
+def timer(record: dict, key: str):
+    began = time.perf_counter()
+    yield
+    record[key] = round(time.perf_counter() - began, 3)

@@ -1,0 +1,34 @@
+"""`init` stage: the iteration-0 checkpoint (the base model's trainable state before any update).
+
+    python -m stages.init --out runs/tiny/it0/checkpoint
+
+Under LoRA this is the seeded adapter initialisation (a no-op on the base model), its EMA, and an
+empty optimizer state; every later iteration starts from the previous iteration's checkpoint.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from stages import _common
+
+
+def main(argv=None) -> int:
+    parser = _common.parser("init", __doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="checkpoint directory to write")
+    args = parser.parse_args(argv)
+
+    def body():
+        from flash_grpo_core.checkpoint import save_checkpoint
+        from flash_grpo_core.iteration import build_engine
+
+        params = _common.load_params(args.params)
+        engine = build_engine(params)
+        save_checkpoint(engine.policy, args.out, {"iteration": 0, "preset": params.preset, "history": []})
+        return {"preset": params.preset, "trainable": sum(p.numel() for p in engine.policy.parameters.values())}
+
+    return _common.run("init", body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

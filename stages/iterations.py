@@ -1,0 +1,49 @@
+"""Set the number of training iterations in params.yaml: `iterations` and `pipeline.loop` together.
+
+    python -m stages.iterations 5 [--params params.yaml]
+
+DVC's `foreach` needs the iterations spelled out (it cannot count), so params.yaml keeps both the
+count and the {iteration: previous} mapping; this rewrites both, keeping the file's comments. Raising the count makes `dvc repro`
+run only the new iterations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def set_iterations(path: Path, iterations: int) -> None:
+    from ruamel.yaml import YAML
+    from ruamel.yaml.comments import CommentedMap
+
+    from flash_grpo_core.atomic import atomic_path
+    from flash_grpo_core.config import dvc_loop, load_params
+
+    yaml = YAML()  # round-trip: comments and layout stay
+    data = yaml.load(path.read_text())
+    data["iterations"] = iterations
+    loop = CommentedMap(dvc_loop(iterations))
+    loop.fa.set_flow_style()
+    data.setdefault("pipeline", CommentedMap())["loop"] = loop
+    with atomic_path(path) as temporary:
+        with open(temporary, "w") as handle:
+            yaml.dump(data, handle)
+        load_params(temporary)  # never leave a params file that does not load
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stages.iterations", description=__doc__.splitlines()[0])
+    parser.add_argument("count", type=int)
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+    if args.count < 1:
+        parser.error("the iteration count must be >= 1")
+    set_iterations(Path(args.params), args.count)
+    print(f"iterations: {args.count} ({args.params})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

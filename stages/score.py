@@ -1,0 +1,47 @@
+"""`score@k` stage: rewards and advantages of iteration k's rollouts -> scores.parquet.
+
+    python -m stages.score --iteration 1 --rollout runs/tiny/it1/rollout \
+        --out runs/tiny/it1/scores.parquet --summary runs/tiny/it1/score.json
+
+One row per sample: key, prompt id, group index, total reward, each reward component, advantage.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from stages import _common
+
+
+def main(argv=None) -> int:
+    parser = _common.parser("score", __doc__.splitlines()[0])
+    parser.add_argument("--iteration", type=int, required=True)
+    parser.add_argument("--rollout", required=True, help="the rollout stage's shard directory")
+    parser.add_argument("--out", required=True, help="scores.parquet to write")
+    parser.add_argument("--summary", required=True, help="score.json (metrics) to write")
+    args = parser.parse_args(argv)
+
+    def body():
+        from flash_grpo_core.atomic import write_json
+        from flash_grpo_core.iteration import advantages_for, reward_from_params, score
+        from flash_grpo_core.scores import write_scores
+        from flash_grpo_core.shards import batch_from_records, read_shards
+
+        params = _common.load_params(args.params)
+        records = read_shards(args.rollout)
+        batch, videos, prompts, _ = batch_from_records(records)
+        rewards, info = score(reward_from_params(params), videos, prompts, batch)
+        advantages = advantages_for(params, rewards)
+        components = {name: info[name] for name in params.reward.weights}
+        write_scores(args.out, records, rewards, advantages, components)
+        summary = {"iteration": args.iteration, "reward_mean": float(rewards.mean()),
+                   "reward_std": float(rewards.std(unbiased=False)),
+                   **{f"{name}_mean": float(values.float().mean()) for name, values in components.items()}}
+        write_json(summary, args.summary)
+        return {key: round(value, 4) if isinstance(value, float) else value for key, value in summary.items()}
+
+    return _common.run("score", body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""`update@k` stage: the rectified GRPO update of iteration k -> checkpoint k and metrics.json.
+
+    python -m stages.update --iteration 1 --checkpoint runs/tiny/it0/checkpoint \
+        --rollout runs/tiny/it1/rollout --scores runs/tiny/it1/scores.parquet \
+        --out runs/tiny/it1/checkpoint --metrics runs/tiny/it1/metrics.json
+
+The checkpoint carries the per-iteration metrics history so evaluation can plot it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from stages import _common
+
+
+def main(argv=None) -> int:
+    parser = _common.parser("update", __doc__.splitlines()[0])
+    parser.add_argument("--iteration", type=int, required=True)
+    parser.add_argument("--checkpoint", required=True, help="the previous iteration's checkpoint")
+    parser.add_argument("--rollout", required=True, help="this iteration's shard directory")
+    parser.add_argument("--scores", required=True, help="this iteration's scores.parquet")
+    parser.add_argument("--out", required=True, help="checkpoint directory to write")
+    parser.add_argument("--metrics", required=True, help="metrics.json to write")
+    args = parser.parse_args(argv)
+
+    def body():
+        from flash_grpo_core.atomic import write_json
+        from flash_grpo_core.checkpoint import save_checkpoint
+        from flash_grpo_core.iteration import update
+        from flash_grpo_core.sampler import PassCounter
+        from flash_grpo_core.scores import read_advantages
+        from flash_grpo_core.shards import batch_from_records, read_shards
+
+        params = _common.load_params(args.params)
+        timings, counter = {}, PassCounter()
+        with _common.timer(timings, "load_seconds"):
+            engine, previous = _common.engine_at(params, args.checkpoint)
+            records = read_shards(args.rollout)
+            batch, _, prompts, _ = batch_from_records(records)
+            advantages = read_advantages(args.scores, [r.key for r in records])
+        with _common.timer(timings, "train_seconds"), _common.progress_bar(batch.steps.numel(), "update") as bar:
+            metrics = update(engine, prompts, batch, advantages, args.iteration, counter, progress=bar)
+        rollout = json.loads((Path(args.rollout) / "manifest.json").read_text())
+        rewards = _reward_stats(args.scores)
+        row = {"iteration": args.iteration, **rewards, **metrics,
+               "rollout_forward_passes": rollout["forward_passes"], "train_forward_passes": counter.forward,
+               "train_backward_passes": counter.backward, "rollout_seconds": rollout["sample_seconds"], **timings}
+        save_checkpoint(engine.policy, args.out, {"iteration": args.iteration, "preset": params.preset,
+                                                  "history": [*previous.get("history", []), row]})
+        write_json(row, args.metrics)
+        return {k: round(row[k], 4) if isinstance(row[k], float) else row[k]
+                for k in ("iteration", "reward_mean", "reward_std", "loss", "clip_fraction", "train_forward_passes",
+                          "train_backward_passes")}
+
+    return _common.run("update", body)
+
+
+def _reward_stats(scores_path: str) -> dict[str, float]:
+    import pyarrow.parquet as pq
+
+    rewards = pq.read_table(scores_path, columns=["reward"]).column("reward").to_pylist()
+    mean = sum(rewards) / len(rewards)
+    return {"reward_mean": mean, "reward_std": (sum((r - mean) ** 2 for r in rewards) / len(rewards)) ** 0.5}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

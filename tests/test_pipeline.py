@@ -1,0 +1,166 @@
+"""The staged pipeline end to end: `dvc repro` on the tiny preset in a temporary copy of the repo.
+
+One copy is shared by the module's tests (a full `dvc repro` costs about a minute on 2 cores);
+the tests run in file order and each says what state it leaves.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.slow
+
+
+def _env():
+    env = dict(os.environ, DVC_NO_ANALYTICS="1", DO_NOT_TRACK="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # `python` in dvc.yaml is this interpreter
+    return env
+
+
+def _run(args, cwd, check=True, **kwargs):
+    result = subprocess.run(args, cwd=cwd, env=_env(), capture_output=True, text=True, **kwargs)
+    if check and result.returncode:
+        raise AssertionError(f"{' '.join(map(str, args))} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def _dvc(*args, cwd, check=True):
+    return _run([str(BIN / "dvc"), *args], cwd, check=check)
+
+
+def _project_files():
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout.split("\n")
+    return [name for name in listed if name and (ROOT / name).is_file() and not name.startswith("dvc.lock")]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A git + DVC copy of the repository's tracked and new files, without any run outputs."""
+    copy = tmp_path_factory.mktemp("project")
+    for name in _project_files():
+        (copy / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, copy / name)
+    _run(["git", "init", "-q"], copy)
+    _run(["git", "-c", "user.email=ci@example.invalid", "-c", "user.name=ci", "add", "-A"], copy)
+    _run(["git", "-c", "user.email=ci@example.invalid", "-c", "user.name=ci", "commit", "-qm", "copy"], copy)
+    return copy
+
+
+def test_repro_builds_every_artifact(project):
+    _dvc("repro", cwd=project)
+    runs = project / "runs"
+    report = json.loads((runs / "prompts" / "report.json").read_text())
+    assert report["counts"]["train"] > 0 and report["counts"]["eval"] >= 2
+    from flash_grpo_core.checkpoint import read_state
+    from flash_grpo_core.shards import read_shards
+
+    for it in (1, 2):
+        records = read_shards(runs / "tiny" / f"it{it}" / "rollout")
+        assert len(records) == 8 and {r.iteration for r in records} == {it}
+        manifest = json.loads((runs / "tiny" / f"it{it}" / "rollout" / "manifest.json").read_text())
+        assert manifest["forward_passes"] == 8 * 20 * 2
+        metrics = json.loads((runs / "tiny" / f"it{it}" / "metrics.json").read_text())
+        assert metrics["iteration"] == it and metrics["train_backward_passes"] > 0
+        assert read_state(runs / "tiny" / f"it{it}" / "checkpoint")["iteration"] == it
+    evaluation = json.loads((runs / "tiny" / "eval" / "metrics.json").read_text())
+    assert set(evaluation) >= {"base", "trained", "delta"} and evaluation["iteration"] == 2
+    history = json.loads((runs / "tiny" / "eval" / "history.json").read_text())
+    assert [row["iteration"] for row in history] == [1, 2]
+    assert len(list((runs / "tiny" / "eval" / "samples").glob("*.gif"))) == 2
+    shown = _dvc("metrics", "show", "--json", cwd=project).stdout
+    assert "reward_mean" in shown
+
+
+def test_second_repro_does_no_stage_work(project):
+    status = _dvc("status", cwd=project).stdout
+    assert "up to date" in status, status
+    began = time.perf_counter()
+    output = _dvc("repro", cwd=project).stdout
+    assert "Running stage" not in output
+    print(f"no-op dvc repro: {time.perf_counter() - began:.1f} s")
+
+
+def test_deleted_output_is_restored_from_the_run_cache(project):
+    checkpoint = project / "runs" / "tiny" / "it1" / "checkpoint"
+    before = (checkpoint / "trainable.safetensors").read_bytes()
+    shutil.rmtree(checkpoint)
+    output = _dvc("repro", "update@1", cwd=project).stdout
+    assert "Running stage 'update@1'" not in output and "update@1" in output
+    assert (checkpoint / "trainable.safetensors").read_bytes() == before
+
+
+def test_forced_single_stage_reproduces_the_same_bytes(project):
+    scores = project / "runs" / "tiny" / "it1" / "scores.parquet"
+    before = scores.read_bytes()
+    output = _dvc("repro", "--force", "--single-item", "score@1", cwd=project).stdout
+    assert "Running stage 'score@1'" in output and "Running stage 'update@1'" not in output
+    assert scores.read_bytes() == before
+
+
+def test_rollout_shards_are_byte_reproducible(project, tmp_path):
+    out = tmp_path / "again"
+    _run([sys.executable, "-m", "stages.rollout", "--iteration", "1", "--prompts", "runs/prompts/train.parquet",
+          "--checkpoint", "runs/tiny/it0/checkpoint", "--out", str(out)], project)
+    original = project / "runs" / "tiny" / "it1" / "rollout"
+    names = sorted(p.name for p in original.glob("shard-*.tar"))
+    assert names and names == sorted(p.name for p in out.glob("shard-*.tar"))
+    for name in [*names, "shards.json"]:
+        assert (original / name).read_bytes() == (out / name).read_bytes(), name
+
+
+def test_interrupted_stage_is_rerun_and_never_taken_as_done(project):
+    """Kill `dvc repro` inside rollout@2; the next repro reruns what was unfinished and ends clean."""
+    _dvc("repro", "--force", "--single-item", "rollout@2", cwd=project, check=False)  # make it stale first
+    (project / "runs" / "tiny" / "it2" / "rollout" / "shards.json").unlink()  # as if the writer died
+    status = _dvc("status", cwd=project).stdout
+    assert "rollout@2" in status  # DVC sees the output changed: it is not taken as done
+    process = subprocess.Popen([str(BIN / "dvc"), "repro", "--force", "--single-item", "rollout@2"], cwd=project,
+                               env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    for line in process.stdout:
+        if "Running stage 'rollout@2'" in line:
+            time.sleep(1.0)  # inside the stage: loading the model or sampling
+            os.killpg(process.pid, signal.SIGKILL)
+            break
+    process.wait(timeout=60)
+    from flash_grpo_core.shards import ShardError, read_shards
+
+    rollout = project / "runs" / "tiny" / "it2" / "rollout"
+    if rollout.exists():
+        with pytest.raises(ShardError, match="incomplete"):
+            read_shards(rollout)
+    _dvc("repro", cwd=project)
+    assert len(read_shards(rollout)) == 8
+    assert "up to date" in _dvc("status", cwd=project).stdout
+
+
+def test_corrupt_shard_fails_the_score_stage_naming_the_file(project, tmp_path):
+    broken = tmp_path / "rollout"
+    shutil.copytree(project / "runs" / "tiny" / "it1" / "rollout", broken)
+    shard = broken / "shard-000000.tar"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    result = _run([sys.executable, "-m", "stages.score", "--iteration", "1", "--rollout", str(broken),
+                   "--out", str(tmp_path / "scores.parquet"), "--summary", str(tmp_path / "score.json")],
+                  project, check=False)
+    assert result.returncode == 2
+    assert "shard-000000.tar" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "scores.parquet").exists()
+
+
+def test_malformed_prompt_file_fails_curate_naming_file_and_line(project, tmp_path):
+    bad = tmp_path / "prompts.jsonl"
+    bad.write_text('{"prompt": "a red square"}\n{"prompt": 3}\n')
+    result = _run([sys.executable, "-m", "stages.curate", "--sources", str(bad), "--out-dir", str(tmp_path / "out")],
+                  project, check=False)
+    assert result.returncode == 2 and str(bad) in result.stderr and "line 2" in result.stderr
+    assert not (tmp_path / "out" / "train.parquet").exists()
