@@ -17,7 +17,9 @@ own module), and the text encoder is loaded in the training dtype, not fixed to 
 from __future__ import annotations
 
 import contextlib
+import html
 import os
+import re
 import shutil
 import string
 import tempfile
@@ -26,8 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
-from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+from diffusers import AutoencoderKLWan, WanTransformer3DModel
 from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, T5TokenizerFast, UMT5Config, UMT5EncoderModel
@@ -251,6 +252,9 @@ def save_stack(stack: WanStack, path: str | os.PathLike) -> None:
     """
     target = Path(path).absolute()
     target.parent.mkdir(parents=True, exist_ok=True)
+    # Imported here: the pipeline package costs about a second of start-up that stages never need.
+    from diffusers import UniPCMultistepScheduler, WanPipeline
+
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
     pipeline = WanPipeline(
         tokenizer=stack.tokenizer,
@@ -397,6 +401,19 @@ def adapters_disabled(transformer: torch.nn.Module) -> Iterator[None]:
 
 
 @torch.no_grad()
+def prompt_clean(text: str) -> str:
+    """The prompt cleaning of diffusers' Wan pipeline (ftfy when installed, HTML unescaping twice,
+    whitespace collapsed); restated here so that encoding prompts does not import the pipeline
+    package. tests/test_models.py checks the embeddings against WanPipeline.encode_prompt."""
+    try:
+        import ftfy
+
+        text = ftfy.fix_text(text)
+    except ImportError:
+        pass
+    return re.sub(r"\s+", " ", html.unescape(html.unescape(text)).strip()).strip()
+
+
 def encode_prompts(stack: WanStack, prompts: list[str], device: torch.device | str) -> torch.Tensor:
     """UMT5 embeddings [B, L, D] as WanPipeline computes them, in the transformer's dtype.
 

@@ -15,19 +15,15 @@ from pathlib import Path
 
 import pytest
 
+from flash_grpo_core.workspace import copy_project, tool_env
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
 
 
-def _env():
-    env = dict(os.environ, DVC_NO_ANALYTICS="1", DO_NOT_TRACK="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # `python` in dvc.yaml is this interpreter
-    return env
-
-
 def _run(args, cwd, check=True, **kwargs):
-    result = subprocess.run(args, cwd=cwd, env=_env(), capture_output=True, text=True, **kwargs)
+    result = subprocess.run(args, cwd=cwd, env=tool_env(), capture_output=True, text=True, **kwargs)
     if check and result.returncode:
         raise AssertionError(f"{' '.join(map(str, args))} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
@@ -37,23 +33,10 @@ def _dvc(*args, cwd, check=True):
     return _run([str(BIN / "dvc"), *args], cwd, check=check)
 
 
-def _project_files():
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                            capture_output=True, text=True, check=True).stdout.split("\n")
-    return [name for name in listed if name and (ROOT / name).is_file() and not name.startswith("dvc.lock")]
-
-
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     """A git + DVC copy of the repository's tracked and new files, without any run outputs."""
-    copy = tmp_path_factory.mktemp("project")
-    for name in _project_files():
-        (copy / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / name, copy / name)
-    _run(["git", "init", "-q"], copy)
-    _run(["git", "-c", "user.email=ci@example.invalid", "-c", "user.name=ci", "add", "-A"], copy)
-    _run(["git", "-c", "user.email=ci@example.invalid", "-c", "user.name=ci", "commit", "-qm", "copy"], copy)
-    return copy
+    return copy_project(ROOT, tmp_path_factory.mktemp("project"))
 
 
 def test_repro_builds_every_artifact(project):
@@ -90,13 +73,37 @@ def test_second_repro_does_no_stage_work(project):
     print(f"no-op dvc repro: {time.perf_counter() - began:.1f} s")
 
 
+def test_changing_a_reward_weight_invalidates_only_what_depends_on_it(project):
+    params = project / "params.yaml"
+    original = params.read_text()
+    params.write_text(original.replace("    brightness: 1.0", "    brightness: 2.0", 1))
+    try:
+        status = _dvc("status", cwd=project).stdout
+    finally:
+        params.write_text(original)
+    stale = {line.strip().rstrip(":") for line in status.splitlines() if line and not line.startswith("\t")}
+    assert {"score@1", "score@2", "evaluate"} <= stale
+    assert not stale & {"curate", "init", "rollout@1", "rollout@2", "update@1"}, stale
+
+
 def test_deleted_output_is_restored_from_the_run_cache(project):
     checkpoint = project / "runs" / "tiny" / "it1" / "checkpoint"
     before = (checkpoint / "trainable.safetensors").read_bytes()
     shutil.rmtree(checkpoint)
     output = _dvc("repro", "update@1", cwd=project).stdout
-    assert "Running stage 'update@1'" not in output and "update@1" in output
+    assert "Running stage 'update@1'" not in output and "Stage 'update@1' is cached - skipping run" in output
     assert (checkpoint / "trainable.safetensors").read_bytes() == before
+
+
+def test_switching_a_parameter_back_restores_from_cache(project):
+    """The mechanism behind switching presets back and forth: outputs come from the run cache."""
+    params = project / "params.yaml"
+    original = params.read_text()
+    params.write_text(original.replace("  seed: 1234", "  seed: 4321", 1))
+    assert "Running stage 'evaluate'" in _dvc("repro", cwd=project).stdout
+    params.write_text(original)
+    output = _dvc("repro", cwd=project).stdout
+    assert "Running stage" not in output and "Stage 'evaluate' is cached - skipping run" in output, output
 
 
 def test_forced_single_stage_reproduces_the_same_bytes(project):
@@ -125,7 +132,7 @@ def test_interrupted_stage_is_rerun_and_never_taken_as_done(project):
     status = _dvc("status", cwd=project).stdout
     assert "rollout@2" in status  # DVC sees the output changed: it is not taken as done
     process = subprocess.Popen([str(BIN / "dvc"), "repro", "--force", "--single-item", "rollout@2"], cwd=project,
-                               env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env=tool_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True)
     for line in process.stdout:
         if "Running stage 'rollout@2'" in line:

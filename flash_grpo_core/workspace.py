@@ -1,0 +1,41 @@
+"""Scratch copies of the project for end-to-end runs (tests, benchmarks): a git + DVC workspace.
+
+`copy_project` copies the tracked and new (not ignored) files of a checkout, without run outputs
+or `dvc.lock`, and commits them in a fresh git repository so DVC can run there. `tool_env` puts
+this interpreter's bin directory first on PATH so `python` and `dvc` in `dvc.yaml` commands are
+the ones of the running environment, with telemetry off.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+TELEMETRY_OFF = {"DVC_NO_ANALYTICS": "1", "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                 "HF_HUB_OFFLINE": "1"}
+
+
+def tool_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **TELEMETRY_OFF, **extra)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def project_files(root: Path) -> list[str]:
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=root,
+                            capture_output=True, text=True, check=True).stdout.split("\n")
+    return [name for name in listed if name and (root / name).is_file() and name != "dvc.lock"]
+
+
+def copy_project(root: Path, destination: Path) -> Path:
+    """Copy the checkout at `root` into `destination` and commit it there; returns `destination`."""
+    for name in project_files(root):
+        (destination / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / name, destination / name)
+    identity = ["-c", "user.email=pipeline@localhost", "-c", "user.name=pipeline"]
+    for command in (["init", "-q"], [*identity, "add", "-A"], [*identity, "commit", "-qm", "workspace copy"]):
+        subprocess.run(["git", *command], cwd=destination, check=True, capture_output=True)
+    return destination
