@@ -15,4 +15,10 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     .venv/bin/pip install -q "${TORCH_SPEC:-torch==2.13.0}"
   fi
 fi
-.venv/bin/pip install -q -e ".[test,semantic]"
+.venv/bin/pip install -q -e ".[test,semantic,ocr,brisque]"
+# Headless Chromium renders the evaluation report in the tests (skipped without it). As root with
+# apt, install Debian's package unless FLASH_GRPO_NO_APT=1.
+if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && [ -z "${FLASH_GRPO_NO_APT:-}" ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+    || echo "setup: could not install chromium; the report's browser test will be skipped" >&2
+fi

@@ -1,10 +1,14 @@
 """Rewards: one protocol (videos uint8 [B, F, H, W, 3], prompts, metadata -> scores [B] + info),
 a name -> factory registry, offline rewards that need no weights, and weighted combinations.
 
-Importing this package registers the offline rewards (see ``offline.py``).
+Importing this package registers every reward: the offline ones (``offline.py``), the model
+rewards loaded lazily from local paths (``clip.py``: clip_score, pickscore, hpsv2; ``vlm.py``:
+hpsv3; ``videoalign.py``: videoalign; ``ocr.py``: ocr, brisque) and ``remote`` (``client.py``,
+a reward served by ``python -m flash_grpo_core.rewards.server``). Heavy libraries are imported
+only when a reward first loads its model.
 """
 
-from flash_grpo_core.rewards import offline
+from flash_grpo_core.rewards import client, clip, ocr, offline, videoalign, vlm
 from flash_grpo_core.rewards.base import (
     Reward,
     RewardError,
@@ -18,7 +22,10 @@ from flash_grpo_core.rewards.base import (
     select_frames,
     validate_output,
 )
+from flash_grpo_core.rewards.client import RemoteReward
+from flash_grpo_core.rewards.clip import CLIPReward, HPSv2Reward, PickScoreReward
 from flash_grpo_core.rewards.combined import WeightedReward, build_weighted_reward
+from flash_grpo_core.rewards.ocr import BRISQUEReward, OCRReward
 from flash_grpo_core.rewards.offline import (
     Brightness,
     Colorfulness,
@@ -28,27 +35,42 @@ from flash_grpo_core.rewards.offline import (
     TemporalConsistency,
     luminance,
 )
+from flash_grpo_core.rewards.videoalign import VideoAlignReward
+from flash_grpo_core.rewards.vlm import HPSv3Reward
 
 __all__ = [
+    "BRISQUEReward",
     "Brightness",
+    "CLIPReward",
     "ColorMatch",
     "Colorfulness",
+    "HPSv2Reward",
+    "HPSv3Reward",
     "MotionMagnitude",
+    "OCRReward",
+    "PickScoreReward",
+    "RemoteReward",
     "Reward",
     "RewardError",
     "RewardOutput",
     "ScaleGuard",
     "Sharpness",
     "TemporalConsistency",
+    "VideoAlignReward",
     "WeightedReward",
     "aggregate_frames",
     "available_rewards",
     "build_reward",
     "build_weighted_reward",
     "check_videos",
+    "client",
+    "clip",
     "luminance",
+    "ocr",
     "offline",
     "register",
     "select_frames",
     "validate_output",
+    "videoalign",
+    "vlm",
 ]

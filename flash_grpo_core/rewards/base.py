@@ -136,8 +136,11 @@ def available_rewards() -> list[str]:
     return sorted(_FACTORIES)
 
 
-def build_reward(name: str, **kwargs: Any) -> Reward:
-    """Build the reward registered under ``name`` with keyword options ``kwargs``."""
+def build_reward(name: str, /, **kwargs: Any) -> Reward:
+    """Build the reward registered under ``name`` with keyword options ``kwargs``.
+
+    ``name`` is positional-only so that a factory may itself take a ``name`` option (``remote``).
+    """
     if name not in _FACTORIES:
         raise KeyError(
             f"unknown reward {name!r}; available rewards: {', '.join(available_rewards())}"

@@ -1,0 +1,162 @@
+"""HPSv3 and VideoAlign rewards: released Qwen2-VL reward models loaded from local files.
+
+- ``hpsv3``: HPSv3 (Qwen2-VL-7B-Instruct + a "ranknet" MLP head on the ``<|Reward|>`` token,
+  outputs (mu, sigma); mu is the score). It is an image model: every kept frame is scored at
+  256 * 28 * 28 pixels, as its released inferencer resizes images, and frame scores are
+  aggregated (default: mean of the top 30% of frames, the Flash-GRPO authors' setting).
+  ``path``: ``HPSv3.safetensors`` (the whole model, as released) or a directory holding it;
+  ``base_path``: a local Qwen2-VL-7B-Instruct directory for the config and tokenizer (its
+  weights are not read: the HPSv3 file has them all).
+- ``videoalign``: VideoAlign / VideoReward (Qwen2-VL-2B-Instruct + LoRA + a linear head on
+  three tokens: visual quality VQ, motion quality MQ, text alignment TA). ``path``: the released
+  directory (``model_config.json`` + ``checkpoint-*/{adapter_model.safetensors,
+  non_lora_state_dict.pth}`` or ``model.pth``); ``base_path``: the local Qwen2-VL-2B-Instruct
+  directory (defaults to ``model_name_or_path`` in ``model_config.json`` if that is a local
+  directory). Frames are sampled as its ``data_config`` says (``fps`` or ``num_frames``);
+  the source frame rate comes from ``metadata[i]["fps"]`` or the ``video_fps`` option. The score
+  is ``w_VQ * VQ + w_MQ * MQ + w_TA * TA`` after the released normalisation
+  (``inference_config`` means / stds), i.e. VideoAlign's "Overall" with unit weights.
+
+Departures from the released code: the inputs are uint8 tensors, not image / mp4 paths (no
+encode-decode round trip); pixels are preprocessed in torch (see ``qwen2vl.VisionInputs``);
+LoRA is merged into the weights instead of running through peft.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flash_grpo_core.rewards.base import RewardError, register
+from flash_grpo_core.rewards.models import (
+    FrameModelReward,
+    empty_model,
+    load_strict,
+    require_path,
+)
+from flash_grpo_core.rewards.prompts import (
+    HPSV3_PROMPT,
+    HPSV3_REWARD_TOKEN,
+)
+from flash_grpo_core.rewards.qwen2vl import (
+    CLIP_MEAN,
+    CLIP_STD,
+    Qwen2VLRewardModel,
+    VisionInputs,
+    build_head,
+    chat_text,
+    encode_texts,
+    translate_keys,
+)
+
+IMAGE_PIXELS = 256 * 28 * 28  # HPSv3's min_pixels = max_pixels
+VIDEO_MIN_PIXELS = 128 * 28 * 28  # qwen_vl_utils defaults
+VIDEO_MAX_PIXELS = 768 * 28 * 28
+VIDEO_TOTAL_PIXELS = 24576 * 28 * 28
+
+
+def load_tokenizer(base_path: Path, special_tokens: list[str]):
+    """The base model's tokenizer with the reward tokens added, as both trainers add them."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_path, local_files_only=True)
+    tokenizer.add_tokens(special_tokens, special_tokens=True)
+    return tokenizer
+
+
+def vision_inputs(base_path: Path, vision_config) -> VisionInputs:
+    """Patch sizes from the model config; normalisation from preprocessor_config.json if present."""
+    mean, std = CLIP_MEAN, CLIP_STD
+    preprocessor = base_path / "preprocessor_config.json"
+    if preprocessor.is_file():
+        settings = json.loads(preprocessor.read_text())
+        mean, std = settings.get("image_mean", mean), settings.get("image_std", std)
+    return VisionInputs(
+        vision_config.patch_size, vision_config.spatial_merge_size, vision_config.temporal_patch_size, mean, std
+    )
+
+
+@register("hpsv3")
+class HPSv3Reward(FrameModelReward):
+    """HPSv3 mu per frame, aggregated over frames (default top 30%)."""
+
+    name = "hpsv3"
+
+    def __init__(
+        self,
+        path: str | None = None,
+        base_path: str | None = None,
+        pixels: int = IMAGE_PIXELS,
+        aggregate: str = "top_mean",
+        top_fraction: float = 0.3,
+        batch_size: int = 8,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(aggregate=aggregate, top_fraction=top_fraction, batch_size=batch_size, **kwargs)
+        self.path = require_path(self.name, path, "path")
+        if self.path.is_dir():
+            self.path = require_path(self.name, str(self.path / "HPSv3.safetensors"), "path", kind="file")
+        self.base_path = require_path(self.name, base_path, "base_path", kind="dir")
+        self.pixels = pixels
+
+    def load(self) -> None:
+        from safetensors.torch import load_file
+        from transformers import Qwen2VLConfig, Qwen2VLModel
+
+        config = Qwen2VLConfig.from_pretrained(self.base_path, local_files_only=True)
+        self.tokenizer = load_tokenizer(self.base_path, [HPSV3_REWARD_TOKEN])
+        reward_id = self.tokenizer.convert_tokens_to_ids(HPSV3_REWARD_TOKEN)
+        backbone_state, head_state, lora = translate_keys(load_file(str(self.path)))
+        if lora:
+            raise RewardError(f"reward 'hpsv3': {self.path} holds LoRA weights; expected a full model")
+        rows = backbone_state["language_model.embed_tokens.weight"].shape[0]
+        if reward_id >= rows:
+            raise RewardError(f"reward 'hpsv3': token {HPSV3_REWARD_TOKEN} has id {reward_id} >= {rows} embeddings")
+        config.text_config.vocab_size = rows  # the trainer resized the embeddings to the tokenizer
+        backbone = empty_model(lambda: Qwen2VLModel(config))
+        load_strict(backbone, backbone_state, f"reward 'hpsv3': {self.path}")
+        backbone = backbone.to(self.device, self.dtype)
+        self.model = Qwen2VLRewardModel(backbone, build_head(head_state), [reward_id]).to(self.device).eval()
+        self.vision = vision_inputs(self.base_path, config.vision_config)
+
+    def score_frames(self, frames: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        images = [self.vision.image(frame, self.pixels, self.pixels) for frame in frames]
+        pixels = torch.cat([patches for patches, _ in images]).to(self.device, self.dtype)  # [P, C*T*14*14]
+        grids = torch.cat([grid for _, grid in images])  # [N, 3]
+        texts = [chat_text(HPSV3_PROMPT.format(text_prompt=prompt), "image") for prompt in prompts]
+        tokens = encode_texts(self.tokenizer, texts, grids, "image", self.vision.merge)
+        rewards = self.model(
+            tokens["input_ids"].to(self.device),
+            tokens["attention_mask"].to(self.device),
+            pixel_values=pixels,
+            image_grid_thw=grids.to(self.device),
+        )  # [N, 2]: mu, sigma
+        return rewards[:, 0]
+
+
+def latest_checkpoint(root: Path, step: int) -> Path:
+    """``root/checkpoint-<step>``, or the highest step when step is -1 (as VideoAlign picks)."""
+    found = sorted(root.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[-1]))
+    if not found:
+        raise RewardError(f"reward 'videoalign': no checkpoint-* directory in {str(root)!r}")
+    if step == -1:
+        return found[-1]
+    chosen = root / f"checkpoint-{step}"
+    if chosen not in found:
+        raise RewardError(f"reward 'videoalign': {str(chosen)!r} does not exist")
+    return chosen
+
+
+def read_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state dict, LoRA settings) of one VideoAlign checkpoint folder; .pth read with weights_only."""
+    from safetensors.torch import load_file
+
+    if (folder / "model.pth").is_file():
+        return torch.load(folder / "model.pth", map_location="cpu", weights_only=True), {}
+    state = dict(load_file(str(folder / "adapter_model.safetensors")))
+    state.update(torch.load(folder / "non_lora_state_dict.pth", map_location="cpu", weights_only=True))
+    adapter = folder / "adapter_config.json"
+    return state, json.loads(adapter.read_text()) if adapter.is_file() else {}
