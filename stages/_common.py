@@ -59,15 +59,25 @@ def known_errors() -> tuple[type[BaseException], ...]:
             NonFiniteError, FileNotFoundError)
 
 
+INPUT_ERROR_EXIT = 2  # a known, deterministic input error: rerunning cannot help
+TRANSIENT_EXIT = 75  # EX_TEMPFAIL: an unreachable reward server; a retry may succeed
+
+
 def run(name: str, body) -> int:
-    """Run a stage body; known input errors become a one-line message and exit code 2."""
+    """Run a stage body; known input errors become a one-line message and exit code 2, an
+    unreachable reward exit code 75."""
     began = time.perf_counter()
     try:
         summary = body()
     except Exception as error:  # noqa: BLE001 - filtered right below
+        from flash_grpo_core.rewards.base import RewardUnavailable
+
+        if isinstance(error, RewardUnavailable):  # transient: an orchestrator may retry the stage
+            print(f"{name}: error (transient): {error}", file=sys.stderr)
+            return TRANSIENT_EXIT
         if isinstance(error, known_errors()):
             print(f"{name}: error: {error}", file=sys.stderr)
-            return 2
+            return INPUT_ERROR_EXIT
         raise
     fields = " ".join(f"{key}={value}" for key, value in summary.items())
     print(f"{name}: {fields} seconds={time.perf_counter() - began:.1f}", flush=True)

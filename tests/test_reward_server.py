@@ -19,6 +19,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+
+from flash_grpo_core.rewards.base import RewardUnavailable
 import torch
 
 from flash_grpo_core.rewards import RewardError, RewardOutput, WeightedReward, build_reward
@@ -213,7 +215,7 @@ def test_client_retries_5xx_with_exponential_backoff(serve, sleeps):
 def test_client_retries_refused_connections_and_caps_the_backoff(sleeps):
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     remote = build_reward("remote", url=url, name="hpsv3", retries=4, backoff=1.0, max_backoff=3.0)
-    with pytest.raises(RewardError, match=rf"'hpsv3' at {url}/score failed after 5 attempt\(s\)"):
+    with pytest.raises(RewardUnavailable, match=rf"'hpsv3' at {url}/score failed after 5 attempt\(s\)"):
         remote(videos_of(1), ["a"])
     assert sleeps == [1.0, 2.0, 3.0, 3.0]
 

@@ -40,6 +40,11 @@ class RewardError(ValueError):
     """A reward received bad input or produced an unusable output."""
 
 
+class RewardUnavailable(RewardError):
+    """A reward that could not be reached (a server that timed out or refused, after its retries):
+    transient, unlike a reward that answered wrongly. Stages exit with 75 (EX_TEMPFAIL) for it."""
+
+
 @dataclass(frozen=True)
 class RewardOutput:
     """What every reward returns.

@@ -27,6 +27,7 @@ import torch
 
 from flash_grpo_core.rewards.base import (
     RewardError,
+    RewardUnavailable,
     RewardOutput,
     check_videos,
     register,
@@ -129,7 +130,7 @@ class RemoteReward:
                 return self.request(path, data)
             except TransientError as exc:
                 if attempt == self.retries:
-                    raise RewardError(
+                    raise RewardUnavailable(
                         f"reward {self.name!r} at {self.url}{path} failed after {attempt + 1} attempt(s): {exc}"
                     ) from exc
                 sleep(min(self.backoff * 2**attempt, self.max_backoff))

@@ -1,0 +1,169 @@
+"""Prefect flow `train-loop` (SPEC section 7): curate, init, then rollout -> score -> update for each
+iteration, then evaluate, each stage run as `dvc repro <stage>` in the project checkout.
+
+DVC stays the source of truth for artifacts and caching: a finished stage is skipped (or restored
+from DVC's run cache), never recomputed, so a retried or repeated run resumes at the first
+unfinished stage. Prefect adds parameters, retries, concurrency limits and run history; tasks return
+small metadata (stage outcome, timings, output hashes, metrics) and Prefect caches nothing.
+
+Each step is a plain `dvc repro <stage>`, not `--single-item`: DVC re-checks the upstream stages
+(about a second, since they are up to date by then) and would rerun one that went stale between
+steps, so a step never trains on outdated inputs.
+
+The flow runs in its working directory, the project checkout (prefect.yaml's pull step sets it
+from `FLASH_GRPO_PROJECT`); see docs/prefect.md. Only prefect and light modules are imported at
+the top, so a worker starts a run quickly; the stages import torch in their own processes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from pydantic import Field
+
+from flows import dvc_runner, params_file
+
+# The model presets of the training loop (params.yaml's `toy` preset belongs to bench/alignment.py,
+# whose base model comes from the `pretrain` stage, which this flow does not run).
+Preset = Literal["tiny", "wan1.3b", "wan14b"]
+STAGE_RETRIES = 2
+STAGE_RETRY_DELAYS = [10, 60]  # seconds: a busy file system or reward server gets a moment
+LOGGED_METRICS = ("reward_mean", "reward_std", "loss", "clip_fraction", "approx_kl",
+                  "train_forward_passes", "train_backward_passes", "rollout_seconds", "train_seconds")
+
+
+def stage_names(iterations: int) -> list[str]:
+    """The DVC stages of a run, in the order the flow reproduces them."""
+    loop = [f"{step}@{it}" for it in range(1, iterations + 1) for step in ("rollout", "score", "update")]
+    return ["curate", "init", *loop, "evaluate"]
+
+
+def is_transient(task, task_run, state) -> bool:
+    """Prefect's retry condition: retry transient stage failures only, never a deterministic one."""
+    try:
+        state.result()
+    except dvc_runner.TransientStageError:
+        return True
+    except BaseException:  # noqa: BLE001 - any other failure is not worth repeating
+        return False
+    return False
+
+
+def check_project(project: Path) -> None:
+    missing = [name for name in ("dvc.yaml", "params.yaml", ".dvc") if not (project / name).exists()]
+    if missing:
+        raise FileNotFoundError(f"train-loop must run in the Flash-GRPO checkout, but {project} has no "
+                                f"{', '.join(missing)}; start the worker with FLASH_GRPO_PROJECT=<checkout> "
+                                f"(docs/prefect.md)")
+
+
+def check_model_path(params, project: Path) -> None:
+    """A wan preset's weights folder must exist before any stage starts (the stages check its contents)."""
+    from flash_grpo_core.config import ConfigError
+
+    if params.is_tiny:
+        return
+    folder = (project / Path(params.model.path).expanduser()).resolve()
+    if not folder.is_dir():
+        raise ConfigError(f"preset {params.preset}: model.path {params.model.path!r} is not a folder ({folder}); "
+                          f"put Wan 2.1 T2V in Diffusers format there or set presets.{params.preset}.model.path "
+                          f"(or pass overrides={{'model.path': ...}})")
+
+
+@task(name="prepare-params", cache_policy=NO_CACHE, persist_result=False)
+def prepare_params(project: str, preset: str, iterations: int | None, overrides: dict[str, Any] | None) -> dict:
+    """Validate the run's parameters, check the model path, write them into params.yaml."""
+    path = Path(project) / "params.yaml"
+    check_model_path(params_file.validate(path, preset, iterations, overrides), Path(project))
+    params = params_file.write(path, preset, iterations, overrides)
+    get_run_logger().info(f"params.yaml: preset={preset} iterations={params.iterations} "
+                          f"overrides={overrides or {}} mode={params.train.mode} device={params.model.device}")
+    return {"preset": preset, "iterations": params.iterations, "root": params.pipeline.root}
+
+
+@task(name="dvc-repro", task_run_name="{stage}", retries=STAGE_RETRIES, retry_delay_seconds=STAGE_RETRY_DELAYS,
+      retry_condition_fn=is_transient, cache_policy=NO_CACHE, persist_result=False)
+def run_stage(stage: str, project: str) -> dict:
+    """`dvc repro <stage>`, its output in the run's logs; returns what DVC did and the outputs' hashes."""
+    logger = get_run_logger()
+
+    def relay(line: str) -> None:
+        if dvc_runner.worth_logging(line):
+            logger.info(line)
+
+    result = dvc_runner.repro(stage, Path(project), relay)
+    outcome = ("ran" if stage in result.ran else
+               "restored from the run cache" if stage in result.restored else "up to date, skipped")
+    logger.info(f"{stage}: {outcome} ({result.seconds:.1f} s)")
+    return {"stage": stage, "outcome": outcome, "ran": list(result.ran), "seconds": result.seconds,
+            "outs": locked_outs(Path(project), stage)}
+
+
+def locked_outs(project: Path, stage: str) -> dict[str, str]:
+    """The stage's outputs and their hashes as DVC recorded them in dvc.lock."""
+    from flash_grpo_core.config import read_yaml
+
+    lock = project / "dvc.lock"
+    entry = (read_yaml(lock).get("stages") or {}).get(stage, {}) if lock.is_file() else {}
+    return {out["path"]: out.get("md5", "") for out in entry.get("outs", [])}
+
+
+def read_metrics(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def log_iteration(logger, run: dict, iteration: int, stages: list[dict]) -> dict:
+    """Log one iteration's reward, loss and timings; returns them as a row of the run's table."""
+    metrics = read_metrics(Path(run["root"]) / run["preset"] / f"it{iteration}" / "metrics.json")
+    row = {"iteration": iteration, **{key: metrics[key] for key in LOGGED_METRICS if key in metrics}}
+    row["stage_seconds"] = round(sum(s["seconds"] for s in stages if s["stage"].endswith(f"@{iteration}")), 2)
+    logger.info(f"iteration {iteration}/{run['iterations']}: "
+                + " ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
+                           for key, value in row.items() if key != "iteration"))
+    return row
+
+
+def report(run: dict, rows: list[dict], stages: list[dict]) -> dict:
+    """The run's summary: logged, attached to the run as a table artifact, returned."""
+    from prefect.artifacts import create_table_artifact
+
+    evaluation = read_metrics(Path(run["root"]) / run["preset"] / "eval" / "metrics.json")
+    ran = [s["stage"] for s in stages if s["outcome"] == "ran"]
+    get_run_logger().info(f"train-loop {run['preset']}: {len(ran)} of {len(stages)} stages ran "
+                          f"({', '.join(ran) or 'none: everything was up to date'}); evaluation: "
+                          f"{json.dumps(evaluation.get('delta', evaluation), sort_keys=True)}")
+    if rows:
+        create_table_artifact(rows, key=f"train-loop-{run['preset'].replace('.', '-')}",
+                              description=f"Per-iteration metrics of the {run['preset']} preset")
+    return {**run, "stages": stages, "metrics": rows, "evaluation": evaluation}
+
+
+@flow(name="train-loop", validate_parameters=True)
+def train_loop(preset: Preset = "tiny",
+               iterations: Annotated[int, Field(ge=1)] | None = None,
+               overrides: dict[str, Any] | None = None) -> dict:
+    """Run the Flash-GRPO pipeline for one model preset through DVC.
+
+    Args:
+        preset: the model preset (`tiny` runs on a CPU; `wan1.3b`/`wan14b` load local Wan 2.1 weights).
+        iterations: training iterations (None: keep params.yaml's `iterations`).
+        overrides: dotted params.yaml keys to set for this run, e.g. {"train.learning_rate": 3e-5};
+            validated before any stage starts, then written into params.yaml.
+    """
+    project = Path.cwd()
+    check_project(project)
+    logger = get_run_logger()
+    with params_file.workspace_lock(project):
+        run = prepare_params(str(project), preset, iterations, overrides)
+        run["root"] = str(project / run["root"])
+        stages: list[dict] = []
+        rows: list[dict] = []
+        for stage in stage_names(run["iterations"]):
+            stages.append(run_stage(stage, str(project)))
+            if stage.startswith("update@"):
+                rows.append(log_iteration(logger, run, int(stage.split("@")[1]), stages))
+        return report(run, rows, stages)
