@@ -77,9 +77,6 @@ class RolloutConfig:
         _check(self.noise in NOISE_KINDS, f"rollout.noise must be one of {NOISE_KINDS}")
         _check(self.shift > 0, "rollout.shift must be > 0")
         _check(self.guidance >= 1.0, "rollout.guidance must be >= 1 (1 disables classifier-free guidance)")
-        _check((self.frames - 1) % 4 == 0, f"rollout.frames - 1 must be divisible by 4 (Wan's VAE), got {self.frames}")
-        _check(self.height % 16 == 0 and self.width % 16 == 0,
-               f"rollout.height and width must be multiples of 16, got {self.height}x{self.width}")
         _check(self.prompts_per_iteration >= 1 and self.group_size >= 2,
                "rollout.prompts_per_iteration must be >= 1 and group_size >= 2 (advantages need a group)")
         _check(self.batch_size >= 1, "rollout.batch_size must be >= 1")
@@ -143,9 +140,15 @@ class EvalConfig:
     seed: int = 1234
     num_prompts: int = 8
     use_ema: bool = True
+    report_samples: int = 4  # prompts shown as base | trained videos in the report
+    fps: int = 16  # frame rate of the report's videos (Wan 2.1: 16)
+    # VBench-style dimensions (flash_grpo_core/metrics): options per dimension, e.g.
+    # subject_consistency: {path: models/dino-vitb16}; weight-free ones always run.
+    metrics: dict[str, dict] = field(default_factory=dict)
 
     def __post_init__(self):
         _check(self.num_steps >= 1 and self.num_prompts >= 1, "eval.num_steps and num_prompts must be >= 1")
+        _check(self.report_samples >= 0 and self.fps >= 1, "eval.report_samples must be >= 0 and eval.fps >= 1")
 
 
 @dataclass(frozen=True)
@@ -194,6 +197,44 @@ def dvc_loop(iterations: int) -> dict[str, int]:
 
 
 @dataclass(frozen=True)
+class ToyConfig:
+    """The alignment benchmark's synthetic task and pixel-space model (see flash_grpo_core/toy.py)."""
+
+    colors: tuple[str, ...] = ("red", "green", "blue", "yellow", "magenta", "cyan")
+    directions: tuple[str, ...] = ("left", "right", "up", "down")
+    held_out: tuple[str, ...] = ("red up", "green left", "blue down", "yellow right", "magenta up", "cyan left")
+    frames: int = 8
+    size: int = 16  # frames are size x size pixels
+    square: int = 4  # side of the square, pixels
+    speed: int = 1  # pixels per frame
+    seed: int = 0  # the base model's (and text encoder's) initialisation
+    layers: int = 4
+    heads: int = 4
+    head_dim: int = 16
+    ffn_dim: int = 256
+    patch: int = 4
+    pretrain_steps: int = 1500
+    pretrain_batch: int = 32
+    pretrain_lr: float = 1.0e-3
+    pretrain_shift: float = 3.0  # sample training sigmas towards high noise, where layout is decided
+    uncond_prob: float = 0.1  # prompt dropout, for classifier-free guidance
+
+    def __post_init__(self):
+        _check(len(self.colors) >= 2 and len(self.directions) >= 2, "toy.colors and toy.directions need >= 2 entries")
+        for combo in self.held_out:
+            parts = combo.split()
+            _check(len(parts) == 2 and parts[0] in self.colors and parts[1] in self.directions,
+                   f"toy.held_out entry {combo!r} must be '<colour> <direction>' from toy.colors and toy.directions")
+        _check(self.size % self.patch == 0, f"toy.size ({self.size}) must be a multiple of toy.patch ({self.patch})")
+        _check(0 < self.square < self.size and self.speed >= 0, "toy.square must be in (0, size) and speed >= 0")
+        _check(self.square + self.speed * (self.frames - 1) <= self.size,
+               "toy.square + speed * (frames - 1) must fit in toy.size: the square must stay in the frame")
+        _check(self.pretrain_steps >= 0 and self.pretrain_batch >= 1 and self.pretrain_lr > 0,
+               "toy.pretrain_steps >= 0, pretrain_batch >= 1 and pretrain_lr > 0 are required")
+        _check(0 <= self.uncond_prob < 1, "toy.uncond_prob must be in [0, 1)")
+
+
+@dataclass(frozen=True)
 class Params:
     preset: str = "tiny"
     seed: int = 0
@@ -205,6 +246,7 @@ class Params:
     eval: EvalConfig = field(default_factory=EvalConfig)
     data: DataConfig = field(default_factory=DataConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    toy: ToyConfig = field(default_factory=ToyConfig)
 
     def __post_init__(self):
         _check(self.preset in PRESETS, f"preset must be one of {PRESETS}, got {self.preset!r}")
@@ -222,7 +264,12 @@ class Params:
             _check(self.pipeline.loop == dvc_loop(self.iterations),
                    f"pipeline.loop must map iterations 1..{self.iterations} to their predecessors to match "
                    f"`iterations`; run `python -m stages.iterations {self.iterations}` to rewrite it")
-        if self.preset != "tiny":
+        if self.preset != "toy":  # the toy model works in pixel space, without Wan's VAE
+            r = self.rollout
+            _check((r.frames - 1) % 4 == 0, f"rollout.frames - 1 must be divisible by 4 (Wan's VAE), got {r.frames}")
+            _check(r.height % 16 == 0 and r.width % 16 == 0,
+                   f"rollout.height and width must be multiples of 16, got {r.height}x{r.width}")
+        if self.preset not in ("tiny", "toy"):
             _check(bool(self.model.path),
                    f"preset {self.preset} loads Wan 2.1 weights: set presets.{self.preset}.model.path in params.yaml "
                    f"to a local Diffusers-format folder")
@@ -255,6 +302,9 @@ def _coerce(hint, value: Any, where: str):
         if value is None and type(None) in args:
             return None
         return _coerce(next(a for a in args if a is not type(None)), value, where)
+    if origin is tuple and args[-1] is Ellipsis:
+        _check(isinstance(value, (list, tuple)), f"{where} must be a list, got {value!r}")
+        return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
     if origin is tuple:
         _check(isinstance(value, (list, tuple)) and len(value) == len(args),
                f"{where} must be a list of {len(args)} values, got {value!r}")
@@ -274,10 +324,15 @@ def _coerce(hint, value: Any, where: str):
     return value
 
 
+# Mappings that an override replaces whole instead of merging into: a preset that names its reward
+# weights means exactly those rewards, not those added to the base's.
+_REPLACED_WHOLE = ("weights", "options")
+
+
 def _merge(base: dict, overrides: dict) -> dict:
     merged = copy.deepcopy(base)
     for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key not in _REPLACED_WHOLE:
             merged[key] = _merge(merged[key], value)
         else:
             merged[key] = copy.deepcopy(value)

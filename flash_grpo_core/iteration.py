@@ -37,11 +37,19 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def build_stack(params: Params, dtype: torch.dtype):
-    """The preset's Wan stack: a seeded tiny random model, or Wan 2.1 from `model.path`."""
+    """The preset's Wan stack: a seeded tiny random model, the pixel-space toy model (pre-trained
+    weights from `model.path` when set), or Wan 2.1 from `model.path`."""
     from flash_grpo_core import models
 
     if params.is_tiny:
         return models.build_tiny_stack(seed=params.seed, dtype=dtype, text_len=params.model.text_len)
+    if params.preset == "toy":
+        from flash_grpo_core import toy
+
+        stack = toy.build_toy_stack(params.toy, dtype=dtype, text_len=params.model.text_len)
+        if params.model.path:
+            toy.load_base(stack, params.model.path)
+        return stack
     return models.load_stack(params.model.path, dtype=dtype, max_text_len=params.model.text_len)
 
 
@@ -183,6 +191,8 @@ def reward_from_params(params: Params):
     """The configured weighted reward; `reward.frame_stride` applies to every component."""
     from flash_grpo_core.rewards import build_weighted_reward
 
+    if params.preset == "toy":
+        import flash_grpo_core.toy  # noqa: F401 - registers the toy task's reward
     options = {name: {"frame_stride": params.reward.frame_stride, **params.reward.options.get(name, {})}
                for name in params.reward.weights}
     return build_weighted_reward(dict(params.reward.weights), options)

@@ -76,10 +76,14 @@ _METASPACE = "\u2581"  # "▁", SentencePiece's word-start marker
 
 @dataclass
 class WanStack:
-    """The Wan 2.1 T2V components a GRPO run uses, plus the text length the encoder pads to."""
+    """The Wan 2.1 T2V components a GRPO run uses, plus the text length the encoder pads to.
+
+    `vae` is None for a pixel-space model (the toy benchmark's): latents are then RGB pixels in
+    [-1, 1], [3, F, H, W], and decoding is a rescale.
+    """
 
     transformer: WanTransformer3DModel
-    vae: AutoencoderKLWan
+    vae: AutoencoderKLWan | None
     text_encoder: UMT5EncoderModel
     tokenizer: PreTrainedTokenizerBase
     max_text_len: int
@@ -90,7 +94,9 @@ class WanStack:
 
     @property
     def vae_scale_spatial(self) -> int:
-        """Pixels per latent along H and W (8 for the Wan 2.1 VAE)."""
+        """Pixels per latent along H and W (8 for the Wan 2.1 VAE, 1 in pixel space)."""
+        if self.vae is None:
+            return 1
         config = self.vae.config
         if config.get("scale_factor_spatial") is not None:
             return int(config["scale_factor_spatial"])
@@ -99,7 +105,9 @@ class WanStack:
 
     @property
     def vae_scale_temporal(self) -> int:
-        """Pixel frames per latent frame after the first (4 for the Wan 2.1 VAE)."""
+        """Pixel frames per latent frame after the first (4 for the Wan 2.1 VAE, 1 in pixel space)."""
+        if self.vae is None:
+            return 1
         config = self.vae.config
         if config.get("scale_factor_temporal") is not None:
             return int(config["scale_factor_temporal"])
@@ -339,6 +347,8 @@ def load_stack(path: str | os.PathLike, dtype: torch.dtype = torch.float32, max_
 def _freeze(stack: WanStack) -> None:
     """Eval mode, no gradients: training code enables exactly what it trains."""
     for module in (stack.transformer, stack.vae, stack.text_encoder):
+        if module is None:
+            continue
         module.eval()
         module.requires_grad_(False)
 
@@ -444,6 +454,8 @@ def encode_prompts(stack: WanStack, prompts: list[str], device: torch.device | s
 def decode_latents(stack: WanStack, latents: torch.Tensor) -> torch.Tensor:
     """Decode normalised latents [B, C, F, H, W] to uint8 RGB video [B, (F-1)*4+1, 8H, 8W, 3] on CPU."""
     vae = stack.vae
+    if vae is None:  # pixel space: the latents are the frames
+        return to_uint8_video(latents)
     latents = latents.to(vae.device, vae.dtype)  # [B, C, F, H, W]
     # The latent space is normalised per channel; undo it exactly as WanPipeline.__call__ does
     # (dividing by 1/std rather than multiplying by std: the two differ in the last bit).
@@ -452,7 +464,11 @@ def decode_latents(stack: WanStack, latents: torch.Tensor) -> torch.Tensor:
     latents_inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(latents.device, latents.dtype)
     latents = latents / latents_inv_std + latents_mean
     video = vae.decode(latents, return_dict=False)[0]  # [B, 3, F_pixel, H_pixel, W_pixel] in [-1, 1]
-    # Same mapping as diffusers' VideoProcessor: [-1, 1] -> [0, 1] -> round(255 x).
+    return to_uint8_video(video)
+
+
+def to_uint8_video(video: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] video [B, 3, F, H, W] to uint8 [B, F, H, W, 3] on CPU, as diffusers' VideoProcessor maps it."""
     video = (video.float() / 2 + 0.5).clamp(0, 1)
     video = (video * 255).round().to(torch.uint8)
-    return video.permute(0, 2, 3, 4, 1).cpu()  # [B, F_pixel, H_pixel, W_pixel, 3]
+    return video.permute(0, 2, 3, 4, 1).cpu()

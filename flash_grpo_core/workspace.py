@@ -27,7 +27,7 @@ def tool_env(**extra: str) -> dict[str, str]:
 def project_files(root: Path) -> list[str]:
     listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=root,
                             capture_output=True, text=True, check=True).stdout.split("\n")
-    return [name for name in listed if name and (root / name).is_file() and name != "dvc.lock"]
+    return [name for name in listed if name and (root / name).is_file() and Path(name).name != "dvc.lock"]
 
 
 def copy_project(root: Path, destination: Path) -> Path:

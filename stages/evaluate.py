@@ -1,20 +1,20 @@
 """`evaluate` stage: the final checkpoint against the base model on held-out prompts.
 
     python -m stages.evaluate --prompts runs/prompts/eval.parquet --base runs/tiny/it0/checkpoint \
-        --checkpoint runs/tiny/it2/checkpoint --samples runs/tiny/eval/samples \
+        --checkpoint runs/tiny/it2/checkpoint --report runs/tiny/eval/report \
         --metrics runs/tiny/eval/metrics.json --history runs/tiny/eval/history.json
 
 Both models sample with the deterministic ODE sampler (`eval.num_steps`, `eval.guidance`), the EMA
-weights when `eval.use_ema`, and the same noise per prompt (`eval.seed`). Reports the mean of each
-reward component for both and the delta; writes base | trained GIFs per prompt and the training
-history (one row per iteration) for `dvc plots`.
+weights when `eval.use_ema`, and the same noise per prompt (`eval.seed`). Scores both with the
+training reward(s) and the VBench-style dimensions (`eval.metrics`), writes metrics.json (base,
+trained, delta), the training history for `dvc plots`, and an HTML report with base | trained
+videos for the first `eval.report_samples` prompts.
 """
 
 from __future__ import annotations
 
 import contextlib
 import sys
-from pathlib import Path
 
 from stages import _common
 
@@ -24,7 +24,7 @@ def main(argv=None) -> int:
     parser.add_argument("--prompts", required=True, help="eval.parquet from the curate stage")
     parser.add_argument("--base", required=True, help="the iteration-0 checkpoint")
     parser.add_argument("--checkpoint", required=True, help="the checkpoint to evaluate")
-    parser.add_argument("--samples", required=True, help="directory for the sample GIFs")
+    parser.add_argument("--report", required=True, help="directory for report.html and its videos")
     parser.add_argument("--metrics", required=True, help="metrics.json to write")
     parser.add_argument("--history", required=True, help="history.json (training curves) to write")
     args = parser.parse_args(argv)
@@ -39,12 +39,21 @@ def _sample(engine, texts, params):
         return sample_ode(engine, texts, params.eval.num_steps, params.eval.guidance, params.eval.seed)
 
 
+def _score(videos, texts, params) -> dict:
+    """Reward entries and VBench-style dimensions of one model's videos."""
+    from flash_grpo_core.iteration import reward_from_params
+    from flash_grpo_core.metrics import evaluate_videos, reward_entries
+
+    return {**reward_entries(reward_from_params(params)(videos, texts)),
+            **evaluate_videos(videos, texts, dict(params.eval.metrics))}
+
+
 def evaluate(args) -> dict:
     from flash_grpo_core.atomic import write_json
     from flash_grpo_core.checkpoint import load_checkpoint
-    from flash_grpo_core.iteration import reward_from_params
-    from flash_grpo_core.media import side_by_side, write_gif
+    from flash_grpo_core.metrics import summary
     from flash_grpo_core.prompts import read_prompts_parquet
+    from flash_grpo_core.report import write_report
 
     params = _common.load_params(args.params)
     prompts = read_prompts_parquet(args.prompts)[: params.eval.num_prompts]
@@ -52,23 +61,22 @@ def evaluate(args) -> dict:
     engine, _ = _common.engine_at(params, args.base)
     base_videos = _sample(engine, texts, params)
     state = load_checkpoint(engine.policy, args.checkpoint)
-    final_videos = _sample(engine, texts, params)
-    reward = reward_from_params(params)
-    results = {}
-    for label, videos in (("base", base_videos), ("trained", final_videos)):
-        output = reward(videos, texts)
-        results[label] = {"reward": float(output.scores.mean()),
-                          **{name: float(output.info[name].float().mean()) for name in params.reward.weights}}
-    results["delta"] = {key: results["trained"][key] - results["base"][key] for key in results["base"]}
-    samples = Path(args.samples)
-    for prompt, base, final in zip(prompts, base_videos, final_videos):
-        write_gif(side_by_side(base, final), samples / f"{prompt.id}-base_vs_trained.gif")
+    trained_videos = _sample(engine, texts, params)
+    base, trained = _score(base_videos, texts, params), _score(trained_videos, texts, params)
+    base_summary, trained_summary = summary(base), summary(trained)
+    history = state.get("history", [])
+    samples = [{"prompt_id": p.id, "prompt": p.prompt, "base": b, "trained": t}
+               for p, b, t in list(zip(prompts, base_videos, trained_videos))[: params.eval.report_samples]]
+    write_report(args.report, base, trained, history, samples,
+                 title=f"Flash-GRPO evaluation: {params.preset}, iteration {state['iteration']}", fps=params.eval.fps)
+    not_configured = {name: result["reason"] for name, result in base.items() if result["status"] != "ok"}
     write_json({"iteration": state["iteration"], "prompts": len(prompts), "use_ema": params.eval.use_ema,
-                "num_steps": params.eval.num_steps, **results,
-                "samples": {p.id: p.prompt for p in prompts}}, args.metrics)
-    write_json(state.get("history", []), args.history)
+                "num_steps": params.eval.num_steps, "base": base_summary, "trained": trained_summary,
+                "delta": {k: trained_summary[k] - base_summary[k] for k in base_summary if k in trained_summary},
+                "not_configured": not_configured}, args.metrics)
+    write_json(history, args.history)
     return {"iteration": state["iteration"], "prompts": len(prompts),
-            "reward_base": round(results["base"]["reward"], 4), "reward_trained": round(results["trained"]["reward"], 4)}
+            "reward_base": round(base_summary["reward"], 4), "reward_trained": round(trained_summary["reward"], 4)}
 
 
 if __name__ == "__main__":

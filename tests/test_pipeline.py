@@ -57,15 +57,20 @@ def test_repro_builds_every_artifact(project):
         assert read_state(runs / "tiny" / f"it{it}" / "checkpoint")["iteration"] == it
     evaluation = json.loads((runs / "tiny" / "eval" / "metrics.json").read_text())
     assert set(evaluation) >= {"base", "trained", "delta"} and evaluation["iteration"] == 2
+    assert {"reward", "temporal_flickering", "dynamic_degree"} <= set(evaluation["trained"])
+    assert "subject_consistency" in evaluation["not_configured"]  # no weights given: named, not faked
     history = json.loads((runs / "tiny" / "eval" / "history.json").read_text())
     assert [row["iteration"] for row in history] == [1, 2]
-    assert len(list((runs / "tiny" / "eval" / "samples").glob("*.gif"))) == 2
+    report = runs / "tiny" / "eval" / "report"
+    assert (report / "report.html").is_file() and len(list(report.glob("*.mp4"))) == 4
     shown = _dvc("metrics", "show", "--json", cwd=project).stdout
     assert "reward_mean" in shown
+    plots = _dvc("plots", "show", "--json", cwd=project).stdout
+    assert "reward and loss over iterations" in plots
 
 
 def test_second_repro_does_no_stage_work(project):
-    status = _dvc("status", cwd=project).stdout
+    status = _dvc("status", "dvc.yaml", cwd=project).stdout
     assert "up to date" in status, status
     began = time.perf_counter()
     output = _dvc("repro", cwd=project).stdout
@@ -78,7 +83,7 @@ def test_changing_a_reward_weight_invalidates_only_what_depends_on_it(project):
     original = params.read_text()
     params.write_text(original.replace("    brightness: 1.0", "    brightness: 2.0", 1))
     try:
-        status = _dvc("status", cwd=project).stdout
+        status = _dvc("status", "dvc.yaml", cwd=project).stdout
     finally:
         params.write_text(original)
     stale = {line.strip().rstrip(":") for line in status.splitlines() if line and not line.startswith("\t")}
@@ -129,7 +134,7 @@ def test_interrupted_stage_is_rerun_and_never_taken_as_done(project):
     """Kill `dvc repro` inside rollout@2; the next repro reruns what was unfinished and ends clean."""
     _dvc("repro", "--force", "--single-item", "rollout@2", cwd=project, check=False)  # make it stale first
     (project / "runs" / "tiny" / "it2" / "rollout" / "shards.json").unlink()  # as if the writer died
-    status = _dvc("status", cwd=project).stdout
+    status = _dvc("status", "dvc.yaml", cwd=project).stdout
     assert "rollout@2" in status  # DVC sees the output changed: it is not taken as done
     process = subprocess.Popen([str(BIN / "dvc"), "repro", "--force", "--single-item", "rollout@2"], cwd=project,
                                env=tool_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -148,7 +153,7 @@ def test_interrupted_stage_is_rerun_and_never_taken_as_done(project):
             read_shards(rollout)
     _dvc("repro", cwd=project)
     assert len(read_shards(rollout)) == 8
-    assert "up to date" in _dvc("status", cwd=project).stdout
+    assert "up to date" in _dvc("status", "dvc.yaml", cwd=project).stdout
 
 
 def test_corrupt_shard_fails_the_score_stage_naming_the_file(project, tmp_path):

@@ -1,0 +1,281 @@
+"""Alignment benchmark: does one-step GRPO beat full-trajectory GRPO at equal compute? (toy task)
+
+    python bench/alignment.py            # full run: 6 variants x 3 seeds (well under 45 min on 2 cores)
+    python bench/alignment.py --quick    # smoke size: 2 variants x 1 seed, a quickly pre-trained base
+
+From one pre-trained pixel-space Wan base (`dvc repro bench/toy/dvc.yaml`; `--quick` pre-trains a short base
+of its own), every variant trains until it has spent the same compute, counted in transformer
+forward-pass equivalents (a forward = 1, a backward = 2; classifier-free guidance counts both
+halves), and is evaluated on held-out prompt combinations at the same compute fractions: the ODE
+sampler, EMA weights, fixed noise per (prompt, sample). Variants:
+  flash                 one SDE step per rollout, iso-temporal, exact rectification (Flash-GRPO)
+  flash-no-iso          the same, one step per sample instead of per prompt
+  flash-no-rect         the same, no rectification
+  flash-flowgrpo-rect   the same, Flow-GRPO's partial rectification factor
+  window                SDE on a sliding window of 2 steps (MixGRPO / Flow-GRPO-Fast), no rectification
+  full                  SDE and training on every step (Flow-GRPO, with its partial rectification)
+Also measured: the gradient-norm spread across timesteps per rectification mode, PPO clip
+fractions, and reward hacking (a component that falls while the total rises).
+Writes runs.csv, evals.csv, summary.json, alignment.png and alignment.md to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+VARIANTS = {
+    "flash": {"train.mode": "flash"},
+    "flash-no-iso": {"train.mode": "flash", "rollout.iso_temporal": False},
+    "flash-no-rect": {"train.mode": "flash", "train.rectify": "none"},
+    "flash-flowgrpo-rect": {"train.mode": "flash", "train.rectify": "flow_grpo"},
+    "window": {"train.mode": "window", "train.rectify": "none", "train.window_size": 2},
+    "full": {"train.mode": "full", "train.rectify": "flow_grpo"},
+}
+COMPONENTS = ("color", "single", "motion")
+
+
+def compute_units(metrics: dict) -> int:
+    """Forward-pass equivalents of one iteration: forwards + 2 x backwards."""
+    return metrics["rollout_forward_passes"] + metrics["train_forward_passes"] + 2 * metrics["train_backward_passes"]
+
+
+def flash_iteration_cost() -> int:
+    """Forward-pass equivalents of one flash iteration of the toy preset (the budget's unit)."""
+    from flash_grpo_core.config import load_params
+
+    r = load_params(ROOT / "params.yaml", preset="toy").rollout
+    samples, guided = r.prompts_per_iteration * r.group_size, 2 if r.guidance != 1.0 else 1
+    return samples * guided * (r.num_steps + 1 + 2)  # N rollout forwards, one trained step: forward + 2 x backward
+
+
+def evaluate(engine, prompts: list[str], samples: int) -> dict[str, float]:
+    """Held-out reward (total and components) of ODE samples with the EMA weights, fixed noise."""
+    from flash_grpo_core.iteration import reward_from_params, sample_ode
+
+    params = engine.params
+    repeated = [p for _ in range(samples) for p in prompts]
+    with engine.policy.ema.applied():
+        videos = sample_ode(engine, repeated, params.eval.num_steps, params.eval.guidance, params.eval.seed)
+    output = reward_from_params(params)(videos, repeated)
+    return {"reward": float(output.scores.mean()),
+            **{c: float(output.info[f"toy_following/{c}"].mean()) for c in COMPONENTS}}
+
+
+def train_variant(variant: str, seed: int, base: str, budget: int, evals: int, eval_samples: int) -> dict:
+    """One variant, one seed: train to the compute budget, evaluating at `evals` equal fractions."""
+    from flash_grpo_core import toy
+    from flash_grpo_core.config import load_params
+    from flash_grpo_core.iteration import build_engine, iteration_prompts, reward_from_params, run_iteration
+
+    params = load_params(ROOT / "params.yaml", preset="toy",
+                         overrides={**VARIANTS[variant], "seed": seed, "model.path": base, "model.device": "cpu"})
+    engine = build_engine(params)
+    reward = reward_from_params(params)
+    train_prompts, held_out = toy.toy_prompts(params.toy)
+    spent, iteration, began = 0, 0, time.perf_counter()
+    thresholds = [budget * (i + 1) / evals for i in range(evals)]
+    eval_rows = [{"compute": 0, "wall_s": 0.0, **evaluate(engine, held_out, eval_samples)}]
+    train_rows = []
+    while spent < budget:
+        prompts = iteration_prompts(train_prompts, params.rollout.prompts_per_iteration, iteration, seed)
+        metrics = run_iteration(engine, prompts, reward, iteration)
+        spent += compute_units(metrics)
+        iteration += 1
+        train_rows.append({"iteration": iteration, "compute": spent, "train_reward": metrics["reward_mean"],
+                           "clip_fraction": metrics["clip_fraction"], "grad_norm": metrics["grad_norm"]})
+        while thresholds and spent >= thresholds[0]:
+            thresholds.pop(0)
+            eval_rows.append({"compute": spent, "wall_s": time.perf_counter() - began,
+                              **evaluate(engine, held_out, eval_samples)})
+    return {"variant": variant, "seed": seed, "iterations": iteration, "evals": eval_rows, "train": train_rows,
+            "wall_s": time.perf_counter() - began}
+
+
+def gradient_spread(base: str, seed: int = 0) -> dict:
+    """Policy-gradient norm at each candidate step k of the base model, raw and as each rectification
+    mode weights it (the weight is a per-item factor, so the weighted norm is raw x weight)."""
+    import torch
+
+    from flash_grpo_core import toy
+    from flash_grpo_core.config import load_params
+    from flash_grpo_core.iteration import build_engine, encode, generate
+    from flash_grpo_core.loss import ppo_clip_loss
+    from flash_grpo_core.rectify import rectification_factors
+    from flash_grpo_core.sampler import PassCounter
+    from flash_grpo_core.trainer import StepContext, score_items
+
+    params = load_params(ROOT / "params.yaml", preset="toy",
+                         overrides={"seed": seed, "model.path": base, "model.device": "cpu"})
+    engine = build_engine(params)
+    r = params.rollout
+    prompts = toy.toy_prompts(params.toy)[0][: r.prompts_per_iteration]
+    advantages = torch.tensor([1.0, -1.0] * (len(prompts) * r.group_size // 2))  # fixed signal, zero group mean
+    raw = []
+    for k in range(r.num_candidates):
+        steps = torch.full((len(prompts), r.group_size, 1), k, dtype=torch.long)
+        batch, _ = generate(engine, prompts, 0, PassCounter(), train_steps=steps)
+        cond, uncond = encode(engine, prompts)
+        ctx = StepContext(batch, advantages, cond, uncond, engine.sigmas.float(), engine.scales.float(), r.guidance)
+        step, old = score_items(engine.policy, ctx, torch.arange(batch.num_samples), PassCounter())
+        loss = ppo_clip_loss(step.log_prob, old, advantages, torch.ones_like(advantages), params.train.clip_range)
+        grads = torch.autograd.grad(loss, list(engine.policy.parameters.values()))
+        raw.append(float(torch.sqrt(sum(g.pow(2).sum() for g in grads))))
+    result = {"steps": list(range(r.num_candidates)), "sigmas": engine.sigmas[: r.num_candidates].tolist()}
+    for mode in ("none", "exact", "flow_grpo"):
+        factors = rectification_factors(engine.sigmas, mode, r.noise, r.noise_level)[: r.num_candidates]
+        if mode == "exact":
+            factors = factors / factors.mean()
+        norms = [n * float(f) for n, f in zip(raw, factors)]
+        result[mode] = {"norms": norms, "max_over_min": max(norms) / min(norms)}
+    return result
+
+
+def pretrained_base(quick: bool, out: Path, steps: int) -> str:
+    """The base model directory: the DVC-cached `pretrain` stage, or a short one for --quick."""
+    from flash_grpo_core.workspace import tool_env
+
+    if quick:
+        base = out / f"base-quick-{steps}"
+        if not (base / "transformer.safetensors").is_file():
+            subprocess.run([sys.executable, "-m", "stages.pretrain", "--out", str(base), "--steps", str(steps)],
+                           cwd=ROOT, env=tool_env(), check=True)
+        return str(base)
+    dvc = str(Path(sys.executable).parent / "dvc")
+    subprocess.run([dvc, "repro", "bench/toy/dvc.yaml"], cwd=ROOT, env=tool_env(), check=True)
+    return str(ROOT / "runs" / "toy" / "pretrain")
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Per variant: held-out reward at each eval point (mean, std over seeds), final components,
+    clip fraction, and hacking flags (a component falling by > 0.02 while the total rises)."""
+    summary = {}
+    for variant in dict.fromkeys(run["variant"] for run in runs):
+        mine = [run for run in runs if run["variant"] == variant]
+        points = min(len(run["evals"]) for run in mine)
+        curve = []
+        for i in range(points):
+            values = [run["evals"][i]["reward"] for run in mine]
+            curve.append({"compute": statistics.mean(run["evals"][i]["compute"] for run in mine),
+                          "mean": statistics.mean(values), "std": statistics.pstdev(values)})
+        delta = {key: statistics.mean(run["evals"][-1][key] - run["evals"][0][key] for run in mine)
+                 for key in ("reward", *COMPONENTS)}
+        finals = [run["evals"][-1]["reward"] for run in mine]
+        summary[variant] = {
+            "seeds": len(mine), "iterations": statistics.mean(run["iterations"] for run in mine),
+            "wall_s": statistics.mean(run["wall_s"] for run in mine), "curve": curve,
+            "base_reward": curve[0]["mean"], "final_reward": statistics.mean(finals),
+            "final_reward_std": statistics.pstdev(finals), "delta": delta,
+            "clip_fraction": statistics.mean(row["clip_fraction"] for run in mine for row in run["train"]),
+            "hacking": [c for c in COMPONENTS if delta["reward"] > 0 and delta[c] < -0.02],
+        }
+    return summary
+
+
+def write_outputs(out: Path, runs: list[dict], summary: dict, spread: dict, config: dict) -> str:
+    """runs.csv (training), evals.csv (held-out), summary.json, alignment.png, alignment.md."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "evals.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["variant", "seed", "compute", "wall_s", "reward", *COMPONENTS])
+        for run in runs:
+            for row in run["evals"]:
+                writer.writerow([run["variant"], run["seed"], row["compute"], round(row["wall_s"], 2),
+                                 *(round(row[k], 5) for k in ("reward", *COMPONENTS))])
+    with open(out / "runs.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["variant", "seed", "iteration", "compute", "train_reward", "clip_fraction", "grad_norm"])
+        for run in runs:
+            for row in run["train"]:
+                writer.writerow([run["variant"], run["seed"], *(row[k] for k in ("iteration", "compute")),
+                                 *(round(row[k], 6) for k in ("train_reward", "clip_fraction", "grad_norm"))])
+    (out / "summary.json").write_text(json.dumps({"config": config, "variants": summary,
+                                                  "gradient_spread": spread}, indent=2) + "\n")
+    _plot(out / "alignment.png", summary)
+    table = _markdown(summary, spread, config)
+    (out / "alignment.md").write_text(table)
+    return table
+
+
+def _plot(path: Path, summary: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for variant, data in summary.items():
+        xs = [p["compute"] / 1000 for p in data["curve"]]
+        means, stds = [p["mean"] for p in data["curve"]], [p["std"] for p in data["curve"]]
+        axis.plot(xs, means, marker="o", markersize=3, label=variant)
+        axis.fill_between(xs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)], alpha=0.15)
+    axis.set_xlabel("compute (thousand transformer forward-pass equivalents)")
+    axis.set_ylabel("held-out reward (toy_following)")
+    axis.set_title("Alignment at equal compute (mean and spread over seeds)")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def _markdown(summary: dict, spread: dict, config: dict) -> str:
+    lines = [f"# Alignment benchmark ({'quick' if config['quick'] else 'full'} run)", "",
+             f"Budget {config['budget']} forward-pass equivalents per run, {config['seeds']} seed(s), "
+             f"held-out reward on {config['eval_samples']} samples per held-out prompt.", "",
+             "| variant | iterations | base | final (mean ± std) | Δ reward | Δ color | Δ single | Δ motion | clip frac | wall s | hacking |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for variant, d in summary.items():
+        lines.append(f"| {variant} | {d['iterations']:.0f} | {d['base_reward']:.3f} | {d['final_reward']:.3f} ± "
+                     f"{d['final_reward_std']:.3f} | {d['delta']['reward']:+.3f} | {d['delta']['color']:+.3f} | "
+                     f"{d['delta']['single']:+.3f} | {d['delta']['motion']:+.3f} | {d['clip_fraction']:.3f} | "
+                     f"{d['wall_s']:.0f} | {', '.join(d['hacking']) or '-'} |")
+    lines += ["", "Gradient-norm spread across the K candidate timesteps (max / min of the policy-gradient norm",
+              "at each timestep on the base model):", "",
+              "| rectification | max / min |", "| --- | ---: |"]
+    lines += [f"| {mode} | {spread[mode]['max_over_min']:.2f} |" for mode in ("none", "flow_grpo", "exact")]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--seeds", type=int, default=None)
+    parser.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS))
+    parser.add_argument("--iterations", type=int, default=None, help="the budget, in flash iterations")
+    parser.add_argument("--evals", type=int, default=None, help="held-out evaluations per run")
+    parser.add_argument("--eval-samples", type=int, default=None, help="samples per held-out prompt")
+    parser.add_argument("--pretrain-steps", type=int, default=300, help="--quick: steps of its own short base")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    quick = args.quick
+    out = Path(args.out or ROOT / "bench" / "results" / ("alignment-quick" if quick else "alignment"))
+    seeds = args.seeds or (1 if quick else 3)
+    variants = args.variants or (["flash", "full"] if quick else list(VARIANTS))
+    flash_iterations = args.iterations or (6 if quick else 40)
+    config = {"quick": quick, "seeds": seeds, "variants": variants,
+              "budget": flash_iterations * flash_iteration_cost(),
+              "evals": args.evals or (3 if quick else 6), "eval_samples": args.eval_samples or (4 if quick else 8)}
+    base = pretrained_base(quick, out, args.pretrain_steps)
+    runs = []
+    for variant in variants:
+        for seed in range(seeds):
+            run = train_variant(variant, seed, base, config["budget"], config["evals"], config["eval_samples"])
+            print(f"{variant} seed {seed}: {run['iterations']} iterations, held-out reward "
+                  f"{run['evals'][0]['reward']:.3f} -> {run['evals'][-1]['reward']:.3f} ({run['wall_s']:.0f} s)",
+                  flush=True)
+            runs.append(run)
+    spread = gradient_spread(base)
+    print(write_outputs(out, runs, summarise(runs), spread, config))
+
+
+if __name__ == "__main__":
+    main()

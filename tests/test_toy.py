@@ -1,0 +1,106 @@
+"""The alignment benchmark's toy task: data, reward, pixel-space model."""
+
+import math
+
+import pytest
+import torch
+
+from flash_grpo_core import toy
+from flash_grpo_core.config import ToyConfig
+from flash_grpo_core.models import to_uint8_video
+
+CFG = ToyConfig()
+
+
+def test_prompts_split_holds_out_the_configured_combinations():
+    train, held_out = toy.toy_prompts(CFG)
+    assert len(train) + len(held_out) == len(CFG.colors) * len(CFG.directions)
+    assert "a red square moving up" in held_out and "a red square moving up" not in train
+    assert not set(train) & set(held_out)
+
+
+def test_clips_follow_their_prompt():
+    clips = toy.make_clips(["a green square moving right", "a blue square moving up"], CFG,
+                           torch.Generator().manual_seed(0))
+    assert clips.shape == (2, 3, 8, 16, 16) and clips.min() == -1 and clips.max() == 1
+    green = (clips[0, 1] > 0) & (clips[0, 0] < 0)  # [F, H, W]: green channel on, red off
+    assert torch.all(green.sum(dim=(1, 2)) == 16)  # one 4x4 square in every frame
+    first, last = (torch.nonzero(green[f])[:, 1].float().mean() for f in (0, 7))
+    assert last - first == 7  # one pixel per frame to the right
+    blue = clips[1, 2] > 0
+    top_first, top_last = (torch.nonzero(blue[f])[:, 0].min() for f in (0, 7))
+    assert top_first - top_last == 7  # moving up
+
+
+def test_reward_on_hand_made_videos():
+    reward = toy.ToyFollowingReward(square=4, speed=1)
+    prompts = ["a red square moving left"] * 3
+    perfect = to_uint8_video(toy.make_clips(prompts[:1], CFG, torch.Generator().manual_seed(1)))
+    out = reward(perfect, prompts[:1])
+    assert out.scores.item() == pytest.approx(1.0) and out.info["motion"].item() == pytest.approx(1.0)
+    static = perfect.clone()
+    static[:] = perfect[:, :1]  # the first frame held: colour and shape right, no motion
+    # motion: velocity 0 against (0, -1): exp(-1) = 0.368
+    assert reward(static, prompts[:1]).info["motion"].item() == pytest.approx(math.exp(-1), abs=1e-6)
+    wrong_colour = perfect.clone()
+    wrong_colour[..., 0], wrong_colour[..., 2] = perfect[..., 2], perfect[..., 0]  # red -> blue
+    # colour distance |(0,0,255) - (255,0,0)| = 255 sqrt(2), normalised by 255 sqrt(3): 1 - sqrt(2/3)
+    assert reward(wrong_colour, prompts[:1]).info["color"].item() == pytest.approx(1 - math.sqrt(2 / 3), abs=1e-5)
+    blank = torch.zeros_like(perfect)
+    assert reward(blank, prompts[:1]).scores.item() == 0.0
+
+
+def test_reward_penalises_a_large_blob():
+    reward = toy.ToyFollowingReward(square=4, speed=1)
+    big = torch.zeros(1, 8, 16, 16, 3, dtype=torch.uint8)
+    big[:, :, 2:12, 2:12, 0] = 255  # a 10x10 red blob: colour right, size wrong
+    out = reward(big, ["a red square moving left"])
+    assert out.info["color"].item() == pytest.approx(1.0)
+    assert out.info["single"].item() < 0.05  # exp(-|100 - 16| / 16) = 0.005
+
+
+def test_toy_stack_is_seeded_and_in_pixel_space():
+    a, b = toy.build_toy_stack(CFG), toy.build_toy_stack(CFG)
+    assert a.vae is None and a.latent_shape(8, 16, 16) == (3, 8, 16, 16)
+    assert all(torch.equal(p, q) for p, q in zip(a.transformer.parameters(), b.transformer.parameters()))
+
+
+def test_pretraining_lowers_the_loss_and_roundtrips(tmp_path):
+    stack = toy.build_toy_stack(CFG)
+    losses = toy.pretrain(stack, ToyConfig(pretrain_batch=8), steps=30)
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+    toy.save_base(stack, tmp_path, {"steps": 30})
+    loaded = toy.build_toy_stack(CFG)
+    toy.load_base(loaded, tmp_path)
+    assert all(torch.equal(p, q) for p, q in zip(stack.transformer.parameters(), loaded.transformer.parameters()))
+    from flash_grpo_core.models import ModelPathError
+
+    with pytest.raises(ModelPathError, match="dvc repro bench/toy/dvc.yaml"):
+        toy.load_base(loaded, tmp_path / "missing")
+
+
+@pytest.mark.slow
+def test_alignment_benchmark_quick_runs_end_to_end(tmp_path):
+    import csv
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from flash_grpo_core.workspace import tool_env
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "bench/alignment.py", "--quick", "--pretrain-steps", "60", "--iterations", "3",
+                    "--evals", "1", "--eval-samples", "2", "--out", str(tmp_path)],
+                   cwd=root, env=tool_env(), check=True, capture_output=True, text=True)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary["variants"]) == {"flash", "full"}
+    flash, full = summary["variants"]["flash"], summary["variants"]["full"]
+    assert flash["iterations"] > full["iterations"]  # equal compute: full pays for every step
+    assert all(abs(v["curve"][-1]["compute"] - summary["config"]["budget"]) < summary["config"]["budget"] / 2
+               for v in (flash, full))
+    spread = summary["gradient_spread"]
+    assert spread["exact"]["max_over_min"] < spread["none"]["max_over_min"]  # rectification evens timesteps
+    rows = list(csv.DictReader(open(tmp_path / "evals.csv")))
+    assert {row["variant"] for row in rows} == {"flash", "full"}
+    assert (tmp_path / "alignment.png").stat().st_size > 1000 and "| flash |" in (tmp_path / "alignment.md").read_text()
