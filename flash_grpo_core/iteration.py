@@ -187,15 +187,16 @@ def sample_ode(engine: Engine, prompts: list[str], num_steps: int, guidance: flo
     return decode(engine, batch.final_latents)
 
 
-def reward_from_params(params: Params):
-    """The configured weighted reward; `reward.frame_stride` applies to every component."""
+def reward_from_params(params: Params, scale_guard: bool = False):
+    """The configured weighted reward; `reward.frame_stride` applies to every component. With
+    `scale_guard`, each component's batch mean is checked against its history (see ScaleGuard)."""
     from flash_grpo_core.rewards import build_weighted_reward
 
     if params.preset == "toy":
         import flash_grpo_core.toy  # noqa: F401 - registers the toy task's reward
     options = {name: {"frame_stride": params.reward.frame_stride, **params.reward.options.get(name, {})}
                for name in params.reward.weights}
-    return build_weighted_reward(dict(params.reward.weights), options)
+    return build_weighted_reward(dict(params.reward.weights), options, scale_guard=scale_guard)
 
 
 def score(reward_fn, videos: torch.Tensor, prompts: list[str], batch: RolloutBatch):

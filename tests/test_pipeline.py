@@ -162,8 +162,9 @@ def test_corrupt_shard_fails_the_score_stage_naming_the_file(project, tmp_path):
     shard = broken / "shard-000000.tar"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     result = _run([sys.executable, "-m", "stages.score", "--iteration", "1", "--rollout", str(broken),
-                   "--out", str(tmp_path / "scores.parquet"), "--summary", str(tmp_path / "score.json")],
-                  project, check=False)
+                   "--out", str(tmp_path / "scores.parquet"), "--summary", str(tmp_path / "score.json"),
+                   "--reward-state-in", "runs/tiny/it0/reward_state.json",
+                   "--reward-state-out", str(tmp_path / "state.json")], project, check=False)
     assert result.returncode == 2
     assert "shard-000000.tar" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "scores.parquet").exists()
@@ -176,3 +177,17 @@ def test_malformed_prompt_file_fails_curate_naming_file_and_line(project, tmp_pa
                   project, check=False)
     assert result.returncode == 2 and str(bad) in result.stderr and "line 2" in result.stderr
     assert not (tmp_path / "out" / "train.parquet").exists()
+
+
+def test_reward_on_a_different_scale_than_its_history_fails_the_score_stage(project, tmp_path):
+    history = {"guards": {"brightness": {"name": "brightness", "history": [100.0 + 0.01 * i for i in range(10)]}}}
+    state = tmp_path / "reward_state.json"
+    state.write_text(json.dumps(history))
+    result = _run([sys.executable, "-m", "stages.score", "--iteration", "1",
+                   "--rollout", "runs/tiny/it1/rollout", "--out", str(tmp_path / "scores.parquet"),
+                   "--summary", str(tmp_path / "score.json"), "--reward-state-in", str(state),
+                   "--reward-state-out", str(tmp_path / "state-out.json")], project, check=False)
+    assert result.returncode == 2 and "brightness" in result.stderr, result.stderr
+    assert not (tmp_path / "scores.parquet").exists()
+    carried = json.loads((project / "runs" / "tiny" / "it2" / "reward_state.json").read_text())
+    assert len(carried["guards"]["brightness"]["history"]) == 2  # one batch mean per iteration so far
