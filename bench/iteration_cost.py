@@ -59,13 +59,13 @@ def _params(args, mode):
 
 
 def _engine(args, params):
-    from flash_grpo_core import iteration, models
+    from flash_grpo_core import iteration, random_stacks
 
     if args.arch == "tiny":
         return iteration.build_engine(params)
     device = iteration.resolve_device(params.model.device)
     dtype = iteration.resolve_dtype(params.model.dtype, device)
-    stack = models.build_random_stack(args.arch, seed=params.seed, dtype=dtype, text_len=64, device="cpu")
+    stack = random_stacks.build_random_stack(args.arch, seed=params.seed, dtype=dtype, text_len=64, device="cpu")
     reference = iteration.make_trainable(stack.transformer, params)
     for module in (stack.transformer, stack.text_encoder, stack.vae):
         module.to(device)

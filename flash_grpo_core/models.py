@@ -21,7 +21,6 @@ import html
 import os
 import re
 import shutil
-import string
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -31,7 +30,9 @@ import torch
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
 from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, T5TokenizerFast, UMT5Config, UMT5EncoderModel
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, UMT5Config, UMT5EncoderModel
+
+from flash_grpo_core.tokenizer import build_tokenizer  # noqa: F401 - part of this module's API
 
 # Attention q/k/v/out of self- (attn1) and cross-attention (attn2) and both FFN projections, in
 # diffusers' Wan block naming; peft matches them as name suffixes, so every block is covered.
@@ -42,37 +43,6 @@ DEFAULT_LORA_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "ff
 _REQUIRED_COMPONENTS = ("transformer", "vae", "text_encoder")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
 _TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
-
-# Whole-word pieces of the tiny tokenizer: words common in video prompts. Anything else falls
-# back to single characters.
-_COMMON_WORDS = """
-a an the and or but of in on at to from with without by for as into onto over under above below
-near behind between through across along around up down left right forward backward is are was
-be being it its this that these those there here he she they his her their one two three four
-five many few some all each every other another more most very slowly quickly fast slow gently
-softly suddenly while then after before during camera shot view scene video clip frame close
-closeup wide aerial drone pan tilt zoom tracking static handheld cinematic realistic photorealistic
-animated cartoon style film lighting light dark bright shadow sun sunlight sunset sunrise night
-day morning evening sky cloud clouds rain snow fog wind storm water ocean sea wave waves river
-lake beach sand mountain mountains hill forest tree trees grass flower flowers garden field road
-street city town building house room window door wall floor table chair bed car bus train boat
-ship plane bike man woman person people child children boy girl baby friend family crowd dog
-cat bird birds horse fish cow sheep lion tiger bear rabbit fox wolf elephant monkey duck
-butterfly bee head face eye eyes hand hands arm arms leg legs hair smile walks walking runs
-running jumps jumping flies flying swims swimming dances dancing sits sitting stands standing
-plays playing eats eating drinks drinking holds holding looks looking turns turning moves moving
-falls falling rides riding drives driving rolls rolling spins spinning talks talking laughs
-laughing sleeps sleeping reads reading writes writing cooks cooking red orange yellow green blue
-purple pink brown black white gray grey gold silver colorful small big large tiny huge tall
-short long old young new beautiful happy sad calm busy quiet empty full warm cold hot soft hard
-smooth round square circle ball box cup book phone guitar piano music fire smoke star stars moon
-space planet earth background foreground center top bottom side front back middle high low
-detailed quality resolution motion blur focus depth sharp vivid
-"""
-
-_PAD, _EOS, _UNK = "<pad>", "</s>", "<unk>"
-_METASPACE = "\u2581"  # "▁", SentencePiece's word-start marker
-
 
 @dataclass
 class WanStack:
@@ -123,29 +93,6 @@ class WanStack:
             height // self.vae_scale_spatial,
             width // self.vae_scale_spatial,
         )
-
-
-def build_tokenizer() -> T5TokenizerFast:
-    """A small T5-style Unigram tokenizer built in code: no files, no hub.
-
-    Ids 0/1/2 are `<pad>`/`</s>`/`<unk>` as in T5. Common words are whole pieces; every printable
-    ASCII character exists both word-initial ("▁x") and word-internal ("x"), so any ASCII prompt
-    tokenises without `<unk>` (other characters map to `<unk>`).
-    """
-    # Unigram picks the segmentation with the highest summed score: whole words (-5) beat their
-    # spelling (-10 per character), so characters are only the fallback.
-    vocab: dict[str, float] = {_PAD: 0.0, _EOS: 0.0, _UNK: 0.0}
-    for word in _COMMON_WORDS.split():
-        vocab.setdefault(_METASPACE + word, -5.0)
-    vocab.setdefault(_METASPACE, -12.0)  # a word that starts with a character outside ASCII
-    for char in sorted(set(string.printable) - set(string.whitespace)):
-        vocab.setdefault(_METASPACE + char, -10.0)
-        vocab.setdefault(char, -10.0)
-    # In transformers 5, T5TokenizerFast is an alias of T5Tokenizer, a tokenizers-backed class
-    # whose `vocab=[(piece, score), ...]` builds the Unigram model, the WhitespaceSplit +
-    # Metaspace pre-tokenizer, the Metaspace decoder and the "append </s>" post-processor itself.
-    # extra_ids=0: the 100 <extra_id_*> sentinels are only for span-corruption pre-training.
-    return T5TokenizerFast(vocab=list(vocab.items()), pad_token=_PAD, eos_token=_EOS, unk_token=_UNK, extra_ids=0)
 
 
 def build_tiny_stack(seed: int = 0, dtype: torch.dtype = torch.float32, text_len: int = 16) -> WanStack:
@@ -205,39 +152,6 @@ def _small_text_encoder(tokenizer: PreTrainedTokenizerBase, d_model: int) -> UMT
         decoder_start_token_id=tokenizer.pad_token_id,
     )
     return UMT5EncoderModel(config)
-
-
-# Wan 2.1 T2V transformer configurations (Diffusers format); the VAE's defaults are Wan 2.1's VAE.
-WAN_TRANSFORMER_CONFIGS = {
-    "wan1.3b": {"num_attention_heads": 12, "attention_head_dim": 128, "ffn_dim": 8960, "num_layers": 30},
-    "wan14b": {"num_attention_heads": 40, "attention_head_dim": 128, "ffn_dim": 13824, "num_layers": 40},
-}
-_WAN_SHARED_CONFIG = {
-    "patch_size": (1, 2, 2), "in_channels": 16, "out_channels": 16, "text_dim": 4096, "freq_dim": 256,
-    "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads", "eps": 1e-6, "rope_max_seq_len": 1024,
-}
-
-
-def build_random_stack(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32, text_len: int = 512,
-                       device: torch.device | str = "cpu") -> WanStack:
-    """Wan 2.1's real transformer and VAE architectures with random weights, built on `device`.
-
-    For measuring compute and memory without the weights. The 6.7B UMT5-XXL encoder is replaced by
-    a small random encoder of the same output width (4096): it runs once per prompt and does not
-    change what a training step costs.
-    """
-    if arch not in WAN_TRANSFORMER_CONFIGS:
-        raise ValueError(f"unknown architecture {arch!r}; expected one of {sorted(WAN_TRANSFORMER_CONFIGS)}")
-    tokenizer = build_tokenizer()
-    with torch.random.fork_rng(devices=[]), torch.device(device):
-        torch.manual_seed(seed)
-        transformer = WanTransformer3DModel(**_WAN_SHARED_CONFIG, **WAN_TRANSFORMER_CONFIGS[arch])
-        vae = AutoencoderKLWan()
-        text_encoder = _small_text_encoder(tokenizer, d_model=_WAN_SHARED_CONFIG["text_dim"])
-    _cast_like_from_pretrained(transformer, dtype)
-    stack = WanStack(transformer, vae, text_encoder.to(dtype), tokenizer, text_len)
-    _freeze(stack)
-    return stack
 
 
 def _cast_like_from_pretrained(transformer: WanTransformer3DModel, dtype: torch.dtype) -> None:

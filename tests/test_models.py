@@ -362,3 +362,13 @@ def test_enable_full_finetune_makes_every_transformer_weight_trainable():
     names = {name for name, _ in stack.transformer.named_parameters()}
     assert set(trainable_parameters(stack.transformer)) == names
     assert trainable_parameters(stack.text_encoder) == {}
+
+
+@pytest.mark.parametrize("arch,billions", [("wan1.3b", 1.419), ("wan14b", 14.288)])
+def test_random_wan_architectures_have_the_released_sizes(arch, billions):
+    from flash_grpo_core.random_stacks import build_random_stack
+
+    stack = build_random_stack(arch, device="meta")  # shapes only: no memory, no time
+    params = sum(p.numel() for p in stack.transformer.parameters())
+    assert params / 1e9 == pytest.approx(billions, abs=0.001)
+    assert stack.latent_shape(81, 480, 832) == (16, 21, 60, 104)
