@@ -54,7 +54,6 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from flash_grpo_core.sampler import RolloutBatch
 
 FORMAT = "flash-grpo-rollout/1"
 INDEX_NAME = "shards.json"
@@ -196,83 +195,7 @@ def _parse_meta(raw, where: str) -> dict:
     return meta
 
 
-def records_from_batch(batch: RolloutBatch, videos: torch.Tensor, prompts: list[str], prompt_ids: list[str],
-                       iteration: int, seed: int, group_size: int) -> list[RolloutRecord]:
-    """Split one iteration's rollouts (S samples) and decoded videos [S, F', H', W', 3] into records.
-
-    Sample s belongs to prompt `batch.prompt_index[s]` (an index into `prompts` / `prompt_ids`) and
-    is member s % G of its group; the G consecutive samples of a group must share a prompt.
-    `batch.final_latents` and `batch.counters` are not part of a record.
-    """
-    total = batch.num_samples
-    if group_size < 1 or total % group_size:
-        raise ShardError(f"{total} samples do not form whole groups of {group_size}")
-    if videos.shape[0] != total:
-        raise ShardError(f"videos hold {videos.shape[0]} samples, the batch {total}")
-    if len(prompts) != len(prompt_ids):
-        raise ShardError(f"{len(prompts)} prompts but {len(prompt_ids)} prompt ids")
-    prompt_index = batch.prompt_index.tolist()  # [S]
-    for s, p in enumerate(prompt_index):
-        if not 0 <= p < len(prompts):
-            raise ShardError(f"sample {s}: prompt index {p} outside the {len(prompts)} prompts")
-        if p != prompt_index[s - s % group_size]:
-            raise ShardError(f"sample {s}: group {s // group_size} mixes prompts "
-                             f"{prompt_index[s - s % group_size]} and {p}")
-    prompt_width, group_width = max(6, len(str(len(prompts) - 1))), max(2, len(str(group_size - 1)))
-    records = []
-    for s, p in enumerate(prompt_index):
-        g = s % group_size
-        records.append(RolloutRecord(
-            key=f"it{iteration:04d}-p{p:0{prompt_width}d}-g{g:0{group_width}d}", prompt_id=prompt_ids[p],
-            prompt=prompts[p], prompt_index=p, group_index=g, iteration=iteration, seed=seed,
-            # clone: a record owns its tensors rather than keeping the whole batch alive
-            steps=batch.steps[s].clone(), latents=batch.latents[s].clone(), next_latents=batch.next_latents[s].clone(),
-            log_probs=batch.log_probs[s].clone(), video=videos[s].clone()))
-    _check_unique_keys(records)
-    return records
-
-
-def batch_from_records(records: Sequence[RolloutRecord]) -> tuple[RolloutBatch, torch.Tensor, list[str], list[str]]:
-    """Stack records (in the given order) back into (RolloutBatch, videos [S, F', H', W', 3], prompts, prompt_ids).
-
-    Prompts are numbered in first-seen order of their (iteration, prompt_index), and
-    `batch.prompt_index` indexes the returned `prompts` / `prompt_ids`. `final_latents` is not stored
-    in records: it comes back as an empty tensor of shape [S, 0]; `counters` comes back empty.
-    """
-    if not records:
-        raise ShardError("no records to build a batch from")
-    first = records[0]
-    slots: dict[tuple[int, int], int] = {}
-    prompts, prompt_ids, prompt_index = [], [], []
-    for record in records:
-        _check_same_layout(first, record)
-        slot = slots.setdefault((record.iteration, record.prompt_index), len(slots))
-        if slot == len(prompts):
-            prompts.append(record.prompt)
-            prompt_ids.append(record.prompt_id)
-        elif (prompts[slot], prompt_ids[slot]) != (record.prompt, record.prompt_id):
-            raise ShardError(f"record {record.key!r}: prompt index {record.prompt_index} of iteration "
-                             f"{record.iteration} names two different prompts")
-        prompt_index.append(slot)
-
-    def stack(name: str) -> torch.Tensor:
-        return torch.stack([getattr(record, name) for record in records])
-
-    batch = RolloutBatch(prompt_index=torch.tensor(prompt_index, dtype=torch.long), steps=stack("steps"),
-                         latents=stack("latents"), next_latents=stack("next_latents"), log_probs=stack("log_probs"),
-                         final_latents=torch.empty(len(records), 0, dtype=first.latents.dtype))
-    return batch, stack("video"), prompts, prompt_ids
-
-
-def _check_same_layout(first: RolloutRecord, record: RolloutRecord) -> None:
-    for name in TENSOR_FIELDS:
-        a, b = getattr(first, name), getattr(record, name)
-        if a.shape != b.shape or a.dtype != b.dtype:
-            raise ShardError(f"record {record.key!r}: field {name!r}: {b.dtype} {list(b.shape)} differs from record "
-                             f"{first.key!r}'s {a.dtype} {list(a.shape)}; records of one batch must match")
-
-
-def _check_unique_keys(records: Sequence[RolloutRecord]) -> None:
+def check_unique_keys(records: Sequence[RolloutRecord]) -> None:
     seen: set[str] = set()
     for record in records:
         if record.key in seen:
@@ -316,7 +239,7 @@ def write_shards(records: Iterable[RolloutRecord], out_dir: str | os.PathLike, g
         raise ShardError(f"groups_per_shard must be >= 1, got {groups_per_shard}")
     shard_name = _shard_name_pattern(pattern)
     ordered = sorted(records, key=lambda record: record.key)
-    _check_unique_keys(ordered)
+    check_unique_keys(ordered)
     groups = list(iter_groups(ordered, group_size))  # validates before anything touches the disk
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -433,7 +356,7 @@ def read_shards(out_dir: str | os.PathLike) -> list[RolloutRecord]:
             raise ShardError(f"shard {path}: holds {len(shard_records)} records, {INDEX_NAME} says {entry['records']}")
         records.extend(shard_records)
     records.sort(key=lambda record: record.key)
-    _check_unique_keys(records)
+    check_unique_keys(records)
     return records
 
 

@@ -22,9 +22,11 @@ import torch
 
 from flash_grpo_core.config import ToyConfig
 from flash_grpo_core.rewards.base import RewardOutput, check_videos, register
+from flash_grpo_core.rewards.offline import COLORS
 
-PALETTE = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0),
-           "magenta": (255, 0, 255), "cyan": (0, 255, 255), "white": (255, 255, 255)}
+# The toy's colours, 0..255, taken from the colour-matching reward's table (0..1).
+PALETTE = {name: tuple(round(255 * c) for c in COLORS[name])
+           for name in ("red", "green", "blue", "yellow", "magenta", "cyan", "white")}
 DIRECTIONS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}  # (dy, dx) per frame
 
 

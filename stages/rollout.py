@@ -28,7 +28,8 @@ def main(argv=None) -> int:
         from flash_grpo_core.iteration import generate, iteration_prompts
         from flash_grpo_core.prompts import read_prompts_parquet
         from flash_grpo_core.sampler import PassCounter
-        from flash_grpo_core.shards import records_from_batch, write_shards
+        from flash_grpo_core.rollout_records import records_from_batch
+        from flash_grpo_core.shards import write_shards
 
         params = _common.load_params(args.params)
         r = params.rollout

@@ -33,7 +33,8 @@ def main(argv=None) -> int:
         from flash_grpo_core.atomic import write_json
         from flash_grpo_core.iteration import advantages_for, reward_from_params, score
         from flash_grpo_core.scores import write_scores
-        from flash_grpo_core.shards import batch_from_records, read_shards
+        from flash_grpo_core.rollout_records import batch_from_records
+        from flash_grpo_core.shards import read_shards
 
         params = _common.load_params(args.params)
         records = read_shards(args.rollout)

@@ -32,7 +32,8 @@ def main(argv=None) -> int:
         from flash_grpo_core.iteration import update
         from flash_grpo_core.sampler import PassCounter
         from flash_grpo_core.scores import read_advantages
-        from flash_grpo_core.shards import batch_from_records, read_shards
+        from flash_grpo_core.rollout_records import batch_from_records
+        from flash_grpo_core.shards import read_shards
 
         params = _common.load_params(args.params)
         timings, counter = {}, PassCounter()

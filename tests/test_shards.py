@@ -11,9 +11,9 @@ import webdataset as wds
 from safetensors.torch import save as save_safetensors
 
 from flash_grpo_core.sampler import RolloutBatch
+from flash_grpo_core.rollout_records import batch_from_records, records_from_batch
 from flash_grpo_core.shards import (
-    INDEX_NAME, RolloutRecord, ShardError, batch_from_records, iter_groups, read_shards, records_from_batch,
-    shard_paths, write_shards,
+    INDEX_NAME, RolloutRecord, ShardError, iter_groups, read_shards, shard_paths, write_shards,
 )
 
 PROMPTS, GROUP, STEPS = 3, 2, 2  # B prompts x G samples = S = 6 samples, T = 2 trained steps each
