@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from flash_grpo_core.atomic import atomic_directory
 from flash_grpo_core.trainer import Policy
 
 FILES = ("trainable.safetensors", "ema.safetensors", "optimizer.safetensors", "state.json")
@@ -43,24 +42,13 @@ def _optimizer_tensors(policy: Policy) -> dict[str, torch.Tensor]:
 def save_checkpoint(policy: Policy, directory: str | os.PathLike, meta: dict) -> Path:
     """Write the checkpoint atomically; returns its path."""
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with atomic_directory(directory) as staging:
         weights = {k: v.detach().float().cpu().contiguous() for k, v in policy.parameters.items()}
         save_file(weights, staging / "trainable.safetensors")
         save_file({k: v.contiguous() for k, v in policy.ema.shadow.items()}, staging / "ema.safetensors")
         save_file(_optimizer_tensors(policy), staging / "optimizer.safetensors")
         state = {"ema_steps": policy.ema.steps, "parameters": sorted(policy.parameters), **meta}
         (staging / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
-        for file in staging.iterdir():  # mkdtemp and safetensors create owner-only files
-            file.chmod(0o644)
-        staging.chmod(0o755)
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return directory
 
 

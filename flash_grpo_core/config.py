@@ -186,14 +186,43 @@ class PipelineConfig:
     # {iteration: previous iteration} for 1..N, for dvc.yaml's foreach (DVC cannot count), so stages
     # are named update@1, update@2, ... `python -m stages.iterations N` sets it with `iterations`.
     loop: dict[str, int] = field(default_factory=dict)
+    # Checkpoints the `eval_checkpoint` stage evaluates: the base (0), every `eval_every`-th
+    # iteration (0: none between) and the last, for metrics over iterations (`dvc plots`).
+    # `eval_at` spells them out for dvc.yaml's foreach; `python -m stages.iterations N` sets it.
+    eval_every: int = 0
+    eval_at: tuple[int, ...] = ()
 
     def __post_init__(self):
         _check(self.groups_per_shard >= 1, "pipeline.groups_per_shard must be >= 1")
+        _check(self.eval_every >= 0, f"pipeline.eval_every must be >= 0, got {self.eval_every}")
 
 
 def dvc_loop(iterations: int) -> dict[str, int]:
     """The `pipeline.loop` mapping for `iterations` iterations: {"1": 0, "2": 1, ...}."""
     return {str(it): it - 1 for it in range(1, iterations + 1)}
+
+
+def eval_points(iterations: int, every: int) -> tuple[int, ...]:
+    """The evaluated checkpoints: 0 (the base), every `every`-th iteration, and the last."""
+    between = range(every, iterations, every) if every else ()
+    return (0, *between, iterations)
+
+
+def dvc_layout(iterations: int, eval_every: int) -> dict:
+    """The `pipeline` keys that spell out the iterations for dvc.yaml: `loop` and `eval_at`."""
+    return {"loop": dvc_loop(iterations), "eval_at": list(eval_points(iterations, eval_every))}
+
+
+def set_dvc_layout(data, iterations: int) -> None:
+    """Set `iterations` and the pipeline keys spelling them out in a round-trip (ruamel) params mapping."""
+    from ruamel.yaml.comments import CommentedMap, CommentedSeq
+
+    data["iterations"] = iterations
+    pipeline = data.setdefault("pipeline", CommentedMap())
+    for key, value in dvc_layout(iterations, int(pipeline.get("eval_every") or 0)).items():
+        node = CommentedMap(value) if isinstance(value, dict) else CommentedSeq(value)
+        node.fa.set_flow_style()
+        pipeline[key] = node
 
 
 @dataclass(frozen=True)
@@ -264,6 +293,11 @@ class Params:
             _check(self.pipeline.loop == dvc_loop(self.iterations),
                    f"pipeline.loop must map iterations 1..{self.iterations} to their predecessors to match "
                    f"`iterations`; run `python -m stages.iterations {self.iterations}` to rewrite it")
+            expected = eval_points(self.iterations, self.pipeline.eval_every)
+            _check(self.pipeline.eval_at == expected,
+                   f"pipeline.eval_at must be {list(expected)} for {self.iterations} iterations with "
+                   f"pipeline.eval_every {self.pipeline.eval_every}, got {list(self.pipeline.eval_at)}; "
+                   f"run `python -m stages.iterations {self.iterations}` to rewrite it")
         if self.preset != "toy":  # the toy model works in pixel space, without Wan's VAE
             r = self.rollout
             _check((r.frames - 1) % 4 == 0, f"rollout.frames - 1 must be divisible by 4 (Wan's VAE), got {r.frames}")

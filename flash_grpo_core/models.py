@@ -20,8 +20,6 @@ import contextlib
 import html
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +30,7 @@ from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, UMT5Config, UMT5EncoderModel
 
+from flash_grpo_core.atomic import atomic_directory
 from flash_grpo_core.tokenizer import build_tokenizer  # noqa: F401 - part of this module's API
 
 # Attention q/k/v/out of self- (attn1) and cross-attention (attn2) and both FFN projections, in
@@ -185,20 +184,8 @@ def save_stack(stack: WanStack, path: str | os.PathLike) -> None:
         scheduler=scheduler,
         transformer=stack.transformer,
     )
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with atomic_directory(target) as staging:
         pipeline.save_pretrained(staging)
-        if target.exists():
-            # A directory cannot be renamed over a non-empty one: move the old one aside first.
-            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, retired / target.name)
-            os.replace(staging, target)
-            shutil.rmtree(retired)
-        else:
-            os.replace(staging, target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
 
 
 class ModelPathError(FileNotFoundError):

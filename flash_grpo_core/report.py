@@ -195,6 +195,18 @@ def curves_html(history: list[dict], keys=CURVES) -> str:
                      f'src="{curve_png(history, key)}">' for key in present)
 
 
+def eval_curves_html(curves: dict[str, list[dict]] | None) -> str:
+    """The held-out metrics of the evaluated checkpoints over iterations, one plot per metric."""
+    if not curves:
+        return ""
+    rows: dict[int, dict] = {}
+    for name, points in curves.items():
+        for point in points:
+            rows.setdefault(point["iteration"], {"iteration": point["iteration"]})[name] = point["value"]
+    return ('<h2>Held-out metrics over iterations</h2>\n'
+            f'<div class="plots">{curves_html([rows[k] for k in sorted(rows)], keys=tuple(curves))}</div>')
+
+
 # ---------------------------------------------------------------------------------------------
 # Samples and the page
 
@@ -258,12 +270,14 @@ for (const img of document.querySelectorAll("img")) {
 
 
 def write_report(out_dir: str | os.PathLike, metrics_base: dict, metrics_trained: dict, history: list[dict],
-                 samples: list[dict], title: str = "Flash-GRPO evaluation", fps: int = 8) -> Path:
+                 samples: list[dict], title: str = "Flash-GRPO evaluation", fps: int = 8,
+                 eval_curves: dict[str, list[dict]] | None = None) -> Path:
     """Write ``out_dir/report.html`` and the sample videos beside it; return the page's path.
 
     metrics_base / metrics_trained: {name: float | evaluate_videos entry}; history: one dict per
     iteration (``iteration`` plus numeric metrics); samples: dicts with ``prompt_id``, ``prompt``
-    and uint8 videos ``base`` / ``trained`` [F, H, W, 3].
+    and uint8 videos ``base`` / ``trained`` [F, H, W, 3]; eval_curves: {metric: [{"iteration",
+    "value"}]} of the evaluated checkpoints (a section of its own when given).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -280,6 +294,7 @@ def write_report(out_dir: str | os.PathLike, metrics_base: dict, metrics_trained
 {table_html(metric_rows(metrics_base, metrics_trained))}
 <h2>Training curves</h2>
 <div class="plots">{curves_html(history)}</div>
+{eval_curves_html(eval_curves)}
 <h2>Samples (same prompt, same noise)</h2>
 {"".join(sections) or '<p class="note">No samples.</p>'}
 <script>{SCRIPT}</script>

@@ -48,7 +48,7 @@ def _defines(mapping: Any, keys: list[str]) -> bool:
 
 def validate(path: Path, preset: str, iterations: int | None, overrides: dict[str, Any] | None):
     """The typed `Params` this run would use; raises ConfigError naming the bad key."""
-    from flash_grpo_core.config import ConfigError, dvc_loop, params_from_dict, read_yaml
+    from flash_grpo_core.config import ConfigError, dvc_layout, params_from_dict, read_yaml
 
     overrides = _leaves(overrides or {})
     for key in overrides:
@@ -59,8 +59,9 @@ def validate(path: Path, preset: str, iterations: int | None, overrides: dict[st
     if iterations is not None:
         if type(iterations) is not int or iterations < 1:
             raise ConfigError(f"iterations must be an integer >= 1, got {iterations!r}")
-        raw = {**raw, "iterations": iterations, "pipeline": {**(raw.get("pipeline") or {}),
-                                                              "loop": dvc_loop(iterations)}}
+        pipeline = raw.get("pipeline") or {}
+        raw = {**raw, "iterations": iterations,
+               "pipeline": {**pipeline, **dvc_layout(iterations, int(pipeline.get("eval_every") or 0))}}
     try:
         return params_from_dict(raw, preset, overrides)
     except ConfigError as error:
@@ -73,7 +74,7 @@ def write(path: Path, preset: str, iterations: int | None, overrides: dict[str, 
     from ruamel.yaml.comments import CommentedMap
 
     from flash_grpo_core.atomic import atomic_path
-    from flash_grpo_core.config import ConfigError, dvc_loop, load_params
+    from flash_grpo_core.config import ConfigError, load_params, set_dvc_layout
 
     params = validate(path, preset, iterations, overrides)
     yaml = YAML()  # round-trip: comments, quotes and layout stay
@@ -82,10 +83,7 @@ def write(path: Path, preset: str, iterations: int | None, overrides: dict[str, 
                                                                                          "null"))
     data = yaml.load(path.read_text())
     data["preset"] = preset
-    data["iterations"] = params.iterations
-    loop = CommentedMap(dvc_loop(params.iterations))
-    loop.fa.set_flow_style()
-    data.setdefault("pipeline", CommentedMap())["loop"] = loop
+    set_dvc_layout(data, params.iterations)
     for dotted, value in _leaves(overrides or {}).items():
         keys = dotted.split(".")
         scoped = (data.get("presets") or {}).get(preset)

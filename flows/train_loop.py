@@ -1,5 +1,6 @@
 """Prefect flow `train-loop` (SPEC section 7): curate, init, then rollout -> score -> update for each
-iteration, then evaluate, each stage run as `dvc repro <stage>` in the project checkout.
+iteration (each evaluated checkpoint right after its update), then evaluate, each stage run as
+`dvc repro <stage>` in the project checkout.
 
 DVC stays the source of truth for artifacts and caching: a finished stage is skipped (or restored
 from DVC's run cache), never recomputed, so a retried or repeated run resumes at the first
@@ -36,10 +37,15 @@ LOGGED_METRICS = ("reward_mean", "reward_std", "loss", "clip_fraction", "approx_
                   "train_forward_passes", "train_backward_passes", "rollout_seconds", "train_seconds")
 
 
-def stage_names(iterations: int) -> list[str]:
-    """The DVC stages of a run, in the order the flow reproduces them."""
-    loop = [f"{step}@{it}" for it in range(1, iterations + 1) for step in ("rollout", "score", "update")]
-    return ["curate", "init", *loop, "evaluate"]
+def stage_names(iterations: int, eval_at: list[int] | tuple[int, ...] = ()) -> list[str]:
+    """The DVC stages of a run, in the order the flow reproduces them; `eval_at`: the evaluated
+    checkpoints (pipeline.eval_at), each evaluated as soon as it exists."""
+    def evaluated(it: int) -> list[str]:
+        return [f"eval_checkpoint@{it}"] if it in eval_at else []
+
+    loop = [stage for it in range(1, iterations + 1)
+            for stage in (f"rollout@{it}", f"score@{it}", f"update@{it}", *evaluated(it))]
+    return ["curate", "init", *evaluated(0), *loop, "evaluate"]
 
 
 def is_transient(task, task_run, state) -> bool:
@@ -82,7 +88,8 @@ def prepare_params(project: str, preset: str, iterations: int | None, overrides:
     params = params_file.write(path, preset, iterations, overrides)
     get_run_logger().info(f"params.yaml: preset={preset} iterations={params.iterations} "
                           f"overrides={overrides or {}} mode={params.train.mode} device={params.model.device}")
-    return {"preset": preset, "iterations": params.iterations, "root": params.pipeline.root}
+    return {"preset": preset, "iterations": params.iterations, "root": params.pipeline.root,
+            "eval_at": list(params.pipeline.eval_at)}
 
 
 @task(name="dvc-repro", task_run_name="{stage}", retries=STAGE_RETRIES, retry_delay_seconds=STAGE_RETRY_DELAYS,
@@ -162,7 +169,7 @@ def train_loop(preset: Preset = "tiny",
         run["root"] = str(project / run["root"])
         stages: list[dict] = []
         rows: list[dict] = []
-        for stage in stage_names(run["iterations"]):
+        for stage in stage_names(run["iterations"], run["eval_at"]):
             stages.append(run_stage(stage, str(project)))
             if stage.startswith("update@"):
                 rows.append(log_iteration(logger, run, int(stage.split("@")[1]), stages))

@@ -1,82 +1,127 @@
-"""`evaluate` stage: the final checkpoint against the base model on held-out prompts.
+"""`evaluate` stage: the last checkpoint against the base, metrics over iterations, the HTML report.
 
-    python -m stages.evaluate --prompts runs/prompts/eval.parquet --base runs/tiny/it0/checkpoint \
-        --checkpoint runs/tiny/it2/checkpoint --report runs/tiny/eval/report \
-        --metrics runs/tiny/eval/metrics.json --history runs/tiny/eval/history.json
+    python -m stages.evaluate --points runs/tiny/eval/points --checkpoint runs/tiny/it2/checkpoint \
+        --report runs/tiny/eval/report --metrics runs/tiny/eval/metrics.json \
+        --history runs/tiny/eval/history.json --curves runs/tiny/eval/curves
 
-Both models sample with the deterministic ODE sampler (`eval.num_steps`, `eval.guidance`), the EMA
-weights when `eval.use_ema`, and the same noise per prompt (`eval.seed`). Scores both with the
-training reward(s) and the VBench-style dimensions (`eval.metrics`), writes metrics.json (base,
-trained, delta), the training history for `dvc plots`, and an HTML report with base | trained
-videos for the first `eval.report_samples` prompts.
+Reads what the `eval_checkpoint@k` stages wrote for every evaluated checkpoint k of
+`pipeline.eval_at` (the base 0, every `pipeline.eval_every`-th iteration and the last): no model
+runs here. Writes metrics.json (base, trained = the last checkpoint, delta), one curve per metric
+over the evaluated iterations (curves/<metric>.json, for `dvc plots`), the training history of the
+last checkpoint (history.json), and an HTML report with the metrics table, the curves, and base |
+trained videos of the first `eval.report_samples` prompts.
 """
 
 from __future__ import annotations
 
-import contextlib
+import json
 import sys
+from pathlib import Path
 
 from stages import _common
 
 
 def main(argv=None) -> int:
     parser = _common.parser("evaluate", __doc__.splitlines()[0])
-    parser.add_argument("--prompts", required=True, help="eval.parquet from the curate stage")
-    parser.add_argument("--base", required=True, help="the iteration-0 checkpoint")
-    parser.add_argument("--checkpoint", required=True, help="the checkpoint to evaluate")
+    parser.add_argument("--points", required=True, help="directory of the eval_checkpoint stages' it<k>/ outputs")
+    parser.add_argument("--checkpoint", required=True, help="the last checkpoint (for its training history)")
     parser.add_argument("--report", required=True, help="directory for report.html and its videos")
     parser.add_argument("--metrics", required=True, help="metrics.json to write")
     parser.add_argument("--history", required=True, help="history.json (training curves) to write")
+    parser.add_argument("--curves", required=True, help="directory for one <metric>.json curve per metric")
     args = parser.parse_args(argv)
     return _common.run("evaluate", lambda: evaluate(args))
 
 
-def _sample(engine, texts, params):
-    from flash_grpo_core.iteration import sample_ode
+def read_point(points: Path, iteration: int) -> dict:
+    """An eval_checkpoint stage's metrics.json; FileNotFoundError naming the stage to run if missing."""
+    path = points / f"it{iteration}" / "metrics.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run `dvc repro eval_checkpoint@{iteration}` first")
+    point = json.loads(path.read_text())
+    if point.get("iteration") != iteration:
+        from flash_grpo_core.checkpoint import CheckpointError
 
-    context = engine.policy.ema.applied() if params.eval.use_ema else contextlib.nullcontext()
-    with context:
-        return sample_ode(engine, texts, params.eval.num_steps, params.eval.guidance, params.eval.seed)
+        raise CheckpointError(f"{path} evaluated iteration {point.get('iteration')}, not {iteration}")
+    return point
 
 
-def _score(videos, texts, params) -> dict:
-    """Reward entries and VBench-style dimensions of one model's videos."""
-    from flash_grpo_core.iteration import reward_from_params
-    from flash_grpo_core.metrics import evaluate_videos, reward_entries
+def read_videos(points: Path, iteration: int) -> tuple[list[str], list[str], list]:
+    """(prompt ids, prompts, uint8 videos [F, H, W, 3]) stored for the report at one point."""
+    from safetensors import safe_open
 
-    return {**reward_entries(reward_from_params(params)(videos, texts)),
-            **evaluate_videos(videos, texts, dict(params.eval.metrics))}
+    path = points / f"it{iteration}" / "videos.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run `dvc repro eval_checkpoint@{iteration}` first")
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        videos = handle.get_tensor("videos")
+    return json.loads(metadata["prompt_ids"]), json.loads(metadata["prompts"]), list(videos)
+
+
+def as_entries(point: dict) -> dict:
+    """{name: mean | not-configured entry} of a point, as the report's metrics table takes them."""
+    from flash_grpo_core.metrics import not_configured
+
+    return {**point["metrics"], **{name: not_configured(reason) for name, reason in point["not_configured"].items()}}
+
+
+def curve_file(name: str) -> str:
+    """A metric's curve file name: reward/color -> reward-color.json."""
+    return name.replace("/", "-") + ".json"
+
+
+def curves_from(points: list[dict]) -> dict[str, list[dict]]:
+    """{metric: [{"iteration": k, "value": mean}, ...]} over the points, in iteration order."""
+    curves: dict[str, list[dict]] = {}
+    for point in points:
+        for name, value in point["metrics"].items():
+            curves.setdefault(name, []).append({"iteration": point["iteration"], "value": value})
+    return curves
+
+
+def write_curves(curves: dict[str, list[dict]], directory: str) -> None:
+    from flash_grpo_core.atomic import atomic_directory
+
+    with atomic_directory(directory) as staging:
+        for name, rows in curves.items():
+            (staging / curve_file(name)).write_text(json.dumps(rows, indent=1) + "\n")
 
 
 def evaluate(args) -> dict:
     from flash_grpo_core.atomic import write_json
-    from flash_grpo_core.checkpoint import load_checkpoint
-    from flash_grpo_core.metrics import summary
-    from flash_grpo_core.prompts import read_prompts_parquet
+    from flash_grpo_core.checkpoint import CheckpointError, read_state
+    from flash_grpo_core.config import eval_points
     from flash_grpo_core.report import write_report
 
     params = _common.load_params(args.params)
-    prompts = read_prompts_parquet(args.prompts)[: params.eval.num_prompts]
-    texts = [p.prompt for p in prompts]
-    engine, _ = _common.engine_at(params, args.base)
-    base_videos = _sample(engine, texts, params)
-    state = load_checkpoint(engine.policy, args.checkpoint)
-    trained_videos = _sample(engine, texts, params)
-    base, trained = _score(base_videos, texts, params), _score(trained_videos, texts, params)
-    base_summary, trained_summary = summary(base), summary(trained)
+    iterations = params.pipeline.eval_at or eval_points(params.iterations, params.pipeline.eval_every)
+    state = read_state(args.checkpoint)
+    if state["iteration"] != iterations[-1]:
+        raise CheckpointError(f"{args.checkpoint} holds iteration {state['iteration']}, but the last evaluated "
+                         f"checkpoint is {iterations[-1]}")
+    points_dir = Path(args.points)
+    points = [read_point(points_dir, it) for it in iterations]
+    base, trained = points[0], points[-1]
+    curves = curves_from(points)
+    ids, texts, base_videos = read_videos(points_dir, iterations[0])
+    _, _, trained_videos = read_videos(points_dir, iterations[-1])
+    samples = [{"prompt_id": i, "prompt": t, "base": b.numpy(), "trained": v.numpy()}
+               for i, t, b, v in zip(ids, texts, base_videos, trained_videos)]
     history = state.get("history", [])
-    samples = [{"prompt_id": p.id, "prompt": p.prompt, "base": b, "trained": t}
-               for p, b, t in list(zip(prompts, base_videos, trained_videos))[: params.eval.report_samples]]
-    write_report(args.report, base, trained, history, samples,
-                 title=f"Flash-GRPO evaluation: {params.preset}, iteration {state['iteration']}", fps=params.eval.fps)
-    not_configured = {name: result["reason"] for name, result in base.items() if result["status"] != "ok"}
-    write_json({"iteration": state["iteration"], "prompts": len(prompts), "use_ema": params.eval.use_ema,
-                "num_steps": params.eval.num_steps, "base": base_summary, "trained": trained_summary,
-                "delta": {k: trained_summary[k] - base_summary[k] for k in base_summary if k in trained_summary},
-                "not_configured": not_configured}, args.metrics)
+    write_report(args.report, as_entries(base), as_entries(trained), history, samples,
+                 title=f"Flash-GRPO evaluation: {params.preset}, iteration {state['iteration']}",
+                 fps=params.eval.fps, eval_curves=curves)
+    write_curves(curves, args.curves)
+    common = [name for name in base["metrics"] if name in trained["metrics"]]
+    write_json({"iteration": state["iteration"], "prompts": trained["prompts"], "use_ema": trained["use_ema"],
+                "num_steps": trained["num_steps"], "evaluated": list(iterations),
+                "base": base["metrics"], "trained": trained["metrics"],
+                "delta": {name: trained["metrics"][name] - base["metrics"][name] for name in common},
+                "not_configured": trained["not_configured"]}, args.metrics)
     write_json(history, args.history)
-    return {"iteration": state["iteration"], "prompts": len(prompts),
-            "reward_base": round(base_summary["reward"], 4), "reward_trained": round(trained_summary["reward"], 4)}
+    return {"iteration": state["iteration"], "evaluated": len(points), "prompts": trained["prompts"],
+            "reward_base": round(base["metrics"]["reward"], 4), "reward_trained": round(trained["metrics"]["reward"], 4)}
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
-"""Set the number of training iterations in params.yaml: `iterations` and `pipeline.loop` together.
+"""Set the number of training iterations in params.yaml: `iterations`, `pipeline.loop` and `eval_at`.
 
     python -m stages.iterations 5 [--params params.yaml]
 
-DVC's `foreach` needs the iterations spelled out (it cannot count), so params.yaml keeps both the
-count and the {iteration: previous} mapping; this rewrites both, keeping the file's comments. Raising the count makes `dvc repro`
-run only the new iterations.
+DVC's `foreach` needs the iterations spelled out (it cannot count), so params.yaml keeps the count,
+the {iteration: previous} mapping and the evaluated checkpoints (from `pipeline.eval_every`); this
+rewrites them together, keeping the file's comments. Raising the count makes `dvc repro` run only
+the new iterations (and evaluate the new checkpoints).
 """
 
 from __future__ import annotations
@@ -16,17 +17,13 @@ from pathlib import Path
 
 def set_iterations(path: Path, iterations: int) -> None:
     from ruamel.yaml import YAML
-    from ruamel.yaml.comments import CommentedMap
 
     from flash_grpo_core.atomic import atomic_path
-    from flash_grpo_core.config import dvc_loop, load_params
+    from flash_grpo_core.config import load_params, set_dvc_layout
 
     yaml = YAML()  # round-trip: comments and layout stay
     data = yaml.load(path.read_text())
-    data["iterations"] = iterations
-    loop = CommentedMap(dvc_loop(iterations))
-    loop.fa.set_flow_style()
-    data.setdefault("pipeline", CommentedMap())["loop"] = loop
+    set_dvc_layout(data, iterations)
     with atomic_path(path) as temporary:
         with open(temporary, "w") as handle:
             yaml.dump(data, handle)

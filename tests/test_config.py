@@ -71,6 +71,22 @@ def test_pipeline_loop_must_match_the_iteration_count(tmp_path):
         params_from_dict({"iterations": 3, "pipeline": {"loop": {"1": 0, "2": 1}}})
 
 
+def test_evaluated_checkpoints_are_the_base_every_nth_and_the_last():
+    from flash_grpo_core.config import eval_points
+
+    assert eval_points(5, 0) == (0, 5)
+    assert eval_points(5, 2) == (0, 2, 4, 5)
+    assert eval_points(4, 2) == (0, 2, 4)
+    assert eval_points(1, 1) == (0, 1)
+    loop = {"1": 0, "2": 1, "3": 2}
+    with pytest.raises(ConfigError, match=r"pipeline.eval_at must be \[0, 3\] .*stages.iterations 3"):
+        params_from_dict({"iterations": 3, "pipeline": {"loop": loop, "eval_at": [0, 1, 3]}})
+    with pytest.raises(ConfigError, match="pipeline.eval_every must be >= 0"):
+        params_from_dict({"pipeline": {"eval_every": -1}})
+    assert params_from_dict({"iterations": 3, "pipeline": {"loop": loop, "eval_every": 2,
+                                                           "eval_at": [0, 2, 3]}}).pipeline.eval_at == (0, 2, 3)
+
+
 def test_setting_the_iteration_count_rewrites_both_and_keeps_comments(tmp_path):
     from stages.iterations import set_iterations
 
@@ -79,5 +95,7 @@ def test_setting_the_iteration_count_rewrites_both_and_keeps_comments(tmp_path):
     set_iterations(path, 4)
     params = load_params(path)
     assert params.iterations == 4 and params.pipeline.loop == {"1": 0, "2": 1, "3": 2, "4": 3}
+    assert params.pipeline.eval_at == (0, 1, 2, 3, 4)  # params.yaml's eval_every: 1
     text = path.read_text()
     assert "# Flash-GRPO parameters." in text and "loop: {'1': 0, '2': 1, '3': 2, '4': 3}" in text
+    assert "eval_at: [0, 1, 2, 3, 4]" in text

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-ONE_ITERATION = ["curate", "init", "rollout@1", "score@1", "update@1", "evaluate"]
+ONE_ITERATION = ["curate", "init", "eval_checkpoint@0", "rollout@1", "score@1", "update@1", "eval_checkpoint@1",
+                 "evaluate"]
 
 
 class _FakeProcess:
@@ -129,6 +130,11 @@ def test_stage_order_unrolls_the_loop():
 
     assert stage_names(2) == ["curate", "init", "rollout@1", "score@1", "update@1",
                               "rollout@2", "score@2", "update@2", "evaluate"]
+    assert stage_names(4, (0, 2, 4)) == ["curate", "init", "eval_checkpoint@0",
+                                         "rollout@1", "score@1", "update@1",
+                                         "rollout@2", "score@2", "update@2", "eval_checkpoint@2",
+                                         "rollout@3", "score@3", "update@3",
+                                         "rollout@4", "score@4", "update@4", "eval_checkpoint@4", "evaluate"]
 
 
 def test_repro_reads_what_dvc_did_and_classifies_failures(dvc, project):
@@ -164,6 +170,7 @@ def test_overrides_are_written_where_they_take_effect(project):
                                {"train.learning_rate": 3e-5, "train.minibatches": 1, "rollout.group_size": 2})
     assert load_params(project / "params.yaml") == params
     assert params.iterations == 3 and params.pipeline.loop == {"1": 0, "2": 1, "3": 2}
+    assert params.pipeline.eval_at == (0, 1, 2, 3)  # params.yaml's eval_every: 1
     from flash_grpo_core.config import read_yaml
 
     raw = read_yaml(project / "params.yaml")
@@ -226,9 +233,9 @@ def test_prefect_yaml_declares_one_limited_deployment_per_preset():
 
 def test_flow_runs_every_stage_in_order_and_reports_metrics(train_loop, dvc, project):
     summary = train_loop(preset="tiny", iterations=2)
-    assert dvc.calls == ["curate", "init", "rollout@1", "score@1", "update@1", "rollout@2", "score@2", "update@2",
-                         "evaluate"]
-    assert [s["outcome"] for s in summary["stages"]] == ["ran"] * 9
+    assert dvc.calls == ["curate", "init", "eval_checkpoint@0", "rollout@1", "score@1", "update@1",
+                         "eval_checkpoint@1", "rollout@2", "score@2", "update@2", "eval_checkpoint@2", "evaluate"]
+    assert [s["outcome"] for s in summary["stages"]] == ["ran"] * 12
     assert [row["iteration"] for row in summary["metrics"]] == [1, 2]
     assert summary["metrics"][1]["reward_mean"] == pytest.approx(0.7) and summary["metrics"][1]["loss"] == -0.02
     assert summary["evaluation"] == {"delta": {"reward": 0.01}}
@@ -263,15 +270,16 @@ def test_bad_parameters_fail_before_any_stage(train_loop, dvc, project, paramete
 def test_transient_failure_is_retried(train_loop, dvc):
     dvc.failures = {"score@1": [1, -9]}  # an I/O error, then a killed process; the third try works
     summary = train_loop(preset="tiny", iterations=1)
-    assert dvc.calls == ["curate", "init", "rollout@1", "score@1", "score@1", "score@1", "update@1", "evaluate"]
-    assert summary["stages"][3]["outcome"] == "ran"
+    assert dvc.calls == ["curate", "init", "eval_checkpoint@0", "rollout@1", "score@1", "score@1", "score@1",
+                         "update@1", "eval_checkpoint@1", "evaluate"]
+    assert summary["stages"][4]["outcome"] == "ran"
 
 
 def test_deterministic_failure_fails_the_run_without_retry_and_a_rerun_resumes(train_loop, dvc):
     dvc.failures = {"update@1": [2]}
     state = train_loop(preset="tiny", iterations=1, return_state=True)
     assert state.is_failed() and "update@1 failed on its input (exit 2)" in state.message
-    assert dvc.calls == ONE_ITERATION[:5]  # not retried, evaluate not started
+    assert dvc.calls == ONE_ITERATION[:6]  # not retried, nothing after it started
     dvc.calls.clear()
     summary = train_loop(preset="tiny", iterations=1)  # the same parameters again
-    assert [s["outcome"] for s in summary["stages"]] == ["up to date, skipped"] * 4 + ["ran", "ran"]
+    assert [s["outcome"] for s in summary["stages"]] == ["up to date, skipped"] * 5 + ["ran"] * 3

@@ -59,14 +59,26 @@ def test_repro_builds_every_artifact(project):
     assert set(evaluation) >= {"base", "trained", "delta"} and evaluation["iteration"] == 2
     assert {"reward", "temporal_flickering", "dynamic_degree"} <= set(evaluation["trained"])
     assert "subject_consistency" in evaluation["not_configured"]  # no weights given: named, not faked
+    assert evaluation["evaluated"] == [0, 1, 2]  # pipeline.eval_every: 1
     history = json.loads((runs / "tiny" / "eval" / "history.json").read_text())
     assert [row["iteration"] for row in history] == [1, 2]
+    points = [json.loads((runs / "tiny" / "eval" / "points" / f"it{it}" / "metrics.json").read_text())
+              for it in (0, 1, 2)]
+    assert points[0]["metrics"] == evaluation["base"] and points[2]["metrics"] == evaluation["trained"]
+    curve = json.loads((runs / "tiny" / "eval" / "curves" / "reward.json").read_text())
+    assert curve == [{"iteration": it, "value": point["metrics"]["reward"]} for it, point in zip((0, 1, 2), points)]
+    assert (runs / "tiny" / "eval" / "curves" / "temporal_flickering.json").is_file()
     report = runs / "tiny" / "eval" / "report"
     assert (report / "report.html").is_file() and len(list(report.glob("*.mp4"))) == 4
-    shown = _dvc("metrics", "show", "--json", cwd=project).stdout
-    assert "reward_mean" in shown
-    plots = _dvc("plots", "show", "--json", cwd=project).stdout
+    assert 'data-metric="temporal_flickering"' in (report / "report.html").read_text()  # held-out curves
+    shown = json.loads(_dvc("metrics", "show", "--json", cwd=project).stdout)
+    files = next(iter(shown.values()))["data"]  # keyed by revision: the workspace
+    assert "reward_mean" in json.dumps(files)
+    assert files["runs/tiny/eval/points/it1/metrics.json"]["data"]["metrics"]["reward"] == points[1]["metrics"]["reward"]
+    plots = json.loads(_dvc("plots", "show", "--json", cwd=project).stdout)["data"]
     assert "reward and loss over iterations" in plots
+    drawn = plots["runs/tiny/eval/curves/dynamic_degree.json"][0]["content"]["data"]["values"]
+    assert [row["iteration"] for row in drawn] == [0, 1, 2]  # a VBench-style metric over iterations
 
 
 def test_second_repro_does_no_stage_work(project):
@@ -87,7 +99,7 @@ def test_changing_a_reward_weight_invalidates_only_what_depends_on_it(project):
     finally:
         params.write_text(original)
     stale = {line.strip().rstrip(":") for line in status.splitlines() if line and not line.startswith("\t")}
-    assert {"score@1", "score@2", "evaluate"} <= stale
+    assert {"score@1", "score@2", "eval_checkpoint@0", "eval_checkpoint@2"} <= stale  # evaluate: via their outputs
     assert not stale & {"curate", "init", "rollout@1", "rollout@2", "update@1"}, stale
 
 
@@ -168,6 +180,18 @@ def test_corrupt_shard_fails_the_score_stage_naming_the_file(project, tmp_path):
     assert result.returncode == 2
     assert "shard-000000.tar" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "scores.parquet").exists()
+
+
+def test_evaluate_without_an_evaluated_checkpoint_names_the_stage_to_run(project, tmp_path):
+    points = tmp_path / "points"
+    shutil.copytree(project / "runs" / "tiny" / "eval" / "points", points)
+    shutil.rmtree(points / "it1")
+    result = _run([sys.executable, "-m", "stages.evaluate", "--points", str(points),
+                   "--checkpoint", "runs/tiny/it2/checkpoint", "--report", str(tmp_path / "report"),
+                   "--metrics", str(tmp_path / "metrics.json"), "--history", str(tmp_path / "history.json"),
+                   "--curves", str(tmp_path / "curves")], project, check=False)
+    assert result.returncode == 2 and "eval_checkpoint@1" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "metrics.json").exists() and not (tmp_path / "curves").exists()
 
 
 def test_malformed_prompt_file_fails_curate_naming_file_and_line(project, tmp_path):

@@ -33,6 +33,8 @@ TRAINED = {"reward": 0.55,
            "dynamic_degree": {"status": "ok", "per_video": [True], "mean": 1.0}}
 HISTORY = [{"iteration": i, "reward_mean": 0.4 + 0.03 * i, "reward_std": 0.02, "loss": 0.1 / i,
             "clip_fraction": 0.01 * i} for i in range(1, 5)]
+EVAL_CURVES = {"reward": [{"iteration": i, "value": 0.4 + 0.05 * i} for i in (0, 2, 4)],
+               "reward/color": [{"iteration": i, "value": 0.8 + 0.01 * i} for i in (0, 2, 4)]}
 
 
 class Page(HTMLParser):
@@ -72,7 +74,7 @@ def report(tmp_path_factory):
                 "trained": moving_square(2)},
                {"prompt_id": "p 2/odd", "prompt": "odd sizes", "base": moving_square(1)[:, :31, :29],
                 "trained": moving_square(1)[:, :31, :29]}]
-    path = write_report(out, BASE, TRAINED, HISTORY, samples, title="Tiny <run>")
+    path = write_report(out, BASE, TRAINED, HISTORY, samples, title="Tiny <run>", eval_curves=EVAL_CURVES)
     page = Page()
     page.feed(path.read_text(encoding="utf-8"))
     return path, page
@@ -102,7 +104,8 @@ def test_plots_previews_and_videos_are_present(report):
 
     path, page = report
     plots = {image["data-metric"]: image["src"] for image in page.images if image.get("class") == "plot"}
-    assert set(plots) == {"reward_mean", "loss", "clip_fraction"}  # approx_kl is not in this history
+    # training curves (approx_kl is not in this history), then the held-out metrics over checkpoints
+    assert list(plots) == ["reward_mean", "loss", "clip_fraction", "reward", "reward/color"]
     for src in plots.values():
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1]).startswith(b"\x89PNG")
@@ -149,7 +152,7 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     rendered.feed(dom)
     assert 'data-script-ran="1"' in dom  # the page's own script ran
     plots = [image for image in rendered.images if image.get("class") == "plot"]
-    assert len(plots) == 3 and all(image.get("data-rendered") == "420x280" for image in plots)
+    assert len(plots) == 5 and all(image.get("data-rendered") == "420x280" for image in plots)
     previews = [image for image in rendered.images if image.get("class") == "preview"]
     assert [image.get("data-rendered") for image in previews] == ["66x32", "60x31"]  # 32 + 2 + 32 and 29 + 2 + 29 wide
     assert len(rendered.videos) == 4
