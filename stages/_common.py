@@ -65,7 +65,13 @@ TRANSIENT_EXIT = 75  # EX_TEMPFAIL: an unreachable reward server; a retry may su
 
 def run(name: str, body) -> int:
     """Run a stage body; known input errors become a one-line message and exit code 2, an
-    unreachable reward exit code 75."""
+    unreachable reward exit code 75. With a warm runner listening (stages/warm.py), a stage started
+    as `python -m stages.<name>` runs there instead and this returns its exit code."""
+    from stages import warm
+
+    delegated = warm.delegate()
+    if delegated is not None:
+        return delegated
     began = time.perf_counter()
     try:
         summary = body()

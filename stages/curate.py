@@ -14,6 +14,8 @@ import json
 import sys
 import time
 
+from stages import _common  # noqa: F401 - the stages' shared environment (offline hub), as in every stage
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m stages.curate", description=__doc__.splitlines()[0])
@@ -35,6 +37,11 @@ def load_config(params_path: str | None):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from stages import warm
+
+    delegated = warm.delegate()  # a warm runner, when one listens (stages/warm.py)
+    if delegated is not None:
+        return delegated
     start = time.perf_counter()
     from flash_grpo_core.config import ConfigError
     from flash_grpo_core.prompts import (

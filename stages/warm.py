@@ -1,0 +1,376 @@
+"""A warm stage runner: stage processes that start with torch, diffusers and the rest already imported.
+
+    python -m stages.warm            # in the project checkout; Ctrl-C stops it
+    dvc repro                        # in another shell: every stage now starts warm
+
+Importing the core's dependencies costs a stage process about 5 s on 2 CPU cores (diffusers alone
+pulls in torch._dynamo and every model class), which dominates the stages of small models. This
+server imports them once; a stage started as `python -m stages.<name>` finds its socket, hands over
+its command line, working directory, environment and its stdin/stdout/stderr, and the server forks
+a child that runs the stage, so the stage's output still goes to DVC's pipes and its exit code
+becomes the exit code of the `python -m stages.<name>` process DVC started. Nothing else changes:
+DVC still runs every stage command, hashes its outputs and caches them.
+
+Correctness before speed:
+- The server keeps only third-party modules: the project's own modules (`flash_grpo_core`, `stages`)
+  are dropped after warm-up, so every stage imports the current code from disk.
+- A stage runs cold (in its own process, as without the server) whenever the warm one could differ:
+  an environment variable read at import time (HF_*, TORCH*, CUDA*, OMP_*, ...) differs, the
+  installed packages changed since the server started (site-packages modified), or the socket is
+  missing, refused or from another user. `FLASH_GRPO_WARM=0` forces cold runs.
+- The server never runs a torch operation itself (no thread pools or CUDA context to inherit), and
+  it is single-threaded, so forking it is safe.
+- When the `python -m stages.<name>` process is interrupted (Ctrl-C, SIGTERM) the signal is passed
+  on; when it dies, the stage's whole process group is killed. Outputs are atomic either way.
+- The socket is a Unix socket (no network), owner-only, and the server checks the peer's uid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import selectors
+import signal
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT_PACKAGES = ("flash_grpo_core", "stages")
+# Environment variables that libraries read when they are imported: a stage whose values differ
+# from the server's runs cold, since the server's modules were imported under the server's values.
+IMPORT_TIME_ENV = ("HF_", "HUGGINGFACE", "TRANSFORMERS", "DIFFUSERS", "TORCH", "PYTORCH", "CUDA", "OMP_", "MKL_",
+                   "OPENBLAS", "PYTHON", "LD_", "TOKENIZERS")
+CHILD_FLAG = "FLASH_GRPO_WARM_CHILD"
+MAX_MESSAGE = 1 << 20
+
+
+def socket_path(root: Path = ROOT) -> Path:
+    """The server's socket for the checkout at `root` (FLASH_GRPO_WARM_SOCKET overrides it)."""
+    override = os.environ.get("FLASH_GRPO_WARM_SOCKET")
+    if override:
+        return Path(override)
+    digest = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"flash-grpo-warm-{os.getuid()}-{digest}.sock"
+
+
+def import_environment(env: dict[str, str]) -> dict[str, str]:
+    return {key: value for key, value in env.items() if key.startswith(IMPORT_TIME_ENV) and key != CHILD_FLAG}
+
+
+def _site_packages_stamp() -> dict[str, int]:
+    import site
+
+    folders = [*site.getsitepackages(), site.getusersitepackages()]
+    return {folder: os.stat(folder).st_mtime_ns for folder in folders if os.path.isdir(folder)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The client side: called by every stage before it does any work (stages/_common.py).
+
+
+def _send(sock: socket.socket, message: dict, fds: list[int] | None = None) -> None:
+    data = (json.dumps(message) + "\n").encode()
+    if fds:
+        socket.send_fds(sock, [data], fds)
+    else:
+        sock.sendall(data)
+
+
+def _lines(sock: socket.socket):
+    buffer = b""
+    while True:
+        chunk = sock.recv(4096)
+        if not chunk:
+            return
+        buffer += chunk
+        while b"\n" in buffer:
+            line, buffer = buffer.split(b"\n", 1)
+            yield json.loads(line)
+
+
+def delegate() -> int | None:
+    """Run this `python -m stages.<name>` process's stage in the warm server; its exit code, or None
+    when it must run here (no server, or one that could behave differently: see the module doc)."""
+    main = sys.modules.get("__main__")
+    module = getattr(getattr(main, "__spec__", None), "name", "") or ""
+    if (os.environ.get("FLASH_GRPO_WARM") == "0" or os.environ.get(CHILD_FLAG) == "1"
+            or not module.startswith("stages.")):
+        return None
+    path = socket_path()
+    if not path.exists():
+        return None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(5.0)
+        sock.connect(str(path))
+        _send(sock, {"module": module, "argv": sys.argv[1:], "cwd": os.getcwd(), "env": dict(os.environ)},
+              fds=[sys.stdin.fileno(), sys.stdout.fileno(), sys.stderr.fileno()])
+        replies = _lines(sock)
+        reply = next(replies, None)
+    except (OSError, ValueError) as error:
+        sock.close()
+        print(f"warm: running cold: {path}: {error}", file=sys.stderr)
+        return None  # no server listening (a stale socket), or one that went away
+    if not reply or "fallback" in reply:
+        sock.close()
+        print(f"warm: running cold: {reply.get('fallback') if reply else 'no reply'}", file=sys.stderr)
+        return None
+    sock.settimeout(None)
+    previous = {}
+
+    def forward(signum, _frame):
+        try:
+            _send(sock, {"signal": signum})
+        except OSError:
+            pass
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        previous[signum] = signal.signal(signum, forward)
+    try:
+        for reply in replies:
+            if "exit" in reply:
+                return int(reply["exit"])
+        return 1  # the server went away mid-stage (it kills the stage when that happens)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        sock.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The server side.
+
+
+def warm_up() -> tuple[dict[str, str], dict[str, str]]:
+    """Import what the stages need, then drop the project's own modules. Returns the environment
+    the libraries were imported under, and the variables the imports set (torch sets some)."""
+    import importlib
+
+    import stages._common  # noqa: F401 - sets HF_HUB_OFFLINE before the libraries read it
+
+    before = dict(os.environ)
+
+    for module in ("flash_grpo_core.models",  # torch, diffusers, transformers, peft
+                   "flash_grpo_core.iteration", "flash_grpo_core.checkpoint", "flash_grpo_core.rollout_records",
+                   "flash_grpo_core.shards",  # webdataset, safetensors
+                   "flash_grpo_core.scores", "flash_grpo_core.prompts",  # pyarrow
+                   "flash_grpo_core.rewards", "flash_grpo_core.metrics",  # opencv
+                   "flash_grpo_core.report"):  # matplotlib, PIL
+        importlib.import_module(module)
+
+    for name in list(sys.modules):
+        if name.split(".")[0] in PROJECT_PACKAGES and name not in ("stages", __name__):
+            del sys.modules[name]
+    return before, {key: value for key, value in os.environ.items() if key not in before}
+
+
+def _run_child(request: dict, fds: list[int], added_env: dict[str, str]) -> None:
+    """In the forked child: become the stage process and run the stage; never returns."""
+    import runpy
+    import traceback
+
+    code = 1
+    try:
+        os.setpgid(0, 0)  # its own process group: the server can stop it and whatever it starts
+        for target, fd in enumerate(fds[:3]):
+            os.dup2(fd, target)
+        for fd in fds:
+            os.close(fd)
+        sys.stdin = open(0, closefd=False)
+        sys.stdout = open(1, "w", buffering=1 if os.isatty(1) else -1, closefd=False)
+        sys.stderr = open(2, "w", buffering=1, closefd=False, errors="backslashreplace")
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        for key, value in added_env.items():  # as if this process had imported the libraries itself
+            os.environ.setdefault(key, value)
+        os.environ[CHILD_FLAG] = "1"
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(signum, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        sys.argv = [request["module"], *request["argv"]]
+        sys.path[0] = request["cwd"]
+        try:
+            runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+            if not isinstance(exit_.code, int) and exit_.code is not None:
+                print(exit_.code, file=sys.stderr)
+        except KeyboardInterrupt:
+            code = 130
+        except BaseException:  # noqa: BLE001 - reported like an uncaught exception, exit 1
+            traceback.print_exc()
+            code = 1
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001
+                pass
+        os._exit(code)
+
+
+class Server:
+    def __init__(self, path: Path, imported_under: dict[str, str], added_env: dict[str, str]):
+        self.path = path
+        self.environment = import_environment(imported_under)
+        self.added_env = added_env
+        self.stamp = _site_packages_stamp()
+        self.selector = selectors.DefaultSelector()
+        self.children: dict[int, socket.socket] = {}  # pid -> the client's connection
+        self.served = 0
+
+    def _refusal(self, request: dict, peer_uid: int) -> str | None:
+        if peer_uid != os.getuid():
+            return "another user"
+        if _site_packages_stamp() != self.stamp:
+            return "installed packages changed since the server started; restart it"
+        if import_environment(request.get("env", {})) != self.environment:
+            return "environment differs from the server's"
+        if not str(request.get("module", "")).startswith("stages."):
+            return "not a stage"
+        return None
+
+    def _accept(self, listener: socket.socket) -> None:
+        conn, _ = listener.accept()
+        conn.settimeout(5.0)
+        fds: list[int] = []
+        try:
+            creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+            peer_uid = int.from_bytes(creds[4:8], sys.byteorder)
+            data, fds, _flags, _addr = socket.recv_fds(conn, MAX_MESSAGE, 3)
+            while not data.endswith(b"\n") and len(data) < MAX_MESSAGE:
+                more = conn.recv(MAX_MESSAGE)
+                if not more:
+                    break
+                data += more
+            request = json.loads(data)
+            refusal = self._refusal(request, peer_uid) if len(fds) == 3 else "no standard streams"
+            if refusal:
+                _send(conn, {"fallback": refusal})
+                raise ConnectionAbortedError(refusal)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:
+                listener.close()
+                conn.close()
+                _run_child(request, fds, self.added_env)
+            _send(conn, {"pid": pid})
+        except (OSError, ValueError, ConnectionAbortedError):
+            conn.close()
+            return
+        finally:
+            for fd in fds:
+                os.close(fd)
+        conn.settimeout(None)
+        self.children[pid] = conn
+        self.selector.register(conn, selectors.EVENT_READ, pid)
+        self.served += 1
+        print(f"warm: {request['module']} {' '.join(request['argv'])[:120]} (pid {pid})", flush=True)
+
+    def _client_message(self, conn: socket.socket, pid: int) -> None:
+        try:
+            data = conn.recv(4096)
+        except OSError:
+            data = b""
+        if not data:  # the stage's client died: stop the stage and everything it started
+            self._kill(pid, signal.SIGKILL)
+            self.selector.unregister(conn)
+            return
+        for line in data.splitlines():
+            try:
+                signum = int(json.loads(line).get("signal", 0))
+            except (ValueError, AttributeError):
+                continue
+            if signum:
+                self._kill(pid, signum)
+
+    @staticmethod
+    def _kill(pid: int, signum: int) -> None:
+        try:
+            os.killpg(pid, signum)
+        except ProcessLookupError:
+            pass
+
+    def _reap(self) -> None:
+        for pid in list(self.children):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done == 0:
+                continue
+            conn = self.children.pop(pid)
+            code = os.waitstatus_to_exitcode(status)
+            code = 128 - code if code < 0 else code  # killed by a signal: the shell's convention
+            try:
+                _send(conn, {"exit": code})
+            except OSError:
+                pass
+            try:
+                self.selector.unregister(conn)
+            except (KeyError, ValueError):
+                pass
+            conn.close()
+
+    def serve(self, stop_after: float | None = None) -> None:
+        if self.path.exists():
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(str(self.path))
+                raise SystemExit(f"warm: a server is already listening on {self.path}")
+            except (ConnectionRefusedError, FileNotFoundError):
+                self.path.unlink(missing_ok=True)  # a stale socket of a server that died
+            finally:
+                probe.close()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        previous_umask = os.umask(0o077)
+        try:
+            listener.bind(str(self.path))
+        finally:
+            os.umask(previous_umask)
+        listener.listen(16)
+        self.selector.register(listener, selectors.EVENT_READ, None)
+        began = time.monotonic()
+        try:
+            while stop_after is None or time.monotonic() - began < stop_after:
+                for key, _ in self.selector.select(timeout=0.1):
+                    if key.data is None:
+                        self._accept(listener)
+                    else:
+                        self._client_message(key.fileobj, key.data)
+                self._reap()
+        finally:
+            for pid in list(self.children):
+                self._kill(pid, signal.SIGTERM)
+            self.selector.close()
+            listener.close()
+            self.path.unlink(missing_ok=True)
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m stages.warm", description=__doc__.splitlines()[0])
+    parser.add_argument("--socket", default=None, help="socket path (default: per checkout, in the temp folder)")
+    args = parser.parse_args(argv)
+    path = Path(args.socket) if args.socket else socket_path()
+    began = time.perf_counter()
+    imported_under, added_env = warm_up()
+    packages = sum("." not in name for name in sys.modules)
+    print(f"warm: {packages} packages imported in {time.perf_counter() - began:.1f} s; listening on {path} "
+          f"(stages started as `python -m stages.<name>` in {ROOT} run here; Ctrl-C stops)", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        Server(path, imported_under, added_env).serve()
+    except KeyboardInterrupt:
+        pass
+    print("warm: stopped", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""The warm stage runner (stages/warm.py): same outputs as a cold stage, exit codes and streams passed
+through, current code on disk, cold runs where the warm one could differ, a dead client's stage stopped."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from flash_grpo_core.workspace import copy_project, tool_env
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def warm(tmp_path_factory):
+    """A project copy with a warm runner listening on its own socket; yields (project, env, log path)."""
+    project = copy_project(ROOT, tmp_path_factory.mktemp("warm-project"))
+    socket_path = tmp_path_factory.mktemp("sock") / "warm.sock"
+    env = tool_env(FLASH_GRPO_WARM_SOCKET=str(socket_path))
+    log = project / "warm.log"
+    with open(log, "w") as handle:
+        server = subprocess.Popen([sys.executable, "-m", "stages.warm"], cwd=project, env=env, stdout=handle,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while "listening" not in log.read_text():
+        assert server.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.2)
+    yield project, env, log
+    server.send_signal(signal.SIGINT)
+    server.wait(timeout=30)
+    assert not socket_path.exists()  # removed on the way out
+
+
+def _stage(project, env, *args, **extra):
+    return subprocess.run([sys.executable, "-m", *args], cwd=project, env={**env, **extra}, capture_output=True,
+                          text=True, timeout=300)
+
+
+def _served(log: Path) -> list[str]:
+    return [line for line in log.read_text().splitlines() if line.startswith("warm: stages.")]
+
+
+def test_warm_stage_writes_the_same_bytes_as_a_cold_one(warm, tmp_path):
+    project, env, log = warm
+    before = len(_served(log))
+    hot = _stage(project, env, "stages.init", "--out", str(tmp_path / "hot"), "--reward-state", str(tmp_path / "h.json"))
+    assert hot.returncode == 0, hot.stderr
+    assert len(_served(log)) == before + 1 and "stages.init" in _served(log)[-1]
+    assert hot.stdout.startswith("init: preset=tiny")  # the stage's output reaches the caller's stdout
+    cold = _stage(project, env, "stages.init", "--out", str(tmp_path / "cold"), "--reward-state",
+                  str(tmp_path / "c.json"), FLASH_GRPO_WARM="0")
+    assert cold.returncode == 0 and len(_served(log)) == before + 1  # FLASH_GRPO_WARM=0 runs here
+    for name in ("trainable.safetensors", "ema.safetensors", "optimizer.safetensors"):
+        assert (tmp_path / "hot" / name).read_bytes() == (tmp_path / "cold" / name).read_bytes(), name
+
+
+def test_exit_code_and_error_message_pass_through(warm, tmp_path):
+    project, env, log = warm
+    bad = tmp_path / "params.yaml"
+    bad.write_text("train:\n  mode: fastest\n")
+    result = _stage(project, env, "stages.init", "--params", str(bad), "--out", str(tmp_path / "out"),
+                    "--reward-state", str(tmp_path / "s.json"))
+    assert result.returncode == 2 and "init: error:" in result.stderr and "train.mode" in result.stderr
+    assert "stages.init --params" in _served(log)[-1]  # it did run warm
+    assert not (tmp_path / "out").exists()
+
+
+def test_each_stage_imports_the_current_code(warm, tmp_path):
+    project, env, log = warm
+    module = project / "stages" / "init.py"
+    original = module.read_text()
+    module.write_text(original.replace('if __name__ == "__main__":', 'print("edited code")\n\nif __name__ == "__main__":'))
+    try:
+        result = _stage(project, env, "stages.init", "--out", str(tmp_path / "c"), "--reward-state",
+                        str(tmp_path / "s.json"))
+    finally:
+        module.write_text(original)
+    assert result.returncode == 0 and "edited code" in result.stdout
+    assert "stages.init" in _served(log)[-1]
+
+
+def test_a_different_import_time_environment_runs_cold(warm, tmp_path):
+    project, env, log = warm
+    before = len(_served(log))
+    result = _stage(project, env, "stages.init", "--out", str(tmp_path / "c"), "--reward-state",
+                    str(tmp_path / "s.json"), TORCH_SHOW_CPP_STACKTRACES="1")
+    assert result.returncode == 0 and "running cold: environment differs" in result.stderr
+    assert len(_served(log)) == before
+
+
+def test_a_killed_client_stops_its_stage(warm, tmp_path):
+    project, env, log = warm
+    client = subprocess.Popen([sys.executable, "-m", "stages.pretrain", "--out", str(tmp_path / "base"),
+                               "--steps", "100000"], cwd=project, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not (_served(log) and "stages.pretrain" in _served(log)[-1]):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    pid = int(_served(log)[-1].rsplit("(pid ", 1)[1].rstrip(")"))
+    time.sleep(1.0)
+    os.kill(pid, 0)  # the stage runs in the server's child
+    client.kill()
+    client.wait()
+    deadline = time.monotonic() + 20
+    while _alive(pid):
+        assert time.monotonic() < deadline, "the stage outlived its client"
+        time.sleep(0.1)
+    assert not (tmp_path / "base" / "transformer.safetensors").exists()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().split(")")[-1].split()[0] == "Z")  # a zombie is gone
