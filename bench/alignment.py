@@ -1,9 +1,10 @@
 """Alignment benchmark: does one-step GRPO beat full-trajectory GRPO at equal compute? (toy task)
 
-    python bench/alignment.py            # full run: 6 variants x 3 seeds (well under 45 min on 2 cores)
-    python bench/alignment.py --quick    # smoke size: 2 variants x 1 seed, a quickly pre-trained base
+    python bench/alignment.py            # full run: 6 variants x 3 seeds (under 45 min on 2 cores)
+    python bench/alignment.py --quick    # smoke size: 2 variants x 1 seed, the shipped base (a few minutes)
 
-From one pre-trained pixel-space Wan base (`dvc repro bench/toy/dvc.yaml`; `--quick` pre-trains a short base
+From one pre-trained pixel-space Wan base (`dvc repro bench/toy/dvc.yaml`, about 5 min on 2 cores;
+`--quick` uses the copy of it shipped in bench/toy/base/, or with `--pretrain-steps N` a short base
 of its own), every variant trains until it has spent the same compute, counted in transformer
 forward-pass equivalents (a forward = 1, a backward = 2; classifier-free guidance counts both
 halves), and is evaluated on held-out prompt combinations at the same compute fractions: the ODE
@@ -139,10 +140,32 @@ def gradient_spread(base: str, seed: int = 0) -> dict:
     return result
 
 
-def pretrained_base(quick: bool, out: Path, steps: int) -> str:
-    """The base model directory: the DVC-cached `pretrain` stage, or a short one for --quick."""
+SHIPPED_BASE = ROOT / "bench" / "toy" / "base"
+
+
+def shipped_base() -> str:
+    """bench/toy/base/, the `pretrain` stage's output shipped for quick runs, if it fits params.yaml's toy."""
+    import dataclasses
+
+    from flash_grpo_core.config import load_params
+
+    record = json.loads((SHIPPED_BASE / "pretrain.json").read_text())
+    toy = dataclasses.asdict(load_params(ROOT / "params.yaml", preset="toy").toy)
+    if json.loads(json.dumps(toy)) != record.get("toy"):
+        changed = sorted(k for k in toy if json.loads(json.dumps(toy[k])) != record.get("toy", {}).get(k))
+        sys.exit(f"bench/toy/base/ was pre-trained with other toy settings ({', '.join(changed)} differ from "
+                 f"params.yaml): pass --pretrain-steps N for a short base of your own, or refresh the shipped "
+                 f"base from `dvc repro bench/toy/dvc.yaml` (copy runs/toy/pretrain/* into bench/toy/base/)")
+    return str(SHIPPED_BASE)
+
+
+def pretrained_base(quick: bool, out: Path, steps: int | None) -> str:
+    """The base model directory: the DVC-cached `pretrain` stage; for --quick the shipped copy of it,
+    or a short base of its own when `steps` is given."""
     from flash_grpo_core.workspace import tool_env
 
+    if quick and steps is None:
+        return shipped_base()
     if quick:
         base = out / f"base-quick-{steps}"
         if not (base / "transformer.safetensors").is_file():
@@ -169,11 +192,12 @@ def summarise(runs: list[dict]) -> dict:
         delta = {key: statistics.mean(run["evals"][-1][key] - run["evals"][0][key] for run in mine)
                  for key in ("reward", *COMPONENTS)}
         finals = [run["evals"][-1]["reward"] for run in mine]
+        above = sum(run["evals"][-1]["reward"] > run["evals"][0]["reward"] for run in mine)
         summary[variant] = {
             "seeds": len(mine), "iterations": statistics.mean(run["iterations"] for run in mine),
             "wall_s": statistics.mean(run["wall_s"] for run in mine), "curve": curve,
             "base_reward": curve[0]["mean"], "final_reward": statistics.mean(finals),
-            "final_reward_std": statistics.pstdev(finals), "delta": delta,
+            "final_reward_std": statistics.pstdev(finals), "delta": delta, "seeds_above_base": above,
             "clip_fraction": statistics.mean(row["clip_fraction"] for run in mine for row in run["train"]),
             "hacking": [c for c in COMPONENTS if delta["reward"] > 0 and delta[c] < -0.02],
         }
@@ -231,11 +255,12 @@ def _markdown(summary: dict, spread: dict, config: dict) -> str:
     lines = [f"# Alignment benchmark ({'quick' if config['quick'] else 'full'} run)", "",
              f"Budget {config['budget']} forward-pass equivalents per run, {config['seeds']} seed(s), "
              f"held-out reward on {config['eval_samples']} samples per held-out prompt.", "",
-             "| variant | iterations | base | final (mean ± std) | Δ reward | Δ color | Δ single | Δ motion | clip frac | wall s | hacking |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "| variant | iterations | base | final (mean ± std) | Δ reward | seeds > base | Δ color | Δ single | Δ motion | clip frac | wall s | hacking |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for variant, d in summary.items():
         lines.append(f"| {variant} | {d['iterations']:.0f} | {d['base_reward']:.3f} | {d['final_reward']:.3f} ± "
-                     f"{d['final_reward_std']:.3f} | {d['delta']['reward']:+.3f} | {d['delta']['color']:+.3f} | "
+                     f"{d['final_reward_std']:.3f} | {d['delta']['reward']:+.3f} | {d['seeds_above_base']}/{d['seeds']} | "
+                     f"{d['delta']['color']:+.3f} | "
                      f"{d['delta']['single']:+.3f} | {d['delta']['motion']:+.3f} | {d['clip_fraction']:.3f} | "
                      f"{d['wall_s']:.0f} | {', '.join(d['hacking']) or '-'} |")
     lines += ["", "Gradient-norm spread across the K candidate timesteps (max / min of the policy-gradient norm",
@@ -253,7 +278,8 @@ def main(argv=None) -> None:
     parser.add_argument("--iterations", type=int, default=None, help="the budget, in flash iterations")
     parser.add_argument("--evals", type=int, default=None, help="held-out evaluations per run")
     parser.add_argument("--eval-samples", type=int, default=None, help="samples per held-out prompt")
-    parser.add_argument("--pretrain-steps", type=int, default=300, help="--quick: steps of its own short base")
+    parser.add_argument("--pretrain-steps", type=int, default=None,
+                        help="--quick: pre-train a short base of this many steps instead of using bench/toy/base/")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     quick = args.quick
@@ -263,7 +289,7 @@ def main(argv=None) -> None:
     flash_iterations = args.iterations or (6 if quick else 40)
     config = {"quick": quick, "seeds": seeds, "variants": variants,
               "budget": flash_iterations * flash_iteration_cost(),
-              "evals": args.evals or (3 if quick else 6), "eval_samples": args.eval_samples or (4 if quick else 8)}
+              "evals": args.evals or (2 if quick else 8), "eval_samples": args.eval_samples or 8}
     base = pretrained_base(quick, out, args.pretrain_steps)
     runs = []
     for variant in variants:

@@ -21,6 +21,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     def body():
+        import dataclasses
         import time
 
         from flash_grpo_core import toy
@@ -34,7 +35,8 @@ def main(argv=None) -> int:
             losses = toy.pretrain(stack, cfg, steps=steps, progress=bar)
         seconds = time.perf_counter() - began
         tail = losses[-100:] or [float("nan")]
-        summary = {"steps": steps, "seconds": round(seconds, 1), "loss_first": losses[0] if losses else None,
+        summary = {"toy": dataclasses.asdict(cfg), "steps": steps, "seconds": round(seconds, 1),
+                   "loss_first": losses[0] if losses else None,
                    "loss_last100_mean": sum(tail) / len(tail),
                    "loss_curve": [round(x, 5) for x in losses[:: max(1, steps // 100)]]}
         toy.save_base(stack, args.out, summary)
