@@ -143,6 +143,26 @@ def test_imaging_quality_without_pyiqa_is_not_configured(tmp_path, monkeypatch):
     assert "pyiqa" in result["imaging_quality"]["reason"]
 
 
+def test_imaging_quality_runs_pyiqa_musiq_from_a_local_checkpoint(tmp_path):
+    """Where pyiqa imports (a torchvision matching torch: GPU machines, see docs/evaluation.md): a
+    randomly initialised MUSIQ saved as a checkpoint scores frames exactly as pyiqa's model does."""
+    try:
+        from pyiqa.archs.musiq_arch import MUSIQ
+    except Exception as exc:  # noqa: BLE001 - pyiqa absent, or a torchvision that does not load
+        pytest.skip(f"pyiqa's MUSIQ does not import here: {type(exc).__name__}")
+    torch.manual_seed(0)
+    videos = textured_square(frames=3)[None]
+    checkpoint = tmp_path / "musiq.pth"
+    full = MUSIQ(pretrained=False).eval()  # the released architecture, random weights
+    torch.save(full.state_dict(), checkpoint)
+    features.load_musiq.cache_clear()
+    result = metrics.evaluate_videos(videos, ["a"], {"imaging_quality": {"path": str(checkpoint)}})["imaging_quality"]
+    with torch.no_grad():
+        frames = torch.from_numpy(videos[0]).permute(0, 3, 1, 2).float() / 255.0
+        expected = float(full(frames).flatten().mean()) / 100.0
+    assert result["status"] == "ok" and result["per_video"][0] == pytest.approx(expected, rel=1e-4)
+
+
 def test_brisque_dimension_runs_from_its_wheel():
     pytest.importorskip("brisque")
     pytest.importorskip("skimage")
