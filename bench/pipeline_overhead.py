@@ -5,9 +5,11 @@
 In a scratch git + DVC copy of the project, runs each stage of one iteration with
 `dvc repro --single-item` and times it; the stage's own timings (manifest.json, metrics.json) give
 its model compute (sampling + decoding for rollout, the update for update), the rest is overhead.
-Also times a bare `import` of the core (the floor of any stage's overhead) and a no-op `dvc repro`
-(median of 3). `--size realistic` enlarges the tiny preset (B=8 prompts x G=8, 17 frames at 64x64)
-so compute is not negligible. Targets: overhead < 10% of rollout and update, no-op repro < 5 s.
+It does so twice in one run: cold (every stage a fresh process) and warm (with `python -m
+stages.warm` running, stages/warm.py), in fresh copies each. Also times a bare `import` of the core
+(the floor of a cold stage's overhead) and a no-op `dvc repro` (median of 3). `--size realistic`
+enlarges the tiny preset (B=8 prompts x G=8, 17 frames at 64x64) so compute is not negligible.
+Targets: overhead < 10% of rollout and update, no-op repro < 5 s.
 Writes bench/results/pipeline_overhead-<size>.{json,md}.
 """
 
@@ -28,11 +30,11 @@ REALISTIC = {"prompts_per_iteration": 8, "group_size": 8, "frames": 17, "height"
 STAGES = ("curate", "init", "rollout@1", "score@1", "update@1", "eval_checkpoint@0", "eval_checkpoint@1", "evaluate")
 
 
-def _timed(args, cwd) -> float:
+def _timed(args, cwd, env=None) -> float:
     from flash_grpo_core.workspace import tool_env
 
     began = time.perf_counter()
-    result = subprocess.run(args, cwd=cwd, env=tool_env(), capture_output=True, text=True)
+    result = subprocess.run(args, cwd=cwd, env=env or tool_env(), capture_output=True, text=True)
     if result.returncode:
         sys.exit(f"{' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return time.perf_counter() - began
@@ -51,20 +53,43 @@ def _configure(project: Path, size: str) -> None:
             yaml.dump(data, handle)
 
 
-def measure(size: str) -> dict:
-    from flash_grpo_core.workspace import copy_project
+def _start_warm(project: Path, env: dict) -> subprocess.Popen:
+    """`python -m stages.warm` in the scratch project; returns once it listens."""
+    log = project / "warm.log"
+    with open(log, "w") as handle:
+        server = subprocess.Popen([sys.executable, "-m", "stages.warm"], cwd=project, env=env, stdout=handle,
+                                  stderr=subprocess.STDOUT)
+    while "listening" not in log.read_text():
+        if server.poll() is not None:
+            sys.exit(f"the warm runner did not start:\n{log.read_text()}")
+        time.sleep(0.2)
+    return server
+
+
+def measure(size: str, warm: bool) -> dict:
+    from flash_grpo_core.workspace import copy_project, tool_env
 
     dvc = str(Path(sys.executable).parent / "dvc")
     with tempfile.TemporaryDirectory() as scratch:
         project = copy_project(ROOT, Path(scratch))
         _configure(project, size)
-        walls = {stage: _timed([dvc, "repro", "--single-item", stage], project) for stage in STAGES}
+        env = tool_env(FLASH_GRPO_WARM_SOCKET=str(Path(scratch) / "warm.sock"), FLASH_GRPO_WARM="1" if warm else "0")
+        server = _start_warm(project, env) if warm else None
+        try:
+            walls = {stage: _timed([dvc, "repro", "--single-item", stage], project, env) for stage in STAGES}
+            noop = statistics.median(_timed([dvc, "repro"], project, env) for _ in range(3))
+            served = (project / "warm.log").read_text().count("warm: stages.") if warm else 0
+        finally:
+            if server is not None:
+                server.terminate()
+                server.wait(timeout=30)
         run = project / "runs" / "tiny" / "it1"
         manifest = json.loads((run / "rollout" / "manifest.json").read_text())
         metrics = json.loads((run / "metrics.json").read_text())
         imports = statistics.median(_timed([sys.executable, "-c", "import flash_grpo_core.models, stages.rollout"],
                                            project) for _ in range(3))
-        noop = statistics.median(_timed([dvc, "repro"], project) for _ in range(3))
+    if warm and served < len(STAGES):
+        sys.exit(f"only {served} of {len(STAGES)} stages ran warm")
     compute = {"rollout@1": manifest["sample_seconds"], "update@1": metrics["train_seconds"]}
     rows = []
     for stage, wall in walls.items():
@@ -73,22 +98,27 @@ def measure(size: str) -> dict:
             row.update(compute_s=round(compute[stage], 3), overhead_s=round(wall - compute[stage], 3),
                        overhead_fraction=round((wall - compute[stage]) / wall, 3))
         rows.append(row)
-    return {"size": size, "rollout_overrides": REALISTIC if size == "realistic" else {}, "stages": rows,
-            "import_core_s": round(imports, 3), "noop_repro_s": round(noop, 3),
+    return {"size": size, "warm": warm, "rollout_overrides": REALISTIC if size == "realistic" else {},
+            "stages": rows, "import_core_s": round(imports, 3), "noop_repro_s": round(noop, 3),
             "targets": {"overhead_fraction_max": 0.10, "noop_repro_s_max": 5.0}}
 
 
-def _table(result: dict) -> str:
-    lines = [f"# Pipeline overhead ({result['size']} tiny preset)", "",
-             "| stage | wall s | model compute s | overhead s | overhead % |", "| --- | ---: | ---: | ---: | ---: |"]
-    for row in result["stages"]:
-        if "compute_s" in row:
-            lines.append(f"| {row['stage']} | {row['wall_s']:.2f} | {row['compute_s']:.2f} | {row['overhead_s']:.2f} | "
-                         f"{100 * row['overhead_fraction']:.0f}% |")
-        else:
-            lines.append(f"| {row['stage']} | {row['wall_s']:.2f} | | | |")
-    lines += ["", f"- importing the core (torch, diffusers, transformers, peft): {result['import_core_s']:.2f} s",
-              f"- no-op `dvc repro`: {result['noop_repro_s']:.2f} s (target < 5 s)"]
+def _table(results: list[dict]) -> str:
+    size = results[0]["size"]
+    lines = [f"# Pipeline overhead ({size} tiny preset)", ""]
+    for result in results:
+        lines += [f"## {'warm (python -m stages.warm running)' if result['warm'] else 'cold (a fresh process per stage)'}",
+                  "", "| stage | wall s | model compute s | overhead s | overhead % |",
+                  "| --- | ---: | ---: | ---: | ---: |"]
+        for row in result["stages"]:
+            if "compute_s" in row:
+                lines.append(f"| {row['stage']} | {row['wall_s']:.2f} | {row['compute_s']:.2f} | {row['overhead_s']:.2f} | "
+                             f"{100 * row['overhead_fraction']:.0f}% |")
+            else:
+                lines.append(f"| {row['stage']} | {row['wall_s']:.2f} | | | |")
+        lines += ["", f"- no-op `dvc repro`: {result['noop_repro_s']:.2f} s (target < 5 s)", ""]
+    lines.append(f"- importing the core (torch, diffusers, transformers, peft) in a fresh process: "
+                 f"{results[0]['import_core_s']:.2f} s")
     return "\n".join(lines)
 
 
@@ -96,11 +126,11 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=["default", "realistic"], default="realistic")
     args = parser.parse_args(argv)
-    result = measure(args.size)
+    results = [measure(args.size, warm=False), measure(args.size, warm=True)]
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"pipeline_overhead-{args.size}.json").write_text(json.dumps(result, indent=2) + "\n")
-    table = _table(result)
+    (out / f"pipeline_overhead-{args.size}.json").write_text(json.dumps(results, indent=2) + "\n")
+    table = _table(results)
     (out / f"pipeline_overhead-{args.size}.md").write_text(table + "\n")
     print(table)
 

@@ -103,12 +103,16 @@ def delegate() -> int | None:
     path = socket_path()
     if not path.exists():
         return None
+    try:
+        streams = [stream.fileno() for stream in (sys.stdin, sys.stdout, sys.stderr)]
+    except (AttributeError, OSError, ValueError):
+        return None  # a closed standard stream: nothing to hand over
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.settimeout(5.0)
         sock.connect(str(path))
         _send(sock, {"module": module, "argv": sys.argv[1:], "cwd": os.getcwd(), "env": dict(os.environ)},
-              fds=[sys.stdin.fileno(), sys.stdout.fileno(), sys.stderr.fileno()])
+              fds=streams)
         replies = _lines(sock)
         reply = next(replies, None)
     except (OSError, ValueError) as error:
@@ -258,8 +262,8 @@ class Server:
             sys.stderr.flush()
             pid = os.fork()
             if pid == 0:
-                listener.close()
-                conn.close()
+                for other in (listener, conn, *self.children.values()):
+                    other.close()
                 _run_child(request, fds, self.added_env)
             _send(conn, {"pid": pid})
         except (OSError, ValueError, ConnectionAbortedError):
