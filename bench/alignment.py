@@ -71,14 +71,17 @@ def evaluate(engine, prompts: list[str], samples: int) -> dict[str, float]:
             **{c: float(output.info[f"toy_following/{c}"].mean()) for c in COMPONENTS}}
 
 
-def train_variant(variant: str, seed: int, base: str, budget: int, evals: int, eval_samples: int) -> dict:
-    """One variant, one seed: train to the compute budget, evaluating at `evals` equal fractions."""
+def train_variant(variant: str, seed: int, base: str, budget: int, evals: int, eval_samples: int,
+                  extra: dict | None = None) -> dict:
+    """One variant, one seed: train to the compute budget, evaluating at `evals` equal fractions;
+    `extra`: params overrides for every variant (--quick's faster EMA)."""
     from flash_grpo_core import toy
     from flash_grpo_core.config import load_params
     from flash_grpo_core.iteration import build_engine, iteration_prompts, reward_from_params, run_iteration
 
     params = load_params(ROOT / "params.yaml", preset="toy",
-                         overrides={**VARIANTS[variant], "seed": seed, "model.path": base, "model.device": "cpu"})
+                         overrides={**(extra or {}), **VARIANTS[variant], "seed": seed, "model.path": base,
+                                    "model.device": "cpu"})
     engine = build_engine(params)
     reward = reward_from_params(params)
     train_prompts, held_out = toy.toy_prompts(params.toy)
@@ -254,7 +257,8 @@ def _plot(path: Path, summary: dict) -> None:
 def _markdown(summary: dict, spread: dict, config: dict) -> str:
     lines = [f"# Alignment benchmark ({'quick' if config['quick'] else 'full'} run)", "",
              f"Budget {config['budget']} forward-pass equivalents per run, {config['seeds']} seed(s), "
-             f"held-out reward on {config['eval_samples']} samples per held-out prompt.", "",
+             f"held-out reward on {config['eval_samples']} samples per held-out prompt"
+             + (f"; overrides: {config['overrides']}." if config.get("overrides") else "."), "",
              "| variant | iterations | base | final (mean ± std) | Δ reward | seeds > base | Δ color | Δ single | Δ motion | clip frac | wall s | hacking |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for variant, d in summary.items():
@@ -289,12 +293,15 @@ def main(argv=None) -> None:
     flash_iterations = args.iterations or (6 if quick else 40)
     config = {"quick": quick, "seeds": seeds, "variants": variants,
               "budget": flash_iterations * flash_iteration_cost(),
-              "evals": args.evals or (2 if quick else 8), "eval_samples": args.eval_samples or 8}
+              "evals": args.evals or (2 if quick else 8), "eval_samples": args.eval_samples or 8,
+              # 6 iterations are 12 optimizer steps: an EMA over ~50 steps would still be mostly the base
+              "overrides": {"train.ema_decay": 0.9} if quick else {}}
     base = pretrained_base(quick, out, args.pretrain_steps)
     runs = []
     for variant in variants:
         for seed in range(seeds):
-            run = train_variant(variant, seed, base, config["budget"], config["evals"], config["eval_samples"])
+            run = train_variant(variant, seed, base, config["budget"], config["evals"], config["eval_samples"],
+                                config["overrides"])
             print(f"{variant} seed {seed}: {run['iterations']} iterations, held-out reward "
                   f"{run['evals'][0]['reward']:.3f} -> {run['evals'][-1]['reward']:.3f} ({run['wall_s']:.0f} s)",
                   flush=True)
