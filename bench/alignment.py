@@ -274,6 +274,19 @@ def _markdown(summary: dict, spread: dict, config: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _overrides(parser: argparse.ArgumentParser, pairs: list[str]) -> dict:
+    """--set KEY=VALUE pairs as params overrides (values parsed as YAML: 0.95, true, [1, 2])."""
+    from ruamel.yaml import YAML
+
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            parser.error(f"--set takes KEY=VALUE, got {pair!r}")
+        overrides[key] = YAML(typ="safe").load(value)
+    return overrides
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -284,6 +297,9 @@ def main(argv=None) -> None:
     parser.add_argument("--eval-samples", type=int, default=None, help="samples per held-out prompt")
     parser.add_argument("--pretrain-steps", type=int, default=None,
                         help="--quick: pre-train a short base of this many steps instead of using bench/toy/base/")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a params.yaml key (dotted, YAML value) for every variant, e.g. "
+                             "--set train.ema_decay=0.95; repeatable")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     quick = args.quick
@@ -295,7 +311,7 @@ def main(argv=None) -> None:
               "budget": flash_iterations * flash_iteration_cost(),
               "evals": args.evals or (2 if quick else 8), "eval_samples": args.eval_samples or 8,
               # 6 iterations are 12 optimizer steps: an EMA over ~50 steps would still be mostly the base
-              "overrides": {"train.ema_decay": 0.9} if quick else {}}
+              "overrides": {**({"train.ema_decay": 0.9} if quick else {}), **_overrides(parser, args.set)}}
     base = pretrained_base(quick, out, args.pretrain_steps)
     runs = []
     for variant in variants:

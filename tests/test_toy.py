@@ -123,3 +123,17 @@ def test_quick_benchmark_refuses_a_shipped_base_of_other_toy_settings(tmp_path, 
     with pytest.raises(SystemExit, match=r"other toy settings \(layers differ"):
         alignment.shipped_base()
     assert sys.modules["alignment"] is alignment
+
+
+def test_benchmark_overrides_parse_yaml_values_and_reject_malformed_pairs(monkeypatch):
+    import argparse
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    import alignment
+
+    parser = argparse.ArgumentParser()
+    assert alignment._overrides(parser, ["train.ema_decay=0.95", "rollout.iso_temporal=false", "x.y=[1, 2]"]) == {
+        "train.ema_decay": 0.95, "rollout.iso_temporal": False, "x.y": [1, 2]}
+    with pytest.raises(SystemExit):
+        alignment._overrides(parser, ["train.ema_decay"])
