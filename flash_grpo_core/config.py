@@ -22,6 +22,7 @@ from typing import Any
 from flash_grpo_core.choices import (
     FINETUNE_KINDS, NOISE_KINDS, PRESETS, RECTIFY_MODES, SCHEDULE_KINDS, STD_SCOPES, TRAIN_MODES,
 )
+from flash_grpo_core.dvc_layout import dvc_loop, eval_points
 
 
 class ConfigError(ValueError):
@@ -195,34 +196,6 @@ class PipelineConfig:
     def __post_init__(self):
         _check(self.groups_per_shard >= 1, "pipeline.groups_per_shard must be >= 1")
         _check(self.eval_every >= 0, f"pipeline.eval_every must be >= 0, got {self.eval_every}")
-
-
-def dvc_loop(iterations: int) -> dict[str, int]:
-    """The `pipeline.loop` mapping for `iterations` iterations: {"1": 0, "2": 1, ...}."""
-    return {str(it): it - 1 for it in range(1, iterations + 1)}
-
-
-def eval_points(iterations: int, every: int) -> tuple[int, ...]:
-    """The evaluated checkpoints: 0 (the base), every `every`-th iteration, and the last."""
-    between = range(every, iterations, every) if every else ()
-    return (0, *between, iterations)
-
-
-def dvc_layout(iterations: int, eval_every: int) -> dict:
-    """The `pipeline` keys that spell out the iterations for dvc.yaml: `loop` and `eval_at`."""
-    return {"loop": dvc_loop(iterations), "eval_at": list(eval_points(iterations, eval_every))}
-
-
-def set_dvc_layout(data, iterations: int) -> None:
-    """Set `iterations` and the pipeline keys spelling them out in a round-trip (ruamel) params mapping."""
-    from ruamel.yaml.comments import CommentedMap, CommentedSeq
-
-    data["iterations"] = iterations
-    pipeline = data.setdefault("pipeline", CommentedMap())
-    for key, value in dvc_layout(iterations, int(pipeline.get("eval_every") or 0)).items():
-        node = CommentedMap(value) if isinstance(value, dict) else CommentedSeq(value)
-        node.fa.set_flow_style()
-        pipeline[key] = node
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,8 @@ def _defines(mapping: Any, keys: list[str]) -> bool:
 
 def validate(path: Path, preset: str, iterations: int | None, overrides: dict[str, Any] | None):
     """The typed `Params` this run would use; raises ConfigError naming the bad key."""
-    from flash_grpo_core.config import ConfigError, dvc_layout, params_from_dict, read_yaml
+    from flash_grpo_core.config import ConfigError, params_from_dict, read_yaml
+    from flash_grpo_core.dvc_layout import dvc_layout
 
     overrides = _leaves(overrides or {})
     for key in overrides:
@@ -74,7 +75,8 @@ def write(path: Path, preset: str, iterations: int | None, overrides: dict[str, 
     from ruamel.yaml.comments import CommentedMap
 
     from flash_grpo_core.atomic import atomic_path
-    from flash_grpo_core.config import ConfigError, load_params, set_dvc_layout
+    from flash_grpo_core.config import ConfigError, load_params
+    from flash_grpo_core.dvc_layout import set_dvc_layout
 
     params = validate(path, preset, iterations, overrides)
     yaml = YAML()  # round-trip: comments, quotes and layout stay

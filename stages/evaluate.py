@@ -91,7 +91,7 @@ def write_curves(curves: dict[str, list[dict]], directory: str) -> None:
 def evaluate(args) -> dict:
     from flash_grpo_core.atomic import write_json
     from flash_grpo_core.checkpoint import CheckpointError, read_state
-    from flash_grpo_core.config import eval_points
+    from flash_grpo_core.dvc_layout import eval_points
     from flash_grpo_core.report import write_report
 
     params = _common.load_params(args.params)

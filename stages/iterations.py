@@ -19,7 +19,8 @@ def set_iterations(path: Path, iterations: int) -> None:
     from ruamel.yaml import YAML
 
     from flash_grpo_core.atomic import atomic_path
-    from flash_grpo_core.config import load_params, set_dvc_layout
+    from flash_grpo_core.config import load_params
+    from flash_grpo_core.dvc_layout import set_dvc_layout
 
     yaml = YAML()  # round-trip: comments and layout stay
     data = yaml.load(path.read_text())
@@ -37,6 +38,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.count < 1:
         parser.error("the iteration count must be >= 1")
+    if not Path(args.params).is_file():
+        parser.error(f"no params file at {args.params}")
     set_iterations(Path(args.params), args.count)
     print(f"iterations: {args.count} ({args.params})")
     return 0

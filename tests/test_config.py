@@ -72,7 +72,7 @@ def test_pipeline_loop_must_match_the_iteration_count(tmp_path):
 
 
 def test_evaluated_checkpoints_are_the_base_every_nth_and_the_last():
-    from flash_grpo_core.config import eval_points
+    from flash_grpo_core.dvc_layout import eval_points
 
     assert eval_points(5, 0) == (0, 5)
     assert eval_points(5, 2) == (0, 2, 4, 5)
