@@ -111,8 +111,8 @@ def delegate() -> int | None:
     try:
         sock.settimeout(5.0)
         sock.connect(str(path))
-        _send(sock, {"module": module, "argv": sys.argv[1:], "cwd": os.getcwd(), "env": dict(os.environ)},
-              fds=streams)
+        _send(sock, {"module": module, "argv": sys.argv[1:], "cwd": os.getcwd(), "env": dict(os.environ),
+                     "root": str(ROOT)}, fds=streams)
         replies = _lines(sock)
         reply = next(replies, None)
     except (OSError, ValueError) as error:
@@ -238,6 +238,8 @@ class Server:
             return "environment differs from the server's"
         if not str(request.get("module", "")).startswith("stages."):
             return "not a stage"
+        if request.get("root") != str(ROOT):
+            return f"the server runs the checkout at {ROOT}, not {request.get('root')}"
         return None
 
     def _accept(self, listener: socket.socket) -> None:

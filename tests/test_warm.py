@@ -120,3 +120,11 @@ def _alive(pid: int) -> bool:
         return False
     stat = Path(f"/proc/{pid}/stat")
     return not (stat.exists() and stat.read_text().split(")")[-1].split()[0] == "Z")  # a zombie is gone
+
+
+def test_a_stage_of_another_checkout_runs_cold(warm, tmp_path):
+    _, env, log = warm
+    before = len(_served(log))
+    result = _stage(ROOT, env, "stages.init", "--out", str(tmp_path / "c"), "--reward-state", str(tmp_path / "s.json"))
+    assert result.returncode == 0 and "running cold: the server runs the checkout at" in result.stderr
+    assert len(_served(log)) == before
