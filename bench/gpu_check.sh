@@ -13,6 +13,6 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 "$PY" -c "import torch, diffusers, transformers, peft; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)" | tee -a "$OUT/device.txt"
 # tests/test_metrics.py: MUSIQ (imaging_quality) runs where pyiqa imports with a matching torchvision
 "$PY" -m pytest -q -rA -s tests/test_gpu.py tests/test_sde.py tests/test_iteration.py tests/test_metrics.py -p no:cacheprovider 2>&1 | tee "$OUT/pytest.txt"
-timeout "${BENCH_TIMEOUT:-420}" "$PY" bench/iteration_cost.py --arch wan1.3b --height 240 --width 416 --frames 17 \
-  --prompts 2 --group 4 --micro-batch 4 --repeats 2 --tag wan1.3b-cuda 2>&1 | tee "$OUT/bench.txt"
-cp bench/results/iteration_cost-wan1.3b-cuda.* "$OUT/" 2>/dev/null || true
+timeout "${BENCH_TIMEOUT:-420}" "$PY" bench/iteration_cost.py --arch wan1_3b --height 240 --width 416 --frames 17 \
+  --prompts 2 --group 4 --micro-batch 4 --repeats 2 --tag wan1_3b-cuda 2>&1 | tee "$OUT/bench.txt"
+cp bench/results/iteration_cost-wan1_3b-cuda.* "$OUT/" 2>/dev/null || true

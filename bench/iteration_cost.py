@@ -1,12 +1,12 @@
 """Cost of one training iteration per mode (flash, window, full) at the same N, G and batch.
 
     python bench/iteration_cost.py                       # tiny preset, CPU
-    python bench/iteration_cost.py --arch wan1.3b --height 240 --width 416 --frames 17   # GPU
+    python bench/iteration_cost.py --arch wan1_3b --height 240 --width 416 --frames 17   # GPU
 
 For each mode, in a fresh subprocess (so peak memory is the mode's own): one warm-up iteration,
 then `--repeats` timed ones. Reports the median wall time (rollout and update apart), transformer
 forward and backward passes (sample units; a guided call on S latents is 2S), peak memory (CUDA
-allocator peak on GPU, peak RSS on CPU), and full/flash and window/flash ratios. `--arch wan1.3b`
+allocator peak on GPU, peak RSS on CPU), and full/flash and window/flash ratios. `--arch wan1_3b`
 or `wan14b` uses Wan 2.1's real transformer and VAE architectures with random weights (no
 weights needed). Writes JSON and a markdown table under bench/results/.
 """
@@ -28,7 +28,7 @@ MODES = ("flash", "window", "full")
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", default="tiny", choices=["tiny", "wan1.3b", "wan14b"])
+    parser.add_argument("--arch", default="tiny", choices=["tiny", "wan1_3b", "wan14b"])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)

@@ -6,4 +6,4 @@ RECTIFY_MODES = ("exact", "none", "flow_grpo")
 TRAIN_MODES = ("flash", "window", "full")
 STD_SCOPES = ("batch", "group")
 FINETUNE_KINDS = ("lora", "full")
-PRESETS = ("tiny", "wan1.3b", "wan14b", "toy")  # toy: the pixel-space alignment benchmark
+PRESETS = ("tiny", "wan1_3b", "wan14b", "toy")  # toy: the pixel-space alignment benchmark

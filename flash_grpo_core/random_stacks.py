@@ -11,7 +11,7 @@ from flash_grpo_core.tokenizer import build_tokenizer
 
 # Wan 2.1 T2V transformer configurations (Diffusers format); the VAE's defaults are Wan 2.1's VAE.
 WAN_TRANSFORMER_CONFIGS = {
-    "wan1.3b": {"num_attention_heads": 12, "attention_head_dim": 128, "ffn_dim": 8960, "num_layers": 30},
+    "wan1_3b": {"num_attention_heads": 12, "attention_head_dim": 128, "ffn_dim": 8960, "num_layers": 30},
     "wan14b": {"num_attention_heads": 40, "attention_head_dim": 128, "ffn_dim": 13824, "num_layers": 40},
 }
 _WAN_SHARED_CONFIG = {

@@ -30,7 +30,7 @@ from flows import dvc_runner, params_file
 
 # The model presets of the training loop (params.yaml's `toy` preset belongs to bench/alignment.py,
 # whose base model comes from the `pretrain` stage, which this flow does not run).
-Preset = Literal["tiny", "wan1.3b", "wan14b"]
+Preset = Literal["tiny", "wan1_3b", "wan14b"]
 STAGE_RETRIES = 2
 STAGE_RETRY_DELAYS = [10, 60]  # seconds: a busy file system or reward server gets a moment
 LOGGED_METRICS = ("reward_mean", "reward_std", "loss", "clip_fraction", "approx_kl",
@@ -156,7 +156,7 @@ def train_loop(preset: Preset = "tiny",
     """Run the Flash-GRPO pipeline for one model preset through DVC.
 
     Args:
-        preset: the model preset (`tiny` runs on a CPU; `wan1.3b`/`wan14b` load local Wan 2.1 weights).
+        preset: the model preset (`tiny` runs on a CPU; `wan1_3b`/`wan14b` load local Wan 2.1 weights).
         iterations: training iterations (None: keep params.yaml's `iterations`).
         overrides: dotted params.yaml keys to set for this run, e.g. {"train.learning_rate": 3e-5};
             validated before any stage starts, then written into params.yaml.

@@ -48,8 +48,8 @@ def test_impossible_combinations_say_what_to_change(tmp_path):
         params_from_dict({"train": {"mode": "window", "window_size": 12}})
     with pytest.raises(ConfigError, match="frames - 1 must be divisible by 4"):
         params_from_dict({"rollout": {"frames": 10}})
-    with pytest.raises(ConfigError, match="preset wan1.3b loads Wan 2.1 weights: set presets.wan1.3b.model.path"):
-        params_from_dict({"preset": "wan1.3b"})
+    with pytest.raises(ConfigError, match="preset wan1_3b loads Wan 2.1 weights: set presets.wan1_3b.model.path"):
+        params_from_dict({"preset": "wan1_3b"})
 
 
 def test_overrides_win_over_the_preset():

@@ -178,7 +178,7 @@ def test_overrides_are_written_where_they_take_effect(project):
     assert raw["presets"]["tiny"]["train"]["minibatches"] == 1  # the preset sets it: a base value would be shadowed
     assert raw["presets"]["tiny"]["rollout"]["group_size"] == 2 and raw["rollout"]["group_size"] == 8
     text = (project / "params.yaml").read_text()
-    assert "# tiny | wan1.3b | wan14b" in text and "path: null" in text  # comments and nulls stay
+    assert "# tiny | wan1_3b | wan14b" in text and "path: null" in text  # comments and nulls stay
     assert len(text.splitlines()) == len(before.splitlines())
 
 
@@ -221,7 +221,7 @@ def test_prefect_yaml_declares_one_limited_deployment_per_preset():
 
     spec = read_yaml(ROOT / "prefect.yaml")
     deployments = {d["name"]: d for d in spec["deployments"]}
-    assert set(deployments) == {"tiny", "wan1.3b", "wan14b"}
+    assert set(deployments) == {"tiny", "wan1_3b", "wan14b"}
     for name, deployment in deployments.items():
         assert deployment["entrypoint"] == "flows/train_loop.py:train_loop"
         assert deployment["parameters"]["preset"] == name and deployment["concurrency_limit"] == 1

@@ -127,7 +127,7 @@ def test_missing_model_path_names_the_path(tiny_params, tmp_path):
     from flash_grpo_core.models import ModelPathError
 
     missing = tmp_path / "Wan2.1-T2V-1.3B-Diffusers"
-    params = tiny_params(preset="wan1.3b", model__path=str(missing))
+    params = tiny_params(preset="wan1_3b", model__path=str(missing))
     with pytest.raises(ModelPathError, match=str(missing)):
         build_engine(params)
 

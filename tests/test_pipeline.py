@@ -103,6 +103,22 @@ def test_changing_a_reward_weight_invalidates_only_what_depends_on_it(project):
     assert not stale & {"curate", "init", "rollout@1", "rollout@2", "update@1"}, stale
 
 
+def test_editing_another_preset_changes_nothing(project):
+    """Stages track `presets.${preset}` only: the wan presets' overrides are not the tiny run's params."""
+    params = project / "params.yaml"
+    original = params.read_text()
+    assert "  wan14b:\n    model:\n" in original
+    params.write_text(original.replace("  wan14b:\n    model:\n", "  wan14b:\n    model:\n      lora_rank: 8\n", 1))
+    try:
+        status = _dvc("status", "dvc.yaml", cwd=project).stdout
+        params.write_text(original.replace("  tiny:\n    model:\n", "  tiny:\n    model:\n      lora_rank: 8\n", 1))
+        changed = _dvc("status", "dvc.yaml", cwd=project).stdout
+    finally:
+        params.write_text(original)
+    assert "up to date" in status, status
+    assert "init:" in changed and "presets.tiny" in changed  # the selected preset's overrides are tracked
+
+
 def test_deleted_output_is_restored_from_the_run_cache(project):
     checkpoint = project / "runs" / "tiny" / "it1" / "checkpoint"
     before = (checkpoint / "trainable.safetensors").read_bytes()

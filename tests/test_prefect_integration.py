@@ -162,7 +162,7 @@ def _deployment_run(stack: Stack, *args: str) -> tuple[str, subprocess.Completed
 def test_deployments_are_registered_one_per_preset_with_a_limit_of_one(stack):
     import httpx
 
-    for name in ("tiny", "wan1.3b", "wan14b"):
+    for name in ("tiny", "wan1_3b", "wan14b"):
         deployment = httpx.get(f"{stack.api}/deployments/name/train-loop/{name}", timeout=10).json()
         assert deployment["parameters"] == {"preset": name} and deployment["work_pool_name"] == "flash-grpo"
         assert deployment["global_concurrency_limit"]["limit"] == 1
