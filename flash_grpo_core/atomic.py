@@ -59,3 +59,30 @@ def write_json(data, path: str | os.PathLike) -> None:
     """Pretty, key-sorted JSON with a final newline, written atomically."""
     with atomic_path(path) as temporary:
         temporary.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+METADATA_KEY = "flash_grpo"  # one key: safetensors writes several metadata keys in a random order
+
+
+def write_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict | None = None) -> None:
+    """A safetensors file written atomically, byte-identical for identical input: `metadata` travels
+    as one key-sorted JSON string (read back with `read_safetensors`)."""
+    from safetensors.torch import save_file
+
+    header = {METADATA_KEY: json.dumps(metadata, sort_keys=True, ensure_ascii=False)} if metadata is not None else None
+    with atomic_path(path) as temporary:
+        save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, str(temporary), metadata=header)
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict, dict]:
+    """(tensors, metadata) of a file from `write_safetensors`; raises ValueError (or OSError) if it is
+    unreadable, e.g. truncated, or lacks the metadata."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        return tensors, json.loads(header[METADATA_KEY])
+    except (SafetensorError, KeyError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: not a readable safetensors file with {METADATA_KEY!r} metadata ({error!r})") from error

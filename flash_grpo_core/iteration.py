@@ -36,21 +36,27 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
-def build_stack(params: Params, dtype: torch.dtype):
+def build_stack(params: Params, dtype: torch.dtype, text_encoder: bool = True):
     """The preset's Wan stack: a seeded tiny random model, the pixel-space toy model (pre-trained
-    weights from `model.path` when set), or Wan 2.1 from `model.path`."""
+    weights from `model.path` when set), or Wan 2.1 from `model.path`. Without `text_encoder` the
+    stack has none (Wan 2.1 skips loading it; the random models drop theirs, their transformer
+    unchanged): for callers that get the prompt embeddings the rollout stored."""
     from flash_grpo_core import models
 
     if params.is_tiny:
-        return models.build_tiny_stack(seed=params.seed, dtype=dtype, text_len=params.model.text_len)
-    if params.preset == "toy":
+        stack = models.build_tiny_stack(seed=params.seed, dtype=dtype, text_len=params.model.text_len)
+    elif params.preset == "toy":
         from flash_grpo_core import toy
 
         stack = toy.build_toy_stack(params.toy, dtype=dtype, text_len=params.model.text_len)
         if params.model.path:
             toy.load_base(stack, params.model.path)
-        return stack
-    return models.load_stack(params.model.path, dtype=dtype, max_text_len=params.model.text_len)
+    else:
+        return models.load_stack(params.model.path, dtype=dtype, max_text_len=params.model.text_len,
+                                 text_encoder=text_encoder)
+    if not text_encoder:
+        stack.text_encoder = None
+    return stack
 
 
 def make_trainable(transformer: torch.nn.Module, params: Params) -> torch.nn.Module | None:
@@ -102,9 +108,10 @@ class Engine:
         return self.params.rollout.guidance != 1.0
 
 
-def build_engine(params: Params) -> Engine:
+def build_engine(params: Params, text_encoder: bool = True) -> Engine:
+    """The preset's engine; `text_encoder=False` for stages that never encode a prompt."""
     device = resolve_device(params.model.device)
-    stack = build_stack(params, resolve_dtype(params.model.dtype, device))
+    stack = build_stack(params, resolve_dtype(params.model.dtype, device), text_encoder)
     reference = make_trainable(stack.transformer, params)
     for module in (stack.transformer, stack.text_encoder, stack.vae, reference):
         if module is not None:
@@ -152,12 +159,14 @@ def encode(engine: Engine, prompts: list[str]) -> tuple[torch.Tensor, torch.Tens
 
 
 def generate(engine: Engine, prompts: list[str], iteration: int, counter: PassCounter,
-             train_steps: torch.Tensor | None = None, progress=None) -> tuple[RolloutBatch, torch.Tensor]:
-    """Rollouts of one iteration and their decoded videos uint8 [S, F, H, W, 3]."""
+             train_steps: torch.Tensor | None = None, progress=None,
+             embeds: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> tuple[RolloutBatch, torch.Tensor]:
+    """Rollouts of one iteration and their decoded videos uint8 [S, F, H, W, 3]; `embeds`: the
+    prompts' `encode` output when the caller already has it."""
     r = engine.params.rollout
     if train_steps is None:
         train_steps = plan_steps(engine.params, len(prompts), iteration)
-    cond, uncond = encode(engine, prompts)
+    cond, uncond = embeds if embeds is not None else encode(engine, prompts)
     shape = engine.stack.latent_shape(r.frames, r.height, r.width)
     batch = rollout(engine.policy.transformer, cond, uncond, train_steps, engine.sigmas, engine.scales, r.guidance,
                     shape, derive_seed(engine.params.seed, iteration, "noise"), r.batch_size, counter, progress)
@@ -214,8 +223,11 @@ def advantages_for(params: Params, rewards: torch.Tensor) -> torch.Tensor:
 
 
 def update(engine: Engine, prompts: list[str], batch: RolloutBatch, advantages: torch.Tensor, iteration: int,
-           counter: PassCounter, progress=None) -> dict[str, float]:
-    cond, uncond = encode(engine, prompts)
+           counter: PassCounter, progress=None,
+           embeds: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> dict[str, float]:
+    """The GRPO update on one iteration's rollouts; `embeds` as in `generate` (the update stage
+    passes the rollout's stored ones, so it needs no text encoder)."""
+    cond, uncond = embeds if embeds is not None else encode(engine, prompts)
     ctx = StepContext(batch, advantages, cond, uncond, engine.sigmas.float().to(engine.device),
                       engine.scales.float().to(engine.device), engine.params.rollout.guidance)
     generator = torch.Generator().manual_seed(derive_seed(engine.params.seed, iteration, "minibatches"))
@@ -230,10 +242,11 @@ def update(engine: Engine, prompts: list[str], batch: RolloutBatch, advantages: 
 def run_iteration(engine: Engine, prompts: list[str], reward_fn, iteration: int) -> dict[str, float]:
     """Rollout, score and update once; metrics include reward statistics and pass counts."""
     rollout_counter, train_counter = PassCounter(), PassCounter()
-    batch, videos = generate(engine, prompts, iteration, rollout_counter)
+    embeds = encode(engine, prompts)
+    batch, videos = generate(engine, prompts, iteration, rollout_counter, embeds=embeds)
     rewards, _ = score(reward_fn, videos, prompts, batch)
     advantages = advantages_for(engine.params, rewards)
-    metrics = update(engine, prompts, batch, advantages, iteration, train_counter)
+    metrics = update(engine, prompts, batch, advantages, iteration, train_counter, embeds=embeds)
     return {
         "iteration": iteration, "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std(unbiased=False)),
         **metrics,

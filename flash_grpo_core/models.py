@@ -48,12 +48,13 @@ class WanStack:
     """The Wan 2.1 T2V components a GRPO run uses, plus the text length the encoder pads to.
 
     `vae` is None for a pixel-space model (the toy benchmark's): latents are then RGB pixels in
-    [-1, 1], [3, F, H, W], and decoding is a rescale.
+    [-1, 1], [3, F, H, W], and decoding is a rescale. `text_encoder` is None for a stack built
+    without it (the update stage: its prompts come as the embeddings the rollout stored).
     """
 
     transformer: WanTransformer3DModel
     vae: AutoencoderKLWan | None
-    text_encoder: UMT5EncoderModel
+    text_encoder: UMT5EncoderModel | None
     tokenizer: PreTrainedTokenizerBase
     max_text_len: int
 
@@ -224,12 +225,14 @@ def _check_model_folder(root: Path) -> None:
         raise ModelPathError(f"Wan model folder {root} is incomplete: missing {', '.join(missing)}. {hint}")
 
 
-def load_stack(path: str | os.PathLike, dtype: torch.dtype = torch.float32, max_text_len: int = 512) -> WanStack:
+def load_stack(path: str | os.PathLike, dtype: torch.dtype = torch.float32, max_text_len: int = 512,
+               text_encoder: bool = True) -> WanStack:
     """Load a local Diffusers-format Wan 2.1 T2V folder; raises ModelPathError if it is incomplete.
 
     The transformer and text encoder are loaded in `dtype` by `from_pretrained` itself, which keeps
     the modules Wan needs in fp32 (`_keep_in_fp32_modules`); a later `.to(dtype)` would not. The
-    VAE is always fp32, as in WanPipeline.
+    VAE is always fp32, as in WanPipeline. `text_encoder=False` skips the UMT5 encoder (about 11 GB
+    in bfloat16 for Wan 2.1), for callers that get prompt embeddings another way.
     """
     root = Path(path).expanduser().absolute()
     _check_model_folder(root)
@@ -238,9 +241,10 @@ def load_stack(path: str | os.PathLike, dtype: torch.dtype = torch.float32, max_
     )
     vae = AutoencoderKLWan.from_pretrained(root, subfolder="vae", torch_dtype=torch.float32, local_files_only=True)
     # transformers 5 names the argument `dtype` (diffusers still uses `torch_dtype`).
-    text_encoder = UMT5EncoderModel.from_pretrained(root / "text_encoder", dtype=dtype, local_files_only=True)
+    encoder = UMT5EncoderModel.from_pretrained(root / "text_encoder", dtype=dtype, local_files_only=True) \
+        if text_encoder else None
     tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
-    stack = WanStack(transformer, vae, text_encoder, tokenizer, max_text_len)
+    stack = WanStack(transformer, vae, encoder, tokenizer, max_text_len)
     _freeze(stack)
     return stack
 
@@ -331,6 +335,8 @@ def encode_prompts(stack: WanStack, prompts: list[str], device: torch.device | s
     Padded positions are set to exactly zero after the encoder, as in
     `WanPipeline._get_t5_prompt_embeds` (the transformer's cross-attention sees them unmasked).
     """
+    if stack.text_encoder is None:
+        raise ValueError("this Wan stack was built without its text encoder; pass the prompts' stored embeddings")
     # Same cleaning as the pipeline (ftfy if installed, HTML unescape, whitespace), so training
     # embeddings equal inference ones for the same prompt.
     cleaned = [prompt_clean(prompt) for prompt in prompts]

@@ -27,12 +27,12 @@ def load_params(path: str):
     return load(path)
 
 
-def engine_at(params, checkpoint: str):
+def engine_at(params, checkpoint: str, text_encoder: bool = True):
     """The preset's engine with the trainable weights, EMA and optimizer state of `checkpoint`."""
     from flash_grpo_core.checkpoint import load_checkpoint
     from flash_grpo_core.iteration import build_engine
 
-    engine = build_engine(params)
+    engine = build_engine(params, text_encoder)
     state = load_checkpoint(engine.policy, checkpoint)
     return engine, state
 

@@ -16,7 +16,6 @@ Iteration 0 is the base model.
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 
 from stages import _common
@@ -52,13 +51,10 @@ def score(videos, texts: list[str], params) -> dict:
 
 
 def write_videos(videos, prompts, path: str) -> None:
-    from safetensors.torch import save_file
+    from flash_grpo_core.atomic import write_safetensors
 
-    from flash_grpo_core.atomic import atomic_path
-
-    metadata = {"prompt_ids": json.dumps([p.id for p in prompts]), "prompts": json.dumps([p.prompt for p in prompts])}
-    with atomic_path(path) as temporary:
-        save_file({"videos": videos[: len(prompts)].contiguous()}, str(temporary), metadata=metadata)
+    write_safetensors({"videos": videos[: len(prompts)]}, path,
+                      {"prompt_ids": [p.id for p in prompts], "prompts": [p.prompt for p in prompts]})
 
 
 def evaluate_checkpoint(args) -> dict:

@@ -48,15 +48,17 @@ def read_point(points: Path, iteration: int) -> dict:
 
 def read_videos(points: Path, iteration: int) -> tuple[list[str], list[str], list]:
     """(prompt ids, prompts, uint8 videos [F, H, W, 3]) stored for the report at one point."""
-    from safetensors import safe_open
+    from flash_grpo_core.atomic import read_safetensors
+    from flash_grpo_core.checkpoint import CheckpointError
 
     path = points / f"it{iteration}" / "videos.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: run `dvc repro eval_checkpoint@{iteration}` first")
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-        videos = handle.get_tensor("videos")
-    return json.loads(metadata["prompt_ids"]), json.loads(metadata["prompts"]), list(videos)
+    try:
+        tensors, metadata = read_safetensors(path)
+        return metadata["prompt_ids"], metadata["prompts"], list(tensors["videos"])
+    except (ValueError, KeyError) as error:
+        raise CheckpointError(f"{path}: unreadable ({error}); rerun `dvc repro eval_checkpoint@{iteration}`") from error
 
 
 def as_entries(point: dict) -> dict:

@@ -27,7 +27,7 @@ def main(argv=None) -> int:
         from flash_grpo_core.iteration import build_engine
 
         params = _common.load_params(args.params)
-        engine = build_engine(params)
+        engine = build_engine(params, text_encoder=False)  # writes the untrained adapter only
         save_checkpoint(engine.policy, args.out, {"iteration": 0, "preset": params.preset, "history": []})
         write_json({}, args.reward_state)
         return {"preset": params.preset, "trainable": sum(p.numel() for p in engine.policy.parameters.values())}

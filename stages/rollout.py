@@ -3,8 +3,9 @@
     python -m stages.rollout --iteration 1 --prompts runs/prompts/train.parquet \
         --checkpoint runs/tiny/it0/checkpoint --out runs/tiny/it1/rollout
 
-Writes whole prompt groups per shard (see flash_grpo_core/shards.py) and `manifest.json`: the
-prompts, each prompt's trained steps, seeds, pass counters and timings.
+Writes whole prompt groups per shard (see flash_grpo_core/shards.py), the prompts' embeddings for
+the update stage (`prompt_embeds.safetensors`, flash_grpo_core/prompt_embeds.py) and
+`manifest.json`: the prompts, each prompt's trained steps, seeds, pass counters and timings.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ def main(argv=None) -> int:
 
     def body():
         from flash_grpo_core.atomic import write_json
-        from flash_grpo_core.iteration import generate, iteration_prompts
+        from flash_grpo_core.iteration import encode, generate, iteration_prompts
+        from flash_grpo_core.prompt_embeds import save_prompt_embeds
         from flash_grpo_core.prompts import read_prompts_parquet
         from flash_grpo_core.sampler import PassCounter
         from flash_grpo_core.rollout_records import records_from_batch
@@ -41,10 +43,12 @@ def main(argv=None) -> int:
         texts = [p.prompt for p in chosen]
         with _common.timer(timings, "sample_seconds"), \
                 _common.progress_bar(len(chosen) * r.group_size * r.num_steps, "rollout") as bar:
-            batch, videos = generate(engine, texts, args.iteration, counter, progress=bar)
+            embeds = encode(engine, texts)
+            batch, videos = generate(engine, texts, args.iteration, counter, progress=bar, embeds=embeds)
         records = records_from_batch(batch, videos, texts, [p.id for p in chosen], args.iteration, params.seed,
                                      r.group_size)
         with _common.timer(timings, "write_seconds"):
+            save_prompt_embeds(args.out, texts, *embeds)  # before the index: the directory is finished last
             shards = write_shards(records, args.out, r.group_size, params.pipeline.groups_per_shard)
         steps = batch.steps.reshape(len(chosen), r.group_size, -1)
         write_json({"iteration": args.iteration, "seed": params.seed, "mode": params.train.mode,

@@ -30,6 +30,7 @@ def main(argv=None) -> int:
         from flash_grpo_core.atomic import write_json
         from flash_grpo_core.checkpoint import save_checkpoint
         from flash_grpo_core.iteration import update
+        from flash_grpo_core.prompt_embeds import load_prompt_embeds
         from flash_grpo_core.sampler import PassCounter
         from flash_grpo_core.scores import read_advantages
         from flash_grpo_core.rollout_records import batch_from_records
@@ -38,12 +39,14 @@ def main(argv=None) -> int:
         params = _common.load_params(args.params)
         timings, counter = {}, PassCounter()
         with _common.timer(timings, "load_seconds"):
-            engine, previous = _common.engine_at(params, args.checkpoint)
+            # no text encoder: the prompts come as the embeddings the rollout sampled with
+            engine, previous = _common.engine_at(params, args.checkpoint, text_encoder=False)
             records = read_shards(args.rollout)
             batch, _, prompts, _ = batch_from_records(records)
+            embeds = load_prompt_embeds(args.rollout, prompts, engine.device)
             advantages = read_advantages(args.scores, [r.key for r in records])
         with _common.timer(timings, "train_seconds"), _common.progress_bar(batch.steps.numel(), "update") as bar:
-            metrics = update(engine, prompts, batch, advantages, args.iteration, counter, progress=bar)
+            metrics = update(engine, prompts, batch, advantages, args.iteration, counter, progress=bar, embeds=embeds)
         rollout = json.loads((Path(args.rollout) / "manifest.json").read_text())
         rewards = _reward_stats(args.scores)
         row = {"iteration": args.iteration, **rewards, **metrics,

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from diffusers import WanPipeline
+from transformers import UMT5EncoderModel
 
 from flash_grpo_core.models import (
     DEFAULT_LORA_TARGETS,
@@ -242,6 +243,21 @@ def test_save_stack_replaces_an_existing_folder(tmp_path):
     assert state_dicts_equal(load_stack(path).transformer, newer.transformer)
 
 
+def test_load_stack_without_text_encoder_never_reads_it(tmp_path, monkeypatch):
+    """The update stage's load: the UMT5 weights stay on disk, the transformer is the same."""
+    stack = build_tiny_stack(seed=3)
+    save_stack(stack, tmp_path / "wan-tiny")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the text encoder was loaded")
+
+    monkeypatch.setattr(UMT5EncoderModel, "from_pretrained", refuse)
+    loaded = load_stack(tmp_path / "wan-tiny", text_encoder=False)
+    assert loaded.text_encoder is None and state_dicts_equal(loaded.transformer, stack.transformer)
+    with pytest.raises(ValueError, match="without its text encoder"):
+        encode_prompts(loaded, PROMPTS, "cpu")
+
+
 def test_load_stack_in_bf16_keeps_fp32_modules_and_an_fp32_vae(tmp_path):
     save_stack(build_tiny_stack(), tmp_path / "wan-tiny")
     loaded = load_stack(tmp_path / "wan-tiny", dtype=torch.bfloat16)
@@ -364,7 +380,7 @@ def test_enable_full_finetune_makes_every_transformer_weight_trainable():
     assert trainable_parameters(stack.text_encoder) == {}
 
 
-@pytest.mark.parametrize("arch,billions", [("wan1.3b", 1.419), ("wan14b", 14.288)])
+@pytest.mark.parametrize("arch,billions", [("wan1_3b", 1.419), ("wan14b", 14.288)])
 def test_random_wan_architectures_have_the_released_sizes(arch, billions):
     from flash_grpo_core.random_stacks import build_random_stack
 
