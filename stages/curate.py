@@ -14,7 +14,7 @@ import json
 import sys
 import time
 
-from stages import _common  # noqa: F401 - the stages' shared environment (offline hub), as in every stage
+from stages import _common
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,4 +65,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _common.finish(main())

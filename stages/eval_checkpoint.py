@@ -16,7 +16,6 @@ Iteration 0 is the base model.
 from __future__ import annotations
 
 import contextlib
-import sys
 
 from stages import _common
 
@@ -81,4 +80,4 @@ def evaluate_checkpoint(args) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _common.finish(main())

@@ -15,7 +15,6 @@ trained videos of the first `eval.report_samples` prompts.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 from stages import _common
@@ -127,4 +126,4 @@ def evaluate(args) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _common.finish(main())

@@ -9,7 +9,6 @@ Also the reward scale guards' empty history, which each score stage extends.
 
 from __future__ import annotations
 
-import sys
 
 from stages import _common
 
@@ -36,4 +35,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _common.finish(main())

@@ -9,7 +9,6 @@ and pretrain.json (loss curve summary, time).
 
 from __future__ import annotations
 
-import sys
 
 from stages import _common
 
@@ -46,4 +45,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _common.finish(main())

@@ -10,7 +10,6 @@ the update stage (`prompt_embeds.safetensors`, flash_grpo_core/prompt_embeds.py)
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from stages import _common
@@ -63,4 +62,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _common.finish(main())

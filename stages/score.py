@@ -13,7 +13,6 @@ to iteration in reward_state.json.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 from stages import _common
@@ -56,4 +55,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _common.finish(main())

@@ -10,7 +10,6 @@ The checkpoint carries the per-iteration metrics history so evaluation can plot 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 from stages import _common
@@ -71,4 +70,4 @@ def _reward_stats(scores_path: str) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _common.finish(main())

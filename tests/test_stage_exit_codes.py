@@ -25,3 +25,20 @@ def test_unreachable_reward_exits_75(capsys):
 def test_success_prints_one_summary_line(capsys):
     assert _common.run("score", lambda: {"iteration": 1, "reward_mean": 0.5}) == 0
     assert capsys.readouterr().out.startswith("score: iteration=1 reward_mean=0.5 seconds=")
+
+
+def test_finish_keeps_the_exit_code_and_flushes_buffered_output(tmp_path):
+    """A stage process ends by os._exit (no interpreter teardown): nothing printed may be lost."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("import logging, sys; from stages import _common; logging.basicConfig(filename=sys.argv[1]); "
+              "print('summary', end=''); print('warning', end='', file=sys.stderr); "
+              "logging.getLogger('stage').error('logged'); _common.finish(75)")
+    log = tmp_path / "stage.log"
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}  # block-buffered pipes
+    result = subprocess.run([sys.executable, "-c", script, str(log)], capture_output=True, text=True, check=False,
+                            env=env)
+    assert (result.returncode, result.stdout, result.stderr) == (75, "summary", "warning")
+    assert "logged" in log.read_text()
