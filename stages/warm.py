@@ -369,6 +369,9 @@ def main(argv=None) -> int:
     packages = sum("." not in name for name in sys.modules)
     print(f"warm: {packages} packages imported in {time.perf_counter() - began:.1f} s; listening on {path} "
           f"(stages started as `python -m stages.<name>` in {ROOT} run here; Ctrl-C stops)", flush=True)
+    # Ctrl-C stops it even when started with SIGINT ignored (a script's `... &` job; Python then
+    # keeps SIGINT ignored); SIGTERM stops it the same way.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         Server(path, imported_under, added_env).serve()

@@ -17,22 +17,31 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def warm(tmp_path_factory):
-    """A project copy with a warm runner listening on its own socket; yields (project, env, log path)."""
+    """A project copy with a warm runner listening on its own socket; yields (project, env, log path).
+
+    The runner starts with SIGINT ignored, as a script's background job (`... &`) starts it, and
+    must still stop on SIGINT (Ctrl-C) at the end.
+    """
     project = copy_project(ROOT, tmp_path_factory.mktemp("warm-project"))
     socket_path = tmp_path_factory.mktemp("sock") / "warm.sock"
     env = tool_env(FLASH_GRPO_WARM_SOCKET=str(socket_path))
     log = project / "warm.log"
     with open(log, "w") as handle:
         server = subprocess.Popen([sys.executable, "-m", "stages.warm"], cwd=project, env=env, stdout=handle,
-                                  stderr=subprocess.STDOUT, start_new_session=True)
+                                  stderr=subprocess.STDOUT, start_new_session=True,
+                                  preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     deadline = time.monotonic() + 120
     while "listening" not in log.read_text():
         assert server.poll() is None and time.monotonic() < deadline, log.read_text()
         time.sleep(0.2)
     yield project, env, log
     server.send_signal(signal.SIGINT)
-    server.wait(timeout=30)
-    assert not socket_path.exists()  # removed on the way out
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        pytest.fail("the warm runner did not stop on SIGINT")
+    assert "warm: stopped" in log.read_text() and not socket_path.exists()  # the socket removed on the way out
 
 
 def _stage(project, env, *args, **extra):
