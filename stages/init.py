@@ -9,7 +9,6 @@ Also the reward scale guards' empty history, which each score stage extends.
 
 from __future__ import annotations
 
-
 from stages import _common
 
 

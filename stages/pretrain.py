@@ -9,7 +9,6 @@ and pretrain.json (loss curve summary, time).
 
 from __future__ import annotations
 
-
 from stages import _common
 
 
