@@ -1,6 +1,6 @@
 """Pipeline overhead per stage: model compute vs everything else (interpreter, imports, I/O, DVC).
 
-    python bench/pipeline_overhead.py [--size default|realistic|clip]
+    python bench/pipeline_overhead.py [--size default|realistic|clip|large]
 
 In a scratch git + DVC copy of the project (one iteration), times every stage two ways: each alone
 with `dvc repro --single-item <stage>` (DVC starts once per stage, as when reproducing one stage),
@@ -12,7 +12,7 @@ in one run: cold (every stage a fresh process) and warm (with `python -m stages.
 stages/warm.py), in fresh copies each. Also times a bare `import` of the core (the floor of a cold
 stage's overhead) and a no-op `dvc repro` (median of 3). Sizes of the tiny model's workload:
 `default` is the preset itself (B=2 prompts x G=4, 9 frames at 32x32), `realistic` B=8 x G=8 at
-17 frames of 64x64, `clip` B=8 x G=8 at 33 frames of 128x128.
+17 frames of 64x64, `clip` B=8 x G=8 at 33 frames of 128x128, `large` the same at 256x256.
 Targets: overhead < 10% of rollout and update, no-op repro < 5 s.
 Writes bench/results/pipeline_overhead-<size>.{json,md}.
 """
@@ -34,6 +34,7 @@ SIZES = {  # rollout overrides of the tiny preset
     "default": {},
     "realistic": {"prompts_per_iteration": 8, "group_size": 8, "frames": 17, "height": 64, "width": 64, "batch_size": 16},
     "clip": {"prompts_per_iteration": 8, "group_size": 8, "frames": 33, "height": 128, "width": 128, "batch_size": 16},
+    "large": {"prompts_per_iteration": 8, "group_size": 8, "frames": 33, "height": 256, "width": 256, "batch_size": 16},
 }
 STAGES = ("curate", "init", "rollout@1", "score@1", "update@1", "eval_checkpoint@0", "eval_checkpoint@1", "evaluate")
 
