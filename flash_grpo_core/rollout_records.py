@@ -1,4 +1,4 @@
-"""Converting between one iteration's `RolloutBatch` (+ videos) and per-sample `RolloutRecord`s.
+"""Converting between one iteration's `RolloutBatch` and per-sample `RolloutRecord`s.
 
 The rollout stage turns its batch into records for the shards (flash_grpo_core/shards.py); the
 score and update stages turn the records they read back into a batch. Record keys are
@@ -15,9 +15,9 @@ from flash_grpo_core.sampler import RolloutBatch
 from flash_grpo_core.shards import TENSOR_FIELDS, RolloutRecord, ShardError, check_unique_keys
 
 
-def records_from_batch(batch: RolloutBatch, videos: torch.Tensor, prompts: list[str], prompt_ids: list[str],
-                       iteration: int, seed: int, group_size: int) -> list[RolloutRecord]:
-    """Split one iteration's rollouts (S samples) and decoded videos [S, F', H', W', 3] into records.
+def records_from_batch(batch: RolloutBatch, prompts: list[str], prompt_ids: list[str], iteration: int, seed: int,
+                       group_size: int) -> list[RolloutRecord]:
+    """Split one iteration's rollouts (S samples) into records, in sample order.
 
     Sample s belongs to prompt `batch.prompt_index[s]` (an index into `prompts` / `prompt_ids`) and
     is member s % G of its group; the G consecutive samples of a group must share a prompt.
@@ -26,8 +26,6 @@ def records_from_batch(batch: RolloutBatch, videos: torch.Tensor, prompts: list[
     total = batch.num_samples
     if group_size < 1 or total % group_size:
         raise ShardError(f"{total} samples do not form whole groups of {group_size}")
-    if videos.shape[0] != total:
-        raise ShardError(f"videos hold {videos.shape[0]} samples, the batch {total}")
     if len(prompts) != len(prompt_ids):
         raise ShardError(f"{len(prompts)} prompts but {len(prompt_ids)} prompt ids")
     prompt_index = batch.prompt_index.tolist()  # [S]
@@ -46,13 +44,20 @@ def records_from_batch(batch: RolloutBatch, videos: torch.Tensor, prompts: list[
             prompt=prompts[p], prompt_index=p, group_index=g, iteration=iteration, seed=seed,
             # clone: a record owns its tensors rather than keeping the whole batch alive
             steps=batch.steps[s].clone(), latents=batch.latents[s].clone(), next_latents=batch.next_latents[s].clone(),
-            log_probs=batch.log_probs[s].clone(), video=videos[s].clone()))
+            log_probs=batch.log_probs[s].clone()))
     check_unique_keys(records)
     return records
 
 
-def batch_from_records(records: Sequence[RolloutRecord]) -> tuple[RolloutBatch, torch.Tensor, list[str], list[str]]:
-    """Stack records (in the given order) back into (RolloutBatch, videos [S, F', H', W', 3], prompts, prompt_ids).
+def videos_by_key(records: Sequence[RolloutRecord], videos: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{record key: video} for `write_shards`, from the batch's decoded videos [S, F', H', W', 3] in sample order."""
+    if videos.shape[0] != len(records):
+        raise ShardError(f"videos hold {videos.shape[0]} samples, the records {len(records)}")
+    return {record.key: video for record, video in zip(records, videos)}
+
+
+def batch_from_records(records: Sequence[RolloutRecord]) -> tuple[RolloutBatch, list[str], list[str]]:
+    """Stack records (in the given order) back into (RolloutBatch, prompts, prompt_ids).
 
     Prompts are numbered in first-seen order of their (iteration, prompt_index), and
     `batch.prompt_index` indexes the returned `prompts` / `prompt_ids`. `final_latents` is not stored
@@ -80,7 +85,7 @@ def batch_from_records(records: Sequence[RolloutRecord]) -> tuple[RolloutBatch, 
     batch = RolloutBatch(prompt_index=torch.tensor(prompt_index, dtype=torch.long), steps=stack("steps"),
                          latents=stack("latents"), next_latents=stack("next_latents"), log_probs=stack("log_probs"),
                          final_latents=torch.empty(len(records), 0, dtype=first.latents.dtype))
-    return batch, stack("video"), prompts, prompt_ids
+    return batch, prompts, prompt_ids
 
 
 def _check_same_layout(first: RolloutRecord, record: RolloutRecord) -> None:

@@ -1,20 +1,24 @@
 """Rollout records on disk: WebDataset tar shards with safetensors tensors and a `shards.json` index.
 
-One rollout sample is one `RolloutRecord` (SPEC section 4: what training and scoring need from a
-rollout). In a shard a record is two tar entries, written in this order:
+One rollout sample is one `RolloutRecord` (SPEC section 4: what training needs from a rollout) and
+one decoded video (what scoring needs). They go to two sets of shards, so the update stage never
+reads a video: at Wan 2.1's 81 x 480 x 832 a video is about 97 MB, some 90% of a sample's bytes.
 
-    <key>.json                  metadata, UTF-8 JSON with sorted keys: format, key, prompt_id,
-                                prompt, prompt_index, group_index, iteration, seed
-    <key>.tensors.safetensors   one safetensors file holding steps, latents, next_latents,
-                                log_probs and video
+    shard-000000.tar   per record, in this order:
+        <key>.json                  metadata, UTF-8 JSON with sorted keys: format, key, prompt_id,
+                                    prompt, prompt_index, group_index, iteration, seed
+        <key>.tensors.safetensors   one safetensors file holding steps, latents, next_latents, log_probs
+    video-000000.tar   the same records' videos:
+        <key>.video.safetensors     one safetensors file holding `video`, uint8 [F', H', W', 3]
 
-WebDataset splits a member name at the first dot of its base name: what comes before is the sample
-key, what comes after (`json`, `tensors.safetensors`) the field name. So keys never contain dots
-(they are `[A-Za-z0-9_-]`, at most 80 characters, e.g. `it0003-p000012-g05`). The output directory
-holds `shard-000000.tar`, `shard-000001.tar`, ... and, written last, `shards.json`:
+Shard n of each set holds the same records. WebDataset splits a member name at the first dot of its
+base name: what comes before is the sample key, what comes after (`json`, `tensors.safetensors`,
+`video.safetensors`) the field name. So keys never contain dots (they are `[A-Za-z0-9_-]`, at most
+80 characters, e.g. `it0003-p000012-g05`). Written last, `shards.json`:
 
     {"format": ..., "group_size": G, "records": n,
-     "shards": [{"name": "shard-000000.tar", "records": n0, "bytes": ..., "sha256": ...}, ...]}
+     "shards": [{"name": "shard-000000.tar", "records": n0, "bytes": ..., "sha256": ...}, ...],
+     "video_shards": [{"name": "video-000000.tar", ...}, ...]}
 
 A directory without `shards.json` is an unfinished write (an interrupted rollout stage).
 
@@ -29,13 +33,16 @@ Why this format:
   set; the result is an ordinary WebDataset shard all the same.
 - Whole groups per shard (a shard holds `groups_per_shard * G` records), so a reader streaming one
   shard always sees complete groups for the group-relative advantages.
+- Videos in their own shards: `read_shards` (the update) reads and checksums only the training
+  tensors; `read_videos` (scoring) reads the videos.
 
-`read_shards` parses the tars with `tarfile` directly, not through `wds.WebDataset`: it checks every
-shard against the index's sha256, rejects unexpected or duplicated entries and reports errors
-naming the shard file and record key, where webdataset's pipeline would hand exceptions to its
-handlers and group members silently. Standard tools still stream the shards:
-`wds.WebDataset(urls, shardshuffle=False).map(RolloutRecord.from_sample)` (no `.decode()`, so no
-pickle), with the urls from `shard_paths`.
+`read_shards` and `read_videos` parse the tars with `tarfile` directly, not through
+`wds.WebDataset`: they check every shard against the index's sha256, reject unexpected or
+duplicated entries and report errors naming the shard file and record key, where webdataset's
+pipeline would hand exceptions to its handlers and group members silently. Standard tools still
+stream the shards: `wds.WebDataset(urls, shardshuffle=False).map(RolloutRecord.from_sample)` (no
+`.decode()`, so no pickle) with the urls from `shard_paths`, and `.map(video_from_sample)` over
+`video_shard_paths`.
 """
 
 from __future__ import annotations
@@ -46,7 +53,7 @@ import json
 import os
 import re
 import tarfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,12 +61,12 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-
-FORMAT = "flash-grpo-rollout/1"
+FORMAT = "flash-grpo-rollout/2"
 INDEX_NAME = "shards.json"
 TEMP_PREFIX = ".tmp-"  # unfinished files in the output directory; removed before the next write
 ENTRIES = ("json", "tensors.safetensors")
-TENSOR_FIELDS = ("steps", "latents", "next_latents", "log_probs", "video")
+TENSOR_FIELDS = ("steps", "latents", "next_latents", "log_probs")
+VIDEO_ENTRY = "video.safetensors"
 META_FIELDS = {"prompt_id": str, "prompt": str, "prompt_index": int, "group_index": int, "iteration": int, "seed": int}
 TAR_USER = "flash-grpo"
 TAR_MODE = 0o644
@@ -72,7 +79,8 @@ class ShardError(ValueError):
 
 @dataclass
 class RolloutRecord:
-    """One rollout sample (T trained steps; latents [C, F, H, W] per step; a decoded video F' x H' x W').
+    """One rollout sample's training data (T trained steps; latents [C, F, H, W] per step); its
+    decoded video is stored apart (`write_shards`' `videos`, `read_videos`).
 
     key: str                   unique sample key without dots, e.g. `it0003-p000012-g05`
     prompt_id: str             stable prompt id from the curate stage
@@ -85,7 +93,6 @@ class RolloutRecord:
     latents: [T, C, F, H, W]   x_{t_k}, any floating dtype (bfloat16 included)
     next_latents: [T, C, F, H, W] x_{t_{k+1}}, same shape and dtype as latents
     log_probs: [T] float32     log p_old of next_latents given latents
-    video: [F', H', W', 3] uint8  the decoded video, for scoring
     """
 
     key: str
@@ -99,7 +106,6 @@ class RolloutRecord:
     latents: torch.Tensor
     next_latents: torch.Tensor
     log_probs: torch.Tensor
-    video: torch.Tensor
 
     def __post_init__(self) -> None:
         self.validate()
@@ -139,9 +145,6 @@ class RolloutRecord:
         if self.log_probs.dtype != torch.float32 or self.log_probs.shape != steps.shape:
             raise self._error("log_probs", f"expected float32 [{steps.shape[0]}], "
                                            f"got {self.log_probs.dtype} {list(self.log_probs.shape)}")
-        video = self.video
-        if video.dtype != torch.uint8 or video.dim() != 4 or video.shape[-1] != 3:
-            raise self._error("video", f"expected uint8 [F, H, W, 3], got {video.dtype} {list(video.shape)}")
 
     def to_sample(self) -> dict[str, str | bytes]:
         """The WebDataset sample: `__key__` (str), `json` and `tensors.safetensors` (bytes)."""
@@ -169,16 +172,43 @@ class RolloutRecord:
         meta = _parse_meta(sample["json"], where)
         if key is not None and meta["key"] != key:
             raise ShardError(f"{where}: field 'json': its key {meta['key']!r} differs from the sample key")
-        where = f"record {meta['key']!r}"
-        try:
-            tensors = load_safetensors(bytes(sample["tensors.safetensors"]))
-        except Exception as error:  # safetensors raises its own (Rust-side) error types for bad bytes
-            raise ShardError(f"{where}: field 'tensors.safetensors': not a readable safetensors file "
-                             f"({error})") from error
-        if sorted(tensors) != sorted(TENSOR_FIELDS):
-            raise ShardError(f"{where}: field 'tensors.safetensors': expected tensors {sorted(TENSOR_FIELDS)}, "
-                             f"found {sorted(tensors)}")
+        tensors = _load_tensors(sample, "tensors.safetensors", TENSOR_FIELDS, f"record {meta['key']!r}")
         return cls(key=meta["key"], **{name: meta[name] for name in META_FIELDS}, **tensors)
+
+
+def video_sample(key: str, video: torch.Tensor) -> dict[str, str | bytes]:
+    """The WebDataset sample of one record's video: `__key__` (str) and `video.safetensors` (bytes)."""
+    _check_video(key, video)
+    return {"__key__": key, VIDEO_ENTRY: save_safetensors({"video": video.detach().cpu().contiguous()})}
+
+
+def video_from_sample(sample: dict) -> tuple[str, torch.Tensor]:
+    """(key, video uint8 [F', H', W', 3]) from a video shard's sample of raw bytes (`__key__` and
+    `video.safetensors`; other `_`-prefixed entries such as webdataset's `__url__` are ignored)."""
+    key = sample.get("__key__")
+    entries = sorted(name for name in sample if not name.startswith("_"))
+    if not isinstance(key, str) or not _KEY.fullmatch(key) or entries != [VIDEO_ENTRY]:
+        raise ShardError(f"video sample {key!r}: expected a key of [A-Za-z0-9_-] and entries {[VIDEO_ENTRY]}, "
+                         f"found {entries}")
+    video = _load_tensors(sample, VIDEO_ENTRY, ("video",), f"record {key!r}")["video"]
+    _check_video(key, video)
+    return key, video
+
+
+def _check_video(key: str, video) -> None:
+    if not isinstance(video, torch.Tensor) or video.dtype != torch.uint8 or video.dim() != 4 or video.shape[-1] != 3:
+        found = f"{video.dtype} {list(video.shape)}" if isinstance(video, torch.Tensor) else type(video).__name__
+        raise ShardError(f"record {key!r}: field 'video': expected uint8 [F, H, W, 3], got {found}")
+
+
+def _load_tensors(sample: dict, field: str, names: Sequence[str], where: str) -> dict[str, torch.Tensor]:
+    try:
+        tensors = load_safetensors(bytes(sample[field]))
+    except Exception as error:  # safetensors raises its own (Rust-side) error types for bad bytes
+        raise ShardError(f"{where}: field {field!r}: not a readable safetensors file ({error})") from error
+    if sorted(tensors) != sorted(names):
+        raise ShardError(f"{where}: field {field!r}: expected tensors {sorted(names)}, found {sorted(tensors)}")
+    return tensors
 
 
 def _parse_meta(raw, where: str) -> dict:
@@ -226,35 +256,58 @@ def iter_groups(records: Iterable[RolloutRecord], group_size: int) -> Iterator[l
         yield group
 
 
-def write_shards(records: Iterable[RolloutRecord], out_dir: str | os.PathLike, group_size: int,
-                 groups_per_shard: int, pattern: str = "shard-%06d.tar") -> list[Path]:
-    """Write records as byte-reproducible tar shards of whole groups, then `shards.json`; return the shard paths.
+def write_shards(records: Iterable[RolloutRecord], videos: Mapping[str, torch.Tensor], out_dir: str | os.PathLike,
+                 group_size: int, groups_per_shard: int, pattern: str = "shard-%06d.tar",
+                 video_pattern: str = "video-%06d.tar") -> list[Path]:
+    """Write records and their videos ({key: uint8 [F', H', W', 3]}) as byte-reproducible tar shards
+    of whole groups, then `shards.json`; return the record shards' paths.
 
     Records are sorted by key first (the order they come in does not matter) and must then form
-    whole consecutive groups of G. Each shard is written under a temporary name and renamed when
-    complete; the index is written last. A previous attempt's index, temporary files and shards
-    matching `pattern` are removed first; other files in `out_dir` are left alone.
+    whole consecutive groups of G; `videos` holds exactly one video per record. Shard n of each set
+    holds the same records. Each shard is written under a temporary name and renamed when complete;
+    the index is written last. A previous attempt's index, temporary files and shards matching
+    either pattern are removed first; other files in `out_dir` are left alone.
     """
     if groups_per_shard < 1:
         raise ShardError(f"groups_per_shard must be >= 1, got {groups_per_shard}")
-    shard_name = _shard_name_pattern(pattern)
+    names = _shard_name_pattern(pattern), _shard_name_pattern(video_pattern)
+    if names[0].fullmatch(video_pattern % 0) or names[1].fullmatch(pattern % 0):
+        raise ShardError(f"shard name patterns {pattern!r} and {video_pattern!r} name the same files")
     ordered = sorted(records, key=lambda record: record.key)
     check_unique_keys(ordered)
     groups = list(iter_groups(ordered, group_size))  # validates before anything touches the disk
+    _check_videos_match(ordered, videos)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _remove_previous_attempt(out_dir, shard_name)
-    paths, entries = [], []
+    _remove_previous_attempt(out_dir, names)
+    paths, listings = [], {"shards": [], "video_shards": []}
     for number, start in enumerate(range(0, len(groups), groups_per_shard)):
         shard = [record for group in groups[start:start + groups_per_shard] for record in group]
-        path = out_dir / (pattern % number)
-        _write_tar(shard, path)
-        entries.append({"name": path.name, "records": len(shard), "bytes": path.stat().st_size,
-                        "sha256": _sha256(path)})
-        paths.append(path)
-    index = {"format": FORMAT, "group_size": group_size, "records": len(ordered), "shards": entries}
+        for listing, name, samples in (
+                ("shards", pattern, [record.to_sample() for record in shard]),
+                ("video_shards", video_pattern, [video_sample(record.key, videos[record.key]) for record in shard])):
+            path = out_dir / (name % number)
+            _write_tar(samples, path)
+            listings[listing].append({"name": path.name, "records": len(shard), "bytes": path.stat().st_size,
+                                      "sha256": _sha256(path)})
+        paths.append(out_dir / (pattern % number))
+    index = {"format": FORMAT, "group_size": group_size, "records": len(ordered), **listings}
     _replace_atomically(out_dir / INDEX_NAME, (json.dumps(index, indent=2, sort_keys=True) + "\n").encode("utf-8"))
     return paths
+
+
+def _check_videos_match(records: Sequence[RolloutRecord], videos: Mapping[str, torch.Tensor]) -> None:
+    keys = [record.key for record in records]
+    missing, unknown = sorted(set(keys) - set(videos)), sorted(set(videos) - set(keys))
+    if missing or unknown:
+        raise ShardError(f"videos must match the records one to one: no video for {_some(missing)}, "
+                         f"videos of unknown records {_some(unknown)}")
+    for key in keys:
+        _check_video(key, videos[key])
+
+
+def _some(keys: Sequence[str], shown: int = 3) -> str:
+    return "[" + ", ".join(map(repr, keys[:shown])) + (f", ... ({len(keys)} in all)" if len(keys) > shown else "") + "]"
 
 
 def _shard_name_pattern(pattern: str) -> re.Pattern:
@@ -269,24 +322,24 @@ def _shard_name_pattern(pattern: str) -> re.Pattern:
     return re.compile(re.escape(head) + r"\d+" + re.escape(tail))
 
 
-def _remove_previous_attempt(out_dir: Path, shard_name: re.Pattern) -> None:
+def _remove_previous_attempt(out_dir: Path, shard_names: Sequence[re.Pattern]) -> None:
     # The index goes first, so the directory reads as unfinished until the new index is written.
     (out_dir / INDEX_NAME).unlink(missing_ok=True)
     for path in sorted(out_dir.iterdir()):
-        if path.is_file() and (path.name.startswith(TEMP_PREFIX) or shard_name.fullmatch(path.name)):
+        if path.is_file() and (path.name.startswith(TEMP_PREFIX) or any(n.fullmatch(path.name) for n in shard_names)):
             path.unlink()
 
 
-def _write_tar(records: Sequence[RolloutRecord], path: Path) -> None:
-    """A ustar archive whose bytes depend only on the records: fixed headers, records in the given order."""
+def _write_tar(samples: Sequence[dict], path: Path) -> None:
+    """A ustar archive whose bytes depend only on the samples: fixed headers, samples in the given
+    order, each sample's fields (all but the `__key__`) in sorted order."""
     temp = path.with_name(TEMP_PREFIX + path.name)
     with open(temp, "wb") as stream:
         with tarfile.open(fileobj=stream, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for record in records:
-                sample = record.to_sample()
-                for field in sorted(ENTRIES):
+            for sample in samples:
+                for field in sorted(name for name in sample if not name.startswith("_")):
                     data = sample[field]
-                    info = tarfile.TarInfo(f"{record.key}.{field}")
+                    info = tarfile.TarInfo(f"{sample['__key__']}.{field}")
                     info.size, info.mtime, info.mode = len(data), 0, TAR_MODE
                     info.uid = info.gid = 0
                     info.uname = info.gname = TAR_USER
@@ -313,6 +366,9 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+LISTINGS = ("shards", "video_shards")
+
+
 def _load_index(out_dir: Path) -> dict:
     index_path = out_dir / INDEX_NAME
     if not index_path.is_file():
@@ -320,49 +376,94 @@ def _load_index(out_dir: Path) -> dict:
                          "(was the rollout stage interrupted?)")
     try:
         index = json.loads(index_path.read_text(encoding="utf-8"))
-        shards = index["shards"]
-        valid = index["format"] == FORMAT and all(
+        if index["format"] != FORMAT:
+            raise ShardError(f"{index_path}: format {index['format']!r}, this reader knows {FORMAT!r} "
+                             "(rerun the rollout stage to rewrite it)")
+        valid = all(
             isinstance(entry["name"], str) and "/" not in entry["name"] and isinstance(entry["records"], int)
-            and isinstance(entry["sha256"], str) for entry in shards)
+            and isinstance(entry["sha256"], str) for listing in LISTINGS for entry in index[listing])
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
         raise ShardError(f"{index_path}: not a valid shard index ({error!r})") from error
-    if not valid:
+    if not valid or len(index["shards"]) != len(index["video_shards"]):
         raise ShardError(f"{index_path}: not a {FORMAT!r} shard index")
     return index
 
 
-def shard_paths(out_dir: str | os.PathLike) -> list[Path]:
-    """The shard files listed in `out_dir/shards.json` (each must exist), e.g. as urls for `wds.WebDataset`."""
-    out_dir = Path(out_dir)
-    paths = [out_dir / entry["name"] for entry in _load_index(out_dir)["shards"]]
+def _listed_paths(out_dir: Path, index: dict, listing: str) -> list[Path]:
+    paths = [out_dir / entry["name"] for entry in index[listing]]
     for path in paths:
         if not path.is_file():
             raise ShardError(f"shard {path}: missing (listed in {out_dir / INDEX_NAME})")
     return paths
 
 
-def read_shards(out_dir: str | os.PathLike) -> list[RolloutRecord]:
-    """All records of a finished shard directory, sorted by key, after checking every shard's sha256."""
+def shard_paths(out_dir: str | os.PathLike) -> list[Path]:
+    """The record shards listed in `out_dir/shards.json` (each must exist), e.g. as urls for `wds.WebDataset`."""
     out_dir = Path(out_dir)
-    index = _load_index(out_dir)
-    records: list[RolloutRecord] = []
-    for path, entry in zip(shard_paths(out_dir), index["shards"]):
-        digest = _sha256(path)
-        if digest != entry["sha256"]:
-            raise ShardError(f"shard {path}: sha256 {digest} does not match {INDEX_NAME} ({entry['sha256']}); "
-                             "the file is truncated, corrupt or was changed after writing")
-        shard_records = [_record_in_shard(sample, path) for sample in _tar_samples(path)]
-        if len(shard_records) != entry["records"]:
-            raise ShardError(f"shard {path}: holds {len(shard_records)} records, {INDEX_NAME} says {entry['records']}")
-        records.extend(shard_records)
+    return _listed_paths(out_dir, _load_index(out_dir), "shards")
+
+
+def video_shard_paths(out_dir: str | os.PathLike) -> list[Path]:
+    """The video shards listed in `out_dir/shards.json` (each must exist), in the order of `shard_paths`."""
+    out_dir = Path(out_dir)
+    return _listed_paths(out_dir, _load_index(out_dir), "video_shards")
+
+
+def read_shards(out_dir: str | os.PathLike) -> list[RolloutRecord]:
+    """All records of a finished shard directory, sorted by key, after checking every record shard's
+    sha256. The video shards are not opened."""
+    records = list(_read_listing(Path(out_dir), "shards", RolloutRecord.from_sample))
     records.sort(key=lambda record: record.key)
     check_unique_keys(records)
     return records
 
 
-def _record_in_shard(sample: dict, path: Path) -> RolloutRecord:
+def read_videos(out_dir: str | os.PathLike, keys: Sequence[str]) -> torch.Tensor:
+    """The videos of the records `keys`, stacked in that order: uint8 [len(keys), F', H', W', 3].
+
+    Checks every video shard's sha256 and fills the result one shard at a time, so at most one
+    shard's bytes are held besides it. Every key must have exactly one video of the common shape.
+    """
+    out_dir = Path(out_dir)
+    position = {key: i for i, key in enumerate(keys)}
+    if not keys or len(position) != len(keys):
+        raise ShardError(f"read_videos: expected distinct record keys, got {_some(list(keys))}")
+    out, seen = None, set()
+    for key, video in _read_listing(out_dir, "video_shards", video_from_sample):
+        if key in seen:
+            raise ShardError(f"{out_dir}: the video of record {key!r} occurs twice")
+        seen.add(key)
+        if key not in position:
+            continue
+        if out is None:
+            out = torch.empty(len(keys), *video.shape, dtype=video.dtype)
+        elif video.shape != out.shape[1:]:
+            raise ShardError(f"record {key!r}: field 'video': shape {list(video.shape)} differs from the other "
+                             f"videos' {list(out.shape[1:])}")
+        out[position[key]] = video
+    missing = [key for key in keys if key not in seen]
+    if missing:
+        raise ShardError(f"{out_dir}: no video for records {_some(missing)}")
+    return out
+
+
+def _read_listing(out_dir: Path, listing: str, parse: Callable[[dict], object]) -> Iterator:
+    """Parse every sample of the index's `listing` shards, one shard at a time, each after its sha256 check."""
+    index = _load_index(out_dir)
+    for path, entry in zip(_listed_paths(out_dir, index, listing), index[listing]):
+        digest = _sha256(path)
+        if digest != entry["sha256"]:
+            raise ShardError(f"shard {path}: sha256 {digest} does not match {INDEX_NAME} ({entry['sha256']}); "
+                             "the file is truncated, corrupt or was changed after writing")
+        parsed = [_parse_in_shard(parse, sample, path) for sample in _tar_samples(path)]
+        if len(parsed) != entry["records"]:
+            raise ShardError(f"shard {path}: holds {len(parsed)} records, {INDEX_NAME} says {entry['records']}")
+        yield from parsed
+
+
+def _parse_in_shard(parse: Callable[[dict], object], sample: dict, path: Path):
     try:
-        return RolloutRecord.from_sample(sample)
+        return parse(sample)
     except ShardError as error:
         raise ShardError(f"shard {path}: {error}") from error
 

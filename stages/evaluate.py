@@ -122,7 +122,8 @@ def evaluate(args) -> dict:
                 "not_configured": trained["not_configured"]}, args.metrics)
     write_json(history, args.history)
     return {"iteration": state["iteration"], "evaluated": len(points), "prompts": trained["prompts"],
-            "reward_base": round(base["metrics"]["reward"], 4), "reward_trained": round(trained["metrics"]["reward"], 4)}
+            "reward_base": round(base["metrics"]["reward"], 4),
+            "reward_trained": round(trained["metrics"]["reward"], 4)}
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ def main(argv=None) -> int:
         from flash_grpo_core.prompt_embeds import save_prompt_embeds
         from flash_grpo_core.prompts import read_prompts_parquet
         from flash_grpo_core.sampler import PassCounter
-        from flash_grpo_core.rollout_records import records_from_batch
+        from flash_grpo_core.rollout_records import records_from_batch, videos_by_key
         from flash_grpo_core.shards import write_shards
 
         params = _common.load_params(args.params)
@@ -44,11 +44,11 @@ def main(argv=None) -> int:
                 _common.progress_bar(len(chosen) * r.group_size * r.num_steps, "rollout") as bar:
             embeds = encode(engine, texts)
             batch, videos = generate(engine, texts, args.iteration, counter, progress=bar, embeds=embeds)
-        records = records_from_batch(batch, videos, texts, [p.id for p in chosen], args.iteration, params.seed,
-                                     r.group_size)
+        records = records_from_batch(batch, texts, [p.id for p in chosen], args.iteration, params.seed, r.group_size)
         with _common.timer(timings, "write_seconds"):
             save_prompt_embeds(args.out, texts, *embeds)  # before the index: the directory is finished last
-            shards = write_shards(records, args.out, r.group_size, params.pipeline.groups_per_shard)
+            shards = write_shards(records, videos_by_key(records, videos), args.out, r.group_size,
+                                  params.pipeline.groups_per_shard)
         steps = batch.steps.reshape(len(chosen), r.group_size, -1)
         write_json({"iteration": args.iteration, "seed": params.seed, "mode": params.train.mode,
                     "samples": len(records), "shards": len(shards), "group_size": r.group_size,

@@ -33,11 +33,12 @@ def main(argv=None) -> int:
         from flash_grpo_core.iteration import advantages_for, reward_from_params, score
         from flash_grpo_core.scores import write_scores
         from flash_grpo_core.rollout_records import batch_from_records
-        from flash_grpo_core.shards import read_shards
+        from flash_grpo_core.shards import read_shards, read_videos
 
         params = _common.load_params(args.params)
         records = read_shards(args.rollout)
-        batch, videos, prompts, _ = batch_from_records(records)
+        batch, prompts, _ = batch_from_records(records)
+        videos = read_videos(args.rollout, [record.key for record in records])
         reward = reward_from_params(params, scale_guard=True)
         reward.load_state_dict(json.loads(Path(args.reward_state_in).read_text()))
         rewards, info = score(reward, videos, prompts, batch)

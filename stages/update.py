@@ -41,7 +41,7 @@ def main(argv=None) -> int:
             # no text encoder: the prompts come as the embeddings the rollout sampled with
             engine, previous = _common.engine_at(params, args.checkpoint, text_encoder=False)
             records = read_shards(args.rollout)
-            batch, _, prompts, _ = batch_from_records(records)
+            batch, prompts, _ = batch_from_records(records)
             embeds = load_prompt_embeds(args.rollout, prompts, engine.device)
             advantages = read_advantages(args.scores, [r.key for r in records])
         with _common.timer(timings, "train_seconds"), _common.progress_bar(batch.steps.numel(), "update") as bar:

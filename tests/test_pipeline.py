@@ -156,8 +156,8 @@ def test_rollout_shards_are_byte_reproducible(project, tmp_path):
     _run([sys.executable, "-m", "stages.rollout", "--iteration", "1", "--prompts", "runs/prompts/train.parquet",
           "--checkpoint", "runs/tiny/it0/checkpoint", "--out", str(out)], project)
     original = project / "runs" / "tiny" / "it1" / "rollout"
-    names = sorted(p.name for p in original.glob("shard-*.tar"))
-    assert names and names == sorted(p.name for p in out.glob("shard-*.tar"))
+    names = sorted(p.name for p in original.glob("*.tar"))
+    assert {"shard-000000.tar", "video-000000.tar"} <= set(names) and names == sorted(p.name for p in out.glob("*.tar"))
     for name in [*names, "shards.json", "prompt_embeds.safetensors"]:
         assert (original / name).read_bytes() == (out / name).read_bytes(), name
 
@@ -188,17 +188,18 @@ def test_interrupted_stage_is_rerun_and_never_taken_as_done(project):
     assert "up to date" in _dvc("status", "dvc.yaml", cwd=project).stdout
 
 
-def test_corrupt_shard_fails_the_score_stage_naming_the_file(project, tmp_path):
+@pytest.mark.parametrize("name", ["shard-000000.tar", "video-000001.tar"])
+def test_corrupt_shard_fails_the_score_stage_naming_the_file(project, tmp_path, name):
     broken = tmp_path / "rollout"
     shutil.copytree(project / "runs" / "tiny" / "it1" / "rollout", broken)
-    shard = broken / "shard-000000.tar"
+    shard = broken / name
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     result = _run([sys.executable, "-m", "stages.score", "--iteration", "1", "--rollout", str(broken),
                    "--out", str(tmp_path / "scores.parquet"), "--summary", str(tmp_path / "score.json"),
                    "--reward-state-in", "runs/tiny/it0/reward_state.json",
                    "--reward-state-out", str(tmp_path / "state.json")], project, check=False)
     assert result.returncode == 2
-    assert "shard-000000.tar" in result.stderr and "Traceback" not in result.stderr
+    assert name in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "scores.parquet").exists()
 
 
