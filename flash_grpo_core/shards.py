@@ -28,9 +28,9 @@ Why this format:
 - bfloat16 latents round-trip exactly (`.npy` cannot hold bf16; safetensors can).
 - Byte-reproducible shards, so DVC sees identical outputs for identical rollouts: records are
   sorted by key, every tar header is fixed (mtime 0, uid/gid 0, fixed uname/gname, mode 0644,
-  ustar format) and the index holds no timestamps. The tars are written with `tarfile` rather than
-  webdataset 1.0.2's `TarWriter`, whose `format` argument is ignored and whose uid/gid cannot be
-  set; the result is an ordinary WebDataset shard all the same.
+  ustar format) and the index holds no timestamps. The tars are written with `tarfile`
+  (flash_grpo_core/tar_io.py) rather than webdataset 1.0.2's `TarWriter`, whose `format` argument
+  is ignored and whose uid/gid cannot be set; the result is an ordinary WebDataset shard all the same.
 - Whole groups per shard (a shard holds `groups_per_shard * G` records), so a reader streaming one
   shard always sees complete groups for the group-relative advantages.
 - Videos in their own shards: `read_shards` (the update) reads and checksums only the training
@@ -47,12 +47,9 @@ stream the shards: `wds.WebDataset(urls, shardshuffle=False).map(RolloutRecord.f
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import os
 import re
-import tarfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,20 +58,15 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from flash_grpo_core.tar_io import TEMP_PREFIX, ShardError, replace_atomically, sha256, tar_samples, write_tar
+
 FORMAT = "flash-grpo-rollout/2"
 INDEX_NAME = "shards.json"
-TEMP_PREFIX = ".tmp-"  # unfinished files in the output directory; removed before the next write
 ENTRIES = ("json", "tensors.safetensors")
 TENSOR_FIELDS = ("steps", "latents", "next_latents", "log_probs")
 VIDEO_ENTRY = "video.safetensors"
 META_FIELDS = {"prompt_id": str, "prompt": str, "prompt_index": int, "group_index": int, "iteration": int, "seed": int}
-TAR_USER = "flash-grpo"
-TAR_MODE = 0o644
 _KEY = re.compile(r"[A-Za-z0-9_-]{1,80}")  # 80 + len(".tensors.safetensors") fits a ustar name (100)
-
-
-class ShardError(ValueError):
-    """A record, shard or shard directory that breaks the format; the message names what and where."""
 
 
 @dataclass
@@ -287,12 +279,12 @@ def write_shards(records: Iterable[RolloutRecord], videos: Mapping[str, torch.Te
                 ("shards", pattern, [record.to_sample() for record in shard]),
                 ("video_shards", video_pattern, [video_sample(record.key, videos[record.key]) for record in shard])):
             path = out_dir / (name % number)
-            _write_tar(samples, path)
+            write_tar(samples, path)
             listings[listing].append({"name": path.name, "records": len(shard), "bytes": path.stat().st_size,
-                                      "sha256": _sha256(path)})
+                                      "sha256": sha256(path)})
         paths.append(out_dir / (pattern % number))
     index = {"format": FORMAT, "group_size": group_size, "records": len(ordered), **listings}
-    _replace_atomically(out_dir / INDEX_NAME, (json.dumps(index, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+    replace_atomically(out_dir / INDEX_NAME, (json.dumps(index, indent=2, sort_keys=True) + "\n").encode("utf-8"))
     return paths
 
 
@@ -328,42 +320,6 @@ def _remove_previous_attempt(out_dir: Path, shard_names: Sequence[re.Pattern]) -
     for path in sorted(out_dir.iterdir()):
         if path.is_file() and (path.name.startswith(TEMP_PREFIX) or any(n.fullmatch(path.name) for n in shard_names)):
             path.unlink()
-
-
-def _write_tar(samples: Sequence[dict], path: Path) -> None:
-    """A ustar archive whose bytes depend only on the samples: fixed headers, samples in the given
-    order, each sample's fields (all but the `__key__`) in sorted order."""
-    temp = path.with_name(TEMP_PREFIX + path.name)
-    with open(temp, "wb") as stream:
-        with tarfile.open(fileobj=stream, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for sample in samples:
-                for field in sorted(name for name in sample if not name.startswith("_")):
-                    data = sample[field]
-                    info = tarfile.TarInfo(f"{sample['__key__']}.{field}")
-                    info.size, info.mtime, info.mode = len(data), 0, TAR_MODE
-                    info.uid = info.gid = 0
-                    info.uname = info.gname = TAR_USER
-                    tar.addfile(info, io.BytesIO(data))
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(temp, path)
-
-
-def _replace_atomically(path: Path, data: bytes) -> None:
-    temp = path.with_name(TEMP_PREFIX + path.name)
-    with open(temp, "wb") as stream:
-        stream.write(data)
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(temp, path)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 LISTINGS = ("shards", "video_shards")
@@ -451,11 +407,11 @@ def _read_listing(out_dir: Path, listing: str, parse: Callable[[dict], object]) 
     """Parse every sample of the index's `listing` shards, one shard at a time, each after its sha256 check."""
     index = _load_index(out_dir)
     for path, entry in zip(_listed_paths(out_dir, index, listing), index[listing]):
-        digest = _sha256(path)
+        digest = sha256(path)
         if digest != entry["sha256"]:
             raise ShardError(f"shard {path}: sha256 {digest} does not match {INDEX_NAME} ({entry['sha256']}); "
                              "the file is truncated, corrupt or was changed after writing")
-        parsed = [_parse_in_shard(parse, sample, path) for sample in _tar_samples(path)]
+        parsed = [_parse_in_shard(parse, sample, path) for sample in tar_samples(path)]
         if len(parsed) != entry["records"]:
             raise ShardError(f"shard {path}: holds {len(parsed)} records, {INDEX_NAME} says {entry['records']}")
         yield from parsed
@@ -466,25 +422,3 @@ def _parse_in_shard(parse: Callable[[dict], object], sample: dict, path: Path):
         return parse(sample)
     except ShardError as error:
         raise ShardError(f"shard {path}: {error}") from error
-
-
-def _tar_samples(path: Path) -> list[dict]:
-    """The shard's samples as raw bytes ({'__key__', '__url__', field: bytes}), members grouped by key."""
-    samples: list[dict] = []
-    key = None
-    try:
-        with tarfile.open(path, mode="r:") as tar:
-            for member in tar:
-                key = member.name.split(".", 1)[0]
-                if not member.isfile() or "/" in member.name or "." not in member.name:
-                    raise ShardError(f"shard {path}: unexpected tar member {member.name!r}")
-                field = member.name.split(".", 1)[1]
-                if not samples or samples[-1]["__key__"] != key:
-                    samples.append({"__key__": key, "__url__": str(path)})
-                if field in samples[-1]:
-                    raise ShardError(f"shard {path}: record {key!r}: entry {field!r} occurs twice")
-                samples[-1][field] = tar.extractfile(member).read()
-    except (tarfile.TarError, EOFError, OSError) as error:
-        where = f", record {key!r}" if key is not None else ""
-        raise ShardError(f"shard {path}{where}: not a readable tar file ({error}); is it truncated?") from error
-    return samples
