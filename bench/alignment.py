@@ -60,7 +60,7 @@ def flash_iteration_cost() -> int:
 
 def evaluate(engine, prompts: list[str], samples: int) -> dict[str, float]:
     """Held-out reward (total and components) of ODE samples with the EMA weights, fixed noise."""
-    from flash_grpo_core.iteration import reward_from_params, sample_ode
+    from flash_grpo_core.engine.iteration import reward_from_params, sample_ode
 
     params = engine.params
     repeated = [p for _ in range(samples) for p in prompts]
@@ -77,7 +77,7 @@ def train_variant(variant: str, seed: int, base: str, budget: int, evals: int, e
     `extra`: params overrides for every variant (--quick's faster EMA)."""
     from flash_grpo_core import toy
     from flash_grpo_core.config import load_params
-    from flash_grpo_core.iteration import build_engine, iteration_prompts, reward_from_params, run_iteration
+    from flash_grpo_core.engine.iteration import build_engine, iteration_prompts, reward_from_params, run_iteration
 
     params = load_params(ROOT / "params.yaml", preset="toy",
                          overrides={**(extra or {}), **VARIANTS[variant], "seed": seed, "model.path": base,
@@ -111,11 +111,11 @@ def gradient_spread(base: str, seed: int = 0) -> dict:
 
     from flash_grpo_core import toy
     from flash_grpo_core.config import load_params
-    from flash_grpo_core.iteration import build_engine, encode, generate
-    from flash_grpo_core.loss import ppo_clip_loss
-    from flash_grpo_core.rectify import rectification_factors
-    from flash_grpo_core.sampler import PassCounter
-    from flash_grpo_core.trainer import StepContext, score_items
+    from flash_grpo_core.engine.iteration import build_engine, encode, generate
+    from flash_grpo_core.engine.trainer import StepContext, score_items
+    from flash_grpo_core.method.batch import PassCounter
+    from flash_grpo_core.method.loss import ppo_clip_loss
+    from flash_grpo_core.method.rectify import rectification_factors
 
     params = load_params(ROOT / "params.yaml", preset="toy",
                          overrides={"seed": seed, "model.path": base, "model.device": "cpu"})

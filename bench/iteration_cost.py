@@ -59,7 +59,8 @@ def _params(args, mode):
 
 
 def _engine(args, params):
-    from flash_grpo_core import iteration, random_stacks
+    from flash_grpo_core.engine import iteration
+    from flash_grpo_core.models import random_stacks
 
     if args.arch == "tiny":
         return iteration.build_engine(params)
@@ -78,9 +79,9 @@ def measure_mode(args, mode) -> dict:
 
     import torch
 
-    from flash_grpo_core import iteration
+    from flash_grpo_core.engine import iteration
+    from flash_grpo_core.method.batch import PassCounter
     from flash_grpo_core.rewards import build_weighted_reward
-    from flash_grpo_core.sampler import PassCounter
 
     params = _params(args, mode)
     engine = _engine(args, params)

@@ -147,7 +147,7 @@ def measure(size: str, warm: bool) -> dict:
             if server is not None:
                 server.terminate()
                 server.wait(timeout=30)
-        imports = statistics.median(_timed([sys.executable, "-c", "import flash_grpo_core.models, stages.rollout"],
+        imports = statistics.median(_timed([sys.executable, "-c", "import flash_grpo_core.models.wan, stages.rollout"],
                                            project) for _ in range(3))
     if warm and served < 2 * len(STAGES):
         sys.exit(f"only {served} of {2 * len(STAGES)} stage runs ran warm")

@@ -154,7 +154,7 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """What `curate` keeps and how it splits (see flash_grpo_core/prompts.py)."""
+    """What `curate` keeps and how it splits (see flash_grpo_core/artifacts/prompts.py)."""
 
     min_words: int = 2
     max_words: int = 120

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flash_grpo_core.atomic import atomic_path
+from flash_grpo_core.artifacts.atomic import atomic_path
 
 CURVES = ("reward_mean", "loss", "clip_fraction", "approx_kl")
 

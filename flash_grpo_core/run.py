@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     from flash_grpo_core.config import load_params
-    from flash_grpo_core.iteration import build_engine, reward_from_params, run_iteration
+    from flash_grpo_core.engine.iteration import build_engine, reward_from_params, run_iteration
 
     params = load_params(args.params, preset=args.preset)
     prompts = read_prompt_lines(Path(args.prompts))

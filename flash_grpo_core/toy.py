@@ -72,7 +72,9 @@ def build_toy_stack(cfg: ToyConfig, dtype: torch.dtype = torch.float32, text_len
     """The pixel-space Wan stack, deterministic for `cfg.seed` (vae None)."""
     from diffusers import WanTransformer3DModel
 
-    from flash_grpo_core.models import WanStack, _cast_like_from_pretrained, _freeze, _small_text_encoder, build_tokenizer
+    from flash_grpo_core.models.random_stacks import small_text_encoder
+    from flash_grpo_core.models.tokenizer import build_tokenizer
+    from flash_grpo_core.models.wan import WanStack, cast_like_from_pretrained, freeze
 
     tokenizer = build_tokenizer()
     with torch.random.fork_rng(devices=[]):
@@ -81,10 +83,10 @@ def build_toy_stack(cfg: ToyConfig, dtype: torch.dtype = torch.float32, text_len
             patch_size=(1, cfg.patch, cfg.patch), num_attention_heads=cfg.heads, attention_head_dim=cfg.head_dim,
             in_channels=3, out_channels=3, text_dim=32, freq_dim=64, ffn_dim=cfg.ffn_dim, num_layers=cfg.layers,
             cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
-        text_encoder = _small_text_encoder(tokenizer, d_model=32)
-    _cast_like_from_pretrained(transformer, dtype)
+        text_encoder = small_text_encoder(tokenizer, d_model=32)
+    cast_like_from_pretrained(transformer, dtype)
     stack = WanStack(transformer, None, text_encoder, tokenizer, text_len)
-    _freeze(stack)
+    freeze(stack)
     return stack
 
 
@@ -97,7 +99,7 @@ def save_base(stack, directory, summary: dict) -> None:
 
     from safetensors.torch import save_file
 
-    from flash_grpo_core.atomic import atomic_path, write_json
+    from flash_grpo_core.artifacts.atomic import atomic_path, write_json
 
     directory = Path(directory)
     with atomic_path(directory / BASE_WEIGHTS) as temporary:
@@ -111,7 +113,7 @@ def load_base(stack, directory) -> None:
 
     from safetensors.torch import load_file
 
-    from flash_grpo_core.models import ModelPathError
+    from flash_grpo_core.models.wan import ModelPathError
 
     path = Path(directory) / BASE_WEIGHTS
     if not path.is_file():
@@ -122,7 +124,7 @@ def load_base(stack, directory) -> None:
 
 def pretrain(stack, cfg: ToyConfig, steps: int | None = None, progress=None) -> list[float]:
     """Flow-matching pre-training of `stack.transformer` in place; returns the loss per step."""
-    from flash_grpo_core.models import encode_prompts
+    from flash_grpo_core.models.wan import encode_prompts
 
     train_prompts, _ = toy_prompts(cfg)
     embeds = encode_prompts(stack, [*train_prompts, ""], "cpu")  # [P + 1, L, D], last = unconditional

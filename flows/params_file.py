@@ -74,7 +74,7 @@ def write(path: Path, preset: str, iterations: int | None, overrides: dict[str, 
     from ruamel.yaml import YAML
     from ruamel.yaml.comments import CommentedMap
 
-    from flash_grpo_core.atomic import atomic_path
+    from flash_grpo_core.artifacts.atomic import atomic_path
     from flash_grpo_core.config import ConfigError, load_params
     from flash_grpo_core.dvc_layout import set_dvc_layout
 

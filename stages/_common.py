@@ -30,8 +30,8 @@ def load_params(path: str):
 
 def engine_at(params, checkpoint: str, text_encoder: bool = True):
     """The preset's engine with the trainable weights, EMA and optimizer state of `checkpoint`."""
-    from flash_grpo_core.checkpoint import load_checkpoint
-    from flash_grpo_core.iteration import build_engine
+    from flash_grpo_core.artifacts.checkpoint import load_checkpoint
+    from flash_grpo_core.engine.iteration import build_engine
 
     engine = build_engine(params, text_encoder)
     state = load_checkpoint(engine.policy, checkpoint)
@@ -47,14 +47,14 @@ def progress_bar(total: int, description: str):
 
 
 def known_errors() -> tuple[type[BaseException], ...]:
-    from flash_grpo_core.advantages import NonFiniteError
-    from flash_grpo_core.checkpoint import CheckpointError
+    from flash_grpo_core.artifacts.checkpoint import CheckpointError
+    from flash_grpo_core.artifacts.prompts import PromptFileError
+    from flash_grpo_core.artifacts.scores import ScoresError
+    from flash_grpo_core.artifacts.tar_io import ShardError
     from flash_grpo_core.config import ConfigError
-    from flash_grpo_core.models import ModelPathError
-    from flash_grpo_core.prompts import PromptFileError
+    from flash_grpo_core.method.advantages import NonFiniteError
+    from flash_grpo_core.models.wan import ModelPathError
     from flash_grpo_core.rewards import RewardError
-    from flash_grpo_core.scores import ScoresError
-    from flash_grpo_core.shards import ShardError
 
     return (ConfigError, ModelPathError, PromptFileError, ShardError, CheckpointError, RewardError, ScoresError,
             NonFiniteError, FileNotFoundError)
@@ -68,9 +68,9 @@ def run(name: str, body) -> int:
     """Run a stage body; known input errors become a one-line message and exit code 2, an
     unreachable reward exit code 75. With a warm runner listening (stages/warm.py), a stage started
     as `python -m stages.<name>` runs there instead and this returns its exit code."""
-    from stages import warm
+    from stages import warm_client
 
-    delegated = warm.delegate()
+    delegated = warm_client.delegate()
     if delegated is not None:
         return delegated
     began = time.perf_counter()

@@ -2,9 +2,9 @@
 
     python -m stages.curate --sources prompts/example.txt [more ...] --out-dir data/prompts --params params.yaml
 
-Settings are the `data` section of the params file (the fields of `flash_grpo_core.prompts.CurateConfig`);
+Settings are the `data` section of the params file (the fields of `flash_grpo_core.artifacts.prompts.CurateConfig`);
 without that section, or without --params, CurateConfig's defaults apply. The work is in
-`flash_grpo_core/prompts.py`; this module only reads arguments, calls it and prints one summary line.
+`flash_grpo_core/artifacts/prompts.py`; this module only reads arguments, calls it and prints one summary line.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def load_config(params_path: str | None):
     """CurateConfig from the params file's `data` section, or the defaults."""
+    from flash_grpo_core.artifacts.prompts import CurateConfig
     from flash_grpo_core.config import read_yaml
-    from flash_grpo_core.prompts import CurateConfig
 
     if params_path is None:
         return CurateConfig()
@@ -37,16 +37,20 @@ def load_config(params_path: str | None):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from stages import warm
+    from stages import warm_client
 
-    delegated = warm.delegate()  # a warm runner, when one listens (stages/warm.py)
+    delegated = warm_client.delegate()  # a warm runner, when one listens (stages/warm.py)
     if delegated is not None:
         return delegated
     start = time.perf_counter()
-    from flash_grpo_core.config import ConfigError
-    from flash_grpo_core.prompts import (
-        SEMANTIC_UNAVAILABLE, PromptFileError, curate, read_prompt_sources, write_curation,
+    from flash_grpo_core.artifacts.prompts import (
+        SEMANTIC_UNAVAILABLE,
+        PromptFileError,
+        curate,
+        read_prompt_sources,
+        write_curation,
     )
+    from flash_grpo_core.config import ConfigError
 
     try:
         config = load_config(args.params)

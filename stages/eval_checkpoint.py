@@ -33,7 +33,7 @@ def main(argv=None) -> int:
 
 def sample(engine, texts: list[str], params):
     """uint8 videos [B, F, H, W, 3] from the ODE sampler with the eval settings and fixed noise."""
-    from flash_grpo_core.iteration import sample_ode
+    from flash_grpo_core.engine.iteration import sample_ode
 
     context = engine.policy.ema.applied() if params.eval.use_ema else contextlib.nullcontext()
     with context:
@@ -42,7 +42,7 @@ def sample(engine, texts: list[str], params):
 
 def score(videos, texts: list[str], params) -> dict:
     """Reward entries and VBench-style dimensions of the videos (flash_grpo_core.metrics' entries)."""
-    from flash_grpo_core.iteration import reward_from_params
+    from flash_grpo_core.engine.iteration import reward_from_params
     from flash_grpo_core.metrics import evaluate_videos, reward_entries
 
     return {**reward_entries(reward_from_params(params)(videos, texts)),
@@ -50,17 +50,17 @@ def score(videos, texts: list[str], params) -> dict:
 
 
 def write_videos(videos, prompts, path: str) -> None:
-    from flash_grpo_core.atomic import write_safetensors
+    from flash_grpo_core.artifacts.atomic import write_safetensors
 
     write_safetensors({"videos": videos[: len(prompts)]}, path,
                       {"prompt_ids": [p.id for p in prompts], "prompts": [p.prompt for p in prompts]})
 
 
 def evaluate_checkpoint(args) -> dict:
-    from flash_grpo_core.atomic import write_json
-    from flash_grpo_core.checkpoint import CheckpointError
+    from flash_grpo_core.artifacts.atomic import write_json
+    from flash_grpo_core.artifacts.checkpoint import CheckpointError
+    from flash_grpo_core.artifacts.prompts import read_prompts_parquet
     from flash_grpo_core.metrics import summary
-    from flash_grpo_core.prompts import read_prompts_parquet
 
     params = _common.load_params(args.params)
     prompts = read_prompts_parquet(args.prompts)[: params.eval.num_prompts]

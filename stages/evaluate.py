@@ -39,7 +39,7 @@ def read_point(points: Path, iteration: int) -> dict:
         raise FileNotFoundError(f"{path} is missing: run `dvc repro eval_checkpoint@{iteration}` first")
     point = json.loads(path.read_text())
     if point.get("iteration") != iteration:
-        from flash_grpo_core.checkpoint import CheckpointError
+        from flash_grpo_core.artifacts.checkpoint import CheckpointError
 
         raise CheckpointError(f"{path} evaluated iteration {point.get('iteration')}, not {iteration}")
     return point
@@ -47,8 +47,8 @@ def read_point(points: Path, iteration: int) -> dict:
 
 def read_videos(points: Path, iteration: int) -> tuple[list[str], list[str], list]:
     """(prompt ids, prompts, uint8 videos [F, H, W, 3]) stored for the report at one point."""
-    from flash_grpo_core.atomic import read_safetensors
-    from flash_grpo_core.checkpoint import CheckpointError
+    from flash_grpo_core.artifacts.atomic import read_safetensors
+    from flash_grpo_core.artifacts.checkpoint import CheckpointError
 
     path = points / f"it{iteration}" / "videos.safetensors"
     if not path.is_file():
@@ -82,7 +82,7 @@ def curves_from(points: list[dict]) -> dict[str, list[dict]]:
 
 
 def write_curves(curves: dict[str, list[dict]], directory: str) -> None:
-    from flash_grpo_core.atomic import atomic_directory
+    from flash_grpo_core.artifacts.atomic import atomic_directory
 
     with atomic_directory(directory) as staging:
         for name, rows in curves.items():
@@ -90,8 +90,8 @@ def write_curves(curves: dict[str, list[dict]], directory: str) -> None:
 
 
 def evaluate(args) -> dict:
-    from flash_grpo_core.atomic import write_json
-    from flash_grpo_core.checkpoint import CheckpointError, read_state
+    from flash_grpo_core.artifacts.atomic import write_json
+    from flash_grpo_core.artifacts.checkpoint import CheckpointError, read_state
     from flash_grpo_core.dvc_layout import eval_points
     from flash_grpo_core.report import write_report
 

@@ -20,9 +20,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     def body():
-        from flash_grpo_core.atomic import write_json
-        from flash_grpo_core.checkpoint import save_checkpoint
-        from flash_grpo_core.iteration import build_engine
+        from flash_grpo_core.artifacts.atomic import write_json
+        from flash_grpo_core.artifacts.checkpoint import save_checkpoint
+        from flash_grpo_core.engine.iteration import build_engine
 
         params = _common.load_params(args.params)
         engine = build_engine(params, text_encoder=False)  # writes the untrained adapter only

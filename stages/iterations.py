@@ -18,7 +18,7 @@ from pathlib import Path
 def set_iterations(path: Path, iterations: int) -> None:
     from ruamel.yaml import YAML
 
-    from flash_grpo_core.atomic import atomic_path
+    from flash_grpo_core.artifacts.atomic import atomic_path
     from flash_grpo_core.config import load_params
     from flash_grpo_core.dvc_layout import set_dvc_layout
 

@@ -3,8 +3,8 @@
     python -m stages.rollout --iteration 1 --prompts runs/prompts/train.parquet \
         --checkpoint runs/tiny/it0/checkpoint --out runs/tiny/it1/rollout
 
-Writes whole prompt groups per shard (see flash_grpo_core/shards.py), the prompts' embeddings for
-the update stage (`prompt_embeds.safetensors`, flash_grpo_core/prompt_embeds.py) and
+Writes whole prompt groups per shard (see flash_grpo_core/artifacts/shards.py), the prompts' embeddings for
+the update stage (`prompt_embeds.safetensors`, flash_grpo_core/artifacts/prompt_embeds.py) and
 `manifest.json`: the prompts, each prompt's trained steps, seeds, pass counters and timings.
 """
 
@@ -24,13 +24,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     def body():
-        from flash_grpo_core.atomic import write_json
-        from flash_grpo_core.iteration import encode, generate, iteration_prompts
-        from flash_grpo_core.prompt_embeds import save_prompt_embeds
-        from flash_grpo_core.prompts import read_prompts_parquet
-        from flash_grpo_core.sampler import PassCounter
-        from flash_grpo_core.rollout_records import records_from_batch, videos_by_key
-        from flash_grpo_core.shards import write_shards
+        from flash_grpo_core.artifacts.atomic import write_json
+        from flash_grpo_core.artifacts.prompt_embeds import save_prompt_embeds
+        from flash_grpo_core.artifacts.prompts import read_prompts_parquet
+        from flash_grpo_core.artifacts.rollout_records import records_from_batch, videos_by_key
+        from flash_grpo_core.artifacts.shards import write_shards
+        from flash_grpo_core.engine.iteration import encode, generate, iteration_prompts
+        from flash_grpo_core.method.batch import PassCounter
 
         params = _common.load_params(args.params)
         r = params.rollout

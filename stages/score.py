@@ -29,11 +29,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     def body():
-        from flash_grpo_core.atomic import write_json
-        from flash_grpo_core.iteration import advantages_for, reward_from_params, score
-        from flash_grpo_core.scores import write_scores
-        from flash_grpo_core.rollout_records import batch_from_records
-        from flash_grpo_core.shards import read_shards, read_videos
+        from flash_grpo_core.artifacts.atomic import write_json
+        from flash_grpo_core.artifacts.rollout_records import batch_from_records
+        from flash_grpo_core.artifacts.scores import write_scores
+        from flash_grpo_core.artifacts.shards import read_shards, read_videos
+        from flash_grpo_core.engine.iteration import advantages_for, reward_from_params, score
 
         params = _common.load_params(args.params)
         records = read_shards(args.rollout)

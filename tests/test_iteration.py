@@ -3,13 +3,19 @@
 import pytest
 import torch
 
-from flash_grpo_core.advantages import NonFiniteError
-from flash_grpo_core.iteration import (
-    advantages_for, build_engine, encode, generate, plan_steps, run_iteration, update,
+from flash_grpo_core.engine.iteration import (
+    advantages_for,
+    build_engine,
+    encode,
+    generate,
+    plan_steps,
+    run_iteration,
+    update,
 )
+from flash_grpo_core.engine.trainer import StepContext, score_items
+from flash_grpo_core.method.advantages import NonFiniteError
+from flash_grpo_core.method.batch import PassCounter
 from flash_grpo_core.rewards import RewardOutput, build_weighted_reward
-from flash_grpo_core.sampler import PassCounter
-from flash_grpo_core.trainer import StepContext, score_items
 
 PROMPTS = ["a red square moving left", "a blue ball bouncing"]
 
@@ -124,7 +130,7 @@ def test_nan_reward_fails_with_a_clear_message(tiny_params):
 
 
 def test_missing_model_path_names_the_path(tiny_params, tmp_path):
-    from flash_grpo_core.models import ModelPathError
+    from flash_grpo_core.models.wan import ModelPathError
 
     missing = tmp_path / "Wan2.1-T2V-1.3B-Diffusers"
     params = tiny_params(preset="wan1_3b", model__path=str(missing))

@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from flash_grpo_core.advantages import NonFiniteError, group_advantages
-from flash_grpo_core.loss import kl_penalty, policy_stats, ppo_clip_loss
-from flash_grpo_core.rectify import rectification_factors, rectification_weights
-from flash_grpo_core.schedule import flow_sigmas
-from flash_grpo_core.sde import noise_scales, rectification_coefficients
+from flash_grpo_core.method.advantages import NonFiniteError, group_advantages
+from flash_grpo_core.method.loss import kl_penalty, policy_stats, ppo_clip_loss
+from flash_grpo_core.method.rectify import rectification_factors, rectification_weights
+from flash_grpo_core.method.schedule import flow_sigmas
+from flash_grpo_core.method.sde import noise_scales, rectification_coefficients
 
 
 def test_ppo_clip_loss_hand_worked():

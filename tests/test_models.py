@@ -1,4 +1,4 @@
-"""Tests for flash_grpo_core.models on the tiny random Wan stack (CPU, a few seconds in all).
+"""Tests for flash_grpo_core.models (the Wan stack, LoRA) on the tiny random Wan stack (CPU, a few seconds in all).
 
 Where the pipeline defines the behaviour (prompt embeddings, the checkpoint layout), the reference
 is diffusers' own `WanPipeline`, not a re-statement of our code.
@@ -13,21 +13,16 @@ import torch
 from diffusers import WanPipeline
 from transformers import UMT5EncoderModel
 
-from flash_grpo_core.models import (
+from flash_grpo_core.models.lora import (
     DEFAULT_LORA_TARGETS,
-    ModelPathError,
-    WanStack,
     adapters_disabled,
     apply_lora,
-    build_tiny_stack,
-    build_tokenizer,
-    decode_latents,
     enable_full_finetune,
-    encode_prompts,
-    load_stack,
-    save_stack,
     trainable_parameters,
 )
+from flash_grpo_core.models.random_stacks import build_tiny_stack
+from flash_grpo_core.models.tokenizer import build_tokenizer
+from flash_grpo_core.models.wan import ModelPathError, WanStack, decode_latents, encode_prompts, load_stack, save_stack
 
 # HTML entities and stray whitespace exercise the pipeline's prompt cleaning.
 PROMPTS = ["  A red cat &amp; a dog run, 3 times! {x}~ (on a beach) ", ""]
@@ -382,7 +377,7 @@ def test_enable_full_finetune_makes_every_transformer_weight_trainable():
 
 @pytest.mark.parametrize("arch,billions", [("wan1_3b", 1.419), ("wan14b", 14.288)])
 def test_random_wan_architectures_have_the_released_sizes(arch, billions):
-    from flash_grpo_core.random_stacks import build_random_stack
+    from flash_grpo_core.models.random_stacks import build_random_stack
 
     stack = build_random_stack(arch, device="meta")  # shapes only: no memory, no time
     params = sum(p.numel() for p in stack.transformer.parameters())

@@ -44,8 +44,8 @@ def test_repro_builds_every_artifact(project):
     runs = project / "runs"
     report = json.loads((runs / "prompts" / "report.json").read_text())
     assert report["counts"]["train"] > 0 and report["counts"]["eval"] >= 2
-    from flash_grpo_core.checkpoint import read_state
-    from flash_grpo_core.shards import read_shards
+    from flash_grpo_core.artifacts.checkpoint import read_state
+    from flash_grpo_core.artifacts.shards import read_shards
 
     for it in (1, 2):
         records = read_shards(runs / "tiny" / f"it{it}" / "rollout")
@@ -177,7 +177,8 @@ def test_interrupted_stage_is_rerun_and_never_taken_as_done(project):
             os.killpg(process.pid, signal.SIGKILL)
             break
     process.wait(timeout=60)
-    from flash_grpo_core.shards import ShardError, read_shards
+    from flash_grpo_core.artifacts.shards import read_shards
+    from flash_grpo_core.artifacts.tar_io import ShardError
 
     rollout = project / "runs" / "tiny" / "it2" / "rollout"
     if rollout.exists():

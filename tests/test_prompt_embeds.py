@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from flash_grpo_core.iteration import build_engine, encode
-from flash_grpo_core.prompt_embeds import FILE_NAME, load_prompt_embeds, save_prompt_embeds
-from flash_grpo_core.shards import ShardError
+from flash_grpo_core.artifacts.prompt_embeds import FILE_NAME, load_prompt_embeds, save_prompt_embeds
+from flash_grpo_core.artifacts.tar_io import ShardError
+from flash_grpo_core.engine.iteration import build_engine, encode
 
 PROMPTS = ["a red fox jumps over snow", "two boats", "a city at night, neon lights reflecting in rain puddles"]
 

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from flash_grpo_core.schedule import flow_sigmas, timesteps
+from flash_grpo_core.method.schedule import flow_sigmas, timesteps
 
 
 def _shift(s, shift):

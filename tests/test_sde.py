@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from flash_grpo_core.schedule import flow_sigmas
-from flash_grpo_core.sde import gradient_factors, noise_scales, ode_step, rectification_coefficients, sde_step
+from flash_grpo_core.method.schedule import flow_sigmas
+from flash_grpo_core.method.sde import gradient_factors, noise_scales, ode_step, rectification_coefficients, sde_step
 
 
 def _latents(batch=3, seed=0):

@@ -10,12 +10,19 @@ import torch
 import webdataset as wds
 from safetensors.torch import save as save_safetensors
 
-from flash_grpo_core.sampler import RolloutBatch
-from flash_grpo_core.rollout_records import batch_from_records, records_from_batch, videos_by_key
-from flash_grpo_core.shards import (
-    INDEX_NAME, RolloutRecord, ShardError, iter_groups, read_shards, read_videos, shard_paths, video_from_sample,
-    video_sample, video_shard_paths, write_shards,
+from flash_grpo_core.artifacts.records import RolloutRecord, video_from_sample, video_sample
+from flash_grpo_core.artifacts.rollout_records import batch_from_records, records_from_batch, videos_by_key
+from flash_grpo_core.artifacts.shards import (
+    INDEX_NAME,
+    iter_groups,
+    read_shards,
+    read_videos,
+    shard_paths,
+    video_shard_paths,
+    write_shards,
 )
+from flash_grpo_core.artifacts.tar_io import ShardError
+from flash_grpo_core.method.batch import RolloutBatch
 
 PROMPTS, GROUP, STEPS = 3, 2, 2  # B prompts x G samples = S = 6 samples, T = 2 trained steps each
 LATENT, VIDEO = (4, 2, 4, 4), (3, 8, 8, 3)  # [C, F, H, W], [F', H', W', 3]

@@ -1,6 +1,6 @@
 import torch
 
-from flash_grpo_core.steps import full_steps, iso_temporal_steps, sde_mask, window_start, window_steps
+from flash_grpo_core.method.steps import full_steps, iso_temporal_steps, sde_mask, window_start, window_steps
 
 
 def test_iso_temporal_group_shares_its_step():
@@ -44,7 +44,7 @@ def test_sde_mask_marks_exactly_the_trained_steps():
 
 
 def test_iteration_prompts_cover_each_prompt_once_per_epoch():
-    from flash_grpo_core.iteration import iteration_prompts
+    from flash_grpo_core.engine.iteration import iteration_prompts
 
     items = list(range(10))
     chosen = [iteration_prompts(items, 4, it, seed=0) for it in range(5)]  # 20 draws = 2 epochs

@@ -7,7 +7,7 @@ import torch
 
 from flash_grpo_core import toy
 from flash_grpo_core.config import ToyConfig
-from flash_grpo_core.models import to_uint8_video
+from flash_grpo_core.models.wan import to_uint8_video
 
 CFG = ToyConfig()
 
@@ -73,7 +73,7 @@ def test_pretraining_lowers_the_loss_and_roundtrips(tmp_path):
     loaded = toy.build_toy_stack(CFG)
     toy.load_base(loaded, tmp_path)
     assert all(torch.equal(p, q) for p, q in zip(stack.transformer.parameters(), loaded.transformer.parameters()))
-    from flash_grpo_core.models import ModelPathError
+    from flash_grpo_core.models.wan import ModelPathError
 
     with pytest.raises(ModelPathError, match="dvc repro bench/toy/dvc.yaml"):
         toy.load_base(loaded, tmp_path / "missing")

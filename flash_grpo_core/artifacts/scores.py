@@ -12,8 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
-from flash_grpo_core.advantages import check_finite
-from flash_grpo_core.atomic import atomic_path
+from flash_grpo_core.artifacts.atomic import atomic_path
+from flash_grpo_core.method.advantages import check_finite
 
 COMPONENT_PREFIX = "component/"
 

@@ -1,12 +1,11 @@
-"""The Wan 2.1 text-to-video stack: loading, a tiny random twin, LoRA, prompt encoding, decoding.
+"""The Wan 2.1 text-to-video stack: loading, saving, prompt encoding, decoding.
 
 What it implements:
 - `WanStack`, the four pieces GRPO needs (transformer, VAE, UMT5 text encoder, tokenizer);
 - `load_stack` for a local Diffusers-format Wan 2.1 T2V folder (what users download as
   `Wan-AI/Wan2.1-T2V-1.3B-Diffusers`), with a clear error naming what is missing;
-- `build_tiny_stack` / `save_stack`, a seconds-fast random miniature built entirely offline (the
-  tokenizer too), saved in the same folder layout so tests exercise the loading path users take;
-- LoRA through peft (`apply_lora`, `adapters_disabled` for the KL reference model);
+- `save_stack`, the same folder layout, so the tiny random miniature (`random_stacks.py`) is
+  loaded the way users load real weights;
 - `encode_prompts` and `decode_latents`, which reproduce `diffusers.WanPipeline`'s text embedding
   (padded positions zeroed) and latent de-normalisation so that rollouts match the pipeline.
 
@@ -16,32 +15,24 @@ own module), and the text encoder is loaded in the training dtype, not fixed to 
 
 from __future__ import annotations
 
-import contextlib
 import html
 import os
 import re
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
-from peft import LoraConfig
-from peft.tuners.tuners_utils import BaseTunerLayer
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, UMT5Config, UMT5EncoderModel
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, UMT5EncoderModel
 
-from flash_grpo_core.atomic import atomic_directory
-from flash_grpo_core.tokenizer import build_tokenizer  # noqa: F401 - part of this module's API
-
-# Attention q/k/v/out of self- (attn1) and cross-attention (attn2) and both FFN projections, in
-# diffusers' Wan block naming; peft matches them as name suffixes, so every block is covered.
-DEFAULT_LORA_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2")
+from flash_grpo_core.artifacts.atomic import atomic_directory
 
 # The component folders `load_stack` needs. The scheduler folder is not among them: sampling uses
 # this project's own SDE step.
 _REQUIRED_COMPONENTS = ("transformer", "vae", "text_encoder")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
 _TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
+
 
 @dataclass
 class WanStack:
@@ -95,66 +86,7 @@ class WanStack:
         )
 
 
-def build_tiny_stack(seed: int = 0, dtype: torch.dtype = torch.float32, text_len: int = 16) -> WanStack:
-    """A randomly initialised miniature of the Wan 2.1 T2V stack, deterministic for `seed`.
-
-    Sizes follow diffusers' own Wan pipeline tests; the text encoder's `d_model` must equal the
-    transformer's `text_dim` (32). Latents are [C=16, F, H/8, W/8]; `num_frames - 1` must be a
-    multiple of 4 and H, W multiples of 16 (VAE factor 8 x patch 2).
-    """
-    tokenizer = build_tokenizer()
-    # fork_rng restores the caller's CPU generator afterwards; devices=[] leaves CUDA untouched.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        transformer = WanTransformer3DModel(
-            patch_size=(1, 2, 2),
-            num_attention_heads=2,
-            attention_head_dim=12,
-            in_channels=16,
-            out_channels=16,
-            text_dim=32,
-            freq_dim=256,
-            ffn_dim=32,
-            num_layers=2,
-            cross_attn_norm=True,
-            qk_norm="rms_norm_across_heads",
-            rope_max_seq_len=32,
-        )
-        vae = AutoencoderKLWan(
-            base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
-        )
-        text_encoder = _small_text_encoder(tokenizer, d_model=32)
-    _cast_like_from_pretrained(transformer, dtype)
-    stack = WanStack(
-        transformer=transformer,
-        vae=vae,  # the VAE stays fp32, as WanPipeline runs it
-        text_encoder=text_encoder.to(dtype),  # as transformers' from_pretrained(dtype=bf16) gives
-        tokenizer=tokenizer,
-        max_text_len=text_len,
-    )
-    _freeze(stack)
-    return stack
-
-
-def _small_text_encoder(tokenizer: PreTrainedTokenizerBase, d_model: int) -> UMT5EncoderModel:
-    """A 2-layer random UMT5 encoder over the code-built tokenizer, `d_model` wide."""
-    config = UMT5Config(
-        d_model=d_model,
-        d_kv=8,
-        d_ff=37,
-        num_layers=2,
-        num_heads=4,
-        vocab_size=len(tokenizer),
-        relative_attention_num_buckets=8,
-        dropout_rate=0.0,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.pad_token_id,
-    )
-    return UMT5EncoderModel(config)
-
-
-def _cast_like_from_pretrained(transformer: WanTransformer3DModel, dtype: torch.dtype) -> None:
+def cast_like_from_pretrained(transformer: WanTransformer3DModel, dtype: torch.dtype) -> None:
     """Cast in place as `from_pretrained(torch_dtype=dtype)` does.
 
     The modules Wan lists in `_keep_in_fp32_modules` (time embedding, modulation tables, norms)
@@ -245,74 +177,17 @@ def load_stack(path: str | os.PathLike, dtype: torch.dtype = torch.float32, max_
         if text_encoder else None
     tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
     stack = WanStack(transformer, vae, encoder, tokenizer, max_text_len)
-    _freeze(stack)
+    freeze(stack)
     return stack
 
 
-def _freeze(stack: WanStack) -> None:
+def freeze(stack: WanStack) -> None:
     """Eval mode, no gradients: training code enables exactly what it trains."""
     for module in (stack.transformer, stack.vae, stack.text_encoder):
         if module is None:
             continue
         module.eval()
         module.requires_grad_(False)
-
-
-def apply_lora(
-    transformer: WanTransformer3DModel,
-    rank: int = 16,
-    alpha: int = 32,
-    target_modules: Sequence[str] = DEFAULT_LORA_TARGETS,
-    seed: int = 0,
-) -> None:
-    """Attach a LoRA adapter in place; afterwards only the LoRA weights require grad.
-
-    The adapter starts as a no-op (peft's default init zeroes B). Its A matrices are drawn from a
-    generator seeded by `seed` (peft draws from the global RNG), so runs are reproducible. LoRA
-    weights are kept in fp32 even when the base is bf16: peft casts the input to the adapter's
-    dtype and the result back.
-    """
-    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True, target_modules=list(target_modules))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        transformer.add_adapter(config)
-    transformer.requires_grad_(False)
-    for name, param in transformer.named_parameters():
-        if "lora_" in name:
-            param.data = param.data.to(torch.float32)
-            param.requires_grad_(True)
-
-
-def enable_full_finetune(transformer: WanTransformer3DModel) -> None:
-    """Make every transformer parameter trainable (full-weight GRPO instead of LoRA)."""
-    transformer.requires_grad_(True)
-
-
-def trainable_parameters(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    """name -> parameter for the parameters that require grad, sorted by name."""
-    return {name: param for name, param in sorted(module.named_parameters()) if param.requires_grad}
-
-
-@contextlib.contextmanager
-def adapters_disabled(transformer: torch.nn.Module) -> Iterator[None]:
-    """Run the transformer as its base model (the KL reference) inside the block.
-
-    Restores each adapter layer's previous state afterwards, also on exception, and every
-    parameter's `requires_grad`: peft's enable/disable toggles `requires_grad` of the adapter
-    weights as a side effect. A no-op for a model without adapters.
-    """
-    layers = [module for module in transformer.modules() if isinstance(module, BaseTunerLayer)]
-    grad_flags = [(param, param.requires_grad) for param in transformer.parameters()]
-    was_disabled = [layer.disable_adapters for layer in layers]
-    for layer in layers:
-        layer.enable_adapters(False)
-    try:
-        yield
-    finally:
-        for layer, disabled in zip(layers, was_disabled, strict=True):
-            layer.enable_adapters(not disabled)
-        for param, flag in grad_flags:
-            param.requires_grad_(flag)
 
 
 @torch.no_grad()

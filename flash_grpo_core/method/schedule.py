@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from flash_grpo_core.choices import SCHEDULE_KINDS
+
 NUM_TRAIN_TIMESTEPS = 1000
 
 

@@ -14,9 +14,8 @@ from __future__ import annotations
 import torch
 
 from flash_grpo_core.choices import RECTIFY_MODES
-from flash_grpo_core.distributed import global_mean
-from flash_grpo_core.sde import noise_scales, rectification_coefficients
-
+from flash_grpo_core.method.reductions import global_mean
+from flash_grpo_core.method.sde import noise_scales, rectification_coefficients
 
 
 def rectification_factors(

@@ -1,8 +1,8 @@
 """Rollouts: ODE sampling with SDE steps at the trained steps, classifier-free guidance batched.
 
-For B prompts x G samples (sample s = b * G + g) and trained steps [B, G, T] (see `steps.py`), every
+For B prompts x G samples (sample s = b * G + g) and trained steps [B, G, T] (see `method/steps.py`), every
 sample starts from its own noise and follows deterministic Euler steps, except at its trained
-steps, where the SDE step of `sde.py` is taken and x_t, x_{t+1} and log p_old are recorded.
+steps, where the SDE step of `method/sde.py` is taken and x_t, x_{t+1} and log p_old are recorded.
 
 Each sample draws all its noise (initial latent and SDE noise) from its own CPU generator seeded by
 (seed, sample id), so a rollout does not depend on the batch size used to sample it, on the
@@ -11,46 +11,12 @@ device, or on which rank produced it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
-from flash_grpo_core.sde import ode_step, sde_step
-from flash_grpo_core.seeding import derive_seed
-from flash_grpo_core.steps import sde_mask
-
-
-@dataclass
-class PassCounter:
-    """Transformer passes in sample units: a CFG call on S latents counts 2S forwards."""
-
-    forward: int = 0
-    backward: int = 0
-    last_forward: int = 0  # sample passes of the latest call, which a backward through it repeats
-
-    def as_dict(self) -> dict[str, int]:
-        return {"forward_passes": self.forward, "backward_passes": self.backward}
-
-    def add(self, other: "PassCounter") -> None:
-        self.forward += other.forward
-        self.backward += other.backward
-
-
-@dataclass
-class RolloutBatch:
-    """What training needs from one iteration's rollouts (S = B * G samples, T trained steps each)."""
-
-    prompt_index: torch.Tensor  # [S] long, into the iteration's prompt list
-    steps: torch.Tensor  # [S, T] long, trained step indices
-    latents: torch.Tensor  # [S, T, C, F, H, W] x_{t_k}
-    next_latents: torch.Tensor  # [S, T, C, F, H, W] x_{t_{k+1}}
-    log_probs: torch.Tensor  # [S, T] float32, log p_old
-    final_latents: torch.Tensor  # [S, C, F, H, W] x_0 estimate after N steps
-    counters: dict = field(default_factory=dict)
-
-    @property
-    def num_samples(self) -> int:
-        return self.steps.shape[0]
+from flash_grpo_core.engine.seeding import derive_seed
+from flash_grpo_core.method.batch import PassCounter, RolloutBatch
+from flash_grpo_core.method.sde import ode_step, sde_step
+from flash_grpo_core.method.steps import sde_mask
 
 
 def compute_dtype(transformer) -> torch.dtype:

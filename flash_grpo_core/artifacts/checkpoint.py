@@ -15,12 +15,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from flash_grpo_core.atomic import atomic_directory
-from flash_grpo_core.trainer import Policy
+from flash_grpo_core.artifacts.atomic import atomic_directory
 
 FILES = ("trainable.safetensors", "ema.safetensors", "optimizer.safetensors", "state.json")
 
@@ -29,7 +29,17 @@ class CheckpointError(ValueError):
     """A checkpoint directory that is missing, incomplete, or does not fit the model."""
 
 
-def _optimizer_tensors(policy: Policy) -> dict[str, torch.Tensor]:
+class TrainState(Protocol):
+    """What a checkpoint holds of the engine's `Policy` (engine/trainer.py), named here so that the
+    on-disk format does not import the engine: the trainable weights, their optimizer, their EMA
+    (`shadow`, `steps`, `load_state_dict`)."""
+
+    parameters: dict[str, torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    ema: Any
+
+
+def _optimizer_tensors(policy: TrainState) -> dict[str, torch.Tensor]:
     tensors = {}
     for name, param in policy.parameters.items():
         state = policy.optimizer.state.get(param, {})
@@ -39,7 +49,7 @@ def _optimizer_tensors(policy: Policy) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def save_checkpoint(policy: Policy, directory: str | os.PathLike, meta: dict) -> Path:
+def save_checkpoint(policy: TrainState, directory: str | os.PathLike, meta: dict) -> Path:
     """Write the checkpoint atomically; returns its path."""
     directory = Path(directory)
     with atomic_directory(directory) as staging:
@@ -61,7 +71,7 @@ def read_state(directory: str | os.PathLike) -> dict:
 
 
 @torch.no_grad()
-def load_checkpoint(policy: Policy, directory: str | os.PathLike) -> dict:
+def load_checkpoint(policy: TrainState, directory: str | os.PathLike) -> dict:
     """Load weights, EMA and optimizer state into `policy`; returns the checkpoint's state.json."""
     directory = Path(directory)
     state = read_state(directory)

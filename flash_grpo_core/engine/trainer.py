@@ -15,13 +15,14 @@ from dataclasses import dataclass
 
 import torch
 
-from flash_grpo_core.advantages import NonFiniteError, check_finite
 from flash_grpo_core.config import TrainConfig
-from flash_grpo_core.ema import EMA
-from flash_grpo_core.loss import kl_penalty, policy_stats, ppo_clip_loss
-from flash_grpo_core.rectify import rectification_weights
-from flash_grpo_core.sampler import PassCounter, RolloutBatch, predict_velocity
-from flash_grpo_core.sde import sde_step
+from flash_grpo_core.engine.ema import EMA
+from flash_grpo_core.engine.sampler import predict_velocity
+from flash_grpo_core.method.advantages import NonFiniteError, check_finite
+from flash_grpo_core.method.batch import PassCounter, RolloutBatch
+from flash_grpo_core.method.loss import kl_penalty, policy_stats, ppo_clip_loss
+from flash_grpo_core.method.rectify import rectification_weights
+from flash_grpo_core.method.sde import sde_step
 
 
 @dataclass
@@ -37,7 +38,7 @@ class Policy:
     def reference_context(self):
         if self.reference is not None:
             return contextlib.nullcontext(self.reference)
-        from flash_grpo_core.models import adapters_disabled
+        from flash_grpo_core.models.lora import adapters_disabled
 
         return _yielding(adapters_disabled(self.transformer), self.transformer)
 

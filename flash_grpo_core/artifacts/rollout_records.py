@@ -11,8 +11,9 @@ from collections.abc import Sequence
 
 import torch
 
-from flash_grpo_core.sampler import RolloutBatch
-from flash_grpo_core.shards import TENSOR_FIELDS, RolloutRecord, ShardError, check_unique_keys
+from flash_grpo_core.artifacts.records import TENSOR_FIELDS, RolloutRecord, check_unique_keys
+from flash_grpo_core.artifacts.tar_io import ShardError
+from flash_grpo_core.method.batch import RolloutBatch
 
 
 def records_from_batch(batch: RolloutBatch, prompts: list[str], prompt_ids: list[str], iteration: int, seed: int,

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flash_grpo_core.atomic import atomic_path, write_json
+from flash_grpo_core.artifacts.atomic import atomic_path, write_json
 from flash_grpo_core.config import DataConfig as CurateConfig
 
 DROP_REASONS = ("empty", "too_short", "too_long", "duplicate", "near_duplicate")

@@ -12,16 +12,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from flash_grpo_core.advantages import group_advantages
 from flash_grpo_core.config import Params
-from flash_grpo_core.ema import EMA
-from flash_grpo_core.rectify import rectification_factors
-from flash_grpo_core.sampler import PassCounter, RolloutBatch, rollout
-from flash_grpo_core.schedule import flow_sigmas
-from flash_grpo_core.seeding import derive_seed
-from flash_grpo_core.sde import noise_scales
-from flash_grpo_core.steps import full_steps, iso_temporal_steps, window_start, window_steps
-from flash_grpo_core.trainer import Policy, StepContext, make_optimizer, update_policy
+from flash_grpo_core.engine.ema import EMA
+from flash_grpo_core.engine.sampler import rollout
+from flash_grpo_core.engine.seeding import derive_seed
+from flash_grpo_core.engine.trainer import Policy, StepContext, make_optimizer, update_policy
+from flash_grpo_core.method.advantages import group_advantages
+from flash_grpo_core.method.batch import PassCounter, RolloutBatch
+from flash_grpo_core.method.rectify import rectification_factors
+from flash_grpo_core.method.schedule import flow_sigmas
+from flash_grpo_core.method.sde import noise_scales
+from flash_grpo_core.method.steps import full_steps, iso_temporal_steps, window_start, window_steps
 
 
 def resolve_device(name: str) -> torch.device:
@@ -41,10 +42,10 @@ def build_stack(params: Params, dtype: torch.dtype, text_encoder: bool = True):
     weights from `model.path` when set), or Wan 2.1 from `model.path`. Without `text_encoder` the
     stack has none (Wan 2.1 skips loading it; the random models drop theirs, their transformer
     unchanged): for callers that get the prompt embeddings the rollout stored."""
-    from flash_grpo_core import models
+    from flash_grpo_core.models import random_stacks, wan
 
     if params.is_tiny:
-        stack = models.build_tiny_stack(seed=params.seed, dtype=dtype, text_len=params.model.text_len)
+        stack = random_stacks.build_tiny_stack(seed=params.seed, dtype=dtype, text_len=params.model.text_len)
     elif params.preset == "toy":
         from flash_grpo_core import toy
 
@@ -52,7 +53,7 @@ def build_stack(params: Params, dtype: torch.dtype, text_encoder: bool = True):
         if params.model.path:
             toy.load_base(stack, params.model.path)
     else:
-        return models.load_stack(params.model.path, dtype=dtype, max_text_len=params.model.text_len,
+        return wan.load_stack(params.model.path, dtype=dtype, max_text_len=params.model.text_len,
                                  text_encoder=text_encoder)
     if not text_encoder:
         stack.text_encoder = None
@@ -65,24 +66,24 @@ def make_trainable(transformer: torch.nn.Module, params: Params) -> torch.nn.Mod
     fine-tuning, else None (under LoRA the reference is the model with its adapter disabled)."""
     import copy
 
-    from flash_grpo_core import models
+    from flash_grpo_core.models import lora
 
     if params.model.finetune == "lora":
-        models.apply_lora(transformer, rank=params.model.lora_rank, alpha=params.model.lora_alpha,
+        lora.apply_lora(transformer, rank=params.model.lora_rank, alpha=params.model.lora_alpha,
                           seed=derive_seed(params.seed, "lora") % 2**32)
         return None
     reference = copy.deepcopy(transformer).requires_grad_(False) if params.train.kl_beta > 0 else None
-    models.enable_full_finetune(transformer)
+    lora.enable_full_finetune(transformer)
     return reference
 
 
 def build_policy(transformer: torch.nn.Module, params: Params, reference: torch.nn.Module | None = None) -> Policy:
     """Optimizer and EMA over the transformer's trainable weights (already on their device)."""
-    from flash_grpo_core import models
+    from flash_grpo_core.models.lora import trainable_parameters
 
     if params.model.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
-    parameters = models.trainable_parameters(transformer)
+    parameters = trainable_parameters(transformer)
     ema = EMA(parameters, decay=params.train.ema_decay, every=params.train.ema_every)
     return Policy(transformer, parameters, make_optimizer(parameters, params.train), ema, reference)
 
@@ -151,7 +152,7 @@ def plan_steps(params: Params, num_prompts: int, iteration: int) -> torch.Tensor
 
 def encode(engine: Engine, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Prompt embeddings [B, L, D] and, with guidance, the negative prompt's [1, L, D]."""
-    from flash_grpo_core.models import encode_prompts
+    from flash_grpo_core.models.wan import encode_prompts
 
     cond = encode_prompts(engine.stack, prompts, engine.device)
     uncond = encode_prompts(engine.stack, [engine.params.rollout.negative_prompt], engine.device) if engine.guided else None
@@ -175,7 +176,7 @@ def generate(engine: Engine, prompts: list[str], iteration: int, counter: PassCo
 
 def decode(engine: Engine, latents: torch.Tensor) -> torch.Tensor:
     """Videos uint8 [S, F, H, W, 3] from final latents [S, C, F, H, W], decoded in sampling batches."""
-    from flash_grpo_core.models import decode_latents
+    from flash_grpo_core.models.wan import decode_latents
 
     return torch.cat([decode_latents(engine.stack, chunk.to(engine.device))
                       for chunk in latents.split(engine.params.rollout.batch_size)])

@@ -18,7 +18,6 @@ from __future__ import annotations
 import torch
 
 
-
 def iso_temporal_steps(
     num_prompts: int, group_size: int, num_candidates: int, generator: torch.Generator, iso_temporal: bool = True
 ) -> torch.Tensor:

@@ -1,0 +1,72 @@
+"""LoRA adapters through peft, full fine-tuning, and the adapter-free reference model for the KL term."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+from diffusers import WanTransformer3DModel
+from peft import LoraConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+# Attention q/k/v/out of self- (attn1) and cross-attention (attn2) and both FFN projections, in
+# diffusers' Wan block naming; peft matches them as name suffixes, so every block is covered.
+DEFAULT_LORA_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2")
+
+
+def apply_lora(
+    transformer: WanTransformer3DModel,
+    rank: int = 16,
+    alpha: int = 32,
+    target_modules: Sequence[str] = DEFAULT_LORA_TARGETS,
+    seed: int = 0,
+) -> None:
+    """Attach a LoRA adapter in place; afterwards only the LoRA weights require grad.
+
+    The adapter starts as a no-op (peft's default init zeroes B). Its A matrices are drawn from a
+    generator seeded by `seed` (peft draws from the global RNG), so runs are reproducible. LoRA
+    weights are kept in fp32 even when the base is bf16: peft casts the input to the adapter's
+    dtype and the result back.
+    """
+    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True, target_modules=list(target_modules))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer.add_adapter(config)
+    transformer.requires_grad_(False)
+    for name, param in transformer.named_parameters():
+        if "lora_" in name:
+            param.data = param.data.to(torch.float32)
+            param.requires_grad_(True)
+
+
+def enable_full_finetune(transformer: WanTransformer3DModel) -> None:
+    """Make every transformer parameter trainable (full-weight GRPO instead of LoRA)."""
+    transformer.requires_grad_(True)
+
+
+def trainable_parameters(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """name -> parameter for the parameters that require grad, sorted by name."""
+    return {name: param for name, param in sorted(module.named_parameters()) if param.requires_grad}
+
+
+@contextlib.contextmanager
+def adapters_disabled(transformer: torch.nn.Module) -> Iterator[None]:
+    """Run the transformer as its base model (the KL reference) inside the block.
+
+    Restores each adapter layer's previous state afterwards, also on exception, and every
+    parameter's `requires_grad`: peft's enable/disable toggles `requires_grad` of the adapter
+    weights as a side effect. A no-op for a model without adapters.
+    """
+    layers = [module for module in transformer.modules() if isinstance(module, BaseTunerLayer)]
+    grad_flags = [(param, param.requires_grad) for param in transformer.parameters()]
+    was_disabled = [layer.disable_adapters for layer in layers]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer, disabled in zip(layers, was_disabled, strict=True):
+            layer.enable_adapters(not disabled)
+        for param, flag in grad_flags:
+            param.requires_grad_(flag)
