@@ -17,12 +17,15 @@ Correctness before speed:
 - A stage runs cold (in its own process, as without the server) whenever the warm one could differ:
   an environment variable read at import time (HF_*, TORCH*, CUDA*, OMP_*, ...) differs, the
   installed packages changed since the server started (site-packages modified), or the socket is
-  missing, refused or from another user. `FLASH_GRPO_WARM=0` forces cold runs.
+  missing, refused or not this user's (see below). `FLASH_GRPO_WARM=0` forces cold runs.
 - The server never runs a torch operation itself (no thread pools or CUDA context to inherit), and
   it is single-threaded, so forking it is safe.
 - When the `python -m stages.<name>` process is interrupted (Ctrl-C, SIGTERM) the signal is passed
   on; when it dies, the stage's whole process group is killed. Outputs are atomic either way.
-- The socket is a Unix socket (no network), owner-only, and the server checks the peer's uid.
+- The socket is a Unix socket (no network) in a folder private to the user (`$XDG_RUNTIME_DIR`, or
+  `/tmp/flash-grpo-warm-<uid>/` created with mode 0700; the server refuses a folder that is anyone
+  else's or open to group or others). Each side checks the other's uid: the client verifies the
+  folder, the socket and the listening process before it sends anything (stages/warm_client.py).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from stages.warm_client import (
     MAX_MESSAGE,
     PROJECT_PACKAGES,
     ROOT,
+    folder_problem,
     import_environment,
     send,
     socket_path,
@@ -262,6 +266,7 @@ class Server:
             conn.close()
 
     def serve(self, stop_after: float | None = None) -> None:
+        prepare_folder(self.path.parent)
         if self.path.exists():
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
@@ -299,13 +304,29 @@ class Server:
             self.path.unlink(missing_ok=True)
 
 
+def prepare_folder(folder: Path) -> None:
+    """Create the socket's folder private to this user, or refuse one that others could write to
+    (they could replace the socket, and clients would refuse it anyway)."""
+    try:
+        folder.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    except OSError as error:
+        raise SystemExit(f"warm: cannot create {folder}: {error.strerror}") from None
+    problem = folder_problem(folder)
+    if problem:
+        raise SystemExit(f"warm: refusing to listen in {folder}: {problem}")
+
+
 def main(argv=None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m stages.warm", description=__doc__.splitlines()[0])
-    parser.add_argument("--socket", default=None, help="socket path (default: per checkout, in the temp folder)")
+    parser.add_argument("--socket", default=None, help="socket path, in a folder private to this user (default: "
+                        "per checkout, in $XDG_RUNTIME_DIR or /tmp/flash-grpo-warm-<uid>/)")
     args = parser.parse_args(argv)
     path = Path(args.socket) if args.socket else socket_path()
+    prepare_folder(path.parent)  # before the imports: a refused folder is reported at once
     began = time.perf_counter()
     imported_under, added_env = warm_up()
     packages = sum("." not in name for name in sys.modules)

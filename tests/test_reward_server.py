@@ -2,11 +2,15 @@
 
 Covers: the CLI process end to end, batch splitting, both wire encodings, request limits and
 malformed requests, retries with exponential backoff on 5xx / refused connections / timeouts,
-no retry on 4xx, and bad outputs (NaN, wrong count, a scale jump) failing with the reward named.
+no retry on 4xx, bad outputs (NaN, wrong count, a scale jump) failing with the reward named, and
+a hostile client's costs: an oversized body, a PNG bomb, stalled connections, no token.
 """
 
+import base64
+import io
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -15,16 +19,17 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-
-from flash_grpo_core.rewards.base import RewardUnavailable
 import torch
 
 from flash_grpo_core.rewards import RewardError, RewardOutput, WeightedReward, build_reward
 from flash_grpo_core.rewards import client as client_module
+from flash_grpo_core.rewards import server as server_module
+from flash_grpo_core.rewards.base import RewardUnavailable
 from flash_grpo_core.rewards.server import make_server, parse_options
 from flash_grpo_core.rewards.wire import decode_videos, encode_videos
 
@@ -43,13 +48,15 @@ class StubReward:
 
     def __init__(self, scale=1.0, failures=0, delay=0.0, nan=False):
         self.scale, self.failures, self.delay, self.nan = scale, failures, delay, nan
-        self.calls, self.batch_sizes, self.frame_counts = 0, [], []
+        self.calls, self.batch_sizes, self.frame_counts, self.spans = 0, [], [], []
 
     def __call__(self, videos, prompts, metadata=None):
         self.calls += 1
         self.batch_sizes.append(videos.shape[0])
         self.frame_counts.append(videos.shape[1])
+        began = time.monotonic()
         time.sleep(self.delay)
+        self.spans.append((began, time.monotonic()))
         if self.calls <= self.failures:
             raise RuntimeError("CUDA out of memory (simulated)")
         if self.nan:
@@ -65,16 +72,12 @@ def serve():
 
     def start(reward, **limits):
         server = make_server(reward, "127.0.0.1", 0, **limits)
-        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        thread.start()
-        servers.append((server, thread))
-        return server.url
+        servers.append(server)
+        return server.start()
 
     yield start
-    for server, thread in servers:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+    for server in servers:
+        server.stop()
 
 
 @pytest.fixture
@@ -85,35 +88,35 @@ def sleeps(monkeypatch):
     return recorded
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 # ------------------------------------------------------------------------------------------------
 # End to end
 
 
-def test_cli_server_process_scores_like_the_local_reward():
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+@pytest.fixture(scope="module")
+def cli_server():
+    """(process, url) of the CLI serving brightness, 1 MB a request; it must exit 0 on SIGTERM."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "FLASH_GRPO_REWARD_TOKEN": ""}
     command = [sys.executable, "-m", "flash_grpo_core.rewards.server", "--reward", "brightness",
-               "--option", "frame_stride=2", "--port", "0", "--max-batch", "4"]
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               "--option", "frame_stride=2", "--port", "0", "--max-batch", "4", "--max-request-mb", "1"]
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                               text=True)
     try:
         line = process.stdout.readline()  # "serving reward 'brightness' on http://127.0.0.1:PORT"
-        assert "serving reward 'brightness' on http://127.0.0.1:" in line, process.stderr.read()
-        url = line.split(" on ")[1].strip()
-        remote = build_reward("remote", url=url, name="brightness", max_batch=4)
-        assert remote.health() == {"status": "ok", "reward": "brightness", "loaded": True}
-        videos, prompts = videos_of(6), [f"prompt {i}" for i in range(6)]
-        local = build_reward("brightness", frame_stride=2)(videos, prompts)
-        torch.testing.assert_close(remote(videos, prompts).scores, local.scores)
+        assert "serving reward 'brightness' on http://127.0.0.1:" in line
+        yield process, line.split(" on ")[1].strip()
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=20) == 0
         process.stdout.close()
-        process.stderr.close()
+
+
+def test_cli_server_process_scores_like_the_local_reward(cli_server):
+    _, url = cli_server
+    remote = build_reward("remote", url=url, name="brightness", max_batch=4)
+    assert remote.health() == {"status": "ok", "reward": "brightness", "loaded": True}
+    videos, prompts = videos_of(6), [f"prompt {i}" for i in range(6)]
+    local = build_reward("brightness", frame_stride=2)(videos, prompts)
+    torch.testing.assert_close(remote(videos, prompts).scores, local.scores)
 
 
 @pytest.mark.parametrize("encoding", ["safetensors-base64", "png-base64"])
@@ -154,7 +157,7 @@ def test_parse_options_reads_json_values_and_plain_strings():
 
 
 # ------------------------------------------------------------------------------------------------
-# Limits and malformed requests (4xx: never retried)
+# Limits, malformed and hostile requests (4xx: never retried): size, pixels, connections, time, token
 
 
 def post(url, body: bytes):
@@ -195,6 +198,119 @@ def test_client_gets_4xx_once_and_names_the_url(serve, sleeps):
     assert nan.calls == 1 and sleeps == []
 
 
+def exchange(url, head: bytes, chunks=(), timeout=15.0):
+    """Send `head`, then `chunks` until the server answers: (status, body, bytes of chunks sent)."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    sent, answer = 0, b""
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(head)
+        for chunk in chunks:
+            if select.select([sock], [], [], 0)[0]:
+                break  # answered before the body ended
+            sock.sendall(chunk)
+            sent += len(chunk)
+        while data := sock.recv(65536):
+            answer += data
+    return int(answer.split()[1]), answer.partition(b"\r\n\r\n")[2], sent
+
+
+def peak_memory(pid: int) -> int:
+    """The process's peak resident memory so far (VmHWM), in bytes."""
+    return int(Path(f"/proc/{pid}/status").read_text().split("VmHWM:")[1].split()[0]) * 1024
+
+
+def test_an_oversized_body_is_refused_as_it_streams_in(cli_server, sleeps):
+    process, url = cli_server  # --max-request-mb 1
+    before = peak_memory(process.pid)
+    head = b"POST /score HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+    megabyte = b"x" * 2**20
+    chunked = (b"%x\r\n%s\r\n" % (len(megabyte), megabyte) for _ in range(256))  # 256 MB, no Content-Length
+    status, body, sent = exchange(url, head + b"Transfer-Encoding: chunked\r\n\r\n", chunked)
+    assert status == 413 and b"exceeds the limit of 1048576 bytes" in body
+    assert sent < 64 * 2**20  # answered long before the body's end
+    status, body, _ = exchange(url, head + b"Content-Length: 10000000000\r\n\r\n")  # the body never sent
+    assert status == 413 and b"request of 10000000000 bytes exceeds the limit" in body
+    assert peak_memory(process.pid) - before < 32 * 2**20  # not the body: a few MB at most
+    remote = build_reward("remote", url=url, name="brightness", retries=3)
+    with pytest.raises(RewardError, match=r"HTTP 413: request of \d+ bytes exceeds the limit of 1048576"):
+        remote(videos_of(1, frames=4, size=1024), ["a"])  # 16 MB sent whole: the answer survives
+    assert sleeps == [] and remote.health()["status"] == "ok"
+
+
+def test_black_pngs_over_the_pixel_budget_are_refused_before_decoding(serve, monkeypatch):
+    from PIL import Image, ImageFile
+
+    loads, original_load = [], ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda image: loads.append(image.size) or original_load(image))
+    stub = StubReward()
+    url = serve(stub)  # the default budget: 81 x 480 x 832 pixels a video (Wan 2.1 at 480p)
+    small = {"reward": "stub", "prompts": ["a"], "videos": encode_videos(videos_of(1), "png-base64")}
+    assert post(url, json.dumps(small).encode())[0] == 200 and loads  # the spy sees PNGs decoded
+    loads.clear()
+    png = io.BytesIO()
+    Image.new("1", (6000, 6000)).save(png, format="PNG")  # black, a few KB
+    frames = [[base64.b64encode(png.getvalue()).decode("ascii")] * 4]
+    request = json.dumps({"reward": "stub", "prompts": ["a"], "videos": {"encoding": "png-base64", "frames": frames}})
+    assert len(request) < 200_000  # 432 MB of pixels once decoded
+    status, answer = post(url, request.encode())
+    assert status == 413 and "[1, 4, 6000, 6000, 3]" in answer["error"] and "--video-size" in answer["error"]
+    assert loads == [] and stub.calls == 1  # not one pixel decoded, the reward not called
+
+
+def test_a_token_is_required_off_loopback_and_enforced_when_set(serve, sleeps, monkeypatch, capsys):
+    monkeypatch.delenv("FLASH_GRPO_REWARD_TOKEN", raising=False)
+    monkeypatch.setattr(server_module, "build_reward", lambda *a, **k: pytest.fail("the model must not load"))
+    assert server_module.main(["--reward", "brightness", "--host", "0.0.0.0", "--port", "0"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "refusing to listen on '0.0.0.0' without a bearer token" in error
+    with pytest.raises(ValueError, match="without a bearer token"):
+        make_server(StubReward(), "0.0.0.0", 0)
+    assert server_module.is_loopback("localhost") and server_module.is_loopback("127.0.0.2")
+    assert not server_module.is_loopback("") and not server_module.is_loopback("::")
+    stub = StubReward()  # on loopback a token is optional; once set, it is enforced
+    url = serve(stub, token="s3cret")
+    for header in (b"", b"Authorization: Bearer wrong\r\n", b"Authorization: s3cret\r\n"):
+        assert exchange(url, b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n%s\r\n" % header)[0] == 401
+    with pytest.raises(RewardError, match="HTTP 401: missing or wrong bearer token"):
+        build_reward("remote", url=url, name="stub", retries=3)(videos_of(1), ["a"])
+    assert sleeps == [] and stub.calls == 0  # a 401 is not retried
+    assert build_reward("remote", url=url, name="stub", token="s3cret")(videos_of(1), ["a"]).scores.shape == (1,)
+    monkeypatch.setenv("FLASH_GRPO_REWARD_TOKEN", "s3cret")
+    assert build_reward("remote", url=url, name="stub").health()["status"] == "ok"
+
+
+def test_stalled_connections_are_capped_then_dropped(serve):
+    url = serve(StubReward(), max_connections=4, header_timeout=2.0, body_timeout=1.0)
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    health = b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    stalled = [socket.create_connection((host, int(port)), timeout=10) for _ in range(4)]
+    for sock in stalled:
+        sock.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\n")  # headers begun, never finished
+    assert exchange(url, health)[0] == 503  # no fifth connection's work while they hang
+    assert all(sock.recv(1) == b"" for sock in stalled)  # dropped after the header timeout, not 10 s
+    for sock in stalled:
+        sock.close()
+    deadline = time.monotonic() + 5
+    while exchange(url, health)[0] != 200:  # once the server has seen them close
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    slow_body = b"POST /score HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 1000\r\n\r\n{"
+    status, body, _ = exchange(url, slow_body)
+    assert status == 408 and b"not received within 1 s" in body
+
+
+def test_only_the_configured_number_of_requests_score_at_once(serve):
+    stub = StubReward(delay=0.3)
+    remote = build_reward("remote", url=serve(stub, concurrency=2), name="stub")
+    with ThreadPoolExecutor(5) as pool:
+        scored = [pool.submit(remote, videos_of(1), ["a"]) for _ in range(5)]
+        time.sleep(0.1)
+        assert remote.health()["status"] == "ok"  # answers while they score
+    assert all(future.result().scores.shape == (1,) for future in scored)
+    most_at_once = max(sum(start <= began < end for start, end in stub.spans) for began, _ in stub.spans)
+    assert len(stub.spans) == 5 and most_at_once == 2
+
+
 # ------------------------------------------------------------------------------------------------
 # Transient failures (retried with exponential backoff)
 
@@ -213,10 +329,12 @@ def test_client_retries_5xx_with_exponential_backoff(serve, sleeps):
 
 
 def test_client_retries_refused_connections_and_caps_the_backoff(sleeps):
-    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    remote = build_reward("remote", url=url, name="hpsv3", retries=4, backoff=1.0, max_backoff=3.0)
-    with pytest.raises(RewardUnavailable, match=rf"'hpsv3' at {url}/score failed after 5 attempt\(s\)"):
-        remote(videos_of(1), ["a"])
+    with socket.socket() as sock:  # bound, not listening: refused
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        remote = build_reward("remote", url=url, name="hpsv3", retries=4, backoff=1.0, max_backoff=3.0)
+        with pytest.raises(RewardUnavailable, match=rf"'hpsv3' at {url}/score failed after 5 attempt\(s\)"):
+            remote(videos_of(1), ["a"])
     assert sleeps == [1.0, 2.0, 3.0, 3.0]
 
 

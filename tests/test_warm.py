@@ -1,17 +1,25 @@
 """The warm stage runner (stages/warm.py): same outputs as a cold stage, exit codes and streams passed
-through, current code on disk, cold runs where the warm one could differ, a dead client's stage stopped."""
+through, current code on disk, cold runs where the warm one could differ, a dead client's stage stopped,
+and a client that hands nothing to a socket that is not its own user's server's."""
 
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from flash_grpo_core.workspace import copy_project, tool_env
+from stages import warm_client
+from stages.warm import Server
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -174,3 +182,162 @@ def test_the_server_imports_what_the_stages_import_lazily():
                if not any(name == optional or name.startswith(optional + ".") for optional in OPTIONAL_LIBRARIES)}
     assert not missing, f"every warm stage would import these again: {sorted(missing)}"
     assert not any(name.split(".")[0] == "flash_grpo_core" for name in imported)  # the project's code is dropped
+
+
+# ------------------------------------------------------------------------------------------------
+# Whose socket: the client sends its environment, argv and standard streams only to its own user's
+# server, in a folder nobody else can write to.
+
+OTHER_UID = 65534  # nobody
+needs_root = pytest.mark.skipif(os.getuid() != 0, reason="giving files to another uid needs root")
+
+
+def _private_folder(path: Path) -> Path:
+    path.mkdir(mode=0o700)
+    path.chmod(0o700)  # whatever the umask
+    return path
+
+
+class Listener:
+    """A socket at `path` that records whatever a client sends it: an impostor's server."""
+
+    def __init__(self, path: Path):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(str(path))
+        self.sock.listen()
+        self.sock.settimeout(0.05)
+        self.received, self.stop = b"", threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(2)
+                try:
+                    self.received += conn.recv(1 << 20)
+                except OSError:
+                    pass
+
+    def close(self) -> bytes:
+        self.stop.set()
+        self.thread.join(timeout=5)
+        self.sock.close()
+        return self.received
+
+
+@pytest.fixture
+def stage_client(monkeypatch, tmp_path):
+    """delegate_from(socket) -> (delegate()'s result, its stderr), called as `python -m stages.init`
+    with real standard streams and a planted secret in its environment."""
+    monkeypatch.setitem(sys.modules, "__main__", SimpleNamespace(__spec__=SimpleNamespace(name="stages.init")))
+    monkeypatch.delenv("FLASH_GRPO_WARM", raising=False)
+    monkeypatch.delenv(warm_client.CHILD_FLAG, raising=False)
+    monkeypatch.setenv("PLANTED_SECRET", "do-not-leak")
+    stderr = tmp_path / "client-stderr.txt"
+
+    def delegate_from(path: Path):
+        monkeypatch.setenv("FLASH_GRPO_WARM_SOCKET", str(path))
+        with (monkeypatch.context() as patch, open(os.devnull) as stdin, open(os.devnull, "w") as stdout,
+              open(stderr, "w") as err):
+            for name, stream in (("stdin", stdin), ("stdout", stdout), ("stderr", err)):
+                patch.setattr(sys, name, stream)
+            result = warm_client.delegate()
+        return result, stderr.read_text()
+
+    return delegate_from
+
+
+@pytest.fixture
+def short_tmp():
+    """A folder with a short path: a Unix socket's path has at most 107 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="w", dir="/tmp"))
+    yield path
+    shutil.rmtree(path)
+
+
+def test_the_default_socket_lives_in_a_private_folder_the_server_creates(monkeypatch, short_tmp):
+    monkeypatch.delenv("FLASH_GRPO_WARM_SOCKET", raising=False)
+    runtime = _private_folder(short_tmp / "runtime")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    assert warm_client.socket_path().parent == runtime
+    runtime.chmod(0o755)  # not private: not used
+    monkeypatch.setattr(tempfile, "tempdir", str(short_tmp))
+    folder = short_tmp / f"flash-grpo-warm-{os.getuid()}"
+    assert warm_client.socket_path().parent == folder
+    monkeypatch.delenv("XDG_RUNTIME_DIR")
+    assert warm_client.socket_path().parent == folder and not folder.exists()
+    Server(warm_client.socket_path(), {}, {}).serve(stop_after=0.2)
+    assert folder.stat().st_mode & 0o777 == 0o700  # created private
+    folder.chmod(0o777)
+    with pytest.raises(SystemExit, match="refusing to listen in .* open to group or others"):
+        Server(warm_client.socket_path(), {}, {}).serve(stop_after=0.2)
+
+
+def test_a_socket_in_a_folder_others_can_write_to_is_refused(stage_client, tmp_path):
+    folder = _private_folder(tmp_path / "open")
+    listener = Listener(folder / "warm.sock")
+    folder.chmod(0o777)  # anyone could have put this socket here
+    result, stderr = stage_client(folder / "warm.sock")
+    assert result is None and listener.close() == b""  # runs cold, sends nothing
+    assert stderr.count("\n") == 1 and "running cold" in stderr and "open to group or others (mode 777" in stderr
+
+
+@needs_root
+def test_a_socket_in_another_users_folder_is_refused(stage_client, tmp_path):
+    folder = _private_folder(tmp_path / "theirs")
+    listener = Listener(folder / "warm.sock")
+    os.chown(folder, OTHER_UID, -1)
+    result, stderr = stage_client(folder / "warm.sock")
+    assert result is None and listener.close() == b""
+    assert f"belongs to uid {OTHER_UID}, not 0" in stderr
+
+
+@needs_root
+def test_a_socket_of_another_user_is_refused(stage_client, tmp_path):
+    path = _private_folder(tmp_path / "private") / "warm.sock"
+    listener = Listener(path)
+    os.chown(path, OTHER_UID, -1)
+    result, stderr = stage_client(path)
+    assert result is None and listener.close() == b""
+    assert f"warm.sock belongs to uid {OTHER_UID}" in stderr
+
+
+IMPOSTOR = """
+import os, socket, sys
+listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+listener.bind(sys.argv[1])
+os.setuid(int(sys.argv[2]))  # the socket file stays root's; the listening process is not
+listener.listen()
+print("listening", flush=True)
+listener.settimeout(30)
+conn, _ = listener.accept()
+conn.settimeout(10)
+data = b""
+while not data.endswith(b"\\n"):
+    chunk = conn.recv(1 << 20)
+    if not chunk:
+        break
+    data += chunk
+print(len(data), flush=True)
+"""
+
+
+@needs_root
+def test_a_server_running_as_another_user_is_refused(stage_client, tmp_path):
+    path = _private_folder(tmp_path / "private") / "warm.sock"
+    impostor = subprocess.Popen([sys.executable, "-c", IMPOSTOR, str(path), str(OTHER_UID)], stdout=subprocess.PIPE,
+                                text=True)
+    try:
+        assert impostor.stdout.readline().strip() == "listening"
+        result, stderr = stage_client(path)
+        assert result is None and f"its server runs as uid {OTHER_UID}, not 0" in stderr
+        assert impostor.stdout.readline().strip() == "0"  # the impostor received nothing
+    finally:
+        impostor.kill()
+        impostor.wait()
+        impostor.stdout.close()

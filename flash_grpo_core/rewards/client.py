@@ -12,12 +12,15 @@ help. Every failure is a RewardError naming the reward and the URL. ``frame_stri
 pipeline passes to every reward) keeps every n-th frame before sending, so the server's reward
 should run with stride 1. The scores that come back
 go through the same checks as a local reward's (count, NaN / inf), so a broken server fails the
-score stage instead of training on garbage. Standard library HTTP only; JSON only.
+score stage instead of training on garbage. A server that is not on loopback wants a bearer token:
+``token``, or the environment variable FLASH_GRPO_REWARD_TOKEN (better: params.yaml is versioned);
+a wrong one is a 401, not retried. Standard library HTTP only; JSON only.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 import urllib.error
 import urllib.request
@@ -27,8 +30,8 @@ import torch
 
 from flash_grpo_core.rewards.base import (
     RewardError,
-    RewardUnavailable,
     RewardOutput,
+    RewardUnavailable,
     check_videos,
     register,
     select_frames,
@@ -37,6 +40,7 @@ from flash_grpo_core.rewards.base import (
 from flash_grpo_core.rewards.wire import ENCODINGS, encode_videos
 
 sleep = time.sleep  # module-level so tests can record the backoff without sleeping
+TOKEN_ENV = "FLASH_GRPO_REWARD_TOKEN"
 
 
 class TransientError(Exception):
@@ -58,6 +62,7 @@ class RemoteReward:
         max_batch: int = 16,
         encoding: str = "safetensors-base64",
         frame_stride: int = 1,
+        token: str | None = None,
     ) -> None:
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise RewardError(f"reward 'remote': url must start with http:// or https://, got {url!r}")
@@ -76,6 +81,7 @@ class RemoteReward:
         self.max_batch = max_batch
         self.encoding = encoding
         self.frame_stride = frame_stride
+        self.token = token or os.environ.get(TOKEN_ENV) or None
 
     def __call__(self, videos: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None) -> RewardOutput:
         check_videos(videos, prompts)
@@ -138,9 +144,11 @@ class RemoteReward:
 
     def request(self, path: str, data: bytes | None = None) -> dict[str, Any]:
         """One HTTP request; TransientError or RewardError on failure."""
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
         request = urllib.request.Request(
-            self.url + path, data=data, method="POST" if data is not None else "GET",
-            headers={"Content-Type": "application/json", "Accept": "application/json"},
+            self.url + path, data=data, method="POST" if data is not None else "GET", headers=headers
         )
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
