@@ -128,7 +128,7 @@ def gradient_spread(base: str, seed: int = 0) -> dict:
         steps = torch.full((len(prompts), r.group_size, 1), k, dtype=torch.long)
         batch, _ = generate(engine, prompts, 0, PassCounter(), train_steps=steps)
         cond, uncond = encode(engine, prompts)
-        ctx = StepContext(batch, advantages, cond, uncond, engine.sigmas.float(), engine.scales.float(), r.guidance)
+        ctx = StepContext(batch, advantages, cond, uncond, engine.sigmas, engine.scales.float(), r.guidance)
         step, old = score_items(engine.policy, ctx, torch.arange(batch.num_samples), PassCounter())
         loss = ppo_clip_loss(step.log_prob, old, advantages, torch.ones_like(advantages), params.train.clip_range)
         grads = torch.autograd.grad(loss, list(engine.policy.parameters.values()))

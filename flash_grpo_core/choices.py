@@ -6,4 +6,8 @@ RECTIFY_MODES = ("exact", "none", "flow_grpo")
 TRAIN_MODES = ("flash", "window", "full")
 STD_SCOPES = ("batch", "group")
 FINETUNE_KINDS = ("lora", "full")
+LORA_INITS = ("gaussian", "default")  # peft's init_lora_weights: "gaussian", or True (kaiming-uniform A)
+# The authors' LoRA targets: q, k, v and output projections of self- (attn1) and cross-attention
+# (attn2) in diffusers' Wan naming, matched by peft as module-name suffixes; no FFN.
+DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 PRESETS = ("tiny", "wan1_3b", "wan14b", "toy")  # toy: the pixel-space alignment benchmark

@@ -19,9 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flash_grpo_core.choices import (
-    FINETUNE_KINDS, NOISE_KINDS, PRESETS, RECTIFY_MODES, SCHEDULE_KINDS, STD_SCOPES, TRAIN_MODES,
-)
+from flash_grpo_core.choices import (DEFAULT_LORA_TARGETS, FINETUNE_KINDS, LORA_INITS, NOISE_KINDS, PRESETS,
+                                     RECTIFY_MODES, SCHEDULE_KINDS, STD_SCOPES, TRAIN_MODES)
 from flash_grpo_core.dvc_layout import dvc_loop, eval_points
 
 
@@ -42,6 +41,8 @@ class ModelConfig:
     finetune: str = "lora"  # lora | full
     lora_rank: int = 16
     lora_alpha: int = 32
+    lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS  # module-name suffixes peft adapts
+    lora_init: str = "gaussian"  # gaussian | default (peft's kaiming-uniform A)
     gradient_checkpointing: bool = False
     text_len: int = 512
 
@@ -49,6 +50,8 @@ class ModelConfig:
         _check(self.dtype in ("auto", "float32", "bfloat16", "float16"), f"model.dtype: unknown {self.dtype!r}")
         _check(self.finetune in FINETUNE_KINDS, f"model.finetune must be one of {FINETUNE_KINDS}, got {self.finetune!r}")
         _check(self.lora_rank > 0 and self.lora_alpha > 0, "model.lora_rank and lora_alpha must be > 0")
+        _check(all(t.strip() for t in self.lora_targets or [""]), "model.lora_targets must list module-name suffixes")
+        _check(self.lora_init in LORA_INITS, f"model.lora_init must be one of {LORA_INITS}, got {self.lora_init!r}")
         _check(self.text_len > 0, "model.text_len must be > 0")
 
 

@@ -99,3 +99,27 @@ def test_setting_the_iteration_count_rewrites_both_and_keeps_comments(tmp_path):
     text = path.read_text()
     assert "# Flash-GRPO parameters." in text and "loop: {'1': 0, '2': 1, '3': 2, '4': 3}" in text
     assert "eval_at: [0, 1, 2, 3, 4]" in text
+
+
+@pytest.mark.parametrize("preset", ["tiny", "wan1_3b", "wan14b"])
+def test_lora_defaults_are_the_authors_recipe_in_every_preset(preset):
+    # scripts/train_wanx2_1_flash.py: r 16, alpha 32, init "gaussian", attention projections only
+    model = load_params(ROOT / "params.yaml", preset=preset).model
+    assert (model.lora_rank, model.lora_alpha, model.lora_init) == (16, 32, "gaussian")
+    assert model.lora_targets == ("to_q", "to_k", "to_v", "to_out.0")
+    assert params_from_dict({}).model.lora_targets == model.lora_targets  # the dataclass default too
+
+
+def test_lora_targets_and_init_are_validated_by_key(tmp_path):
+    params = load_params(_write(tmp_path, "model:\n  lora_targets: [to_q, ffn.net.2]\n  lora_init: default\n"))
+    assert params.model.lora_targets == ("to_q", "ffn.net.2") and params.model.lora_init == "default"
+    with pytest.raises(ConfigError, match=r"model.lora_init must be one of \('gaussian', 'default'\), got 'kaiming'"):
+        params_from_dict({"model": {"lora_init": "kaiming"}})
+    with pytest.raises(ConfigError, match="model.lora_targets must list module-name suffixes"):
+        params_from_dict({"model": {"lora_targets": []}})
+    with pytest.raises(ConfigError, match="model.lora_targets must list module-name suffixes"):
+        params_from_dict({"model": {"lora_targets": ["to_q", " "]}})
+    with pytest.raises(ConfigError, match=r"model.lora_targets\[0\] must be a string"):
+        params_from_dict({"model": {"lora_targets": [3]}})
+    with pytest.raises(ConfigError, match="unknown key.*model.lora_target\\b"):
+        params_from_dict({"model": {"lora_target": ["to_q"]}})

@@ -15,7 +15,7 @@ PROMPTS = ["a red square moving left", "a blue ball bouncing"]
 def _max_ratio_error(engine):
     batch, _ = generate(engine, PROMPTS, 0, PassCounter())
     cond, uncond = encode(engine, PROMPTS)
-    ctx = StepContext(batch, torch.zeros(8), cond, uncond, engine.sigmas.float().to(engine.device),
+    ctx = StepContext(batch, torch.zeros(8), cond, uncond, engine.sigmas.to(engine.device),
                       engine.scales.float().to(engine.device), engine.params.rollout.guidance)
     with torch.no_grad():
         step, old = score_items(engine.policy, ctx, torch.arange(8), PassCounter())

@@ -304,12 +304,65 @@ def test_apply_lora_trains_only_lora_weights_and_starts_as_a_no_op():
     trainable = trainable_parameters(stack.transformer)
     assert list(trainable) == sorted(trainable)
     assert all(".lora_A." in name or ".lora_B." in name for name in trainable)
-    # 2 blocks x (attn1 + attn2: q, k, v, out = 8, plus 2 FFN projections) x (A, B) = 40.
-    assert len(trainable) == 2 * 10 * 2
-    for target in DEFAULT_LORA_TARGETS:
-        assert any(f".{target}.lora_B." in name for name in trainable), target
+    # The authors' targets: 2 blocks x (attn1 + attn2: q, k, v, out = 8) x (A, B) = 32; no FFN.
+    assert DEFAULT_LORA_TARGETS == ("to_q", "to_k", "to_v", "to_out.0")
+    assert len(trainable) == 2 * 8 * 2
+    assert not any(".ffn." in name for name in trainable)
+    for attention in ("attn1", "attn2"):
+        for target in DEFAULT_LORA_TARGETS:
+            assert f"blocks.1.{attention}.{target}.lora_B.default.weight" in trainable, (attention, target)
     with torch.no_grad():
         assert torch.equal(forward(stack, latents, timesteps, embeds), base)
+
+
+def _lora_a(transformer) -> torch.Tensor:
+    """Every LoRA A entry, flattened."""
+    return torch.cat([p.detach().flatten() for n, p in trainable_parameters(transformer).items() if ".lora_A." in n])
+
+
+def test_lora_a_is_gaussian_with_std_one_over_rank_and_seeded():
+    # peft's "gaussian": A ~ N(0, 1/r^2), so std 1/16 = 0.0625 at r = 16; 16 adapted projections x 16 x 24
+    # inputs = 6144 draws put the sample std within about 1% of it. B is zero, so the adapter is a no-op.
+    stack = build_tiny_stack()
+    apply_lora(stack.transformer, rank=16, alpha=32, seed=3)
+    a = _lora_a(stack.transformer)
+    assert a.numel() == 16 * 16 * 24
+    assert a.std().item() == pytest.approx(1 / 16, rel=0.05)
+    assert a.abs().max() > 1 / 24**0.5  # beyond peft's kaiming-uniform bound 1/sqrt(fan_in): not uniform
+    b = [p for n, p in trainable_parameters(stack.transformer).items() if ".lora_B." in n]
+    assert all(torch.count_nonzero(p) == 0 for p in b)
+    again, other = build_tiny_stack(), build_tiny_stack()
+    apply_lora(again.transformer, rank=16, alpha=32, seed=3)
+    apply_lora(other.transformer, rank=16, alpha=32, seed=4)
+    assert torch.equal(_lora_a(again.transformer), a)
+    assert not torch.equal(_lora_a(other.transformer), a)
+
+
+def test_lora_default_init_is_peft_kaiming_uniform():
+    # kaiming_uniform(a = sqrt(5)) on fan_in 24: U(-1/sqrt(24), 1/sqrt(24)), std 1/sqrt(3 * 24) = 0.118
+    stack = build_tiny_stack()
+    apply_lora(stack.transformer, rank=16, alpha=32, init="default")
+    a = _lora_a(stack.transformer)
+    assert a.abs().max() <= 1 / 24**0.5
+    assert a.std().item() == pytest.approx(1 / (3 * 24) ** 0.5, rel=0.05)
+    with pytest.raises(ValueError, match="unknown LoRA init 'kaiming'"):
+        apply_lora(build_tiny_stack().transformer, init="kaiming")
+
+
+def test_make_trainable_applies_the_configured_targets_and_init(tiny_params):
+    from flash_grpo_core.engine.iteration import make_trainable
+
+    stack = build_tiny_stack()
+    make_trainable(stack.transformer, tiny_params())  # the params' defaults: the authors' recipe
+    names = list(trainable_parameters(stack.transformer))
+    assert len(names) == 32 and not any(".ffn." in name for name in names)
+    assert _lora_a(stack.transformer).std().item() == pytest.approx(1 / 16, rel=0.05)
+    custom = build_tiny_stack()
+    make_trainable(custom.transformer, tiny_params(model__lora_targets=["to_q", "ffn.net.2"], model__lora_init="default"))
+    names = list(trainable_parameters(custom.transformer))
+    # attn1.to_q, attn2.to_q and ffn.net.2 in 2 blocks x (A, B) = 12
+    assert len(names) == 12 and sum(".ffn.net.2." in name for name in names) == 4
+    assert _lora_a(custom.transformer).abs().max() <= 1 / 24**0.5
 
 
 def test_adapters_disabled_gives_the_base_model_and_restores_state():

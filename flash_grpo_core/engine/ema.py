@@ -1,7 +1,13 @@
 """Exponential moving average of the trainable weights, used for evaluation.
 
-The authors' setting: decay 0.9, updated every 8 optimizer steps. Only trainable parameters are
-tracked (the LoRA weights under LoRA), so the EMA costs as little memory as the adapter.
+As the authors' `EMAModuleWrapper` (flow_grpo/ema.py, `get_current_decay` and `step`): after
+optimizer step s (counted from 1, the authors' `global_step` after its increment), the weights are
+folded in when (s + 1) % every == 0, with the warmed-up decay min((1 + s) / (10 + s), decay). Their
+setting is decay 0.9 every 8 steps: after 64 steps about 9% of the base weights remain in the
+average (a constant 0.9 would keep 43%). The step count is saved with the checkpoint, so a resumed
+run continues the warm-up where it stopped (the authors' script restarts its count at 0). Only
+trainable parameters are tracked (the LoRA weights under LoRA), so the EMA costs as little memory
+as the adapter.
 """
 
 from __future__ import annotations
@@ -17,14 +23,19 @@ class EMA:
         self.shadow = {name: p.detach().float().clone() for name, p in parameters.items()}
         self.steps = 0  # optimizer steps seen
 
+    def current_decay(self, step: int) -> float:
+        """The decay applied after optimizer step `step` (1-based): warms up from 2/11 towards `decay`."""
+        return min((1 + step) / (10 + step), self.decay)
+
     @torch.no_grad()
     def step(self) -> bool:
-        """Count one optimizer step; fold the weights into the average every `every` steps."""
+        """Count one optimizer step; fold the weights in when (steps + 1) % every == 0."""
         self.steps += 1
-        if self.steps % self.every:
+        if (self.steps + 1) % self.every:
             return False
+        weight = 1.0 - self.current_decay(self.steps)
         for name, param in self.parameters.items():
-            self.shadow[name].lerp_(param.detach().float(), 1.0 - self.decay)
+            self.shadow[name].lerp_(param.detach().float(), weight)
         return True
 
     def state_dict(self) -> dict:

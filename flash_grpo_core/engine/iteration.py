@@ -70,7 +70,8 @@ def make_trainable(transformer: torch.nn.Module, params: Params) -> torch.nn.Mod
 
     if params.model.finetune == "lora":
         lora.apply_lora(transformer, rank=params.model.lora_rank, alpha=params.model.lora_alpha,
-                          seed=derive_seed(params.seed, "lora") % 2**32)
+                        target_modules=params.model.lora_targets, seed=derive_seed(params.seed, "lora") % 2**32,
+                        init=params.model.lora_init)
         return None
     reference = copy.deepcopy(transformer).requires_grad_(False) if params.train.kl_beta > 0 else None
     lora.enable_full_finetune(transformer)
@@ -229,7 +230,7 @@ def update(engine: Engine, prompts: list[str], batch: RolloutBatch, advantages: 
     """The GRPO update on one iteration's rollouts; `embeds` as in `generate` (the update stage
     passes the rollout's stored ones, so it needs no text encoder)."""
     cond, uncond = embeds if embeds is not None else encode(engine, prompts)
-    ctx = StepContext(batch, advantages, cond, uncond, engine.sigmas.float().to(engine.device),
+    ctx = StepContext(batch, advantages, cond, uncond, engine.sigmas.to(engine.device),
                       engine.scales.float().to(engine.device), engine.params.rollout.guidance)
     generator = torch.Generator().manual_seed(derive_seed(engine.params.seed, iteration, "minibatches"))
     engine.policy.transformer.train()

@@ -15,6 +15,7 @@ import torch
 
 from flash_grpo_core.engine.seeding import derive_seed
 from flash_grpo_core.method.batch import PassCounter, RolloutBatch
+from flash_grpo_core.method.schedule import transformer_timesteps
 from flash_grpo_core.method.sde import ode_step, sde_step
 from flash_grpo_core.method.steps import sde_mask
 
@@ -28,12 +29,14 @@ def predict_velocity(
     transformer, latents: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor,
     uncond: torch.Tensor | None, guidance: float, counter: PassCounter | None = None,
 ) -> torch.Tensor:
-    """Guided velocity v = v_u + w (v_c - v_u) for latents [S, C, F, H, W] at sigma [S].
+    """Guided velocity v = v_u + w (v_c - v_u) for latents [S, C, F, H, W] at float64 sigma [S].
 
-    The conditional and unconditional halves go through the transformer as one batch of 2S.
+    The conditional and unconditional halves go through the transformer as one batch of 2S. As in
+    the Wan pipeline, the latents (float32 state) are cast to the model's dtype only here, and the
+    timestep is the integer `1000 * sigma` truncated (`method/schedule.py: transformer_timesteps`).
     """
     dtype = compute_dtype(transformer)
-    timestep = (sigma.float() * 1000).to(latents.device)  # [S]
+    timestep = transformer_timesteps(sigma).to(latents.device)  # [S] int64
     guided = uncond is not None and guidance != 1.0
     if guided:
         latents, timestep = torch.cat([latents, latents]), torch.cat([timestep, timestep])
@@ -76,14 +79,13 @@ def rollout(
     slot = torch.full((total, num_steps), -1, dtype=torch.long)
     slot.scatter_(1, steps, torch.arange(trained).expand(total, trained))
     prompt_index = torch.arange(num_prompts).repeat_interleave(group)  # [S]
-    dtype = compute_dtype(transformer)
-    latents = torch.empty(total, trained, *latent_shape, dtype=dtype)
+    latents = torch.empty(total, trained, *latent_shape, dtype=torch.float32)  # [S, T, C, F, H, W] as sampled
     next_latents, log_probs = torch.empty_like(latents), torch.empty(total, trained)
     finals = []
     for start in range(0, total, batch_size):
         ids = list(range(start, min(start + batch_size, total)))
         generators = sample_generators(seed, ids)
-        x = _draw(generators, latent_shape).to(device, dtype)  # [b, C, F, H, W]
+        x = _draw(generators, latent_shape).to(device)  # [b, C, F, H, W] float32 state; the model gets it cast
         cond = cond_embeds[prompt_index[ids]]
         for i in range(num_steps):
             sigma = sigmas[i].expand(len(ids))

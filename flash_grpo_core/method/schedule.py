@@ -9,8 +9,8 @@ Two variants of the shifted sigma schedule for N steps:
   `linspace(1, 1/1000, N+1)[:-1]`, shifted, a first sigma of exactly 1 nudged down by 1e-6 (as
   the scheduler does, to keep logs finite), then a final 0.
 
-Both return N+1 values, decreasing, the last one 0. Timesteps given to the transformer are
-`1000 * sigma` for the first N.
+Both return N+1 values, decreasing, the last one 0. Timesteps given to the transformer are the
+integers `1000 * sigma` truncated, for the first N, as the Wan pipeline passes them.
 """
 
 from __future__ import annotations
@@ -45,6 +45,19 @@ def flow_sigmas(num_steps: int, shift: float, kind: str = "authors") -> torch.Te
     return torch.from_numpy(np.append(sigmas, 0.0).copy())
 
 
+def transformer_timesteps(sigmas: torch.Tensor) -> torch.Tensor:
+    """The timesteps the transformer is given at `sigmas` (any shape): int64 `1000 * sigma`, truncated.
+
+    As the Wan pipeline passes them: `UniPCMultistepScheduler(use_flow_sigmas=True)` computes
+    `sigma * 1000` in float64 and casts to int64 (the authors' rollouts and training use those).
+    The sigmas must be float64: a float32 sigma can truncate to the integer below (0.95 is
+    0.9499999881 in float32), and the rollout and the trainer must give the model the same time.
+    """
+    if sigmas.dtype != torch.float64:
+        raise TypeError(f"transformer timesteps need float64 sigmas (as diffusers computes them), got {sigmas.dtype}")
+    return (sigmas * NUM_TRAIN_TIMESTEPS).to(torch.int64)
+
+
 def timesteps(sigmas: torch.Tensor) -> torch.Tensor:
-    """Transformer timesteps `1000 * sigma_i` for the N steps (the final sigma 0 has none)."""
-    return sigmas[:-1] * NUM_TRAIN_TIMESTEPS
+    """Transformer timesteps for the N steps of a float64 schedule (the final sigma 0 has none), int64 [N]."""
+    return transformer_timesteps(sigmas[:-1])

@@ -1,0 +1,104 @@
+"""What the sampler gives the transformer, as the Wan pipeline does: integer timesteps truncated from
+1000 * sigma, and a float32 latent state cast to the model's dtype only at the transformer input."""
+
+import pytest
+import torch
+
+from flash_grpo_core.engine import sampler
+from flash_grpo_core.engine.iteration import build_engine, encode, generate
+from flash_grpo_core.engine.trainer import StepContext, score_items
+from flash_grpo_core.method.batch import PassCounter
+from flash_grpo_core.method.schedule import flow_sigmas, timesteps, transformer_timesteps
+from flash_grpo_core.method.sde import ode_step
+
+PROMPTS = ["a red square moving left", "a blue ball bouncing"]
+
+
+def _scheduler_timesteps(steps: int, shift: float) -> torch.Tensor:
+    from diffusers import UniPCMultistepScheduler
+
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=shift)
+    scheduler.set_timesteps(steps)
+    return scheduler.timesteps  # int64 [N], what WanPipeline passes to its transformer
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0, 5.0, 8.0])
+def test_timesteps_equal_the_schedulers_for_every_step_count(shift):
+    for steps in range(1, 61):
+        ours = timesteps(flow_sigmas(steps, shift, "diffusers"))
+        assert ours.dtype == torch.int64 and torch.equal(ours, _scheduler_timesteps(steps, shift)), steps
+
+
+def test_timesteps_need_float64_sigmas():
+    # 1000 * 0.95 is 950 in float64; float32 holds 0.95 as 0.9499999881, which would truncate to 949
+    assert transformer_timesteps(torch.tensor([0.95], dtype=torch.float64)).tolist() == [950]
+    with pytest.raises(TypeError, match="float64 sigmas"):
+        transformer_timesteps(torch.tensor([0.95]))
+
+
+def _record_timesteps(transformer) -> list[torch.Tensor]:
+    seen = []
+
+    def hook(module, args, kwargs):
+        seen.append(kwargs["timestep"].detach().cpu().clone())
+
+    transformer.register_forward_pre_hook(hook, with_kwargs=True)
+    return seen
+
+
+def test_rollout_and_training_give_the_transformer_the_schedulers_integer_timesteps(tiny_params):
+    engine = build_engine(tiny_params(rollout__schedule="diffusers"))
+    expected = _scheduler_timesteps(20, 3.0)  # the tiny preset's N = 20, shift 3
+    seen = _record_timesteps(engine.policy.transformer)
+    batch, _ = generate(engine, PROMPTS, 0, PassCounter())
+    assert len(seen) == 20  # 8 samples in one batch of 8, conditional and unconditional halves together
+    for i, timestep in enumerate(seen):
+        assert timestep.dtype == torch.int64 and torch.equal(timestep, expected[i].expand(16)), i
+
+    seen.clear()
+    cond, uncond = encode(engine, PROMPTS)
+    ctx = StepContext(batch, torch.zeros(8), cond, uncond, engine.sigmas, engine.scales.float(), 4.5)
+    with torch.no_grad():
+        step, old = score_items(engine.policy, ctx, torch.arange(8), PassCounter())
+    trained = expected[batch.steps[:, 0]]  # [8]: each sample's trained step
+    assert len(seen) == 1 and torch.equal(seen[0], torch.cat([trained, trained]))
+    assert torch.allclose(torch.exp(step.log_prob - old), torch.ones(8), atol=1e-5, rtol=0)  # ratio = 1
+
+
+def test_bf16_sampling_keeps_a_float32_state(tiny_params, monkeypatch):
+    engine = build_engine(tiny_params(model__dtype="bfloat16"))
+    transformer = engine.policy.transformer
+    assert sampler.compute_dtype(transformer) == torch.bfloat16
+    state_dtypes = []
+    original = sampler.predict_velocity
+
+    def spy(transformer, latents, *args, **kwargs):
+        state_dtypes.append(latents.dtype)
+        return original(transformer, latents, *args, **kwargs)
+
+    monkeypatch.setattr(sampler, "predict_velocity", spy)
+    batch, _ = generate(engine, PROMPTS, 0, PassCounter())
+    assert state_dtypes == [torch.float32] * 20  # the state each step starts from: float32, not the model's bf16
+    assert batch.latents.dtype == batch.next_latents.dtype == batch.final_latents.dtype == torch.float32
+
+
+def test_bf16_ode_sampling_equals_a_float32_reference_loop(tiny_params):
+    # The Wan pipeline's loop: x float32; v from the transformer on x cast to bf16 (guided in bf16);
+    # x += (sigma' - sigma) * v in float32. Holding x in bf16 instead rounds it after every step.
+    engine = build_engine(tiny_params(model__dtype="bfloat16"))
+    transformer, sigmas = engine.policy.transformer, engine.sigmas
+    cond, uncond = encode(engine, PROMPTS)
+    shape = engine.stack.latent_shape(9, 32, 32)
+    no_sde = torch.zeros(2, 4, 0, dtype=torch.long)  # [B, G, T = 0]: ODE steps only
+    batch = sampler.rollout(transformer, cond, uncond, no_sde, sigmas, torch.zeros(20), 4.5, shape, 7, 8)
+
+    x = sampler._draw(sampler.sample_generators(7, list(range(8))), shape)  # [8, C, F, H, W] float32
+    embeds = torch.cat([cond.repeat_interleave(4, dim=0), uncond.expand(8, -1, -1)])  # [16, L, D]
+    with torch.no_grad():
+        for i in range(20):
+            t = torch.full((16,), int(1000 * sigmas[i].item()), dtype=torch.long)
+            out = transformer(hidden_states=torch.cat([x, x]).bfloat16(), timestep=t, encoder_hidden_states=embeds,
+                              return_dict=False)[0]
+            v_cond, v_uncond = out.chunk(2)
+            x = ode_step(x, v_uncond + 4.5 * (v_cond - v_uncond), sigmas[i], sigmas[i + 1])
+    assert x.dtype == torch.float32 and torch.equal(batch.final_latents, x)
