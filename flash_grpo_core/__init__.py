@@ -26,7 +26,7 @@ _PUBLIC = {
     "noise_scales": "flash_grpo_core.method.sde",
     "rectification_coefficients": "flash_grpo_core.method.sde",
 }
-__all__ = sorted(_PUBLIC)
+__all__ = ["flow_sigmas", "noise_scales", "rectification_coefficients", "sde_step"]
 
 
 def __getattr__(name: str):

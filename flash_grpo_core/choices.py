@@ -11,3 +11,4 @@ LORA_INITS = ("gaussian", "default")  # peft's init_lora_weights: "gaussian", or
 # (attn2) in diffusers' Wan naming, matched by peft as module-name suffixes; no FFN.
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 PRESETS = ("tiny", "wan1_3b", "wan14b", "toy")  # toy: the pixel-space alignment benchmark
+PARALLEL_STRATEGIES = ("auto", "ddp", "fsdp")  # data parallelism of the update on several ranks

@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flash_grpo_core.choices import (DEFAULT_LORA_TARGETS, FINETUNE_KINDS, LORA_INITS, NOISE_KINDS, PRESETS,
-                                     RECTIFY_MODES, SCHEDULE_KINDS, STD_SCOPES, TRAIN_MODES)
+from flash_grpo_core.choices import (DEFAULT_LORA_TARGETS, FINETUNE_KINDS, LORA_INITS, NOISE_KINDS,
+                                     PARALLEL_STRATEGIES, PRESETS, RECTIFY_MODES, SCHEDULE_KINDS, STD_SCOPES,
+                                     TRAIN_MODES)
 from flash_grpo_core.dvc_layout import dvc_loop, eval_points
 
 
@@ -107,8 +108,11 @@ class TrainConfig:
     window_size: int = 2  # window mode: W
     window_stride: int = 1
     window_every: int = 1  # iterations between window moves
+    parallel: str = "auto"  # on several ranks: ddp | fsdp | auto (ddp for LoRA, fsdp for full fine-tuning)
 
     def __post_init__(self):
+        _check(self.parallel in PARALLEL_STRATEGIES,
+               f"train.parallel must be one of {PARALLEL_STRATEGIES}, got {self.parallel!r}")
         _check(self.mode in TRAIN_MODES, f"train.mode must be one of {TRAIN_MODES}, got {self.mode!r}")
         _check(self.rectify in RECTIFY_MODES, f"train.rectify must be one of {RECTIFY_MODES}, got {self.rectify!r}")
         _check(self.std_scope in STD_SCOPES, f"train.std_scope must be one of {STD_SCOPES}, got {self.std_scope!r}")

@@ -13,6 +13,8 @@ import sys
 import time
 from typing import NoReturn
 
+from stages import _launch
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights come from local paths only
 
 
@@ -64,31 +66,87 @@ INPUT_ERROR_EXIT = 2  # a known, deterministic input error: rerunning cannot hel
 TRANSIENT_EXIT = 75  # EX_TEMPFAIL: an unreachable reward server; a retry may succeed
 
 
-def run(name: str, body) -> int:
+def run(name: str, body, argv: list[str] | None = None, distributed: bool = False) -> int:
     """Run a stage body; known input errors become a one-line message and exit code 2, an
-    unreachable reward exit code 75. With a warm runner listening (stages/warm.py), a stage started
-    as `python -m stages.<name>` runs there instead and this returns its exit code."""
-    from stages import warm_client
+    unreachable reward exit code 75.
 
-    delegated = warm_client.delegate()
-    if delegated is not None:
-        return delegated
+    `distributed` stages run on as many processes as the environment asks for (stages/_launch.py):
+    this process then starts torchrun and returns the worst rank's exit code, and each rank joins
+    the process group before its body runs. Otherwise, with a warm runner listening
+    (stages/warm.py), a stage started as `python -m stages.<name>` runs there instead and this
+    returns its exit code."""
+    from stages import _watchdog, warm_client
+
+    _watchdog.start()  # end with the process that started this one (DVC, torchrun), never orphaned
+    fault_point("started", int(os.environ.get("RANK", "0")))
+    if distributed:
+        try:
+            if _launch.wanted():
+                return _launch.launch(f"stages.{name}", sys.argv[1:] if argv is None else list(argv))
+        except _launch.LaunchError as error:
+            print(f"{name}: error: {error}", file=sys.stderr)
+            return INPUT_ERROR_EXIT
+    if not _launch.inside():
+        delegated = warm_client.delegate()
+        if delegated is not None:
+            return delegated
+    code = 1  # an unexpected exception propagates; the rank's record says it failed
+    try:
+        code = _run_body(name, body, distributed)
+    finally:
+        _launch.record_exit(code)
+    return code
+
+
+def _run_body(name: str, body, distributed: bool) -> int:
     began = time.perf_counter()
+    world = None
+    if distributed and _launch.inside():
+        from flash_grpo_core.engine.distributed import init_from_env
+
+        world = init_from_env()
+        fault_point("joined", world.rank)
     try:
         summary = body()
     except Exception as error:  # noqa: BLE001 - filtered right below
         from flash_grpo_core.rewards.base import RewardUnavailable
 
+        rank = f" (rank {world.rank})" if world is not None else ""
         if isinstance(error, RewardUnavailable):  # transient: an orchestrator may retry the stage
-            print(f"{name}: error (transient): {error}", file=sys.stderr)
+            print(f"{name}: error (transient){rank}: {error}", file=sys.stderr)
             return TRANSIENT_EXIT
         if isinstance(error, known_errors()):
-            print(f"{name}: error: {error}", file=sys.stderr)
+            print(f"{name}: error{rank}: {error}", file=sys.stderr)
             return INPUT_ERROR_EXIT
         raise
-    fields = " ".join(f"{key}={value}" for key, value in summary.items())
-    print(f"{name}: {fields} seconds={time.perf_counter() - began:.1f}", flush=True)
+    if world is not None:
+        from flash_grpo_core.engine.distributed import shutdown
+
+        shutdown()
+    if world is None or world.is_main:
+        processes = {"processes": world.size if world is not None else 1} if distributed else {}
+        fields = " ".join(f"{key}={value}" for key, value in {**summary, **processes}.items())
+        print(f"{name}: {fields} seconds={time.perf_counter() - began:.1f}", flush=True)
     return 0
+
+
+FAULT_ENV = "FLASH_GRPO_FAULT"  # `<point>[@<rank>][:hang]`: that process is killed or hangs there (tests)
+
+
+def fault_point(name: str, rank: int = 0) -> None:
+    """When FLASH_GRPO_FAULT names this point (and this rank): kill this process with SIGKILL, or
+    with `:hang` stop here for good. How the tests take a stage down at an exact place instead of
+    guessing with timers."""
+    wanted, _, action = os.environ.get(FAULT_ENV, "").partition(":")
+    point, _, at_rank = wanted.partition("@")
+    if point != name or (at_rank and int(at_rank) != rank):
+        return
+    if action == "hang":
+        while True:
+            time.sleep(3600)
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def finish(code: int) -> NoReturn:

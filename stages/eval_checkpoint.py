@@ -10,7 +10,8 @@ prompt at every checkpoint (`eval.seed`), so points differ only by their weights
 the training reward(s) and the VBench-style dimensions (`eval.metrics`); writes metrics.json (the
 mean of each metric, and the reason for each dimension that is not configured) and the first
 `eval.report_samples` videos for the report (uint8 safetensors, prompt ids in the metadata).
-Iteration 0 is the base model.
+Iteration 0 is the base model. On several processes the ranks split the prompts (each keeps its
+noise) and rank 0 writes.
 """
 
 from __future__ import annotations
@@ -28,25 +29,37 @@ def main(argv=None) -> int:
     parser.add_argument("--metrics", required=True, help="metrics.json to write")
     parser.add_argument("--videos", required=True, help="videos.safetensors (report samples) to write")
     args = parser.parse_args(argv)
-    return _common.run("eval_checkpoint", lambda: evaluate_checkpoint(args))
+    return _common.run("eval_checkpoint", lambda: evaluate_checkpoint(args), argv, distributed=True)
 
 
-def sample(engine, texts: list[str], params):
-    """uint8 videos [B, F, H, W, 3] from the ODE sampler with the eval settings and fixed noise."""
-    from flash_grpo_core.engine.iteration import sample_ode
+def evaluate_units(engine, texts: list[str], params) -> tuple[dict, list]:
+    """Metric results and report videos of this rank's prompts, every rank's gathered in order.
 
+    The prompts are evaluated in units of `rollout.batch_size` (the sampler's batch), dealt to the
+    ranks; every prompt keeps its noise, and one process evaluates unit by unit too, so the numbers
+    do not depend on the number of processes. Only the report's first videos travel between ranks."""
+    import torch
+
+    from flash_grpo_core.engine import distributed as dist
+    from flash_grpo_core.engine.iteration import encode, reward_from_params, sample_ode
+    from flash_grpo_core.metrics import evaluate_videos, merge_results, reward_entries
+
+    size, reward = params.rollout.batch_size, reward_from_params(params)
+    units = [range(start, min(start + size, len(texts))) for start in range(0, len(texts), size)]
     context = engine.policy.ema.applied() if params.eval.use_ema else contextlib.nullcontext()
+    mine = {}
     with context:
-        return sample_ode(engine, texts, params.eval.num_steps, params.eval.guidance, params.eval.seed)
-
-
-def score(videos, texts: list[str], params) -> dict:
-    """Reward entries and VBench-style dimensions of the videos (flash_grpo_core.metrics' entries)."""
-    from flash_grpo_core.engine.iteration import reward_from_params
-    from flash_grpo_core.metrics import evaluate_videos, reward_entries
-
-    return {**reward_entries(reward_from_params(params)(videos, texts)),
-            **evaluate_videos(videos, texts, dict(params.eval.metrics))}
+        embeds = encode(engine, texts)
+        for number in dist.owned_units(len(units), dist.current()):
+            unit = units[number]
+            videos = sample_ode(engine, texts, params.eval.num_steps, params.eval.guidance, params.eval.seed,
+                                unit, embeds)  # [b, F, H, W, 3]
+            chosen = texts[unit.start:unit.stop]
+            results = {**reward_entries(reward(videos, chosen)),
+                       **evaluate_videos(videos, chosen, dict(params.eval.metrics))}
+            mine[number] = (results, videos[: max(0, params.eval.report_samples - unit.start)])
+    parts = dict(pair for part in dist.gather_objects(mine) for pair in part.items())
+    return merge_results([parts[n][0] for n in sorted(parts)]), torch.cat([parts[n][1] for n in sorted(parts)])
 
 
 def write_videos(videos, prompts, path: str) -> None:
@@ -60,6 +73,7 @@ def evaluate_checkpoint(args) -> dict:
     from flash_grpo_core.artifacts.atomic import write_json
     from flash_grpo_core.artifacts.checkpoint import CheckpointError
     from flash_grpo_core.artifacts.prompts import read_prompts_parquet
+    from flash_grpo_core.engine.distributed import current
     from flash_grpo_core.metrics import summary
 
     params = _common.load_params(args.params)
@@ -68,14 +82,14 @@ def evaluate_checkpoint(args) -> dict:
     engine, state = _common.engine_at(params, args.checkpoint)
     if state["iteration"] != args.iteration:
         raise CheckpointError(f"{args.checkpoint} holds iteration {state['iteration']}, not {args.iteration}")
-    videos = sample(engine, texts, params)
-    results = score(videos, texts, params)
+    results, videos = evaluate_units(engine, texts, params)
     means = summary(results)
-    write_videos(videos, prompts[: params.eval.report_samples], args.videos)
-    write_json({"iteration": args.iteration, "prompts": len(prompts), "use_ema": params.eval.use_ema,
-                "num_steps": params.eval.num_steps, "metrics": means,
-                "not_configured": {name: r["reason"] for name, r in results.items() if r["status"] != "ok"}},
-               args.metrics)
+    if current().is_main:
+        write_videos(videos, prompts[: params.eval.report_samples], args.videos)
+        write_json({"iteration": args.iteration, "prompts": len(prompts), "use_ema": params.eval.use_ema,
+                    "num_steps": params.eval.num_steps, "metrics": means,
+                    "not_configured": {name: r["reason"] for name, r in results.items() if r["status"] != "ok"}},
+                   args.metrics)
     return {"iteration": args.iteration, "prompts": len(prompts), "reward": round(means["reward"], 4)}
 
 

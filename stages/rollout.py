@@ -6,6 +6,11 @@
 Writes whole prompt groups per shard (see flash_grpo_core/artifacts/shards.py), the prompts' embeddings for
 the update stage (`prompt_embeds.safetensors`, flash_grpo_core/artifacts/prompt_embeds.py) and
 `manifest.json`: the prompts, each prompt's trained steps, seeds, pass counters and timings.
+
+On several processes (stages/_launch.py) every rank plans the same steps from the shared seed and
+encodes every prompt, then samples, decodes and writes whole shards of its own; rank 0 writes the
+embeddings, and `shards.json` and the manifest last. Shards are sampled one at a time on one
+process too, so the bytes do not depend on the number of processes.
 """
 
 from __future__ import annotations
@@ -25,11 +30,10 @@ def main(argv=None) -> int:
 
     def body():
         from flash_grpo_core.artifacts.atomic import write_json
-        from flash_grpo_core.artifacts.prompt_embeds import save_prompt_embeds
         from flash_grpo_core.artifacts.prompts import read_prompts_parquet
-        from flash_grpo_core.artifacts.rollout_records import records_from_batch, videos_by_key
-        from flash_grpo_core.artifacts.shards import write_shards
-        from flash_grpo_core.engine.iteration import encode, generate, iteration_prompts
+        from flash_grpo_core.artifacts.shards import ShardWriter
+        from flash_grpo_core.engine import distributed as dist
+        from flash_grpo_core.engine.iteration import encode, iteration_prompts, plan_steps
         from flash_grpo_core.method.batch import PassCounter
 
         params = _common.load_params(args.params)
@@ -40,25 +44,49 @@ def main(argv=None) -> int:
         with _common.timer(timings, "load_seconds"):
             engine, _ = _common.engine_at(params, args.checkpoint)
         texts = [p.prompt for p in chosen]
-        with _common.timer(timings, "sample_seconds"), \
-                _common.progress_bar(len(chosen) * r.group_size * r.num_steps, "rollout") as bar:
-            embeds = encode(engine, texts)
-            batch, videos = generate(engine, texts, args.iteration, counter, progress=bar, embeds=embeds)
-        records = records_from_batch(batch, texts, [p.id for p in chosen], args.iteration, params.seed, r.group_size)
-        with _common.timer(timings, "write_seconds"):
-            save_prompt_embeds(args.out, texts, *embeds)  # before the index: the directory is finished last
-            shards = write_shards(records, videos_by_key(records, videos), args.out, r.group_size,
-                                  params.pipeline.groups_per_shard)
-        steps = batch.steps.reshape(len(chosen), r.group_size, -1)
-        write_json({"iteration": args.iteration, "seed": params.seed, "mode": params.train.mode,
-                    "samples": len(records), "shards": len(shards), "group_size": r.group_size,
-                    "prompts": [{"id": p.id, "prompt": p.prompt, "steps": steps[i].tolist()}
-                                for i, p in enumerate(chosen)],
-                    **counter.as_dict(), **timings}, Path(args.out) / "manifest.json")
-        return {"iteration": args.iteration, "samples": len(records), "shards": len(shards),
-                "forward_passes": counter.forward, **timings}
+        steps = plan_steps(params, len(texts), args.iteration)  # [B, G, T], the same on every rank
+        with _common.timer(timings, "sample_seconds"):
+            embeds = encode(engine, texts)  # every prompt on every rank: the same numbers as one process
+            entries = sample_shards(engine, params, args, chosen, steps, embeds, counter)
+        passes = dist.sum_counts(counter.as_dict())
+        if dist.current().is_main:
+            ShardWriter(args.out, r.group_size).finish(entries)  # shards.json: the folder is complete
+            write_json({"iteration": args.iteration, "seed": params.seed, "mode": params.train.mode,
+                        "samples": len(chosen) * r.group_size, "shards": len(entries), "group_size": r.group_size,
+                        "prompts": [{"id": p.id, "prompt": p.prompt, "steps": steps[i].tolist()}
+                                    for i, p in enumerate(chosen)],
+                        **passes, **timings}, Path(args.out) / "manifest.json")
+        return {"iteration": args.iteration, "samples": len(chosen) * r.group_size, "shards": len(entries),
+                **passes, **timings}
 
-    return _common.run("rollout", body)
+    return _common.run("rollout", body, argv, distributed=True)
+
+
+def sample_shards(engine, params, args, chosen, steps, embeds, counter) -> list[dict]:
+    """Sample, decode and write this rank's shards (whole groups, `pipeline.groups_per_shard` each);
+    every rank's listing entries, gathered. Rank 0 first clears a previous attempt and writes the
+    prompt embeddings."""
+    from flash_grpo_core.artifacts.prompt_embeds import save_prompt_embeds
+    from flash_grpo_core.artifacts.rollout_records import records_from_batch, videos_by_key
+    from flash_grpo_core.artifacts.shards import ShardWriter
+    from flash_grpo_core.engine import distributed as dist
+    from flash_grpo_core.engine.iteration import generate
+
+    r, per_shard, world = params.rollout, params.pipeline.groups_per_shard, dist.current()
+    writer = ShardWriter(args.out, r.group_size)
+    if world.is_main:
+        writer.clear()
+        save_prompt_embeds(args.out, [p.prompt for p in chosen], *embeds)  # before the index: it is written last
+    dist.barrier()  # no rank writes a shard into a folder that is still being cleared
+    owned = dist.owned_units(-(-len(chosen) // per_shard), world)
+    texts, ids, entries = [p.prompt for p in chosen], [p.id for p in chosen], []
+    with _common.progress_bar(len(owned) * per_shard * r.group_size * r.num_steps, "rollout") as bar:
+        for number in owned:
+            groups = range(number * per_shard, min((number + 1) * per_shard, len(chosen)))
+            batch, videos = generate(engine, texts, args.iteration, counter, steps, bar, embeds, groups)
+            records = records_from_batch(batch, texts, ids, args.iteration, params.seed, r.group_size)
+            entries.append(writer.write(number, records, videos_by_key(records, videos)))
+    return [entry for part in dist.gather_objects(entries) for entry in part]
 
 
 if __name__ == "__main__":

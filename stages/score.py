@@ -8,6 +8,10 @@ One row per sample: key, prompt id, group index, total reward, each reward compo
 Each component's batch mean is checked against its history over earlier iterations (a reward on a
 wildly different scale fails the stage naming the reward); the history is carried from iteration
 to iteration in reward_state.json.
+
+On several processes each rank scores whole shards of its own (HPSv3 is a 7B model: every GPU
+scores); the components are gathered, and every rank weights them, checks their scale and computes
+the global advantages, so the guards' state stays the same everywhere; rank 0 writes.
 """
 
 from __future__ import annotations
@@ -30,29 +34,49 @@ def main(argv=None) -> int:
 
     def body():
         from flash_grpo_core.artifacts.atomic import write_json
-        from flash_grpo_core.artifacts.rollout_records import batch_from_records
         from flash_grpo_core.artifacts.scores import write_scores
-        from flash_grpo_core.artifacts.shards import read_shards, read_videos
-        from flash_grpo_core.engine.iteration import advantages_for, reward_from_params, score
+        from flash_grpo_core.engine import distributed as dist
+        from flash_grpo_core.engine.iteration import advantages_for, reward_from_params
+        from flash_grpo_core.rewards.combined import concat_outputs
 
         params = _common.load_params(args.params)
-        records = read_shards(args.rollout)
-        batch, prompts, _ = batch_from_records(records)
-        videos = read_videos(args.rollout, [record.key for record in records])
         reward = reward_from_params(params, scale_guard=True)
         reward.load_state_dict(json.loads(Path(args.reward_state_in).read_text()))
-        rewards, info = score(reward, videos, prompts, batch)
-        advantages = advantages_for(params, rewards)
-        components = {name: info[name] for name in params.reward.weights}
-        write_scores(args.out, records, rewards, advantages, components)
+        parts = dict(pair for part in dist.gather_objects(score_shards(reward, args.rollout)) for pair in part.items())
+        samples = [sample for number in sorted(parts) for sample in parts[number][0]]
+        output = reward.combine(concat_outputs([parts[number][1] for number in sorted(parts)]))  # every rank
+        rewards, advantages = output.scores, advantages_for(params, output.scores)
+        components = {name: output.info[name] for name in params.reward.weights}
         summary = {"iteration": args.iteration, "reward_mean": float(rewards.mean()),
                    "reward_std": float(rewards.std(unbiased=False)),
                    **{f"{name}_mean": float(values.float().mean()) for name, values in components.items()}}
-        write_json(summary, args.summary)
-        write_json(reward.state_dict(), args.reward_state_out)
+        if dist.current().is_main:
+            write_scores(args.out, samples, rewards, advantages, components)
+            write_json(summary, args.summary)
+            write_json(reward.state_dict(), args.reward_state_out)
         return {key: round(value, 4) if isinstance(value, float) else value for key, value in summary.items()}
 
-    return _common.run("score", body)
+    return _common.run("score", body, argv, distributed=True)
+
+
+def score_shards(reward, rollout: str) -> dict:
+    """{shard number: (its samples, each reward component's output on its videos)} for this rank's
+    shards. Components are computed shard by shard on one process too, so the scores do not depend
+    on the number of processes; weighting and the scale guard act on the whole batch afterwards."""
+    from types import SimpleNamespace
+
+    from flash_grpo_core.artifacts.shards import read_shards, read_videos, shard_count
+    from flash_grpo_core.engine import distributed as dist
+
+    parts = {}
+    for number in dist.owned_units(shard_count(rollout), dist.current()):
+        records = read_shards(rollout, [number])
+        videos = read_videos(rollout, [record.key for record in records], [number])
+        metadata = [{"prompt_index": record.prompt_index, "steps": record.steps.tolist()} for record in records]
+        samples = [SimpleNamespace(key=r.key, prompt_id=r.prompt_id, iteration=r.iteration, group_index=r.group_index)
+                   for r in records]
+        parts[number] = (samples, reward.components_of(videos, [r.prompt for r in records], metadata))
+    return parts
 
 
 if __name__ == "__main__":

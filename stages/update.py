@@ -4,7 +4,9 @@
         --rollout runs/tiny/it1/rollout --scores runs/tiny/it1/scores.parquet \
         --out runs/tiny/it1/checkpoint --metrics runs/tiny/it1/metrics.json
 
-The checkpoint carries the per-iteration metrics history so evaluation can plot it.
+The checkpoint carries the per-iteration metrics history so evaluation can plot it. On several
+processes every rank reads all the records (not the videos) and trains on its share of each
+minibatch under DistributedDataParallel (flash_grpo_core/engine/trainer.py); rank 0 writes.
 """
 
 from __future__ import annotations
@@ -27,11 +29,12 @@ def main(argv=None) -> int:
 
     def body():
         from flash_grpo_core.artifacts.atomic import write_json
-        from flash_grpo_core.artifacts.checkpoint import save_checkpoint
+        from flash_grpo_core.artifacts.checkpoint import write_checkpoint
         from flash_grpo_core.artifacts.prompt_embeds import load_prompt_embeds
         from flash_grpo_core.artifacts.rollout_records import batch_from_records
         from flash_grpo_core.artifacts.scores import read_advantages
         from flash_grpo_core.artifacts.shards import read_shards
+        from flash_grpo_core.engine.distributed import current, sum_counts
         from flash_grpo_core.engine.iteration import update
         from flash_grpo_core.method.batch import PassCounter
 
@@ -46,19 +49,22 @@ def main(argv=None) -> int:
             advantages = read_advantages(args.scores, [r.key for r in records])
         with _common.timer(timings, "train_seconds"), _common.progress_bar(batch.steps.numel(), "update") as bar:
             metrics = update(engine, prompts, batch, advantages, args.iteration, counter, progress=bar, embeds=embeds)
+        passes = sum_counts(counter.as_dict())  # every rank's share of the passes
         rollout = json.loads((Path(args.rollout) / "manifest.json").read_text())
         rewards = _reward_stats(args.scores)
         row = {"iteration": args.iteration, **rewards, **metrics,
-               "rollout_forward_passes": rollout["forward_passes"], "train_forward_passes": counter.forward,
-               "train_backward_passes": counter.backward, "rollout_seconds": rollout["sample_seconds"], **timings}
-        save_checkpoint(engine.policy, args.out, {"iteration": args.iteration, "preset": params.preset,
-                                                  "history": [*previous.get("history", []), row]})
-        write_json(row, args.metrics)
+               "rollout_forward_passes": rollout["forward_passes"], "train_forward_passes": passes["forward_passes"],
+               "train_backward_passes": passes["backward_passes"], "rollout_seconds": rollout["sample_seconds"], **timings}
+        tensors = engine.policy.checkpoint_tensors()  # every rank: sharded (FSDP2) tensors are gathered
+        if current().is_main:
+            write_checkpoint(tensors, args.out, {"iteration": args.iteration, "preset": params.preset,
+                                                 "history": [*previous.get("history", []), row]})
+            write_json(row, args.metrics)
         return {k: round(row[k], 4) if isinstance(row[k], float) else row[k]
                 for k in ("iteration", "reward_mean", "reward_std", "loss", "clip_fraction", "train_forward_passes",
                           "train_backward_passes")}
 
-    return _common.run("update", body)
+    return _common.run("update", body, argv, distributed=True)
 
 
 def _reward_stats(scores_path: str) -> dict[str, float]:

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -29,35 +30,34 @@ class CheckpointError(ValueError):
     """A checkpoint directory that is missing, incomplete, or does not fit the model."""
 
 
+@dataclass
+class CheckpointTensors:
+    """What a checkpoint holds besides its state.json, as full float32 CPU tensors by parameter name."""
+
+    weights: dict[str, torch.Tensor]  # the trainable weights (LoRA or full)
+    ema: dict[str, torch.Tensor]  # their exponential moving average
+    optimizer: dict[str, torch.Tensor]  # "<name>::exp_avg", "<name>::exp_avg_sq", "<name>::step"
+    ema_steps: int  # optimizer steps the EMA has seen
+
+
 class TrainState(Protocol):
-    """What a checkpoint holds of the engine's `Policy` (engine/trainer.py), named here so that the
-    on-disk format does not import the engine: the trainable weights, their optimizer, their EMA
-    (`shadow`, `steps`, `load_state_dict`)."""
+    """The engine's `Policy` (engine/trainer.py) as a checkpoint sees it, named here so that the
+    on-disk format does not import the engine: it hands over full tensors and takes them back (the
+    engine gathers and scatters them when its weights are sharded across ranks)."""
 
-    parameters: dict[str, torch.nn.Parameter]
-    optimizer: torch.optim.Optimizer
-    ema: Any
+    def checkpoint_tensors(self) -> CheckpointTensors: ...
 
-
-def _optimizer_tensors(policy: TrainState) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for name, param in policy.parameters.items():
-        state = policy.optimizer.state.get(param, {})
-        for field in ("exp_avg", "exp_avg_sq", "step"):
-            if field in state:
-                tensors[f"{name}::{field}"] = torch.as_tensor(state[field]).detach().float().cpu().contiguous()
-    return tensors
+    def restore(self, tensors: CheckpointTensors, source: str) -> None: ...
 
 
-def save_checkpoint(policy: TrainState, directory: str | os.PathLike, meta: dict) -> Path:
+def write_checkpoint(tensors: CheckpointTensors, directory: str | os.PathLike, meta: dict) -> Path:
     """Write the checkpoint atomically; returns its path."""
     directory = Path(directory)
     with atomic_directory(directory) as staging:
-        weights = {k: v.detach().float().cpu().contiguous() for k, v in policy.parameters.items()}
-        save_file(weights, staging / "trainable.safetensors")
-        save_file({k: v.contiguous() for k, v in policy.ema.shadow.items()}, staging / "ema.safetensors")
-        save_file(_optimizer_tensors(policy), staging / "optimizer.safetensors")
-        state = {"ema_steps": policy.ema.steps, "parameters": sorted(policy.parameters), **meta}
+        for name, values in (("trainable", tensors.weights), ("ema", tensors.ema), ("optimizer", tensors.optimizer)):
+            save_file({k: v.detach().float().cpu().contiguous() for k, v in values.items()},
+                      staging / f"{name}.safetensors")
+        state = {"ema_steps": tensors.ema_steps, "parameters": sorted(tensors.weights), **meta}
         (staging / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
     return directory
 
@@ -70,29 +70,22 @@ def read_state(directory: str | os.PathLike) -> dict:
     return json.loads((directory / "state.json").read_text())
 
 
-@torch.no_grad()
-def load_checkpoint(policy: TrainState, directory: str | os.PathLike) -> dict:
-    """Load weights, EMA and optimizer state into `policy`; returns the checkpoint's state.json."""
+def read_checkpoint(directory: str | os.PathLike) -> tuple[CheckpointTensors, dict]:
+    """The checkpoint's tensors and its state.json."""
     directory = Path(directory)
     state = read_state(directory)
-    weights = load_file(directory / "trainable.safetensors")
-    if set(weights) != set(policy.parameters):
-        extra, absent = sorted(set(weights) - set(policy.parameters)), sorted(set(policy.parameters) - set(weights))
-        raise CheckpointError(f"checkpoint {directory} does not fit the model: {len(absent)} trainable weight(s) "
-                              f"absent (e.g. {absent[:2]}), {len(extra)} unexpected (e.g. {extra[:2]}); "
-                              f"was it written with other model or LoRA settings?")
-    for name, param in policy.parameters.items():
-        if weights[name].shape != param.shape:
-            raise CheckpointError(f"checkpoint {directory}: {name} has shape {tuple(weights[name].shape)}, "
-                                  f"the model expects {tuple(param.shape)}")
-        param.copy_(weights[name])
-    policy.ema.load_state_dict({"shadow": load_file(directory / "ema.safetensors"), "steps": state["ema_steps"]})
-    optimizer = load_file(directory / "optimizer.safetensors")
-    for name, param in policy.parameters.items():
-        if f"{name}::exp_avg" in optimizer:
-            policy.optimizer.state[param] = {
-                "step": optimizer[f"{name}::step"].reshape(()),
-                "exp_avg": optimizer[f"{name}::exp_avg"].to(param.device, param.dtype),
-                "exp_avg_sq": optimizer[f"{name}::exp_avg_sq"].to(param.device, param.dtype),
-            }
+    tensors = CheckpointTensors(load_file(directory / "trainable.safetensors"), load_file(directory / "ema.safetensors"),
+                                load_file(directory / "optimizer.safetensors"), int(state["ema_steps"]))
+    return tensors, state
+
+
+def save_checkpoint(policy: TrainState, directory: str | os.PathLike, meta: dict) -> Path:
+    """Write `policy`'s weights, EMA and optimizer state (one process; see `write_checkpoint`)."""
+    return write_checkpoint(policy.checkpoint_tensors(), directory, meta)
+
+
+def load_checkpoint(policy: TrainState, directory: str | os.PathLike) -> dict:
+    """Load weights, EMA and optimizer state into `policy`; returns the checkpoint's state.json."""
+    tensors, state = read_checkpoint(directory)
+    policy.restore(tensors, str(directory))
     return state

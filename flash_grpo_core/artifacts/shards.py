@@ -91,44 +91,83 @@ def iter_groups(records: Iterable[RolloutRecord], group_size: int) -> Iterator[l
         yield group
 
 
+class ShardWriter:
+    """Writes one rollout directory's shards, possibly from several processes, and the index last.
+
+    Shard n holds groups [n * groups_per_shard, (n + 1) * groups_per_shard) of the iteration, and is
+    written whole by whichever process sampled it (`write`), under a temporary name renamed when
+    complete. One process clears a previous attempt first (`clear`) and, once every shard is
+    written, writes `shards.json` from every writer's listing entries (`finish`).
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, group_size: int, pattern: str = "shard-%06d.tar",
+                 video_pattern: str = "video-%06d.tar"):
+        self.names = _shard_name_pattern(pattern), _shard_name_pattern(video_pattern)
+        if self.names[0].fullmatch(video_pattern % 0) or self.names[1].fullmatch(pattern % 0):
+            raise ShardError(f"shard name patterns {pattern!r} and {video_pattern!r} name the same files")
+        self.out_dir, self.group_size = Path(out_dir), group_size
+        self.patterns = {"shards": pattern, "video_shards": video_pattern}
+
+    def clear(self) -> None:
+        """Remove a previous attempt's index, temporary files and shards; other files stay."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        _remove_previous_attempt(self.out_dir, self.names)
+
+    def write(self, number: int, records: Sequence[RolloutRecord], videos: Mapping[str, torch.Tensor]) -> dict:
+        """Write shard `number` of both sets from whole groups; returns its listing entries."""
+        ordered = sorted(records, key=lambda record: record.key)
+        check_unique_keys(ordered)
+        list(iter_groups(ordered, self.group_size))  # validates before anything touches the disk
+        _check_videos_match(ordered, {record.key: videos[record.key] for record in ordered if record.key in videos})
+        entries = {"number": number}
+        for listing, samples in (("shards", [record.to_sample() for record in ordered]),
+                                 ("video_shards", [video_sample(record.key, videos[record.key]) for record in ordered])):
+            path = self.out_dir / (self.patterns[listing] % number)
+            write_tar(samples, path)
+            entries[listing] = {"name": path.name, "records": len(ordered), "bytes": path.stat().st_size,
+                                "sha256": sha256(path)}
+        return entries
+
+    def finish(self, entries: Iterable[dict]) -> list[Path]:
+        """Write `shards.json` from the `write` entries of every shard; returns the record shards' paths."""
+        entries = sorted(entries, key=lambda entry: entry["number"])
+        if [entry["number"] for entry in entries] != list(range(len(entries))):
+            raise ShardError(f"shards {[entry['number'] for entry in entries]} are not 0..{len(entries) - 1}")
+        index = {"format": FORMAT, "group_size": self.group_size,
+                 "records": sum(entry["shards"]["records"] for entry in entries),
+                 **{listing: [entry[listing] for entry in entries] for listing in LISTINGS}}
+        replace_atomically(self.out_dir / INDEX_NAME,
+                           (json.dumps(index, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+        return [self.out_dir / entry["shards"]["name"] for entry in entries]
+
+
+def shard_groups(records: Iterable[RolloutRecord], group_size: int, groups_per_shard: int) -> list[list[RolloutRecord]]:
+    """Records sorted by key and cut into shards of `groups_per_shard` whole groups."""
+    if groups_per_shard < 1:
+        raise ShardError(f"groups_per_shard must be >= 1, got {groups_per_shard}")
+    ordered = sorted(records, key=lambda record: record.key)
+    check_unique_keys(ordered)
+    groups = list(iter_groups(ordered, group_size))
+    return [[record for group in groups[start:start + groups_per_shard] for record in group]
+            for start in range(0, len(groups), groups_per_shard)]
+
+
 def write_shards(records: Iterable[RolloutRecord], videos: Mapping[str, torch.Tensor], out_dir: str | os.PathLike,
                  group_size: int, groups_per_shard: int, pattern: str = "shard-%06d.tar",
                  video_pattern: str = "video-%06d.tar") -> list[Path]:
     """Write records and their videos ({key: uint8 [F', H', W', 3]}) as byte-reproducible tar shards
-    of whole groups, then `shards.json`; return the record shards' paths.
+    of whole groups, then `shards.json`, from one process; return the record shards' paths.
 
     Records are sorted by key first (the order they come in does not matter) and must then form
     whole consecutive groups of G; `videos` holds exactly one video per record. Shard n of each set
-    holds the same records. Each shard is written under a temporary name and renamed when complete;
-    the index is written last. A previous attempt's index, temporary files and shards matching
-    either pattern are removed first; other files in `out_dir` are left alone.
+    holds the same records. A previous attempt's index, temporary files and shards matching either
+    pattern are removed first; other files in `out_dir` are left alone.
     """
-    if groups_per_shard < 1:
-        raise ShardError(f"groups_per_shard must be >= 1, got {groups_per_shard}")
-    names = _shard_name_pattern(pattern), _shard_name_pattern(video_pattern)
-    if names[0].fullmatch(video_pattern % 0) or names[1].fullmatch(pattern % 0):
-        raise ShardError(f"shard name patterns {pattern!r} and {video_pattern!r} name the same files")
-    ordered = sorted(records, key=lambda record: record.key)
-    check_unique_keys(ordered)
-    groups = list(iter_groups(ordered, group_size))  # validates before anything touches the disk
-    _check_videos_match(ordered, videos)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _remove_previous_attempt(out_dir, names)
-    paths, listings = [], {"shards": [], "video_shards": []}
-    for number, start in enumerate(range(0, len(groups), groups_per_shard)):
-        shard = [record for group in groups[start:start + groups_per_shard] for record in group]
-        for listing, name, samples in (
-                ("shards", pattern, [record.to_sample() for record in shard]),
-                ("video_shards", video_pattern, [video_sample(record.key, videos[record.key]) for record in shard])):
-            path = out_dir / (name % number)
-            write_tar(samples, path)
-            listings[listing].append({"name": path.name, "records": len(shard), "bytes": path.stat().st_size,
-                                      "sha256": sha256(path)})
-        paths.append(out_dir / (pattern % number))
-    index = {"format": FORMAT, "group_size": group_size, "records": len(ordered), **listings}
-    replace_atomically(out_dir / INDEX_NAME, (json.dumps(index, indent=2, sort_keys=True) + "\n").encode("utf-8"))
-    return paths
+    writer = ShardWriter(out_dir, group_size, pattern, video_pattern)
+    shards = shard_groups(records, group_size, groups_per_shard)
+    _check_videos_match([record for shard in shards for record in shard], videos)
+    writer.clear()
+    return writer.finish([writer.write(number, shard, videos) for number, shard in enumerate(shards)])
 
 
 def _check_videos_match(records: Sequence[RolloutRecord], videos: Mapping[str, torch.Tensor]) -> None:
@@ -208,27 +247,33 @@ def video_shard_paths(out_dir: str | os.PathLike) -> list[Path]:
     return _listed_paths(out_dir, _load_index(out_dir), "video_shards")
 
 
-def read_shards(out_dir: str | os.PathLike) -> list[RolloutRecord]:
-    """All records of a finished shard directory, sorted by key, after checking every record shard's
-    sha256. The video shards are not opened."""
-    records = list(_read_listing(Path(out_dir), "shards", RolloutRecord.from_sample))
+def shard_count(out_dir: str | os.PathLike) -> int:
+    """How many shards (of each set) a finished shard directory holds."""
+    return len(_load_index(Path(out_dir))["shards"])
+
+
+def read_shards(out_dir: str | os.PathLike, shards: Sequence[int] | None = None) -> list[RolloutRecord]:
+    """The records of a finished shard directory (of the shards numbered `shards`, default all),
+    sorted by key, after checking each shard's sha256. The video shards are not opened."""
+    records = list(_read_listing(Path(out_dir), "shards", RolloutRecord.from_sample, shards))
     records.sort(key=lambda record: record.key)
     check_unique_keys(records)
     return records
 
 
-def read_videos(out_dir: str | os.PathLike, keys: Sequence[str]) -> torch.Tensor:
+def read_videos(out_dir: str | os.PathLike, keys: Sequence[str], shards: Sequence[int] | None = None) -> torch.Tensor:
     """The videos of the records `keys`, stacked in that order: uint8 [len(keys), F', H', W', 3].
 
-    Checks every video shard's sha256 and fills the result one shard at a time, so at most one
-    shard's bytes are held besides it. Every key must have exactly one video of the common shape.
+    Reads the video shards numbered `shards` (default all), checks each one's sha256 and fills the
+    result one shard at a time, so at most one shard's bytes are held besides it. Every key must
+    have exactly one video of the common shape.
     """
     out_dir = Path(out_dir)
     position = {key: i for i, key in enumerate(keys)}
     if not keys or len(position) != len(keys):
         raise ShardError(f"read_videos: expected distinct record keys, got {_some(list(keys))}")
     out, seen = None, set()
-    for key, video in _read_listing(out_dir, "video_shards", video_from_sample):
+    for key, video in _read_listing(out_dir, "video_shards", video_from_sample, shards):
         if key in seen:
             raise ShardError(f"{out_dir}: the video of record {key!r} occurs twice")
         seen.add(key)
@@ -246,10 +291,16 @@ def read_videos(out_dir: str | os.PathLike, keys: Sequence[str]) -> torch.Tensor
     return out
 
 
-def _read_listing(out_dir: Path, listing: str, parse: Callable[[dict], object]) -> Iterator:
-    """Parse every sample of the index's `listing` shards, one shard at a time, each after its sha256 check."""
+def _read_listing(out_dir: Path, listing: str, parse: Callable[[dict], object],
+                  shards: Sequence[int] | None = None) -> Iterator:
+    """Parse every sample of the index's `listing` shards (those numbered `shards`, default all), one
+    shard at a time, each after its sha256 check."""
     index = _load_index(out_dir)
-    for path, entry in zip(_listed_paths(out_dir, index, listing), index[listing]):
+    numbers = range(len(index[listing])) if shards is None else shards
+    if any(not 0 <= number < len(index[listing]) for number in numbers):
+        raise ShardError(f"{out_dir}: shards {list(numbers)} asked for, {INDEX_NAME} lists {len(index[listing])}")
+    paths = _listed_paths(out_dir, index, listing)
+    for path, entry in ((paths[number], index[listing][number]) for number in numbers):
         digest = sha256(path)
         if digest != entry["sha256"]:
             raise ShardError(f"shard {path}: sha256 {digest} does not match {INDEX_NAME} ({entry['sha256']}); "

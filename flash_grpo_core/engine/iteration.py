@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from flash_grpo_core.config import Params
+from flash_grpo_core.engine.distributed import current as current_world
 from flash_grpo_core.engine.ema import EMA
 from flash_grpo_core.engine.sampler import rollout
 from flash_grpo_core.engine.seeding import derive_seed
@@ -26,9 +27,13 @@ from flash_grpo_core.method.steps import full_steps, iso_temporal_steps, window_
 
 
 def resolve_device(name: str) -> torch.device:
+    """The configured device; a plain `cuda` (or `auto` with CUDA) is this rank's GPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())  # init_from_env pinned the rank's GPU
+    return device
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -162,16 +167,23 @@ def encode(engine: Engine, prompts: list[str]) -> tuple[torch.Tensor, torch.Tens
 
 def generate(engine: Engine, prompts: list[str], iteration: int, counter: PassCounter,
              train_steps: torch.Tensor | None = None, progress=None,
-             embeds: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> tuple[RolloutBatch, torch.Tensor]:
+             embeds: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+             groups: range | None = None) -> tuple[RolloutBatch, torch.Tensor]:
     """Rollouts of one iteration and their decoded videos uint8 [S, F, H, W, 3]; `embeds`: the
-    prompts' `encode` output when the caller already has it."""
+    prompts' `encode` output when the caller already has it; `groups`: the prompts whose whole
+    groups to sample (default all), as one rank's share: the batch's `prompt_index` still indexes
+    `prompts`, and each sample draws the noise it would draw in a rollout of every prompt."""
     r = engine.params.rollout
     if train_steps is None:
-        train_steps = plan_steps(engine.params, len(prompts), iteration)
+        train_steps = plan_steps(engine.params, len(prompts), iteration)  # [B, G, T]
     cond, uncond = embeds if embeds is not None else encode(engine, prompts)
+    groups = range(len(prompts)) if groups is None else groups
     shape = engine.stack.latent_shape(r.frames, r.height, r.width)
-    batch = rollout(engine.policy.transformer, cond, uncond, train_steps, engine.sigmas, engine.scales, r.guidance,
-                    shape, derive_seed(engine.params.seed, iteration, "noise"), r.batch_size, counter, progress)
+    batch = rollout(engine.policy.transformer, cond[groups.start:groups.stop], uncond,
+                    train_steps[groups.start:groups.stop], engine.sigmas, engine.scales, r.guidance, shape,
+                    derive_seed(engine.params.seed, iteration, "noise"), r.batch_size, counter, progress,
+                    first_sample=groups.start * r.group_size)
+    batch.prompt_index += groups.start
     return batch, decode(engine, batch.final_latents)
 
 
@@ -183,18 +195,24 @@ def decode(engine: Engine, latents: torch.Tensor) -> torch.Tensor:
                       for chunk in latents.split(engine.params.rollout.batch_size)])
 
 
-def sample_ode(engine: Engine, prompts: list[str], num_steps: int, guidance: float, seed: int) -> torch.Tensor:
+def sample_ode(engine: Engine, prompts: list[str], num_steps: int, guidance: float, seed: int,
+               groups: range | None = None,
+               embeds: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
     """Deterministic (ODE) samples, one per prompt, for evaluation: videos uint8 [B, F, H, W, 3].
 
-    Prompt i's noise comes from (seed, i), so checkpoints are compared on the same noise.
+    Prompt i's noise comes from (seed, i), so checkpoints are compared on the same noise; `groups`
+    picks the prompts to sample (default all) without changing any prompt's noise, and `embeds` is
+    `encode(engine, prompts)` when the caller has it.
     """
     r = engine.params.rollout
     sigmas = flow_sigmas(num_steps, r.shift, r.schedule)
-    no_sde = torch.zeros(len(prompts), 1, 0, dtype=torch.long)  # [B, G=1, T=0]: no stochastic step
-    cond, uncond = encode(engine, prompts)
+    groups = range(len(prompts)) if groups is None else groups
+    no_sde = torch.zeros(len(groups), 1, 0, dtype=torch.long)  # [B, G=1, T=0]: no stochastic step
+    cond, uncond = embeds if embeds is not None else encode(engine, prompts)
     shape = engine.stack.latent_shape(r.frames, r.height, r.width)
-    batch = rollout(engine.policy.transformer, cond, uncond if guidance != 1.0 else None, no_sde, sigmas,
-                    torch.zeros(num_steps), guidance, shape, seed, r.batch_size)
+    batch = rollout(engine.policy.transformer, cond[groups.start:groups.stop], uncond if guidance != 1.0 else None,
+                    no_sde, sigmas, torch.zeros(num_steps), guidance, shape, seed, r.batch_size,
+                    first_sample=groups.start)
     return decode(engine, batch.final_latents)
 
 
@@ -233,6 +251,16 @@ def update(engine: Engine, prompts: list[str], batch: RolloutBatch, advantages: 
     ctx = StepContext(batch, advantages, cond, uncond, engine.sigmas.to(engine.device),
                       engine.scales.float().to(engine.device), engine.params.rollout.guidance)
     generator = torch.Generator().manual_seed(derive_seed(engine.params.seed, iteration, "minibatches"))
+    if current_world().distributed and engine.policy.parallel is None:
+        from flash_grpo_core.engine.parallel import data_parallel
+        from flash_grpo_core.engine.sampler import compute_dtype
+
+        strategy = engine.params.train.parallel
+        if strategy == "auto":
+            strategy = "ddp" if engine.params.model.finetune == "lora" else "fsdp"
+        engine.policy.parallel = data_parallel(engine.policy, engine.device, strategy,
+                                               compute_dtype(engine.policy.transformer),
+                                               lambda parameters: make_optimizer(parameters, engine.params.train))
     engine.policy.transformer.train()
     try:
         return update_policy(engine.policy, ctx, engine.step_factors, engine.params.train, generator, counter,

@@ -22,7 +22,7 @@ from flash_grpo_core.method.steps import sde_mask
 
 def compute_dtype(transformer) -> torch.dtype:
     """The dtype the transformer computes in: its patch embedding's (some modules stay fp32)."""
-    return transformer.patch_embedding.weight.dtype
+    return getattr(transformer, "module", transformer).patch_embedding.weight.dtype  # through a DDP wrapper too
 
 
 def predict_velocity(
@@ -65,11 +65,13 @@ def _draw(generators: list[torch.Generator], shape: tuple[int, ...]) -> torch.Te
 def rollout(
     transformer, cond_embeds: torch.Tensor, uncond_embed: torch.Tensor | None, train_steps: torch.Tensor,
     sigmas: torch.Tensor, scales: torch.Tensor, guidance: float, latent_shape: tuple[int, int, int, int],
-    seed: int, batch_size: int, counter: PassCounter | None = None, progress=None,
+    seed: int, batch_size: int, counter: PassCounter | None = None, progress=None, first_sample: int = 0,
 ) -> RolloutBatch:
     """Sample B x G videos' latents; cond_embeds [B, L, D], uncond_embed [1, L, D], train_steps [B, G, T].
 
     `progress`, if given, is told `update(n)` after each step of n samples (a tqdm bar, say).
+    `first_sample`: the iteration-wide id of the first sample here, when these prompts are a slice
+    of the iteration's (each sample's noise comes from its iteration-wide id).
     """
     num_prompts, group, trained = train_steps.shape
     num_steps, total = len(sigmas) - 1, num_prompts * group
@@ -84,7 +86,7 @@ def rollout(
     finals = []
     for start in range(0, total, batch_size):
         ids = list(range(start, min(start + batch_size, total)))
-        generators = sample_generators(seed, ids)
+        generators = sample_generators(seed, [first_sample + i for i in ids])
         x = _draw(generators, latent_shape).to(device)  # [b, C, F, H, W] float32 state; the model gets it cast
         cond = cond_embeds[prompt_index[ids]]
         for i in range(num_steps):

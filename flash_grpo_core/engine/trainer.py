@@ -6,6 +6,12 @@ it, which is what the ratio clip is for). Each item's loss term is weighted by i
 weight; the loss is summed over a sample's trained steps and averaged over samples (SPEC 5, 6), and
 accumulated over micro-batches so memory does not grow with T.
 Items whose advantage is exactly zero carry no signal and are skipped (`skip_zero_advantage`).
+
+On several ranks every rank holds the whole batch and draws the same minibatches; each takes every
+world-size-th item of a minibatch, and gradients are averaged across ranks by the data-parallel
+wrapper (DDP or FSDP2, engine/parallel.py) with the last micro-batch. Zero-advantage items are
+skipped by all ranks alike, and a rank with fewer items than the others runs masked ones, so every
+rank makes the same collective calls (ranks that disagree on them deadlock).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from flash_grpo_core.artifacts.checkpoint import CheckpointError, CheckpointTensors
 from flash_grpo_core.config import TrainConfig
 from flash_grpo_core.engine.ema import EMA
 from flash_grpo_core.engine.sampler import predict_velocity
@@ -34,6 +41,53 @@ class Policy:
     optimizer: torch.optim.Optimizer
     ema: EMA
     reference: torch.nn.Module | None = None  # None: under LoRA the reference is the adapter-free model
+    parallel: object | None = None  # on several ranks, DDP or FSDP2 (engine/parallel.py): `module`, `no_sync()`
+
+    @property
+    def trained_module(self) -> torch.nn.Module:
+        """What forwards that carry gradients go through: the module whose hooks average them."""
+        return self.transformer if self.parallel is None else self.parallel.module
+
+    def checkpoint_tensors(self) -> CheckpointTensors:
+        """Full float32 CPU copies of the weights, EMA and AdamW state. Sharded tensors are gathered
+        from every rank first: a collective, so every rank calls this, and one writes the result."""
+        optimizer = {}
+        for name, param in self.parameters.items():
+            state = self.optimizer.state.get(param, {})
+            for field in ("exp_avg", "exp_avg_sq", "step"):
+                if field in state:
+                    optimizer[f"{name}::{field}"] = _full(torch.as_tensor(state[field]))
+        return CheckpointTensors({name: _full(p) for name, p in self.parameters.items()},
+                                 {name: _full(t) for name, t in self.ema.shadow.items()}, optimizer, self.ema.steps)
+
+    @torch.no_grad()
+    def restore(self, tensors: CheckpointTensors, source: str) -> None:
+        """Load a checkpoint's tensors into the (not yet sharded) weights, EMA and optimizer."""
+        weights, names = tensors.weights, set(self.parameters)
+        if set(weights) != names:
+            extra, absent = sorted(set(weights) - names), sorted(names - set(weights))
+            raise CheckpointError(f"checkpoint {source} does not fit the model: {len(absent)} trainable weight(s) "
+                                  f"absent (e.g. {absent[:2]}), {len(extra)} unexpected (e.g. {extra[:2]}); "
+                                  f"was it written with other model or LoRA settings?")
+        for name, param in self.parameters.items():
+            if weights[name].shape != param.shape:
+                raise CheckpointError(f"checkpoint {source}: {name} has shape {tuple(weights[name].shape)}, "
+                                      f"the model expects {tuple(param.shape)}")
+            param.copy_(weights[name])
+        self.ema.load_state_dict({"shadow": tensors.ema, "steps": tensors.ema_steps})
+        for name, param in self.parameters.items():
+            if f"{name}::exp_avg" in tensors.optimizer:
+                self.optimizer.state[param] = {
+                    "step": tensors.optimizer[f"{name}::step"].reshape(()),
+                    "exp_avg": tensors.optimizer[f"{name}::exp_avg"].to(param.device, param.dtype),
+                    "exp_avg_sq": tensors.optimizer[f"{name}::exp_avg_sq"].to(param.device, param.dtype),
+                }
+
+    def gradient_sync(self, sync: bool):
+        """Accumulate micro-batches locally; average gradients across ranks with the last one."""
+        if self.parallel is None or sync:
+            return contextlib.nullcontext()
+        return self.parallel.no_sync()
 
     def reference_context(self):
         if self.reference is not None:
@@ -41,6 +95,14 @@ class Policy:
         from flash_grpo_core.models.lora import adapters_disabled
 
         return _yielding(adapters_disabled(self.transformer), self.transformer)
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """A float32 CPU copy of the whole tensor, gathered from every rank if it is sharded (DTensor)."""
+    tensor = tensor.detach()
+    if hasattr(tensor, "full_tensor"):
+        tensor = tensor.full_tensor()
+    return tensor.float().cpu().contiguous()
 
 
 @contextlib.contextmanager
@@ -62,7 +124,7 @@ class StepContext:
     advantages: torch.Tensor  # [S]
     cond_embeds: torch.Tensor  # [B, L, D]
     uncond_embed: torch.Tensor | None  # [1, L, D]
-    sigmas: torch.Tensor  # [N + 1]
+    sigmas: torch.Tensor  # [N + 1] float64: the transformer's integer timesteps are truncated from them
     scales: torch.Tensor  # [N]
     guidance: float
     weights: torch.Tensor | None = None  # [S, T] rectification weights, set by update_policy
@@ -89,7 +151,7 @@ def score_items(policy: Policy, ctx: StepContext, items: torch.Tensor, counter: 
 
 def _item_terms(policy: Policy, ctx: StepContext, items: torch.Tensor, train: TrainConfig, counter: PassCounter):
     """Loss terms [M] (with grad), new and old log-probs [M] of flat items."""
-    step, old = score_items(policy, ctx, items, counter)
+    step, old = score_items(policy, ctx, items, counter, transformer=policy.trained_module)
     counter.backward += counter.last_forward
     samples, slots = items // ctx.batch.steps.shape[1], items % ctx.batch.steps.shape[1]
     advantages = ctx.advantages[samples].to(old.device)
@@ -118,30 +180,54 @@ def update_policy(policy: Policy, ctx: StepContext, step_factors: torch.Tensor, 
     return {key: sum(h[key] for h in history) / (1 if key in summed else len(history)) for key in history[0]}
 
 
+def rank_micro_batches(items: torch.Tensor, micro_batch: int, rank: int, world_size: int):
+    """This rank's share of a minibatch's items as (items, live) micro-batches, as many on every rank.
+
+    The rank takes every world_size-th item; ranks with fewer are padded with masked (live False)
+    copies of the first item, whose loss counts zero but whose backward joins the gradient average.
+    """
+    if len(items) == 0:
+        return []
+    share = -(-len(items) // world_size)  # ceil: the largest rank's item count
+    mine = items[rank::world_size]
+    live = torch.arange(share) < len(mine)  # [share]
+    padded = torch.cat([mine, items[:1].expand(share - len(mine))])
+    return list(zip(padded.split(micro_batch), live.split(micro_batch)))
+
+
 def _minibatch_step(policy: Policy, ctx: StepContext, items: torch.Tensor, train: TrainConfig,
                     counter: PassCounter, samples_in_chunk: float) -> dict[str, float]:
-    signal = ctx.advantages[items // ctx.batch.steps.shape[1]] != 0  # [M]
+    from flash_grpo_core.engine.distributed import current, gather_objects
+
+    world = current()
+    signal = ctx.advantages[items // ctx.batch.steps.shape[1]] != 0  # [M], the same on every rank
     if train.skip_zero_advantage:
         items = items[signal]
     policy.optimizer.zero_grad(set_to_none=True)
+    micros = rank_micro_batches(items, train.micro_batch, world.rank, world.size)
     loss_sum, new_parts, old_parts = 0.0, [], []
-    for micro in items.split(train.micro_batch):
-        terms, new, old = _item_terms(policy, ctx, micro, train, counter)
-        loss = terms.sum() / samples_in_chunk  # summed over steps, averaged over the chunk's samples
-        check_finite("policy loss", loss.detach())
-        loss.backward()
-        loss_sum += float(loss.detach())
-        new_parts.append(new)
-        old_parts.append(old)
+    for number, (micro, live) in enumerate(micros):
+        with policy.gradient_sync(number == len(micros) - 1):
+            terms, new, old = _item_terms(policy, ctx, micro, train, counter)
+            # summed over steps, averaged over the chunk's samples; x world size since DDP averages
+            loss = (terms * live.to(terms.device)).sum() * world.size / samples_in_chunk
+            check_finite("policy loss", loss.detach())
+            loss.backward()
+        loss_sum += float(loss.detach()) / world.size
+        new_parts.append(new[live.to(new.device)])
+        old_parts.append(old[live.to(old.device)])
     grad_norm = 0.0
     # Without signal no step is taken at all: AdamW's decoupled weight decay would still move weights.
     if signal.any():
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(list(policy.parameters.values()), train.grad_clip))
+        grad_norm = float(_full(torch.nn.utils.clip_grad_norm_(list(policy.parameters.values()), train.grad_clip)))
         if not torch.isfinite(torch.tensor(grad_norm)):
             raise NonFiniteError(f"gradient norm is {grad_norm}; the optimizer step was not taken")
         policy.optimizer.step()
     policy.ema.step()
+    parts = gather_objects((loss_sum, [t.cpu() for t in new_parts], [t.cpu() for t in old_parts]))
+    new_all = [t for part in parts for t in part[1]]
     stats = {"clip_fraction": 0.0, "approx_kl": 0.0, "ratio_mean": 1.0}
-    if new_parts:
-        stats = policy_stats(torch.cat(new_parts), torch.cat(old_parts), train.clip_range)
-    return {"loss": loss_sum, "grad_norm": grad_norm, "trained_items": float(len(items)), **stats}
+    if new_all:
+        stats = policy_stats(torch.cat(new_all), torch.cat([t for part in parts for t in part[2]]), train.clip_range)
+    return {"loss": sum(part[0] for part in parts), "grad_norm": grad_norm, "trained_items": float(len(items)),
+            **stats}

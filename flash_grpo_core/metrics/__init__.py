@@ -120,6 +120,18 @@ def reward_entries(output, name: str = "reward") -> dict[str, dict]:
     return results
 
 
+def merge_results(parts: list[dict[str, dict]]) -> dict[str, dict]:
+    """Results of consecutive slices of the videos (e.g. one per rank's prompts) as one result:
+    "ok" entries join their per-video values in order; other entries are the same in every part."""
+    merged = {}
+    for name, first in parts[0].items():
+        if first.get("status") == "ok":
+            merged[name] = entry([value for part in parts for value in part[name]["per_video"]])
+        else:
+            merged[name] = first
+    return merged
+
+
 def summary(results: dict[str, dict]) -> dict[str, float]:
     """{name: mean} of the "ok" entries, for metrics.json and ``dvc metrics diff``."""
     return {name: result["mean"] for name, result in results.items() if result.get("status") == "ok"}
@@ -132,4 +144,5 @@ def higher_is_better(name: str) -> bool:
 
 
 __all__ = ["DIMENSIONS", "Dimension", "MetricUnavailable", "available_metrics", "clear_model_cache",
-           "entry", "evaluate_videos", "higher_is_better", "not_configured", "reward_entries", "summary"]
+           "entry", "evaluate_videos", "higher_is_better", "merge_results", "not_configured", "reward_entries",
+           "summary"]

@@ -73,12 +73,25 @@ class WeightedReward:
     def __call__(
         self, videos: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None
     ) -> RewardOutput:
+        return self.combine(self.components_of(videos, prompts, metadata))
+
+    def components_of(
+        self, videos: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None
+    ) -> dict[str, RewardOutput]:
+        """Every component's validated output on these videos, by name (no weighting, no guard):
+        the part that may run on a slice of the batch, e.g. one rank's videos."""
         check_videos(videos, prompts)
-        batch = videos.shape[0]
+        return {name: self._run_component(name, component, videos, prompts, metadata)
+                for name, component in self.components.items()}
+
+    def combine(self, outputs: Mapping[str, RewardOutput]) -> RewardOutput:
+        """The weighted sum of the components' outputs over the whole batch, each component's batch
+        mean checked by its scale guard first."""
+        batch = len(next(iter(outputs.values())).scores)
         total = torch.zeros(batch)  # [B]
         info: dict[str, torch.Tensor] = {}
-        for name, component in self.components.items():
-            output = self._run_component(name, component, videos, prompts, metadata)
+        for name in self.components:
+            output = outputs[name]
             if name in self.guards:
                 self.guards[name].check(output.scores)
             total = total + self.weights[name] * output.scores  # [B]
@@ -108,6 +121,15 @@ class WeightedReward:
         for name, guard_state in state.get("guards", {}).items():
             if name in self.guards:
                 self.guards[name].load_state_dict(guard_state)
+
+
+def concat_outputs(parts: list[Mapping[str, RewardOutput]]) -> dict[str, RewardOutput]:
+    """Components' outputs on consecutive slices of a batch (e.g. shards), joined into the batch's."""
+    names = list(parts[0])
+    return {name: RewardOutput(scores=torch.cat([part[name].scores for part in parts]),
+                               info={key: torch.cat([part[name].info[key] for part in parts])
+                                     for key in parts[0][name].info})
+            for name in names}
 
 
 def build_weighted_reward(

@@ -1,0 +1,214 @@
+"""Stages on 2 real processes (torchrun, gloo, the tiny preset) give the 1-process result.
+
+One DVC workspace is shared by the module: `dvc repro score@1` on one process makes the reference
+artifacts; each stage then runs again on 2 processes into a folder of its own, and the outputs are
+compared (rollouts, scores and evaluation byte for byte; weights, EMA and optimizer state within
+float tolerance). The world size comes from FLASH_GRPO_NPROC_PER_NODE only, so DVC sees the same
+stages whatever it is.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from flash_grpo_core.workspace import copy_project, tool_env
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+IT1 = Path("runs/tiny/it1")
+pytestmark = pytest.mark.slow
+
+
+def _run(args, cwd, nproc=1, check=True, timeout=300, **env):
+    environment = tool_env(OMP_NUM_THREADS="1", FLASH_GRPO_NPROC_PER_NODE=str(nproc), FLASH_GRPO_WARM="0",
+                           FLASH_GRPO_DIST_TIMEOUT="60", **env)
+    result = subprocess.run([str(a) for a in args], cwd=cwd, env=environment, capture_output=True, text=True, check=False,
+                            timeout=timeout)
+    if check and result.returncode:
+        raise AssertionError(f"{' '.join(map(str, args))} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def _stage(name, cwd, *args, nproc=1, params="params.yaml", **kwargs):
+    return _run([sys.executable, "-m", f"stages.{name}", "--params", params, *args], cwd, nproc, **kwargs)
+
+
+def _rollout(cwd, out, nproc, **kwargs):
+    return _stage("rollout", cwd, "--iteration", "1", "--prompts", "runs/prompts/train.parquet",
+                  "--checkpoint", "runs/tiny/it0/checkpoint", "--out", out, nproc=nproc, **kwargs)
+
+
+def _update(cwd, out, scores, nproc):
+    return _stage("update", cwd, "--iteration", "1", "--checkpoint", "runs/tiny/it0/checkpoint",
+                  "--rollout", IT1 / "rollout", "--scores", scores, "--out", Path(out) / "checkpoint",
+                  "--metrics", Path(out) / "metrics.json", nproc=nproc)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    project = copy_project(ROOT, tmp_path_factory.mktemp("distributed"))
+    _run([BIN / "dvc", "repro", "score@1"], project)  # curate, init, rollout@1, score@1 on one process
+    return project
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir()) if path.is_file()}
+
+
+def test_rollout_on_two_processes_writes_the_same_bytes(workspace):
+    done = _rollout(workspace, "two/rollout", nproc=2)
+    assert "processes=2" in done.stdout
+    one, two = _files(workspace / IT1 / "rollout"), _files(workspace / "two" / "rollout")
+    assert set(one) == set(two) and len([name for name in one if name.startswith("shard-")]) == 2
+    manifests = [json.loads(files.pop("manifest.json")) for files in (one, two)]
+    assert one == two  # shards, video shards, shards.json and the prompt embeddings
+    timings = [{key: m.pop(key) for key in list(m) if key.endswith("_seconds")} for m in manifests]
+    assert manifests[0] == manifests[1] and all(timings)
+
+
+def test_score_on_two_processes_writes_the_same_bytes(workspace):
+    _stage("score", workspace, "--iteration", "1", "--rollout", IT1 / "rollout", "--out", "two/scores.parquet",
+           "--summary", "two/score.json", "--reward-state-in", "runs/tiny/it0/reward_state.json",
+           "--reward-state-out", "two/reward_state.json", nproc=2)
+    for name in ("scores.parquet", "score.json", "reward_state.json"):
+        assert (workspace / "two" / name).read_bytes() == (workspace / IT1 / name).read_bytes(), name
+
+
+def _checkpoints_close(a: Path, b: Path, tolerance=1e-6):
+    for name in ("trainable", "ema", "optimizer"):
+        left, right = load_file(a / f"{name}.safetensors"), load_file(b / f"{name}.safetensors")
+        assert set(left) == set(right)
+        for key in left:
+            assert torch.allclose(left[key], right[key], atol=tolerance, rtol=0), (name, key)
+    states = [json.loads((folder / "state.json").read_text()) for folder in (a, b)]
+    assert states[0]["ema_steps"] == states[1]["ema_steps"] > 0
+
+
+def test_update_on_two_processes_matches_one(workspace):
+    _update(workspace, "one/update", IT1 / "scores.parquet", nproc=1)
+    _update(workspace, "two/update", IT1 / "scores.parquet", nproc=2)
+    one, two = workspace / "one" / "update", workspace / "two" / "update"
+    _checkpoints_close(one / "checkpoint", two / "checkpoint")
+    assert load_file(one / "checkpoint" / "trainable.safetensors") != {}
+    metrics = [json.loads((folder / "metrics.json").read_text()) for folder in (one, two)]
+    for key in ("train_forward_passes", "train_backward_passes", "trained_items", "reward_mean"):
+        assert metrics[0][key] == metrics[1][key], key
+    # the loss sums +- advantage terms of order 1 that cancel to ~1e-6: compare at float32 rounding of the terms
+    assert metrics[0]["loss"] == pytest.approx(metrics[1]["loss"], abs=1e-7)
+
+
+def _params_variant(workspace: Path, name: str, **sections) -> str:
+    """A copy of params.yaml with some keys of its base sections changed; returns its file name."""
+    from ruamel.yaml import YAML
+
+    yaml = YAML()
+    params = yaml.load((workspace / "params.yaml").read_text())
+    for section, values in sections.items():
+        params[section].update(values)
+    with open(workspace / name, "w") as handle:
+        yaml.dump(params, handle)
+    return name
+
+
+@pytest.mark.parametrize("finetune, strategy", [("full", "auto"), ("lora", "fsdp")])
+def test_fsdp_update_on_two_processes_matches_one(workspace, finetune, strategy):
+    """FSDP2 (the default for full fine-tuning, a choice for LoRA): the sharded weights, EMA and
+    AdamW state, gathered into the checkpoint, equal the 1-process run's."""
+    params = _params_variant(workspace, f"{finetune}-{strategy}.yaml", model={"finetune": finetune},
+                             train={"parallel": strategy})
+    base = f"{finetune}-{strategy}/it0"
+    _stage("init", workspace, "--out", f"{base}/checkpoint", "--reward-state", f"{base}/reward_state.json",
+           params=params)
+    for nproc in (1, 2):
+        _stage("update", workspace, "--iteration", "1", "--checkpoint", f"{base}/checkpoint", "--rollout",
+               IT1 / "rollout", "--scores", IT1 / "scores.parquet", "--out", f"{finetune}-{strategy}/{nproc}",
+               "--metrics", f"{finetune}-{strategy}/{nproc}.json", nproc=nproc, params=params)
+    one, two = (workspace / f"{finetune}-{strategy}" / str(nproc) for nproc in (1, 2))
+    _checkpoints_close(one, two)
+    trained, initial = load_file(one / "trainable.safetensors"), load_file(workspace / base / "checkpoint" /
+                                                                          "trainable.safetensors")
+    assert any(not torch.equal(trained[key], initial[key]) for key in trained)
+
+
+def test_a_rank_without_signal_still_takes_every_step(workspace):
+    """Only one sample carries an advantage: rank 1 has no item of its own and runs masked ones."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(workspace / IT1 / "scores.parquet").to_pydict()
+    table["advantage"] = [1.0] + [0.0] * (len(table["advantage"]) - 1)
+    pq.write_table(pa.table(table), workspace / "single.parquet")
+    _update(workspace, "one/single", "single.parquet", nproc=1)
+    _update(workspace, "two/single", "single.parquet", nproc=2)
+    _checkpoints_close(workspace / "one/single/checkpoint", workspace / "two/single/checkpoint")
+    trained = load_file(workspace / "one/single/checkpoint/trainable.safetensors")
+    base = load_file(workspace / "runs/tiny/it0/checkpoint/trainable.safetensors")
+    assert any(not torch.equal(trained[key], base[key]) for key in trained)  # the one sample moved the weights
+
+
+def test_evaluation_on_two_processes_writes_the_same_bytes(workspace):
+    for nproc, folder in ((1, "one"), (2, "two")):
+        _stage("eval_checkpoint", workspace, "--iteration", "0", "--prompts", "runs/prompts/eval.parquet",
+               "--checkpoint", "runs/tiny/it0/checkpoint", "--metrics", f"{folder}/eval/metrics.json",
+               "--videos", f"{folder}/eval/videos.safetensors", nproc=nproc)
+    assert _files(workspace / "one" / "eval") == _files(workspace / "two" / "eval")
+
+
+def test_a_killed_rank_fails_the_stage_and_the_rerun_completes(workspace):
+    killed = _rollout(workspace, "two/killed", nproc=2, check=False, timeout=120, FLASH_GRPO_FAULT="joined@1")
+    assert killed.returncode != 0
+    assert not (workspace / "two" / "killed" / "shards.json").exists()  # nothing a later stage takes as done
+    _rollout(workspace, "two/killed", nproc=2)
+    assert (workspace / "two" / "killed" / "shards.json").read_bytes() == \
+        (workspace / IT1 / "rollout" / "shards.json").read_bytes()
+
+
+def test_an_input_error_on_every_rank_exits_2(workspace):
+    failed = _stage("update", workspace, "--iteration", "1", "--checkpoint", "runs/tiny/it0/checkpoint",
+                    "--rollout", "no/such/rollout", "--scores", IT1 / "scores.parquet", "--out", "two/x",
+                    "--metrics", "two/x.json", nproc=2, check=False, timeout=120)
+    assert failed.returncode == 2, failed.stderr[-2000:]
+    assert "error (rank 0)" in failed.stderr and "no/such/rollout" in failed.stderr
+
+
+def test_dvc_sees_no_change_in_the_process_count_and_continues_on_two(workspace):
+    status = _run([BIN / "dvc", "status"], workspace, nproc=2).stdout
+    for stage in ("curate", "init", "rollout@1", "score@1"):
+        assert f"{stage}:" not in status, status
+    done = _run([BIN / "dvc", "repro", "update@1"], workspace, nproc=2)
+    assert "processes=2" in done.stdout and "Running stage 'rollout@1'" not in done.stdout
+    _checkpoints_close(workspace / IT1 / "checkpoint", workspace / "one/update/checkpoint")
+
+
+def test_bad_launcher_settings_are_input_errors(workspace):
+    failed = _rollout(workspace, "two/bad", nproc=1, check=False, FLASH_GRPO_NNODES="two")
+    assert failed.returncode == 2 and "FLASH_GRPO_NNODES='two'" in failed.stderr
+    failed = _rollout(workspace, "two/bad", nproc=1, check=False, FLASH_GRPO_NNODES="2")
+    assert failed.returncode == 2 and "FLASH_GRPO_NODE_LAUNCHER" in failed.stderr
+
+
+STEP_PLAN = """
+import torch, torch.distributed as dist
+from flash_grpo_core.config import load_params
+from flash_grpo_core.engine.iteration import plan_steps
+dist.init_process_group("gloo")
+steps = plan_steps(load_params("params.yaml"), 6, 3)
+gathered = [None, None]
+dist.all_gather_object(gathered, steps)
+assert dist.get_world_size() == 2 and torch.equal(gathered[0], gathered[1]), gathered
+assert (steps == steps[:, :1]).all()  # iso-temporal: one step per prompt's group
+print("same plan", steps[:, 0, 0].tolist())
+dist.destroy_process_group()
+"""
+
+
+def test_every_rank_plans_the_same_steps(workspace):
+    (workspace / "plan.py").write_text(STEP_PLAN)
+    done = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "plan.py"],
+                workspace)
+    assert done.stdout.count("same plan") == 2
