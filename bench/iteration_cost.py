@@ -44,7 +44,7 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def _params(args, mode):
+def bench_params(args, mode):
     from flash_grpo_core.config import load_params
 
     overrides = {"train.mode": mode, "rollout.num_steps": args.steps, "rollout.num_candidates": max(1, args.steps // 2),
@@ -58,7 +58,7 @@ def _params(args, mode):
     return load_params(ROOT / "params.yaml", preset="tiny", overrides=overrides)
 
 
-def _engine(args, params):
+def bench_engine(args, params):
     from flash_grpo_core.engine import iteration
     from flash_grpo_core.models import random_stacks
 
@@ -83,8 +83,8 @@ def measure_mode(args, mode) -> dict:
     from flash_grpo_core.method.batch import PassCounter
     from flash_grpo_core.rewards import build_weighted_reward
 
-    params = _params(args, mode)
-    engine = _engine(args, params)
+    params = bench_params(args, mode)
+    engine = bench_engine(args, params)
     cuda = engine.device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     reward = build_weighted_reward({"brightness": 1.0})

@@ -49,7 +49,7 @@ def _timed(args, cwd, env=None) -> float:
     return time.perf_counter() - began
 
 
-def _configure(project: Path, size: str) -> None:
+def configure_size(project: Path, size: str) -> None:
     from ruamel.yaml import YAML
 
     subprocess.run([sys.executable, "-m", "stages.iterations", "1"], cwd=project, check=True, capture_output=True)
@@ -133,7 +133,7 @@ def measure(size: str, warm: bool) -> dict:
     dvc = str(Path(sys.executable).parent / "dvc")
     with tempfile.TemporaryDirectory() as scratch:
         project = copy_project(ROOT, Path(scratch))
-        _configure(project, size)
+        configure_size(project, size)
         env = tool_env(FLASH_GRPO_WARM_SOCKET=str(Path(scratch) / "warm.sock"), FLASH_GRPO_WARM="1" if warm else "0")
         server = _start_warm(project, env) if warm else None
         try:

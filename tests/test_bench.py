@@ -1,0 +1,90 @@
+"""The benchmarks bench/gpu_step.py (a smoke run at the tiny shape) and bench/process_scaling.py (its
+helpers only: its measurement runs the stages for minutes)."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flash_grpo_core.workspace import copy_project, tool_env
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def importable_bench(monkeypatch):
+    """`from bench import ...` works: the scripts live outside the package."""
+    monkeypatch.syspath_prepend(str(ROOT))
+
+
+def test_gpu_step_writes_every_figure_at_the_tiny_shape(tmp_path, importable_bench):
+    from bench import gpu_step
+
+    subprocess.run([sys.executable, "bench/gpu_step.py", "--repeats", "1", "--group", "2", "--steps", "4",
+                    "--out-dir", str(tmp_path)], cwd=ROOT, env=tool_env(OMP_NUM_THREADS="1"), check=True,
+                   capture_output=True, text=True, timeout=300)
+    results = json.loads((tmp_path / "gpu_step-tiny-cpu.json").read_text())
+    rollout, update = results["rollout"], results["update"]
+    for key in ("pipeline_s_per_video", "pipeline_sampling_s_per_video", "decode_s_per_video", "raw_s_per_video"):
+        assert rollout[key] > 0, key
+    assert rollout["pipeline_forward_passes_per_video"] == rollout["raw_forward_passes_per_video"] == 2 * 4  # CFG x N
+    assert update["pipeline_s_per_item"] > 0 and update["raw_s_per_item"] > 0
+    assert update["trained_items"] == 2 and update["trained_steps_per_sample"] == 1  # flash: G items
+    for peaks in (rollout["peak_gib"], update["peak_gib"]):
+        assert all(value > 0 for value in peaks.values()) and "raw" in peaks and "pipeline" in peaks
+    assert results["memory_kind"] == "process_rss"
+    for mode in ("flash", "full"):
+        assert results["iteration"][mode]["total_s"] > 0 and results["iteration"][mode]["peak_memory_gib"] > 0
+    assert results["iteration"]["full"]["trained_steps_per_sample"] == 4
+    assert set(results["ratios"]) == {*gpu_step.TARGETS, "full/flash update"}
+    assert all(math.isfinite(value) and value > 0 for value in results["ratios"].values())
+    assert results["meets_target"] == gpu_step.verdicts(results["ratios"])
+    table = (tmp_path / "gpu_step-tiny-cpu.md").read_text()
+    for name, meets in results["meets_target"].items():
+        row = next(line for line in table.splitlines() if line.startswith(f"| {name} |"))
+        assert row.endswith(f"| {'yes' if meets else 'no'} |"), row
+
+
+def test_gpu_step_judges_each_ratio_by_its_own_bound(importable_bench):
+    from bench import gpu_step
+
+    verdicts = gpu_step.verdicts({"update/raw": 1.2, "rollout/raw (sampling)": 1.1, "full/flash iteration": 4.9,
+                                  "full/flash update": 20.0})
+    assert verdicts == {"update/raw": False, "rollout/raw (sampling)": True, "full/flash iteration": False}
+
+
+def test_process_scaling_builds_stage_runs_from_dvc_yaml(tmp_path, importable_bench):
+    from bench import process_scaling
+
+    commands = process_scaling.stage_commands(copy_project(ROOT, tmp_path))
+    assert list(commands) == list(process_scaling.STAGES)
+    rollout = commands["rollout@1"]
+    assert rollout[:3] == ["python", "-m", "stages.rollout"]
+    assert rollout[rollout.index("--out") + 1] == "runs/tiny/it1/rollout"
+    assert commands["eval_checkpoint@1"][commands["eval_checkpoint@1"].index("--iteration") + 1] == "1"
+    with pytest.raises(ValueError, match="not a stage command"):
+        process_scaling.stage_argv("dvc repro")
+    env = process_scaling.stage_env(2, 1)
+    assert (env["FLASH_GRPO_NPROC_PER_NODE"], env["OMP_NUM_THREADS"], env["FLASH_GRPO_WARM"]) == ("2", "1", "0")
+    assert env["PATH"].startswith(str(Path(sys.executable).parent))  # `python` is this environment's
+
+
+def test_process_scaling_units_rows_and_table(importable_bench, tiny_params):
+    from bench import process_scaling
+
+    # tiny preset: 2 prompts, 1 group per shard -> 2 shards; 2 eval prompts in batches of 8 -> 1 unit
+    units = process_scaling.work_units(tiny_params(), eval_prompts=4, trained_items=8)
+    assert units == {"rollout@1": 2, "score@1": 2, "update@1": 8, "eval_checkpoint@1": 1}
+    walls = {"rollout@1": {1: [4.0, 2.0, 3.0], 2: [2.0, 1.0, 1.5]}}
+    bodies = {"rollout@1": {1: [1.0, 1.0, 1.0], 2: [0.0, 0.0, 0.0]}}
+    [row] = process_scaling.scaling_rows(walls, bodies, units)
+    assert (row["wall_1_s"], row["wall_2_s"], row["wall_ratio"]) == (3.0, 1.5, 2.0)  # medians 3.0 / 1.5
+    assert row["own_ratio"] is None  # a stage that reports 0.0 s on 2 processes has no ratio
+    result = {"size": "default", "cores": 2, "threads": 1, "repeats": 3, "load_before": [0.5, 0, 0],
+              "load_after": [1.5, 0, 0], "stages": [row]}
+    table = process_scaling.markdown(result)
+    assert "| rollout@1 | 2 | 3.00 | 1.50 | 2.00 | 1.00 | 0.00 |  |" in table
+    assert "On a machine with 2 cores a second process can only help when the stage's work is compute-bound" in table
