@@ -45,6 +45,7 @@ class ModelConfig:
     lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS  # module-name suffixes peft adapts
     lora_init: str = "gaussian"  # gaussian | default (peft's kaiming-uniform A)
     gradient_checkpointing: bool = False
+    cfg_sequential: bool = False  # CFG halves one after the other instead of one batch (less memory)
     text_len: int = 512
 
     def __post_init__(self):

@@ -102,3 +102,27 @@ def test_bf16_ode_sampling_equals_a_float32_reference_loop(tiny_params):
             v_cond, v_uncond = out.chunk(2)
             x = ode_step(x, v_uncond + 4.5 * (v_cond - v_uncond), sigmas[i], sigmas[i + 1])
     assert x.dtype == torch.float32 and torch.equal(batch.final_latents, x)
+
+
+def test_sequential_cfg_halves_give_the_batched_velocity_and_gradient(tiny_params):
+    """`model.cfg_sequential`: the conditional and unconditional halves one after the other give
+    the velocity and the gradient of one batch of 2S (to float rounding), counted as 2S forwards."""
+    engine = build_engine(tiny_params())
+    cond, uncond = encode(engine, PROMPTS)
+    latents = torch.randn(2, *engine.stack.latent_shape(9, 32, 32), generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([0.9, 0.4], dtype=torch.float64)
+    results = []
+    for sequential in (False, True):
+        counter = PassCounter()
+        engine.policy.optimizer.zero_grad(set_to_none=True)
+        v = sampler.predict_velocity(engine.policy.transformer, latents, sigma, cond, uncond, 4.5, counter,
+                                     cfg_sequential=sequential)
+        v.square().mean().backward()
+        grads = {name: p.grad.clone() for name, p in engine.policy.parameters.items()}
+        results.append((v.detach(), grads, counter.forward))
+    (v_pair, g_pair, n_pair), (v_seq, g_seq, n_seq) = results
+    assert n_pair == n_seq == 4
+    assert torch.allclose(v_pair, v_seq, atol=1e-5)
+    assert any(g.abs().sum() > 0 for g in g_pair.values())
+    for name in g_pair:
+        assert torch.allclose(g_pair[name], g_seq[name], atol=1e-6, rtol=1e-4), name

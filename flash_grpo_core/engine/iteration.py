@@ -182,7 +182,7 @@ def generate(engine: Engine, prompts: list[str], iteration: int, counter: PassCo
     batch = rollout(engine.policy.transformer, cond[groups.start:groups.stop], uncond,
                     train_steps[groups.start:groups.stop], engine.sigmas, engine.scales, r.guidance, shape,
                     derive_seed(engine.params.seed, iteration, "noise"), r.batch_size, counter, progress,
-                    first_sample=groups.start * r.group_size)
+                    first_sample=groups.start * r.group_size, cfg_sequential=engine.params.model.cfg_sequential)
     batch.prompt_index += groups.start
     return batch, decode(engine, batch.final_latents)
 
@@ -212,7 +212,7 @@ def sample_ode(engine: Engine, prompts: list[str], num_steps: int, guidance: flo
     shape = engine.stack.latent_shape(r.frames, r.height, r.width)
     batch = rollout(engine.policy.transformer, cond[groups.start:groups.stop], uncond if guidance != 1.0 else None,
                     no_sde, sigmas, torch.zeros(num_steps), guidance, shape, seed, r.batch_size,
-                    first_sample=groups.start)
+                    first_sample=groups.start, cfg_sequential=engine.params.model.cfg_sequential)
     return decode(engine, batch.final_latents)
 
 
@@ -249,7 +249,8 @@ def update(engine: Engine, prompts: list[str], batch: RolloutBatch, advantages: 
     passes the rollout's stored ones, so it needs no text encoder)."""
     cond, uncond = embeds if embeds is not None else encode(engine, prompts)
     ctx = StepContext(batch, advantages, cond, uncond, engine.sigmas.to(engine.device),
-                      engine.scales.float().to(engine.device), engine.params.rollout.guidance)
+                      engine.scales.float().to(engine.device), engine.params.rollout.guidance,
+                      cfg_sequential=engine.params.model.cfg_sequential)
     generator = torch.Generator().manual_seed(derive_seed(engine.params.seed, iteration, "minibatches"))
     if current_world().distributed and engine.policy.parallel is None:
         from flash_grpo_core.engine.parallel import data_parallel

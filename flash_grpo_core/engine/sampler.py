@@ -27,22 +27,27 @@ def compute_dtype(transformer) -> torch.dtype:
 
 def predict_velocity(
     transformer, latents: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor,
-    uncond: torch.Tensor | None, guidance: float, counter: PassCounter | None = None,
+    uncond: torch.Tensor | None, guidance: float, counter: PassCounter | None = None, cfg_sequential: bool = False,
 ) -> torch.Tensor:
     """Guided velocity v = v_u + w (v_c - v_u) for latents [S, C, F, H, W] at float64 sigma [S].
 
-    The conditional and unconditional halves go through the transformer as one batch of 2S. As in
-    the Wan pipeline, the latents (float32 state) are cast to the model's dtype only here, and the
-    timestep is the integer `1000 * sigma` truncated (`method/schedule.py: transformer_timesteps`).
+    The conditional and unconditional halves go through the transformer as one batch of 2S, or with
+    `cfg_sequential` one after the other (with activation checkpointing, a backward then recomputes
+    one half at a time: about half the peak activation memory, for the 14B update on 80 GB cards).
+    As in the Wan pipeline, the latents (float32 state) are cast to the model's dtype only here, and
+    the timestep is the integer `1000 * sigma` truncated (`method/schedule.py: transformer_timesteps`).
     """
     dtype = compute_dtype(transformer)
     timestep = transformer_timesteps(sigma).to(latents.device)  # [S] int64
     guided = uncond is not None and guidance != 1.0
+    halves = [cond]
     if guided:
-        latents, timestep = torch.cat([latents, latents]), torch.cat([timestep, timestep])
-        cond = torch.cat([cond, uncond.expand_as(cond)])
-    out = transformer(hidden_states=latents.to(dtype), timestep=timestep, encoder_hidden_states=cond.to(dtype),
-                      return_dict=False)[0]
+        halves.append(uncond.expand_as(cond))
+        if not cfg_sequential:
+            latents, timestep, halves = torch.cat([latents, latents]), torch.cat([timestep, timestep]), [torch.cat(halves)]
+    outs = [transformer(hidden_states=latents.to(dtype), timestep=timestep, encoder_hidden_states=text.to(dtype),
+                        return_dict=False)[0] for text in halves]
+    out = torch.cat(outs) if len(outs) > 1 else outs[0]  # [S or 2S, C, F, H, W]
     if counter is not None:
         counter.forward += out.shape[0]
         counter.last_forward = out.shape[0]
@@ -66,12 +71,14 @@ def rollout(
     transformer, cond_embeds: torch.Tensor, uncond_embed: torch.Tensor | None, train_steps: torch.Tensor,
     sigmas: torch.Tensor, scales: torch.Tensor, guidance: float, latent_shape: tuple[int, int, int, int],
     seed: int, batch_size: int, counter: PassCounter | None = None, progress=None, first_sample: int = 0,
+    cfg_sequential: bool = False,
 ) -> RolloutBatch:
     """Sample B x G videos' latents; cond_embeds [B, L, D], uncond_embed [1, L, D], train_steps [B, G, T].
 
     `progress`, if given, is told `update(n)` after each step of n samples (a tqdm bar, say).
     `first_sample`: the iteration-wide id of the first sample here, when these prompts are a slice
-    of the iteration's (each sample's noise comes from its iteration-wide id).
+    of the iteration's (each sample's noise comes from its iteration-wide id). `cfg_sequential`: see
+    `predict_velocity`.
     """
     num_prompts, group, trained = train_steps.shape
     num_steps, total = len(sigmas) - 1, num_prompts * group
@@ -91,7 +98,7 @@ def rollout(
         cond = cond_embeds[prompt_index[ids]]
         for i in range(num_steps):
             sigma = sigmas[i].expand(len(ids))
-            v = predict_velocity(transformer, x, sigma, cond, uncond_embed, guidance, counter)
+            v = predict_velocity(transformer, x, sigma, cond, uncond_embed, guidance, counter, cfg_sequential)
             x_next = ode_step(x, v, sigmas[i], sigmas[i + 1])
             stochastic = mask[ids, i]
             if stochastic.any():

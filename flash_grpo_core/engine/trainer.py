@@ -127,6 +127,7 @@ class StepContext:
     sigmas: torch.Tensor  # [N + 1] float64: the transformer's integer timesteps are truncated from them
     scales: torch.Tensor  # [N]
     guidance: float
+    cfg_sequential: bool = False  # the CFG halves one after the other (predict_velocity)
     weights: torch.Tensor | None = None  # [S, T] rectification weights, set by update_policy
 
 
@@ -144,7 +145,8 @@ def score_items(policy: Policy, ctx: StepContext, items: torch.Tensor, counter: 
     x_next = ctx.batch.next_latents[samples, slots].to(device)
     cond = ctx.cond_embeds[ctx.batch.prompt_index[samples]]
     model = policy.transformer if transformer is None else transformer
-    v = predict_velocity(model, x, ctx.sigmas[steps], cond, ctx.uncond_embed, ctx.guidance, counter)
+    v = predict_velocity(model, x, ctx.sigmas[steps], cond, ctx.uncond_embed, ctx.guidance, counter,
+                         ctx.cfg_sequential)
     step = sde_step(x, v, ctx.sigmas[steps], ctx.sigmas[steps + 1], ctx.scales[steps], prev_sample=x_next)
     return step, ctx.batch.log_probs[samples, slots].to(device)
 
