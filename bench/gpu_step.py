@@ -54,11 +54,7 @@ TARGETS = {"rollout/raw (sampling)": ("max", 1.10), "rollout/raw (with decode)":
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", default="tiny", choices=["tiny", "wan1_3b", "wan14b"])
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--height", type=int, default=None)
-    parser.add_argument("--width", type=int, default=None)
-    parser.add_argument("--frames", type=int, default=None)
+    iteration_cost.add_model_arguments(parser)
     parser.add_argument("--group", type=int, default=4, help="G videos of the one prompt")
     parser.add_argument("--steps", type=int, default=20, help="N sampling steps")
     parser.add_argument("--rollout-batch", type=int, default=1, help="videos per transformer call while sampling")

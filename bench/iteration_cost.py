@@ -26,13 +26,18 @@ ROOT = Path(__file__).resolve().parents[1]
 MODES = ("flash", "window", "full")
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model and clip shape options shared with bench/gpu_step.py."""
     parser.add_argument("--arch", default="tiny", choices=["tiny", "wan1_3b", "wan14b"])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--frames", type=int, default=None)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_arguments(parser)
     parser.add_argument("--prompts", type=int, default=2, help="B prompts per iteration")
     parser.add_argument("--group", type=int, default=4, help="G samples per prompt")
     parser.add_argument("--steps", type=int, default=20, help="N sampling steps")
