@@ -13,8 +13,10 @@ sampler, EMA weights, fixed noise per (prompt, sample). Variants:
   flash-no-iso          the same, one step per sample instead of per prompt
   flash-no-rect         the same, no rectification
   flash-flowgrpo-rect   the same, Flow-GRPO's partial rectification factor
-  window                SDE on a sliding window of 2 steps (MixGRPO / Flow-GRPO-Fast), no rectification
-  full                  SDE and training on every step (Flow-GRPO, with its partial rectification)
+  window-k              SDE on a window of 2 steps inside flash's first K, moved every iteration
+                        (train.mode window_k), no rectification
+  full                  SDE on every step, training the first int(N x timestep_fraction) (Flow-GRPO),
+                        with the flow_grpo factor (not in Flow-GRPO's code: docs/decisions.md)
 Also measured: the gradient-norm spread across timesteps per rectification mode, PPO clip
 fractions, and reward hacking (a component that falls while the total rises).
 Writes runs.csv, evals.csv, summary.json, alignment.png and alignment.md to --out.
@@ -38,7 +40,7 @@ VARIANTS = {
     "flash-no-iso": {"train.mode": "flash", "rollout.iso_temporal": False},
     "flash-no-rect": {"train.mode": "flash", "train.rectify": "none"},
     "flash-flowgrpo-rect": {"train.mode": "flash", "train.rectify": "flow_grpo"},
-    "window": {"train.mode": "window", "train.rectify": "none", "train.window_size": 2},
+    "window-k": {"train.mode": "window_k", "train.rectify": "none", "train.window_size": 2, "train.window_every": 1},
     "full": {"train.mode": "full", "train.rectify": "flow_grpo"},
 }
 COMPONENTS = ("color", "single", "motion")

@@ -3,7 +3,8 @@
 SCHEDULE_KINDS = ("authors", "diffusers")
 NOISE_KINDS = ("wan", "flow_grpo", "dance")
 RECTIFY_MODES = ("exact", "none", "flow_grpo")
-TRAIN_MODES = ("flash", "window", "full")
+# window: MixGRPO's sliding window over steps 0..N-2; window_k: a window inside flash's first K steps
+TRAIN_MODES = ("flash", "window", "window_k", "full")
 STD_SCOPES = ("batch", "group")
 FINETUNE_KINDS = ("lora", "full")
 LORA_INITS = ("gaussian", "default")  # peft's init_lora_weights: "gaussian", or True (kaiming-uniform A)

@@ -38,7 +38,7 @@ def test_static_video_is_perfectly_steady_and_not_dynamic():
     videos = static()[None]  # [1, 9, 32, 32, 3]
     assert video.temporal_flickering(videos) == [1.0]
     assert video.motion_smoothness_flow(videos) == [1.0]
-    assert video.dynamic_degree(videos, fps=8) == [False]
+    assert video.dynamic_degree_flow(videos, fps=8) == [False]
 
 
 def test_temporal_flickering_hand_worked():
@@ -67,19 +67,32 @@ def test_motion_smoothness_prefers_linear_motion_over_jitter():
 
 
 def test_dynamic_degree_thresholds_follow_vbench():
-    # VBench: thres = max(1, 8 / fps) * 6 * min(H, W) / 256, count = round(4 * frames / 16)
-    assert video.dynamic_thresholds(16, 256, 256, fps=8) == (6.0, 4)
-    assert video.dynamic_thresholds(41, 480, 832, fps=16) == (6 * 480 / 256, 10)  # 81 frames at 16 fps -> 41 kept
-    assert video.dynamic_thresholds(8, 64, 64, fps=4) == (2 * 6 * 64 / 256, 2)
-    assert video.dynamic_thresholds(2, 64, 64, fps=8)[1] == 1  # VBench's 0 floored at 1
+    # VBench's set_params (vbench/dynamic_degree.py): thres = 6 * min(H, W) / 256, count = round(4 * frames / 16)
+    assert video.dynamic_thresholds(16, 256, 256) == (6.0, 4)
+    assert video.dynamic_thresholds(41, 480, 832) == (6 * 480 / 256, 10)  # 81 frames at 16 fps -> 41 kept
+    assert video.dynamic_thresholds(8, 64, 64) == (6 * 64 / 256, 2)
+    assert video.dynamic_thresholds(2, 64, 64)[1] == 1  # VBench's 0 floored at 1
 
 
 def test_dynamic_degree_on_moving_square():
     # at 64 px the threshold is 6 * 64 / 256 = 1.5 px per kept pair
     fast, slow = textured_square(step=3), textured_square(step=1)
-    assert video.dynamic_degree(np.stack([fast, slow]), fps=8) == [True, False]
+    assert video.dynamic_degree_flow(np.stack([fast, slow]), fps=8) == [True, False]
     # at 16 fps every 2nd frame is kept: 1 px/frame becomes 2 px per pair > 1.5
-    assert video.dynamic_degree(slow[None], fps=16) == [True]
+    assert video.dynamic_degree_flow(slow[None], fps=16) == [True]
+
+
+def test_dynamic_degree_has_no_frame_rate_factor():
+    # Below 8 fps every frame is kept (interval max(1, round(4 / 8)) = 1): 2 px per pair against VBench's
+    # 1.5 px threshold is dynamic; a max(1, 8 / fps) = 2 factor would have raised it to 3 px (static).
+    moving = textured_square(step=2)
+    assert video.dynamic_degree_flow(moving[None], fps=4) == [True]
+
+
+def test_dynamic_degree_is_named_apart_from_vbench():
+    # Farneback, not RAFT: the registry must not offer it under VBench's name
+    assert "dynamic_degree" not in metrics.available_metrics()
+    assert "dynamic_degree_flow" in metrics.available_metrics()
 
 
 def test_videos_must_be_uint8_bfhw3():
@@ -104,12 +117,12 @@ def test_consistency_formula_hand_worked():
 def test_evaluate_videos_without_weights_reports_not_configured():
     videos = torch.from_numpy(np.stack([textured_square(size=32, side=10, step=2), static()]))
     results = metrics.evaluate_videos(videos, ["a", "b"])
-    for name in ("temporal_flickering", "motion_smoothness_flow", "dynamic_degree"):
+    for name in ("temporal_flickering", "motion_smoothness_flow", "dynamic_degree_flow"):
         assert results[name]["status"] == "ok"
         assert len(results[name]["per_video"]) == 2
         assert results[name]["mean"] == pytest.approx(np.mean(results[name]["per_video"]))
-    assert results["dynamic_degree"]["per_video"] == [True, False]
-    assert results["dynamic_degree"]["mean"] == 0.5
+    assert results["dynamic_degree_flow"]["per_video"] == [True, False]
+    assert results["dynamic_degree_flow"]["mean"] == 0.5
     for name in ("subject_consistency", "background_consistency", "imaging_quality"):
         assert set(results[name]) == {"status", "reason"} and results[name]["status"] == "not configured"
         assert f"eval.metrics.{name}.path" in results[name]["reason"]
@@ -122,15 +135,16 @@ def test_evaluate_videos_config_errors_and_disabling(tmp_path):
     videos = static()[None]
     with pytest.raises(KeyError, match="unknown eval.metrics"):
         metrics.evaluate_videos(videos, ["a"], {"subject_consistancy": {"path": "x"}})
-    with pytest.raises(ValueError, match="eval.metrics.dynamic_degree: unknown option"):
-        metrics.evaluate_videos(videos, ["a"], {"dynamic_degree": {"frames_per_second": 8}})
+    with pytest.raises(ValueError, match="eval.metrics.dynamic_degree_flow: unknown option"):
+        metrics.evaluate_videos(videos, ["a"], {"dynamic_degree_flow": {"frames_per_second": 8}})
     with pytest.raises(ValueError, match="1 videos but 2 prompts"):
         metrics.evaluate_videos(videos, ["a", "b"])
     missing = tmp_path / "no-such-dino"
     with pytest.raises(FileNotFoundError, match=str(missing)):
         metrics.evaluate_videos(videos, ["a"], {"subject_consistency": {"path": str(missing)}})
-    results = metrics.evaluate_videos(videos, ["a"], {"brisque": {"enabled": False}, "dynamic_degree": {"fps": 8}})
-    assert "brisque" not in results and results["dynamic_degree"]["per_video"] == [False]
+    results = metrics.evaluate_videos(videos, ["a"], {"brisque": {"enabled": False},
+                                                      "dynamic_degree_flow": {"fps": 8}})
+    assert "brisque" not in results and results["dynamic_degree_flow"]["per_video"] == [False]
 
 
 def test_imaging_quality_without_pyiqa_is_not_configured(tmp_path, monkeypatch):
@@ -265,9 +279,26 @@ def test_subject_consistency_matches_vbench_loop_on_tiny_dino(tiny_models):
     assert entry["per_video"][0] == pytest.approx(vbench_loop(cls), abs=1e-5)
     assert entry["per_video"][1] == pytest.approx(1.0, abs=1e-6)
     # DINOv2 through the same AutoModel path, at a non-square size (shorter side resized, no crop)
-    other = metrics.evaluate_videos(random_videos(size=40)[:, :, :, :30], ["a", "b"],
-                                    {"subject_consistency": {"path": str(tiny_models / "dinov2")}})
-    assert 0.0 <= other["subject_consistency"]["per_video"][0] <= 1.0
+    tall = random_videos(size=40)[:, :, :, :30]  # [2, 4, H=40, W=30, 3]
+    other = metrics.evaluate_videos(tall, ["a", "b"], {"subject_consistency": {"path": str(tiny_models / "dinov2")}})
+    assert other["subject_consistency"]["per_video"][0] == pytest.approx(dino_transform_reference(
+        tiny_models / "dinov2", tall[0]), abs=1e-5)
+
+
+def dino_transform_reference(path, frames):
+    """VBench's dino_transform (torchvision's Resize of the shorter side to the input size: bilinear,
+    no antialias, no crop; ImageNet normalisation) written out by hand, CLS features of a plain
+    Dinov2Model, then the VBench loop: an independent computation for one video [F, H, W, 3]."""
+    from transformers import Dinov2Model
+
+    pixels = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255.0  # [F, 3, 40, 30]
+    # the processor's crop size 28 is the network's input: 30 -> 28 and 40 -> int(28 * 40 / 30) = 37
+    pixels = torch.nn.functional.interpolate(pixels, size=(37, 28), mode="bilinear", align_corners=False)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    pixels = (pixels - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    with torch.no_grad():
+        cls = Dinov2Model.from_pretrained(path)(pixel_values=pixels).last_hidden_state[:, 0]  # [F, D]
+    return vbench_loop(cls)
 
 
 def test_background_consistency_reads_full_clip_checkpoints(tiny_models):

@@ -214,13 +214,20 @@ def test_aggregate_frames_hand_worked():
     torch.testing.assert_close(aggregate_frames(scores, "min"), torch.tensor([1.0, 0.0]))
     # top 30% of 10 frames = 3 frames: (10 + 9 + 8) / 3 = 9 and (9 + 8 + 7) / 3 = 8
     torch.testing.assert_close(aggregate_frames(scores, "top_mean", 0.3), torch.tensor([9.0, 8.0]))
-    # top 25% -> ceil(2.5) = 3 frames, same values; top 10% -> 1 frame = max
-    torch.testing.assert_close(aggregate_frames(scores, "top_mean", 0.25), torch.tensor([9.0, 8.0]))
+    # top 25% -> int(2.5) = 2 frames: (10 + 9) / 2 = 9.5 and (9 + 8) / 2 = 8.5; top 10% -> 1 frame = max
+    torch.testing.assert_close(aggregate_frames(scores, "top_mean", 0.25), torch.tensor([9.5, 8.5]))
     torch.testing.assert_close(aggregate_frames(scores, "top_mean", 0.1), torch.tensor([10.0, 9.0]))
-    # 0.07 * 100 is 7.000000000000001 in floats; a naive ceil would take 8 frames (mean 95.5).
-    # top 7 of 0..99 = 93..99 -> mean 96
+    # 100 * 0.07 is 7.000000000000001 in floats: int gives 7 frames, 93..99 -> mean 96 (a ceil would take 8)
     hundred = torch.arange(100.0)[None]  # [B=1, F=100]
     torch.testing.assert_close(aggregate_frames(hundred, "top_mean", 0.07), torch.tensor([96.0]))
+    torch.testing.assert_close(aggregate_frames(scores[:, :3], "top_mean", 0.3), scores[:, :3].max(dim=1).values)
+
+
+def test_top_30_percent_of_81_frames_is_the_authors_24():
+    # Wan 2.1's 81 frames: the authors take int(81 * 0.3) = int(24.3) = 24 frames (a ceil would take 25).
+    # Frame scores 0..80: the top 24 are 57..80, mean (57 + 80) / 2 = 68.5 (25 frames: 56..80, mean 68)
+    scores = torch.arange(81.0)[None]  # [B=1, F=81]
+    torch.testing.assert_close(aggregate_frames(scores, "top_mean", 0.3), torch.tensor([68.5]))
     with pytest.raises(RewardError, match="median"):
         aggregate_frames(scores, "median")
     with pytest.raises(RewardError, match=r"\[B, F\]"):

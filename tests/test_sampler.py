@@ -126,3 +126,21 @@ def test_sequential_cfg_halves_give_the_batched_velocity_and_gradient(tiny_param
     assert any(g.abs().sum() > 0 for g in g_pair.values())
     for name in g_pair:
         assert torch.allclose(g_pair[name], g_seq[name], atol=1e-6, rtol=1e-4), name
+
+
+def test_stochastic_steps_beyond_the_trained_ones_draw_noise_but_are_not_recorded(tiny_params):
+    # Flow-GRPO's full mode: SDE at every step, the first steps trained; each sample keeps drawing its
+    # noise from its own generator, so the trained steps see the noise they see without the extra steps
+    engine = build_engine(tiny_params())
+    cond, uncond = encode(engine, PROMPTS)
+    shape, sigmas = engine.stack.latent_shape(9, 32, 32), engine.sigmas
+    trained = torch.arange(2).expand(2, 4, 2).clone()  # [B=2, G=4, T=2]: steps 0 and 1
+    every = torch.ones(2, 4, 20, dtype=torch.bool)  # [B, G, N]
+    args = (engine.policy.transformer, cond, uncond, trained, sigmas, engine.scales.float(), 4.5, shape, 7, 8)
+    only_trained, everywhere = sampler.rollout(*args), sampler.rollout(*args, sde_steps=every)
+    assert everywhere.steps.shape == (8, 2) and everywhere.log_probs.shape == (8, 2)  # one log p per trained step
+    assert torch.equal(everywhere.latents, only_trained.latents)  # the same noise up to the trained steps
+    assert torch.equal(everywhere.log_probs, only_trained.log_probs)
+    assert not torch.equal(everywhere.final_latents, only_trained.final_latents)  # SDE noise on steps 2..19
+    with pytest.raises(ValueError, match="every trained step must be a stochastic"):
+        sampler.rollout(*args, sde_steps=torch.zeros(2, 4, 20, dtype=torch.bool))

@@ -23,7 +23,14 @@ from flash_grpo_core.method.batch import PassCounter, RolloutBatch
 from flash_grpo_core.method.rectify import rectification_factors
 from flash_grpo_core.method.schedule import flow_sigmas
 from flash_grpo_core.method.sde import noise_scales
-from flash_grpo_core.method.steps import full_steps, iso_temporal_steps, window_start, window_steps
+from flash_grpo_core.method.steps import (
+    full_steps,
+    iso_temporal_steps,
+    mixgrpo_window,
+    stochastic_steps,
+    window_start,
+    window_steps,
+)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -145,15 +152,24 @@ def iteration_prompts(items: list, count: int, iteration: int, seed: int) -> lis
 
 
 def plan_steps(params: Params, num_prompts: int, iteration: int) -> torch.Tensor:
-    """Trained steps [B, G, T] of `iteration` for the configured mode."""
+    """Trained steps [B, G, T] of `iteration` for the configured mode (`method/steps.py`)."""
     r, t = params.rollout, params.train
     if t.mode == "flash":
         generator = torch.Generator().manual_seed(derive_seed(params.seed, iteration, "steps"))
         return iso_temporal_steps(num_prompts, r.group_size, r.num_candidates, generator, r.iso_temporal)
     if t.mode == "window":
+        window = mixgrpo_window(iteration, r.num_steps, t.window_size, t.window_stride, t.window_every)
+        return window_steps(num_prompts, r.group_size, window[0], len(window))
+    if t.mode == "window_k":
         start = window_start(iteration, r.num_candidates, t.window_size, t.window_stride, t.window_every)
         return window_steps(num_prompts, r.group_size, start, t.window_size)
     return full_steps(num_prompts, r.group_size, r.num_steps, t.timestep_fraction)
+
+
+def plan_stochastic_steps(params: Params, train_steps: torch.Tensor) -> torch.Tensor:
+    """Where the rollout takes SDE steps, BoolTensor [B, G, N]: every step in `full` (Flow-GRPO
+    samples the whole trajectory with the SDE and trains its first steps), else the trained steps."""
+    return stochastic_steps(train_steps, params.rollout.num_steps, every_step=params.train.mode == "full")
 
 
 def encode(engine: Engine, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -179,10 +195,12 @@ def generate(engine: Engine, prompts: list[str], iteration: int, counter: PassCo
     cond, uncond = embeds if embeds is not None else encode(engine, prompts)
     groups = range(len(prompts)) if groups is None else groups
     shape = engine.stack.latent_shape(r.frames, r.height, r.width)
-    batch = rollout(engine.policy.transformer, cond[groups.start:groups.stop], uncond,
-                    train_steps[groups.start:groups.stop], engine.sigmas, engine.scales, r.guidance, shape,
-                    derive_seed(engine.params.seed, iteration, "noise"), r.batch_size, counter, progress,
-                    first_sample=groups.start * r.group_size, cfg_sequential=engine.params.model.cfg_sequential)
+    mine = train_steps[groups.start:groups.stop]  # [b, G, T]
+    batch = rollout(engine.policy.transformer, cond[groups.start:groups.stop], uncond, mine, engine.sigmas,
+                    engine.scales, r.guidance, shape, derive_seed(engine.params.seed, iteration, "noise"),
+                    r.batch_size, counter, progress, first_sample=groups.start * r.group_size,
+                    cfg_sequential=engine.params.model.cfg_sequential,
+                    sde_steps=plan_stochastic_steps(engine.params, mine))
     batch.prompt_index += groups.start
     return batch, decode(engine, batch.final_latents)
 

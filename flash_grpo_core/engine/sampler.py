@@ -1,8 +1,9 @@
-"""Rollouts: ODE sampling with SDE steps at the trained steps, classifier-free guidance batched.
+"""Rollouts: ODE sampling with SDE steps at the stochastic steps, classifier-free guidance batched.
 
 For B prompts x G samples (sample s = b * G + g) and trained steps [B, G, T] (see `method/steps.py`), every
-sample starts from its own noise and follows deterministic Euler steps, except at its trained
-steps, where the SDE step of `method/sde.py` is taken and x_t, x_{t+1} and log p_old are recorded.
+sample starts from its own noise and follows deterministic Euler steps, except at its stochastic
+steps (by default exactly its trained steps; in Flow-GRPO's `full` mode every step), where the SDE
+step of `method/sde.py` is taken. At the trained ones x_t, x_{t+1} and log p_old are recorded.
 
 Each sample draws all its noise (initial latent and SDE noise) from its own CPU generator seeded by
 (seed, sample id), so a rollout does not depend on the batch size used to sample it, on the
@@ -71,9 +72,12 @@ def rollout(
     transformer, cond_embeds: torch.Tensor, uncond_embed: torch.Tensor | None, train_steps: torch.Tensor,
     sigmas: torch.Tensor, scales: torch.Tensor, guidance: float, latent_shape: tuple[int, int, int, int],
     seed: int, batch_size: int, counter: PassCounter | None = None, progress=None, first_sample: int = 0,
-    cfg_sequential: bool = False,
+    cfg_sequential: bool = False, sde_steps: torch.Tensor | None = None,
 ) -> RolloutBatch:
     """Sample B x G videos' latents; cond_embeds [B, L, D], uncond_embed [1, L, D], train_steps [B, G, T].
+
+    `sde_steps`: BoolTensor [B, G, N], where each sample takes the SDE step (default: its trained
+    steps, which it must include; `method/steps.py: stochastic_steps`).
 
     `progress`, if given, is told `update(n)` after each step of n samples (a tqdm bar, say).
     `first_sample`: the iteration-wide id of the first sample here, when these prompts are a slice
@@ -85,6 +89,10 @@ def rollout(
     device = cond_embeds.device
     steps = train_steps.reshape(total, trained)  # [S, T]
     mask = sde_mask(train_steps, num_steps)  # [S, N]
+    if sde_steps is not None:
+        if (mask & ~sde_steps.reshape(total, num_steps)).any():
+            raise ValueError("rollout: every trained step must be a stochastic (SDE) step")
+        mask = sde_steps.reshape(total, num_steps).clone()
     slot = torch.full((total, num_steps), -1, dtype=torch.long)
     slot.scatter_(1, steps, torch.arange(trained).expand(total, trained))
     prompt_index = torch.arange(num_prompts).repeat_interleave(group)  # [S]
@@ -106,11 +114,12 @@ def rollout(
                 noise = torch.zeros(len(ids), *latent_shape)
                 noise[stochastic] = _draw([g for g, s in zip(generators, stochastic) if s], latent_shape)
                 step = sde_step(x, v, sigmas[i], sigmas[i + 1], scales[i], noise=noise.to(device))
-                rows = torch.tensor(ids)[stochastic]
+                recorded = stochastic & (slot[ids, i] >= 0)  # [b]: the trained ones among them
+                rows = torch.tensor(ids)[recorded]
                 cols = slot[rows, i]
-                latents[rows, cols] = x[stochastic].cpu()
-                next_latents[rows, cols] = step.prev_sample[stochastic].cpu()
-                log_probs[rows, cols] = step.log_prob[stochastic].cpu()
+                latents[rows, cols] = x[recorded].cpu()
+                next_latents[rows, cols] = step.prev_sample[recorded].cpu()
+                log_probs[rows, cols] = step.log_prob[recorded].cpu()
                 x_next = torch.where(stochastic.to(device).view(-1, 1, 1, 1, 1), step.prev_sample, x_next)
             x = x_next
             if progress is not None:

@@ -3,8 +3,9 @@
 Trained items are (sample, step) pairs of a `RolloutBatch`. Per iteration the items are shuffled and
 split into `minibatches` optimizer steps (the first is exactly on-policy, later ones slightly off
 it, which is what the ratio clip is for). Each item's loss term is weighted by its rectification
-weight; the loss is summed over a sample's trained steps and averaged over samples (SPEC 5, 6), and
-accumulated over micro-batches so memory does not grow with T.
+weight; the loss is the mean over a minibatch's items, that is over its samples and their trained
+steps (SPEC 5, 6: Flow-GRPO and MixGRPO average over the trained steps), and is accumulated over
+micro-batches so memory does not grow with T.
 Items whose advantage is exactly zero carry no signal and are skipped (`skip_zero_advantage`).
 
 On several ranks every rank holds the whole batch and draws the same minibatches; each takes every
@@ -175,7 +176,7 @@ def update_policy(policy: Policy, ctx: StepContext, step_factors: torch.Tensor, 
     per_minibatch = total * trained // train.minibatches
     history: list[dict[str, float]] = []
     for chunk in order.split(per_minibatch):
-        history.append(_minibatch_step(policy, ctx, chunk, train, counter, samples_in_chunk=len(chunk) / trained))
+        history.append(_minibatch_step(policy, ctx, chunk, train, counter, items_in_chunk=len(chunk)))
         if progress is not None:
             progress.update(len(chunk))
     summed = {"trained_items"}
@@ -198,7 +199,7 @@ def rank_micro_batches(items: torch.Tensor, micro_batch: int, rank: int, world_s
 
 
 def _minibatch_step(policy: Policy, ctx: StepContext, items: torch.Tensor, train: TrainConfig,
-                    counter: PassCounter, samples_in_chunk: float) -> dict[str, float]:
+                    counter: PassCounter, items_in_chunk: int) -> dict[str, float]:
     from flash_grpo_core.engine.distributed import current, gather_objects
 
     world = current()
@@ -211,8 +212,8 @@ def _minibatch_step(policy: Policy, ctx: StepContext, items: torch.Tensor, train
     for number, (micro, live) in enumerate(micros):
         with policy.gradient_sync(number == len(micros) - 1):
             terms, new, old = _item_terms(policy, ctx, micro, train, counter)
-            # summed over steps, averaged over the chunk's samples; x world size since DDP averages
-            loss = (terms * live.to(terms.device)).sum() * world.size / samples_in_chunk
+            # averaged over the chunk's items (samples x trained steps); x world size since DDP averages
+            loss = (terms * live.to(terms.device)).sum() * world.size / items_in_chunk
             check_finite("policy loss", loss.detach())
             loss.backward()
         loss_sum += float(loss.detach()) / world.size

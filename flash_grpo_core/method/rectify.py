@@ -4,8 +4,12 @@ Each trained item (one sample at one step i) gets a factor from the schedule:
 - `exact`: c(t_i) = 1/g(t_i), normalised by its mean over the global batch so the average weight
   is 1 and the learning rate keeps its meaning (Flash-GRPO);
 - `none`: 1 (plain GRPO, for ablations);
-- `flow_grpo`: s_i / sqrt(-dt), Flow-GRPO's Wan trainer's partial fix, applied as that trainer
-  does, without normalisation.
+- `flow_grpo`: s_i / sqrt(-dt), without normalisation: a partial rectification that cancels the
+  first term of g(t_i) = sqrt(-dt)/s_i + s_i sqrt(-dt) (1 - sigma_i) / (2 sigma_i) and keeps the
+  second. Despite its name it is not in Flow-GRPO's code: its Wan trainer
+  (yifan123/flow_grpo `scripts/train_wan2_1.py`, commit 74db691) weights neither the loss nor the
+  log-probability by step; it is an ablation of this project (docs/decisions.md, "Baselines as
+  published"). Flow-GRPO as published is `rectify: none`.
 The factors are always computed from the actual schedule, never from a table.
 """
 

@@ -5,7 +5,7 @@
                 | {"status": "not configured", "reason": str}}
 
 Every registered dimension runs unless its options say ``enabled: false``. Weight-free ones
-(``temporal_flickering``, ``motion_smoothness_flow``, ``dynamic_degree``) always run; ``brisque``
+(``temporal_flickering``, ``motion_smoothness_flow``, ``dynamic_degree_flow``) always run; ``brisque``
 runs where its package is installed; the model-based ones (``subject_consistency``,
 ``background_consistency``, ``aesthetic_quality``, ``imaging_quality``) run when their local weight
 paths are set, and otherwise report "not configured" with the key to set, never a made-up number.
@@ -47,7 +47,8 @@ DIMENSIONS: dict[str, Dimension] = {
         Dimension("temporal_flickering", video.temporal_flickering, vbench="temporal_flickering"),
         Dimension("motion_smoothness_flow", video.motion_smoothness_flow,
                   vbench="motion_smoothness (Farneback interpolation instead of AMT)"),
-        Dimension("dynamic_degree", video.dynamic_degree, vbench="dynamic_degree (Farneback instead of RAFT)"),
+        Dimension("dynamic_degree_flow", video.dynamic_degree_flow,
+                  vbench="dynamic_degree (Farneback instead of RAFT)"),
         Dimension("aesthetic_quality", features.aesthetic_quality, ("path", "head_path"), vbench="aesthetic_quality"),
         Dimension("imaging_quality", features.imaging_quality, ("path",), vbench="imaging_quality"),
         Dimension("brisque", features.brisque, higher_is_better=False, takes_prompts=True),

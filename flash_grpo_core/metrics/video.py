@@ -1,4 +1,5 @@
-"""Weight-free VBench-style video dimensions: temporal flickering, motion smoothness, dynamic degree.
+"""Weight-free VBench-style video dimensions: temporal flickering, motion smoothness, dynamic degree
+(the last two on Farneback flow, hence the `_flow` names).
 
 All take uint8 videos [B, F, H, W, 3] (a torch tensor or numpy array) and return one float per
 video. Definitions follow VBench (Huang et al. 2024, ``vbench/<dimension>.py``); departures:
@@ -14,13 +15,15 @@ video. Definitions follow VBench (Huang et al. 2024, ``vbench/<dimension>.py``);
   Farneback optical flow instead (backward warps of both neighbours to the midpoint, Super
   SloMo's t = 1/2 flow approximation, averaged). Same frame selection and scaling, different
   interpolator: the values are not comparable with VBench's numbers, hence the different name.
-- ``dynamic_degree``: VBench's RAFT decision rule on Farneback flow. Frames are subsampled to
-  about 8 fps (``interval = max(1, round(fps / 8))``); per consecutive pair the score is the
-  mean of the top 5% flow magnitudes; a video is dynamic when at least
-  ``round(4 * count / 16)`` pairs (count = kept frames) exceed
-  ``max(1, 8 / fps) * 6 * min(H, W) / 256`` pixels. We floor the pair count and the top-5%
-  size at 1 (VBench's rule says every 2-frame video is dynamic, and a tiny frame has no top 5%).
-  Farneback underestimates very large displacements where RAFT does not.
+- ``dynamic_degree_flow``: VBench's ``dynamic_degree`` decision rule (Vchitect/VBench
+  ``vbench/dynamic_degree.py``, commit 4692f32) on Farneback flow instead of RAFT, so its values
+  are not VBench's and carry another name. Frames are subsampled to about 8 fps
+  (``interval = max(1, round(fps / 8))``); per consecutive pair the score is the mean of the top
+  5% flow magnitudes; a video is dynamic when at least ``round(4 * count / 16)`` pairs
+  (count = kept frames) exceed ``6 * min(H, W) / 256`` pixels (VBench's ``set_params``; it has no
+  frame-rate factor). We floor the pair count and the top-5% size at 1 (VBench's rule says every
+  2-frame video is dynamic, and a tiny frame has no top 5%). Farneback underestimates very large
+  displacements where RAFT does not.
 """
 
 from __future__ import annotations
@@ -136,10 +139,9 @@ def motion_smoothness_flow(videos) -> list[float]:
 # Dynamic degree
 
 
-def dynamic_thresholds(num_frames: int, height: int, width: int, fps: float) -> tuple[float, int]:
+def dynamic_thresholds(num_frames: int, height: int, width: int) -> tuple[float, int]:
     """VBench's (flow threshold in pixels, number of pairs that must exceed it) for kept frames."""
-    factor = max(1.0, 8.0 / fps)
-    threshold = factor * 6.0 * (min(height, width) / 256.0)
+    threshold = 6.0 * (min(height, width) / 256.0)
     count_needed = max(1, round(4 * (num_frames / 16.0)))
     return threshold, count_needed
 
@@ -151,20 +153,20 @@ def top_flow_magnitude(flow: np.ndarray, fraction: float = 0.05) -> float:
     return float(np.sort(magnitude)[-keep:].mean())
 
 
-def dynamic_degree(videos, fps: float = 16.0) -> list[bool]:
+def dynamic_degree_flow(videos, fps: float = 16.0) -> list[bool]:
     """Per video: True when enough frame pairs move more than VBench's resolution-scaled threshold.
 
     fps: the videos' frame rate (Wan 2.1 generates 16 fps); frames are subsampled to ~8 fps as
     VBench does before the flow is computed.
     """
     if fps <= 0:
-        raise ValueError(f"dynamic_degree: fps must be positive, got {fps}")
+        raise ValueError(f"dynamic_degree_flow: fps must be positive, got {fps}")
     array = as_numpy_videos(videos)
     interval = max(1, round(fps / 8.0))
     results = []
     for video in array:
         frames = [grey(frame) for frame in video[::interval]]
-        threshold, count_needed = dynamic_thresholds(len(frames), *frames[0].shape, fps)
+        threshold, count_needed = dynamic_thresholds(len(frames), *frames[0].shape)
         moving = sum(top_flow_magnitude(farneback(a, b)) > threshold for a, b in itertools.pairwise(frames))
         results.append(bool(moving >= count_needed))
     return results

@@ -163,7 +163,8 @@ def aggregate_frames(
     """Reduce per-frame scores [B, F] to per-video scores [B].
 
     how: "mean" over frames, "min" over frames, or "top_mean" = mean of the
-    ceil(top_fraction * F) highest frame scores.
+    int(F * top_fraction) highest frame scores (at least 1), the authors' count
+    (Shredded-Pork/Flash-GRPO `flow_grpo/rewards.py`:143, `int(l*0.3)`: 24 of 81 frames).
     """
     if frame_scores.ndim != 2:
         raise RewardError(f"frame_scores must be [B, F], got shape {tuple(frame_scores.shape)}")
@@ -175,8 +176,7 @@ def aggregate_frames(
         if not 0.0 < top_fraction <= 1.0:
             raise RewardError(f"top_fraction must be in (0, 1], got {top_fraction}")
         num_frames = frame_scores.shape[1]
-        # round first: 0.07 * 100 is 7.000000000000001 in floating point, whose ceil is 8
-        k = max(1, math.ceil(round(top_fraction * num_frames, 9)))
+        k = max(1, int(num_frames * top_fraction))  # truncated, as the authors' int(l * 0.3)
         return frame_scores.topk(k, dim=1).values.mean(dim=1)  # [B]
     raise RewardError(f"unknown frame aggregation {how!r}; choose one of {AGGREGATIONS}")
 
