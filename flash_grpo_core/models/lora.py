@@ -13,6 +13,15 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from flash_grpo_core.choices import DEFAULT_LORA_TARGETS, LORA_INITS
 
 
+def lora_config(rank: int = 16, alpha: int = 32, target_modules: Sequence[str] = DEFAULT_LORA_TARGETS,
+                init: str = "gaussian") -> LoraConfig:
+    """The peft config of the adapter `apply_lora` attaches (and the exported LoRA file describes)."""
+    if init not in LORA_INITS:
+        raise ValueError(f"unknown LoRA init {init!r}; expected one of {LORA_INITS}")
+    return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian" if init == "gaussian" else True,
+                      target_modules=list(target_modules))
+
+
 def apply_lora(
     transformer: WanTransformer3DModel,
     rank: int = 16,
@@ -30,10 +39,7 @@ def apply_lora(
     (peft draws from the global RNG), so runs are reproducible. LoRA weights are kept in fp32 even
     when the base is bf16: peft casts the input to the adapter's dtype and the result back.
     """
-    if init not in LORA_INITS:
-        raise ValueError(f"unknown LoRA init {init!r}; expected one of {LORA_INITS}")
-    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian" if init == "gaussian" else True,
-                        target_modules=list(target_modules))
+    config = lora_config(rank, alpha, target_modules, init)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         transformer.add_adapter(config)
