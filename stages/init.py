@@ -21,12 +21,13 @@ def main(argv=None) -> int:
 
     def body():
         from flash_grpo_core.artifacts.atomic import write_json
-        from flash_grpo_core.artifacts.checkpoint import save_checkpoint
+        from flash_grpo_core.artifacts.checkpoint import config_record, save_checkpoint
         from flash_grpo_core.engine.iteration import build_engine
 
         params = _common.load_params(args.params)
         engine = build_engine(params, text_encoder=False)  # writes the untrained adapter only
-        save_checkpoint(engine.policy, args.out, {"iteration": 0, "preset": params.preset, "history": []})
+        save_checkpoint(engine.policy, args.out, {"iteration": 0, "preset": params.preset,
+                                                  "config": config_record(params), "history": []})
         write_json({}, args.reward_state)
         return {"preset": params.preset, "trainable": sum(p.numel() for p in engine.policy.parameters.values())}
 

@@ -5,7 +5,9 @@
 
 Writes whole prompt groups per shard (see flash_grpo_core/artifacts/shards.py), the prompts' embeddings for
 the update stage (`prompt_embeds.safetensors`, flash_grpo_core/artifacts/prompt_embeds.py) and
-`manifest.json`: the prompts, each prompt's trained steps, seeds, pass counters and timings.
+`manifest.json`: the prompts, each prompt's trained steps, seeds and pass counters. The timings go to
+`--timings`, a file DVC does not track: in the manifest they would change the rollout's hash on
+every run.
 
 On several processes (stages/_launch.py) every rank plans the same steps from the shared seed and
 encodes every prompt, then samples, decodes and writes whole shards of its own; rank 0 writes the
@@ -26,10 +28,12 @@ def main(argv=None) -> int:
     parser.add_argument("--prompts", required=True, help="train.parquet from the curate stage")
     parser.add_argument("--checkpoint", required=True, help="the previous iteration's checkpoint")
     parser.add_argument("--out", required=True, help="directory for the shards and manifest.json")
+    parser.add_argument("--timings", help="JSON file for the stage's timings (untracked; optional)")
     args = parser.parse_args(argv)
 
     def body():
         from flash_grpo_core.artifacts.atomic import write_json
+        from flash_grpo_core.artifacts.checkpoint import check_config
         from flash_grpo_core.artifacts.prompts import read_prompts_parquet
         from flash_grpo_core.artifacts.shards import ShardWriter
         from flash_grpo_core.engine import distributed as dist
@@ -38,6 +42,7 @@ def main(argv=None) -> int:
 
         params = _common.load_params(args.params)
         r = params.rollout
+        check_config(args.checkpoint, params)  # before the model loads: a checkpoint of other params
         chosen = iteration_prompts(read_prompts_parquet(args.prompts), r.prompts_per_iteration, args.iteration,
                                    params.seed)
         timings, counter = {}, PassCounter()
@@ -55,7 +60,9 @@ def main(argv=None) -> int:
                         "samples": len(chosen) * r.group_size, "shards": len(entries), "group_size": r.group_size,
                         "prompts": [{"id": p.id, "prompt": p.prompt, "steps": steps[i].tolist()}
                                     for i, p in enumerate(chosen)],
-                        **passes, **timings}, Path(args.out) / "manifest.json")
+                        **passes}, Path(args.out) / "manifest.json")
+            if args.timings:
+                write_json(timings, args.timings)
         return {"iteration": args.iteration, "samples": len(chosen) * r.group_size, "shards": len(entries),
                 **passes, **timings}
 

@@ -4,7 +4,9 @@
         --rollout runs/tiny/it1/rollout --scores runs/tiny/it1/scores.parquet \
         --out runs/tiny/it1/checkpoint --metrics runs/tiny/it1/metrics.json
 
-The checkpoint carries the per-iteration metrics history so evaluation can plot it. On several
+The checkpoint carries the per-iteration metrics history so evaluation can plot it, and the params
+that shaped its weights (`config`). Timings go to `--timings`, a file DVC does not track: in the
+checkpoint or metrics.json they would change their hashes on every run. On several
 processes every rank reads all the records (not the videos) and trains on its share of each
 minibatch under DistributedDataParallel (flash_grpo_core/engine/trainer.py); rank 0 writes.
 """
@@ -25,11 +27,12 @@ def main(argv=None) -> int:
     parser.add_argument("--scores", required=True, help="this iteration's scores.parquet")
     parser.add_argument("--out", required=True, help="checkpoint directory to write")
     parser.add_argument("--metrics", required=True, help="metrics.json to write")
+    parser.add_argument("--timings", help="JSON file for the stage's timings (untracked; optional)")
     args = parser.parse_args(argv)
 
     def body():
         from flash_grpo_core.artifacts.atomic import write_json
-        from flash_grpo_core.artifacts.checkpoint import write_checkpoint
+        from flash_grpo_core.artifacts.checkpoint import check_config, config_record, write_checkpoint
         from flash_grpo_core.artifacts.prompt_embeds import load_prompt_embeds
         from flash_grpo_core.artifacts.rollout_records import batch_from_records
         from flash_grpo_core.artifacts.scores import read_advantages
@@ -39,6 +42,7 @@ def main(argv=None) -> int:
         from flash_grpo_core.method.batch import PassCounter
 
         params = _common.load_params(args.params)
+        check_config(args.checkpoint, params)  # before the model loads: a checkpoint of other params
         timings, counter = {}, PassCounter()
         with _common.timer(timings, "load_seconds"):
             # no text encoder: the prompts come as the embeddings the rollout sampled with
@@ -54,12 +58,15 @@ def main(argv=None) -> int:
         rewards = _reward_stats(args.scores)
         row = {"iteration": args.iteration, **rewards, **metrics,
                "rollout_forward_passes": rollout["forward_passes"], "train_forward_passes": passes["forward_passes"],
-               "train_backward_passes": passes["backward_passes"], "rollout_seconds": rollout["sample_seconds"], **timings}
+               "train_backward_passes": passes["backward_passes"]}
         tensors = engine.policy.checkpoint_tensors()  # every rank: sharded (FSDP2) tensors are gathered
         if current().is_main:
             write_checkpoint(tensors, args.out, {"iteration": args.iteration, "preset": params.preset,
+                                                 "config": config_record(params),
                                                  "history": [*previous.get("history", []), row]})
             write_json(row, args.metrics)
+            if args.timings:
+                write_json(timings, args.timings)
         return {k: round(row[k], 4) if isinstance(row[k], float) else row[k]
                 for k in ("iteration", "reward_mean", "reward_std", "loss", "clip_fraction", "train_forward_passes",
                           "train_backward_passes")}
@@ -68,9 +75,9 @@ def main(argv=None) -> int:
 
 
 def _reward_stats(scores_path: str) -> dict[str, float]:
-    import pyarrow.parquet as pq
+    from flash_grpo_core.artifacts.scores import read_scores
 
-    rewards = pq.read_table(scores_path, columns=["reward"]).column("reward").to_pylist()
+    rewards = read_scores(scores_path)["reward"]
     mean = sum(rewards) / len(rewards)
     return {"reward_mean": mean, "reward_std": (sum((r - mean) ** 2 for r in rewards) / len(rewards)) ** 0.5}
 

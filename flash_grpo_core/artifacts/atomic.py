@@ -1,19 +1,51 @@
 """Atomic file writes: a temporary file beside the target, fsynced, then renamed onto it.
 
-An interrupted writer leaves at most a hidden `.name.<random>.tmp` file, never a half-written
-target that a later stage could take for a finished one.
+An interrupted writer leaves at most a hidden `.name.<12 hex>.tmp` file or folder (and, while a
+folder replaces an old one, `.name.<12 hex>.old`), never a half-written target that a later stage
+could take for a finished one. A killed process runs no clean-up, so every write of `name` first
+removes the temporaries that earlier writes of `name` left: the next run of the stage that was
+interrupted leaves nothing beside its outputs, where a folder hash (e.g. `evaluate`'s dependency on
+`eval/points/`) would otherwise include them.
+
+Safetensors files from `write_safetensors` carry the sha256 of their tensors and metadata
+(flash_grpo_core/artifacts/checksums.py); `read_safetensors` verifies it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+
+def _temporary(path: Path, suffix: str = "tmp") -> Path:
+    return path.with_name(f".{path.name}.{secrets.token_hex(6)}.{suffix}")
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Remove what interrupted writes of `path` left beside it; returns what was removed.
+
+    Matches only this module's names for `path` (and those of its earlier `mkdtemp` naming), so the
+    temporaries of other outputs in the same folder are left alone."""
+    path = Path(path)
+    name = re.escape(path.name)
+    stale = re.compile(rf"\.{name}\.(?:[0-9a-f]{{12}}\.(?:tmp|old)|[a-z0-9_]{{8}}\.tmp|old-[a-z0-9_]{{8}})")
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    for candidate in sorted(path.parent.iterdir()):
+        if stale.fullmatch(candidate.name):
+            if candidate.is_dir() and not candidate.is_symlink():
+                shutil.rmtree(candidate, ignore_errors=True)
+            else:
+                candidate.unlink(missing_ok=True)
+            removed.append(candidate)
+    return removed
 
 
 @contextmanager
@@ -21,8 +53,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary path beside `path` to write to; renamed onto `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     # not created here: the writer creates it, with the usual permissions (mkstemp would give 0600)
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    temporary = _temporary(path)
     try:
         yield temporary
         with open(temporary, "rb") as handle:
@@ -38,15 +71,17 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     the block succeeds, so a reader sees the old directory or the complete new one, never a mix."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    remove_stale_temporaries(path)
+    staging = _temporary(path)
+    staging.mkdir()
     try:
         yield staging
-        for file in staging.rglob("*"):  # mkdtemp (and some writers) create owner-only files
+        for file in staging.rglob("*"):  # some writers create owner-only files
             file.chmod(0o755 if file.is_dir() else 0o644)
         staging.chmod(0o755)
         if path.exists():  # a directory cannot be renamed over a non-empty one: move the old one aside
-            retired = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, retired / path.name)
+            retired = _temporary(path, "old")
+            os.replace(path, retired)
             os.replace(staging, path)
             shutil.rmtree(retired)
         else:
@@ -65,24 +100,40 @@ METADATA_KEY = "flash_grpo"  # one key: safetensors writes several metadata keys
 
 
 def write_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict | None = None) -> None:
-    """A safetensors file written atomically, byte-identical for identical input: `metadata` travels
-    as one key-sorted JSON string (read back with `read_safetensors`)."""
+    """A safetensors file written atomically, byte-identical for identical input: `metadata` and the
+    sha256 of the tensors and metadata travel as one key-sorted JSON string (read back, and
+    verified, with `read_safetensors`)."""
     from safetensors.torch import save_file
 
-    header = {METADATA_KEY: json.dumps(metadata, sort_keys=True, ensure_ascii=False)} if metadata is not None else None
+    from flash_grpo_core.artifacts.checksums import tensors_digest
+
+    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
+    metadata = {} if metadata is None else metadata
+    record = {"metadata": metadata, "sha256": tensors_digest(tensors, metadata)}
+    header = {METADATA_KEY: json.dumps(record, sort_keys=True, ensure_ascii=False)}
     with atomic_path(path) as temporary:
-        save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, str(temporary), metadata=header)
+        save_file(tensors, str(temporary), metadata=header)
 
 
 def read_safetensors(path: str | os.PathLike) -> tuple[dict, dict]:
-    """(tensors, metadata) of a file from `write_safetensors`; raises ValueError (or OSError) if it is
-    unreadable, e.g. truncated, or lacks the metadata."""
+    """(tensors, metadata) of a file from `write_safetensors`, after checking its sha256; raises
+    ValueError naming the file (or OSError) if it is unreadable, e.g. truncated, lacks the metadata,
+    or its tensors or metadata differ from what was written (a flipped byte)."""
     from safetensors import SafetensorError, safe_open
+
+    from flash_grpo_core.artifacts.checksums import tensors_digest
 
     try:
         with safe_open(str(path), framework="pt") as handle:
             header = handle.metadata() or {}
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-        return tensors, json.loads(header[METADATA_KEY])
-    except (SafetensorError, KeyError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path}: not a readable safetensors file with {METADATA_KEY!r} metadata ({error!r})") from error
+            names = handle.keys()  # a safetensors handle, not a dict: it cannot be iterated
+            tensors = {name: handle.get_tensor(name) for name in names}
+        record = json.loads(header[METADATA_KEY])
+        metadata, recorded = record["metadata"], record["sha256"]
+    except (SafetensorError, KeyError, TypeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: not a readable safetensors file with {METADATA_KEY!r} metadata and its sha256 "
+                         f"({error!r}); is it truncated or from an older version?") from error
+    if tensors_digest(tensors, metadata) != recorded:
+        raise ValueError(f"{path}: sha256 of its tensors and metadata does not match the one recorded in it: "
+                         "the file is corrupt or was changed after writing")
+    return tensors, metadata

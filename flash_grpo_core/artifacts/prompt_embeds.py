@@ -10,7 +10,8 @@ The file holds `cond` [B, L', D] (the iteration's prompts, in order) and, with g
 prompt's last token, so L' stops at the last position any prompt uses and reading pads back to the
 full text length with zeros: the same tensors, a fraction of the bytes. The metadata names the
 prompts and the full text length, so a file that does not belong to the rollout read with it is
-refused.
+refused, and the sha256 of the tensors and metadata (`write_safetensors`; `shards.json` lists only
+the shards), so a corrupt file is refused too.
 """
 
 from __future__ import annotations
