@@ -37,7 +37,7 @@ def measure(iterations: int) -> dict:
 
     dvc = str(Path(sys.executable).parent / "dvc")
     with tempfile.TemporaryDirectory() as scratch:
-        project = copy_project(ROOT, Path(scratch))
+        project = copy_project(ROOT, Path(scratch), preset="tiny")
         params = project / "params.yaml"
         params.write_text(params.read_text().replace("  eval_every: 1\n", "  eval_every: 0\n", 1))
         subprocess.run([sys.executable, "-m", "stages.iterations", str(iterations)], cwd=project, check=True,

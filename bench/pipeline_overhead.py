@@ -132,7 +132,7 @@ def measure(size: str, warm: bool) -> dict:
 
     dvc = str(Path(sys.executable).parent / "dvc")
     with tempfile.TemporaryDirectory() as scratch:
-        project = copy_project(ROOT, Path(scratch))
+        project = copy_project(ROOT, Path(scratch), preset="tiny")
         configure_size(project, size)
         env = tool_env(FLASH_GRPO_WARM_SOCKET=str(Path(scratch) / "warm.sock"), FLASH_GRPO_WARM="1" if warm else "0")
         server = _start_warm(project, env) if warm else None

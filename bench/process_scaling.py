@@ -143,7 +143,7 @@ def measure(size: str, repeats: int, threads: int) -> dict:
     from flash_grpo_core.workspace import copy_project
 
     with tempfile.TemporaryDirectory() as scratch:
-        project = copy_project(ROOT, Path(scratch))
+        project = copy_project(ROOT, Path(scratch), preset="tiny")
         pipeline_overhead.configure_size(project, size)
         dvc = str(Path(sys.executable).parent / "dvc")
         made = subprocess.run([dvc, "repro", "score@1"], cwd=project, env=stage_env(1, threads), capture_output=True,

@@ -90,7 +90,7 @@ class RolloutConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    mode: str = "flash"  # flash | window | full
+    mode: str = "flash"  # flash | window | window_k | full
     rectify: str = "exact"  # exact | none | flow_grpo
     learning_rate: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
@@ -105,10 +105,10 @@ class TrainConfig:
     skip_zero_advantage: bool = True
     ema_decay: float = 0.9
     ema_every: int = 8  # optimizer steps between EMA updates
-    timestep_fraction: float = 1.0  # full mode: fraction of the N steps trained
-    window_size: int = 2  # window mode: W
-    window_stride: int = 1
-    window_every: int = 1  # iterations between window moves
+    timestep_fraction: float = 1.0  # full mode: the first int(fraction * N) steps are trained (Flow-GRPO)
+    window_size: int = 4  # window modes: W (MixGRPO's `group_size`)
+    window_stride: int = 1  # steps the window moves by (MixGRPO's `prog_overlap_step`)
+    window_every: int = 25  # iterations between window moves (MixGRPO's `iters_per_group`)
     parallel: str = "auto"  # on several ranks: ddp | fsdp | auto (ddp for LoRA, fsdp for full fine-tuning)
 
     def __post_init__(self):
@@ -150,6 +150,9 @@ class EvalConfig:
     num_prompts: int = 8
     use_ema: bool = True
     report_samples: int = 4  # prompts shown as base | trained videos in the report
+    # Samples per held-out prompt, each from its own fixed noise: the paired base/trained differences
+    # over them give the evaluation's interval on the reward delta.
+    samples_per_prompt: int = 1
     fps: int = 16  # frame rate of the report's videos (Wan 2.1: 16)
     # VBench-style dimensions (flash_grpo_core/metrics): options per dimension, e.g.
     # subject_consistency: {path: models/dino-vitb16}; weight-free ones always run.
@@ -158,6 +161,17 @@ class EvalConfig:
     def __post_init__(self):
         _check(self.num_steps >= 1 and self.num_prompts >= 1, "eval.num_steps and num_prompts must be >= 1")
         _check(self.report_samples >= 0 and self.fps >= 1, "eval.report_samples must be >= 0 and eval.fps >= 1")
+        _check(self.samples_per_prompt >= 1, "eval.samples_per_prompt must be >= 1")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """The `export` stage: the last checkpoint's weights as diffusers loads them (stages/export.py).
+
+    No iteration key: dvc.yaml names the exported checkpoint's path, and DVC can only spell it from
+    `iterations` (the last); another checkpoint is one `python -m stages.export` command away."""
+
+    use_ema: bool = True  # the EMA weights (what the evaluation samples with), else the raw trained ones
 
 
 @dataclass(frozen=True)
@@ -170,6 +184,7 @@ class DataConfig:
     min_eval: int = 2
     semantic_threshold: float | None = 0.95  # cosine; null disables semantic dedupe
     seed: int = 0  # salts the split hash
+    source: str = "prompts/example.txt"  # the prompt file dvc.yaml's curate stage reads (.txt, .jsonl, .parquet)
 
     def __post_init__(self):
         _check(self.min_words >= 0, f"data.min_words must be >= 0, got {self.min_words}")
@@ -254,6 +269,7 @@ class Params:
     train: TrainConfig = field(default_factory=TrainConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     data: DataConfig = field(default_factory=DataConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     toy: ToyConfig = field(default_factory=ToyConfig)
@@ -267,9 +283,17 @@ class Params:
                f"train.minibatches ({train.minibatches}) must divide the {samples} samples of an iteration "
                f"(rollout.prompts_per_iteration x group_size)")
         if train.mode == "window":
+            _check(train.window_size <= rollout.num_steps - 1,
+                   f"train.window_size ({train.window_size}) must be <= rollout.num_steps - 1 "
+                   f"({rollout.num_steps - 1}): the window slides over steps 0..N-2")
+        if train.mode == "window_k":
             _check(train.window_size <= rollout.num_candidates,
                    f"train.window_size ({train.window_size}) must be <= rollout.num_candidates "
-                   f"({rollout.num_candidates}): the window slides over the first K steps")
+                   f"({rollout.num_candidates}): the window_k window slides over the first K steps")
+        if train.mode == "full":
+            _check(int(rollout.num_steps * train.timestep_fraction) >= 1,
+                   f"train.timestep_fraction ({train.timestep_fraction}) trains int({rollout.num_steps} x "
+                   f"{train.timestep_fraction}) = 0 steps; raise it")
         if self.pipeline.loop:
             _check(self.pipeline.loop == dvc_loop(self.iterations),
                    f"pipeline.loop must map iterations 1..{self.iterations} to their predecessors to match "

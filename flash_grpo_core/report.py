@@ -4,11 +4,16 @@
 
 - a metrics table: base, trained and trained - base per metric, the delta marked better / worse
   by the metric's direction; "not configured" dimensions are listed with their reason;
+- the held-out reward's paired margin (trained - base) with its 95% interval and per-prompt spread;
 - training curves over iterations from ``history`` (reward_mean with its std band, loss,
-  clip_fraction, approx_kl where present), as inline base64 PNGs drawn with matplotlib;
+  clip_fraction, approx_kl where present), as inline base64 PNGs drawn with matplotlib, with
+  integer iteration ticks; a curve whose values agree to 1e-3 of their size is drawn flat and
+  labelled so, instead of stretching a rounding-level wiggle over the whole axis;
 - per sample prompt: base and trained videos side by side as ``<id>-base.mp4`` /
-  ``<id>-trained.mp4`` next to the page, and an animated GIF preview (base | trained) inlined as
-  base64, so motion is visible where mp4 playback is not (a file:// page, a mail attachment).
+  ``<id>-trained.mp4`` next to the page, each with the prompt under it, and an animated GIF preview
+  (base | trained) inlined as base64, so motion is visible where mp4 playback is not (a file://
+  page, a mail attachment). Small videos (the toy's 16x16) are enlarged by an integer factor with
+  nearest-neighbour (every pixel repeated) to at least 128 px, so the squares stay sharp squares.
 
 MP4: H.264 (yuv420p, +faststart) through ``imageio-ffmpeg``, whose wheel ships an ffmpeg binary;
 Chromium and Firefox play it. Without it OpenCV's ``mp4v`` (MPEG-4 Part 2) is written, which
@@ -104,6 +109,16 @@ def side_by_side(base: np.ndarray, trained: np.ndarray, gap: int = 2) -> np.ndar
     return np.concatenate([base, spacer, trained], axis=2)
 
 
+PREVIEW_SIDE = 128  # px: the shorter side small videos are enlarged to (at least)
+
+
+def upscaled(video: np.ndarray, side: int = PREVIEW_SIDE) -> np.ndarray:
+    """[F, H, W, 3] enlarged by the integer factor that brings its shorter side to >= `side` px,
+    each pixel repeated (nearest-neighbour: a 4x4 square becomes a sharp 32x32 one, not a blur)."""
+    factor = max(1, math.ceil(side / min(video.shape[1], video.shape[2])))
+    return video.repeat(factor, axis=1).repeat(factor, axis=2) if factor > 1 else video
+
+
 # ---------------------------------------------------------------------------------------------
 # Metrics table
 
@@ -162,12 +177,21 @@ def table_html(rows: list[dict]) -> str:
 # Curves
 
 
+def is_flat(values: np.ndarray, relative: float = 1e-3) -> bool:
+    """True when the values' range is within `relative` x their largest magnitude (all zero counts):
+    a 1e-5 wiggle on a reward of 0.46 is flat, a KL going from 1e-7 to 3e-7 is not."""
+    return len(values) > 0 and float(np.ptp(values)) <= relative * float(np.abs(values).max())
+
+
 def curve_png(history: list[dict], key: str) -> str:
-    """One metric over iterations as a base64 PNG data: URI (reward_mean with a +-reward_std band)."""
+    """One metric over iterations as a base64 PNG data: URI (reward_mean with a +-reward_std band),
+    integer iteration ticks; a flat curve (`is_flat`) gets a y-range of +-5% around its value and a
+    label saying it is flat."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rows = [row for row in history if isinstance(row.get(key), (int, float))]
     iterations = [row.get("iteration", index + 1) for index, row in enumerate(rows)]
@@ -178,6 +202,13 @@ def curve_png(history: list[dict], key: str) -> str:
         spread = np.array([row["reward_std"] for row in rows], dtype=float)
         axes.fill_between(iterations, values - spread, values + spread, alpha=0.2, color="#1f6feb")
     axes.set(xlabel="iteration", title=key)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if is_flat(values):
+        centre = float(values.mean())
+        pad = max(0.05 * abs(centre), 1e-3)
+        axes.set_ylim(centre - pad, centre + pad)
+        axes.text(0.5, 0.85, f"flat: {centre:.4g} (range {float(np.ptp(values)):.1g})", transform=axes.transAxes,
+                  ha="center", color="#57606a")
     axes.grid(alpha=0.3)
     figure.tight_layout()
     buffer = io.BytesIO()
@@ -191,7 +222,10 @@ def curves_html(history: list[dict], keys=CURVES) -> str:
     present = [key for key in keys if any(isinstance(row.get(key), (int, float)) for row in history)]
     if not present:
         return '<p class="note">No training history (no iterations recorded).</p>'
-    return "\n".join(f'<img class="plot" data-metric="{key}" alt="{key} over iterations" '
+    flat = {key: is_flat(np.array([row[key] for row in history if isinstance(row.get(key), (int, float))],
+                                  dtype=float)) for key in present}
+    return "\n".join(f'<img class="plot" data-metric="{key}" data-flat="{int(flat[key])}" '
+                     f'alt="{key} over iterations{" (flat)" if flat[key] else ""}" '
                      f'src="{curve_png(history, key)}">' for key in present)
 
 
@@ -220,16 +254,18 @@ def safe_id(prompt_id) -> str:
 def sample_html(out_dir: Path, sample: dict, fps: int) -> str:
     """Write one sample's two mp4 files; return its <section> (videos + inline GIF preview)."""
     ident = safe_id(sample["prompt_id"])
-    base, trained = as_video_array(sample["base"]), as_video_array(sample["trained"])
+    base, trained = (upscaled(as_video_array(sample[key])) for key in ("base", "trained"))
+    prompt = f'<span class="prompt">{html.escape(str(sample["prompt"]))}</span>'
     cells = []
     for label, video in (("base", base), ("trained", trained)):
         name = f"{ident}-{label}.mp4"
         codec = write_mp4(video, out_dir / name, fps=fps)
         cells.append(f'<figure><video class="sample" data-codec="{codec}" src="{html.escape(name)}" controls loop '
-                     f'muted autoplay playsinline preload="auto"></video><figcaption>{label}</figcaption></figure>')
-    preview = side_by_side(base, trained) if base.shape[:2] == trained.shape[:2] else base
+                     f'muted autoplay playsinline preload="auto"></video>'
+                     f'<figcaption><b>{label}</b><br>{prompt}</figcaption></figure>')
+    preview = side_by_side(base, trained, gap=4) if base.shape[:3] == trained.shape[:3] else base
     cells.append(f'<figure><img class="preview" alt="base | trained preview" src="{gif_data_uri(preview, fps)}">'
-                 f'<figcaption>preview: base | trained</figcaption></figure>')
+                 f'<figcaption><b>preview: base | trained</b><br>{prompt}</figcaption></figure>')
     return (f'<section class="sample" data-prompt-id="{html.escape(ident)}"><h3>{html.escape(str(sample["prompt_id"]))}'
             f'</h3><p class="prompt">{html.escape(str(sample["prompt"]))}</p>'
             f'<div class="row">{"".join(cells)}</div></section>')
@@ -245,8 +281,9 @@ td.better { color: #1a7f37; font-weight: 600; } td.worse { color: #cf222e; font-
 .plots img { margin: 0.3rem; border: 1px solid #d0d7de; }
 .row { display: flex; gap: 1rem; flex-wrap: wrap; align-items: flex-start; }
 figure { margin: 0; } figcaption { text-align: center; color: #57606a; font-size: 0.85rem; }
-video.sample { width: 256px; background: #000; }
+video.sample { width: 256px; background: #000; image-rendering: pixelated; }
 img.preview { height: 256px; image-rendering: pixelated; }
+#margin { font-size: 1.05rem; }
 .prompt { font-style: italic; }
 """
 
@@ -269,15 +306,29 @@ for (const img of document.querySelectorAll("img")) {
 """
 
 
+def margin_html(margin: dict | None) -> str:
+    """One sentence: the held-out reward's paired difference, its 95% interval and per-prompt spread."""
+    if not margin:
+        return ""
+    low, high = margin["delta_low"], margin["delta_high"]
+    verdict = "above the base, beyond noise" if low > 0 else "below the base" if high < 0 else "within noise"
+    return (f'<p id="margin" data-delta="{margin["delta"]!r}" data-low="{low!r}" data-high="{high!r}">'
+            f'Held-out reward, trained &minus; base: <b>{margin["delta"]:+.4f}</b> (95% interval {low:+.4f} to '
+            f'{high:+.4f}, bootstrap over {margin["videos"]} paired videos of {margin["prompts"]} prompts; per-prompt '
+            f'spread {margin["prompt_std"]:.4f}, {margin["prompts_improved"]}/{margin["prompts"]} prompts improved): '
+            f'<b>{verdict}</b>.</p>')
+
+
 def write_report(out_dir: str | os.PathLike, metrics_base: dict, metrics_trained: dict, history: list[dict],
                  samples: list[dict], title: str = "Flash-GRPO evaluation", fps: int = 8,
-                 eval_curves: dict[str, list[dict]] | None = None) -> Path:
+                 eval_curves: dict[str, list[dict]] | None = None, margin: dict | None = None) -> Path:
     """Write ``out_dir/report.html`` and the sample videos beside it; return the page's path.
 
     metrics_base / metrics_trained: {name: float | evaluate_videos entry}; history: one dict per
     iteration (``iteration`` plus numeric metrics); samples: dicts with ``prompt_id``, ``prompt``
     and uint8 videos ``base`` / ``trained`` [F, H, W, 3]; eval_curves: {metric: [{"iteration",
-    "value"}]} of the evaluated checkpoints (a section of its own when given).
+    "value"}]} of the evaluated checkpoints (a section of its own when given); margin: the reward's
+    paired difference (flash_grpo_core.metrics.paired.paired_delta), stated above the table.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -290,6 +341,7 @@ def write_report(out_dir: str | os.PathLike, metrics_base: dict, metrics_trained
 <style>{STYLE}</style></head>
 <body><h1>{html.escape(title)}</h1>
 <h2>Metrics: trained vs base</h2>
+{margin_html(margin)}
 <p class="note">delta = trained &minus; base; green is an improvement in the metric's direction.</p>
 {table_html(metric_rows(metrics_base, metrics_trained))}
 <h2>Training curves</h2>

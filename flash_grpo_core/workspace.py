@@ -1,7 +1,9 @@
 """Scratch copies of the project for end-to-end runs (tests, benchmarks): a git + DVC workspace.
 
 `copy_project` copies the tracked and new (not ignored) files of a checkout, without run outputs
-or `dvc.lock`, and commits them in a fresh git repository so DVC can run there. `tool_env` puts
+or `dvc.lock`, and commits them in a fresh git repository so DVC can run there; with `preset` (and
+`iterations`) it first selects that preset in the copy's params.yaml, as the tests and benchmarks of
+the tiny preset do (the default preset is the toy task). `tool_env` puts
 this interpreter's bin directory first on PATH so `python` and `dvc` in `dvc.yaml` commands are
 the ones of the running environment, with telemetry off.
 """
@@ -30,11 +32,31 @@ def project_files(root: Path) -> list[str]:
     return [name for name in listed if name and (root / name).is_file() and Path(name).name != "dvc.lock"]
 
 
-def copy_project(root: Path, destination: Path) -> Path:
-    """Copy the checkout at `root` into `destination` and commit it there; returns `destination`."""
+def select_preset(params: Path, preset: str, iterations: int) -> None:
+    """Set `preset`, `iterations` and the pipeline keys spelling them out in a params.yaml (comments kept)."""
+    from ruamel.yaml import YAML
+
+    from flash_grpo_core.dvc_layout import set_dvc_layout
+
+    yaml = YAML()  # round-trip
+    yaml.preserve_quotes = True
+    yaml.representer.add_representer(type(None), lambda dumper, _: dumper.represent_scalar("tag:yaml.org,2002:null",
+                                                                                         "null"))
+    data = yaml.load(params.read_text())
+    data["preset"] = preset
+    set_dvc_layout(data, iterations)
+    with open(params, "w") as handle:
+        yaml.dump(data, handle)
+
+
+def copy_project(root: Path, destination: Path, preset: str | None = None, iterations: int = 2) -> Path:
+    """Copy the checkout at `root` into `destination` and commit it there; returns `destination`.
+    With `preset`, the copy's params.yaml selects it with `iterations` iterations."""
     for name in project_files(root):
         (destination / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(root / name, destination / name)
+    if preset is not None:
+        select_preset(destination / "params.yaml", preset, iterations)
     identity = ["-c", "user.email=pipeline@localhost", "-c", "user.name=pipeline"]
     for command in (["init", "-q"], [*identity, "add", "-A"], [*identity, "commit", "-qm", "workspace copy"]):
         subprocess.run(["git", *command], cwd=destination, check=True, capture_output=True)

@@ -4,11 +4,13 @@
         --checkpoint runs/tiny/it2/checkpoint --metrics runs/tiny/eval/points/it2/metrics.json \
         --videos runs/tiny/eval/points/it2/videos.safetensors
 
-Samples the first `eval.num_prompts` eval prompts with the deterministic ODE sampler
-(`eval.num_steps`, `eval.guidance`), the EMA weights when `eval.use_ema`, and the same noise per
-prompt at every checkpoint (`eval.seed`), so points differ only by their weights. Scores them with
-the training reward(s) and the VBench-style dimensions (`eval.metrics`); writes metrics.json (the
-mean of each metric, and the reason for each dimension that is not configured) and the first
+Samples the first `eval.num_prompts` eval prompts (more than the eval set holds is an error naming
+the key, not silently fewer) `eval.samples_per_prompt` times each (sample s of prompt i is video s * P + i), with the
+deterministic ODE sampler (`eval.num_steps`, `eval.guidance`), the EMA weights when `eval.use_ema`,
+and the same noise per video at every checkpoint (`eval.seed`), so points differ only by their
+weights. Scores them with the training reward(s) and the VBench-style dimensions (`eval.metrics`);
+writes metrics.json (the mean of each metric, each reward's per-video values for the evaluation's
+paired interval, and the reason for each dimension that is not configured) and the first
 `eval.report_samples` videos for the report (uint8 safetensors, prompt ids in the metadata).
 Iteration 0 is the base model. On several processes the ranks split the prompts (each keeps its
 noise) and rank 0 writes.
@@ -71,14 +73,20 @@ def write_videos(videos, prompts, path: str) -> None:
 
 def evaluate_checkpoint(args) -> dict:
     from flash_grpo_core.artifacts.atomic import write_json
-    from flash_grpo_core.artifacts.checkpoint import CheckpointError
+    from flash_grpo_core.artifacts.checkpoint import CheckpointError, check_config
     from flash_grpo_core.artifacts.prompts import read_prompts_parquet
+    from flash_grpo_core.config import ConfigError
     from flash_grpo_core.engine.distributed import current
     from flash_grpo_core.metrics import summary
 
     params = _common.load_params(args.params)
-    prompts = read_prompts_parquet(args.prompts)[: params.eval.num_prompts]
-    texts = [p.prompt for p in prompts]
+    available = read_prompts_parquet(args.prompts)
+    if params.eval.num_prompts > len(available):
+        raise ConfigError(f"eval.num_prompts: {params.eval.num_prompts}, but {args.prompts} holds only "
+                          f"{len(available)} eval prompts: lower it or curate more (data section)")
+    prompts = available[: params.eval.num_prompts]
+    texts = [p.prompt for _ in range(params.eval.samples_per_prompt) for p in prompts]  # [S * P]
+    check_config(args.checkpoint, params)  # before the model loads: a checkpoint of other params
     engine, state = _common.engine_at(params, args.checkpoint)
     if state["iteration"] != args.iteration:
         raise CheckpointError(f"{args.checkpoint} holds iteration {state['iteration']}, not {args.iteration}")
@@ -87,7 +95,10 @@ def evaluate_checkpoint(args) -> dict:
     if current().is_main:
         write_videos(videos, prompts[: params.eval.report_samples], args.videos)
         write_json({"iteration": args.iteration, "prompts": len(prompts), "use_ema": params.eval.use_ema,
+                    "samples_per_prompt": params.eval.samples_per_prompt,
                     "num_steps": params.eval.num_steps, "metrics": means,
+                    "per_video": {name: r["per_video"] for name, r in results.items()
+                                  if name.startswith("reward") and r["status"] == "ok"},
                     "not_configured": {name: r["reason"] for name, r in results.items() if r["status"] != "ok"}},
                    args.metrics)
     return {"iteration": args.iteration, "prompts": len(prompts), "reward": round(means["reward"], 4)}

@@ -6,10 +6,13 @@
 
 Reads what the `eval_checkpoint@k` stages wrote for every evaluated checkpoint k of
 `pipeline.eval_at` (the base 0, every `pipeline.eval_every`-th iteration and the last): no model
-runs here. Writes metrics.json (base, trained = the last checkpoint, delta), one curve per metric
-over the evaluated iterations (curves/<metric>.json, for `dvc plots`), the training history of the
-last checkpoint (history.json), and an HTML report with the metrics table, the curves, and base |
-trained videos of the first `eval.report_samples` prompts.
+runs here. Writes metrics.json (the DVC metric: the held-out reward's base, trained = the last
+checkpoint, delta, and the delta's 95% interval over the paired videos; numbers only, so that
+`dvc metrics show` stays narrow), one curve per metric over the evaluated iterations
+(curves/<metric>.json, for `dvc plots`), the training history of the last checkpoint
+(history.json), and the report directory: report.html (the metrics table, the margin, the curves,
+base | trained videos of the first `eval.report_samples` prompts) and evaluation.json (every
+metric's base / trained / delta, the margin, what was evaluated and what is not configured).
 """
 
 from __future__ import annotations
@@ -89,6 +92,26 @@ def write_curves(curves: dict[str, list[dict]], directory: str) -> None:
             (staging / curve_file(name)).write_text(json.dumps(rows, indent=1) + "\n")
 
 
+def reward_margin(base: dict, trained: dict) -> dict | None:
+    """The paired trained - base difference of the reward with its interval (metrics/paired.py),
+    or None for points without per-video rewards."""
+    from flash_grpo_core.metrics.paired import paired_delta
+
+    if "reward" not in base.get("per_video", {}) or "reward" not in trained.get("per_video", {}):
+        return None
+    return paired_delta(base["per_video"]["reward"], trained["per_video"]["reward"], trained["prompts"])
+
+
+def metric_record(base: dict, trained: dict, margin: dict | None) -> dict:
+    """metrics.json: the held-out reward only, flat and numeric (one narrow row in `dvc metrics show`)."""
+    record = {"iteration": trained["iteration"], "base": base["metrics"]["reward"],
+              "trained": trained["metrics"]["reward"],
+              "delta": trained["metrics"]["reward"] - base["metrics"]["reward"]}
+    if margin is not None:
+        record.update(ci_low=margin["delta_low"], ci_high=margin["delta_high"])  # short: one 120-column table
+    return record
+
+
 def evaluate(args) -> dict:
     from flash_grpo_core.artifacts.atomic import write_json
     from flash_grpo_core.artifacts.checkpoint import CheckpointError, read_state
@@ -110,20 +133,25 @@ def evaluate(args) -> dict:
     samples = [{"prompt_id": i, "prompt": t, "base": b.numpy(), "trained": v.numpy()}
                for i, t, b, v in zip(ids, texts, base_videos, trained_videos)]
     history = state.get("history", [])
+    margin = reward_margin(base, trained)
     write_report(args.report, as_entries(base), as_entries(trained), history, samples,
                  title=f"Flash-GRPO evaluation: {params.preset}, iteration {state['iteration']}",
-                 fps=params.eval.fps, eval_curves=curves)
+                 fps=params.eval.fps, eval_curves=curves, margin=margin)
     write_curves(curves, args.curves)
     common = [name for name in base["metrics"] if name in trained["metrics"]]
     write_json({"iteration": state["iteration"], "prompts": trained["prompts"], "use_ema": trained["use_ema"],
+                "samples_per_prompt": trained.get("samples_per_prompt", 1),
                 "num_steps": trained["num_steps"], "evaluated": list(iterations),
                 "base": base["metrics"], "trained": trained["metrics"],
                 "delta": {name: trained["metrics"][name] - base["metrics"][name] for name in common},
-                "not_configured": trained["not_configured"]}, args.metrics)
+                "reward_margin": margin, "not_configured": trained["not_configured"]},
+               Path(args.report) / "evaluation.json")
+    write_json(metric_record(base, trained, margin), args.metrics)
     write_json(history, args.history)
+    interval = {} if margin is None else {"delta_95": f"[{margin['delta_low']:+.4f},{margin['delta_high']:+.4f}]"}
     return {"iteration": state["iteration"], "evaluated": len(points), "prompts": trained["prompts"],
             "reward_base": round(base["metrics"]["reward"], 4),
-            "reward_trained": round(trained["metrics"]["reward"], 4)}
+            "reward_trained": round(trained["metrics"]["reward"], 4), **interval}
 
 
 if __name__ == "__main__":

@@ -47,9 +47,11 @@ def main(argv=None) -> int:
         output = reward.combine(concat_outputs([parts[number][1] for number in sorted(parts)]))  # every rank
         rewards, advantages = output.scores, advantages_for(params, output.scores)
         components = {name: output.info[name] for name in params.reward.weights}
-        summary = {"iteration": args.iteration, "reward_mean": float(rewards.mean()),
-                   "reward_std": float(rewards.std(unbiased=False)),
-                   **{f"{name}_mean": float(values.float().mean()) for name, values in components.items()}}
+        summary = {"iteration": args.iteration, "reward_mean": float(rewards.double().mean()),  # as update's
+                   "reward_std": float(rewards.double().std(unbiased=False)),
+                   # each reward's own mean only where several are combined (one would repeat reward_mean)
+                   **{f"{name}_mean": float(values.float().mean()) for name, values in components.items()
+                      if len(components) > 1}}
         if dist.current().is_main:
             write_scores(args.out, samples, rewards, advantages, components)
             write_json(summary, args.summary)

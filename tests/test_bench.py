@@ -59,7 +59,7 @@ def test_gpu_step_judges_each_ratio_by_its_own_bound(importable_bench):
 def test_process_scaling_builds_stage_runs_from_dvc_yaml(tmp_path, importable_bench):
     from bench import process_scaling
 
-    commands = process_scaling.stage_commands(copy_project(ROOT, tmp_path))
+    commands = process_scaling.stage_commands(copy_project(ROOT, tmp_path, preset="tiny"))
     assert list(commands) == list(process_scaling.STAGES)
     rollout = commands["rollout@1"]
     assert rollout[:3] == ["python", "-m", "stages.rollout"]

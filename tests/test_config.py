@@ -14,7 +14,7 @@ def _write(tmp_path, text):
 
 
 def test_repository_params_load_for_every_preset(tmp_path):
-    tiny = load_params(ROOT / "params.yaml")
+    tiny = load_params(ROOT / "params.yaml", preset="tiny")
     assert tiny.preset == "tiny" and tiny.rollout.height == 32 and tiny.rollout.num_steps == 20
     wan = load_params(ROOT / "params.yaml", preset="wan14b")
     assert wan.rollout.height == 480 and wan.model.path.endswith("14B-Diffusers")
@@ -45,16 +45,29 @@ def test_impossible_combinations_say_what_to_change(tmp_path):
     with pytest.raises(ConfigError, match=r"minibatches \(3\) must divide the 64 samples"):
         params_from_dict({"train": {"minibatches": 3}})
     with pytest.raises(ConfigError, match="window_size .* must be <= rollout.num_candidates"):
-        params_from_dict({"train": {"mode": "window", "window_size": 12}})
+        params_from_dict({"train": {"mode": "window_k", "window_size": 12}})
+    with pytest.raises(ConfigError, match=r"window_size \(20\) must be <= rollout.num_steps - 1 \(19\)"):
+        params_from_dict({"train": {"mode": "window", "window_size": 20}})
+    with pytest.raises(ConfigError, match=r"trains int\(20 x 0.01\) = 0 steps"):
+        params_from_dict({"train": {"mode": "full", "timestep_fraction": 0.01}})
     with pytest.raises(ConfigError, match="frames - 1 must be divisible by 4"):
         params_from_dict({"rollout": {"frames": 10}})
     with pytest.raises(ConfigError, match="preset wan1_3b loads Wan 2.1 weights: set presets.wan1_3b.model.path"):
         params_from_dict({"preset": "wan1_3b"})
 
 
+def test_window_mode_is_mixgrpo_over_all_but_the_last_step():
+    # MixGRPO's window slides over steps 0..N-2, not flash's first K: a 12-step window fits N = 20
+    params = params_from_dict({"train": {"mode": "window", "window_size": 12}})
+    assert params.train.window_size == 12
+    # MixGRPO's published defaults: W 4, moved by 1 step every 25 iterations
+    defaults = params_from_dict(read_yaml(ROOT / "params.yaml")).train
+    assert (defaults.window_size, defaults.window_stride, defaults.window_every) == (4, 1, 25)
+
+
 def test_overrides_win_over_the_preset():
     raw = read_yaml(ROOT / "params.yaml")
-    params = params_from_dict(raw, overrides={"rollout.group_size": 2, "train.mode": "full"})
+    params = params_from_dict(raw, preset="tiny", overrides={"rollout.group_size": 2, "train.mode": "full"})
     assert params.rollout.group_size == 2 and params.train.mode == "full"
     assert params.rollout.height == 32  # the tiny preset still applies
 
@@ -123,3 +136,21 @@ def test_lora_targets_and_init_are_validated_by_key(tmp_path):
         params_from_dict({"model": {"lora_targets": [3]}})
     with pytest.raises(ConfigError, match="unknown key.*model.lora_target\\b"):
         params_from_dict({"model": {"lora_target": ["to_q"]}})
+
+
+def test_default_params_select_the_learning_toy_preset_and_its_prompt_grid():
+    """`dvc repro` with no edits: the toy task, its shipped base, its reward, its grid split by combination."""
+    from flash_grpo_core.artifacts.prompts import curate, read_prompt_sources
+    from flash_grpo_core.toy import toy_prompts
+
+    params = load_params(ROOT / "params.yaml")
+    assert params.preset == "toy" and params.reward.weights == {"toy_following": 1.0}
+    assert (ROOT / params.model.path / "transformer.safetensors").is_file()  # the shipped base, no pre-training
+    assert params.data.source == "prompts/toy.jsonl" and params.data.semantic_threshold is None
+    train, held_out = toy_prompts(params.toy)
+    raw = read_prompt_sources([ROOT / params.data.source])
+    assert sorted(r.text for r in raw if r.split == "eval") == sorted(held_out)  # the file agrees with toy.held_out
+    assert sorted(r.text for r in raw if r.split == "train") == sorted(train)
+    curated = curate(raw, params.data)
+    assert sorted(p.prompt for p in curated.eval) == sorted(held_out) and len(curated.train) == len(train)
+    assert params.eval.num_prompts == len(held_out) and params.eval.samples_per_prompt > 1

@@ -243,6 +243,32 @@ def test_semantic_near_duplicates_with_the_bundled_model(tmp_path):
     assert len(_kept(result)) == 4  # the dog, the car and the astronaut stay
 
 
+def test_a_split_given_by_the_source_is_kept_and_the_rest_is_hashed(tmp_path):
+    """jsonl `split` fields place their prompts; prompts without one are split by hash, and min_eval
+    counts the given eval prompts (3 given >= min_eval 2: no top-up from the hashed ones)."""
+    given = [{"prompt": f"a red square moving {d}", "split": "eval" if d != "left" else "train"}
+             for d in ("left", "right", "up", "down")]
+    free = [{"prompt": f"free prompt number {i}"} for i in range(6)]
+    result = curate(read_prompt_file(_jsonl(tmp_path, "grid.jsonl", given + free)),
+                    CurateConfig(semantic_threshold=None, eval_fraction=0.0, min_eval=2))
+    assert sorted(p.prompt for p in result.eval) == [f"a red square moving {d}" for d in ("down", "right", "up")]
+    assert len(result.train) == 7 and [p.id for p in result.train] == sorted(p.id for p in result.train)
+    assert result.report["split"]["given"] == {"train": 1, "eval": 3}
+
+
+def test_a_parquet_split_column_and_bad_split_values(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "grid.parquet"
+    pq.write_table(pa.table({"prompt": ["a blue square moving up", "a blue square moving down"],
+                             "split": ["eval", None]}), path)
+    assert [r.split for r in read_prompt_file(path)] == ["eval", None]
+    bad = _jsonl(tmp_path, "bad.jsonl", [{"prompt": "two words"}, {"prompt": "two more", "split": "test"}])
+    with pytest.raises(PromptFileError, match=r"bad.jsonl, line 2: 'split' must be one of \('train', 'eval'\)"):
+        read_prompt_file(bad)
+
+
 # ---------------------------------------------------------------------------------------------- outputs
 
 
@@ -261,7 +287,7 @@ def test_report_counts_add_up(tmp_path):
     assert report["sources"][str(EXAMPLE)]["kept"] == 40 and report["sources"][str(extra)]["kept"] == 0
     assert sum(report["sources"][f]["in"] for f in report["sources"]) == 43
     assert report["params"] == {"min_words": 2, "max_words": 120, "eval_fraction": 0.1, "min_eval": 2,
-                                "semantic_threshold": None, "seed": 0}
+                                "semantic_threshold": None, "seed": 0, "source": "prompts/example.txt"}
     assert set(report["examples"]) == {"too_short", "too_long", "duplicate"} <= set(DROP_REASONS)
 
 

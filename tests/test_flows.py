@@ -178,7 +178,7 @@ def test_overrides_are_written_where_they_take_effect(project):
     assert raw["presets"]["tiny"]["train"]["minibatches"] == 1  # the preset sets it: a base value would be shadowed
     assert raw["presets"]["tiny"]["rollout"]["group_size"] == 2 and raw["rollout"]["group_size"] == 8
     text = (project / "params.yaml").read_text()
-    assert "# tiny | wan1_3b | wan14b" in text and "path: null" in text  # comments and nulls stay
+    assert "# toy | tiny | wan1_3b | wan14b" in text and "path: null" in text  # comments and nulls stay
     assert len(text.splitlines()) == len(before.splitlines())
 
 

@@ -36,7 +36,7 @@ def _dvc(*args, cwd, check=True):
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     """A git + DVC copy of the repository's tracked and new files, without any run outputs."""
-    return copy_project(ROOT, tmp_path_factory.mktemp("project"))
+    return copy_project(ROOT, tmp_path_factory.mktemp("project"), preset="tiny")  # 2 iterations
 
 
 def test_repro_builds_every_artifact(project):
@@ -55,9 +55,12 @@ def test_repro_builds_every_artifact(project):
         metrics = json.loads((runs / "tiny" / f"it{it}" / "metrics.json").read_text())
         assert metrics["iteration"] == it and metrics["train_backward_passes"] > 0
         assert read_state(runs / "tiny" / f"it{it}" / "checkpoint")["iteration"] == it
-    evaluation = json.loads((runs / "tiny" / "eval" / "metrics.json").read_text())
-    assert set(evaluation) >= {"base", "trained", "delta"} and evaluation["iteration"] == 2
-    assert {"reward", "temporal_flickering", "dynamic_degree"} <= set(evaluation["trained"])
+    metric = json.loads((runs / "tiny" / "eval" / "metrics.json").read_text())  # the DVC metric: numbers only
+    assert set(metric) == {"iteration", "base", "trained", "delta", "ci_low", "ci_high"} and metric["iteration"] == 2
+    assert metric["ci_low"] <= metric["delta"] <= metric["ci_high"]
+    evaluation = json.loads((runs / "tiny" / "eval" / "report" / "evaluation.json").read_text())
+    assert metric["trained"] == evaluation["trained"]["reward"] and metric["delta"] == evaluation["delta"]["reward"]
+    assert {"reward", "temporal_flickering", "dynamic_degree_flow"} <= set(evaluation["trained"])
     assert "subject_consistency" in evaluation["not_configured"]  # no weights given: named, not faked
     assert evaluation["evaluated"] == [0, 1, 2]  # pipeline.eval_every: 1
     history = json.loads((runs / "tiny" / "eval" / "history.json").read_text())
@@ -73,12 +76,17 @@ def test_repro_builds_every_artifact(project):
     assert 'data-metric="temporal_flickering"' in (report / "report.html").read_text()  # held-out curves
     shown = json.loads(_dvc("metrics", "show", "--json", cwd=project).stdout)
     files = next(iter(shown.values()))["data"]  # keyed by revision: the workspace
-    assert "reward_mean" in json.dumps(files)
-    assert files["runs/tiny/eval/points/it1/metrics.json"]["data"]["metrics"]["reward"] == points[1]["metrics"]["reward"]
+    assert files["runs/tiny/it1/score.json"]["data"]["reward_mean"] == metrics_of(runs / "tiny" / "it1")
+    assert files["runs/tiny/eval/metrics.json"]["data"]["trained"] == points[2]["metrics"]["reward"]
+    assert set(files) == {"runs/tiny/it1/score.json", "runs/tiny/it2/score.json", "runs/tiny/eval/metrics.json"}
     plots = json.loads(_dvc("plots", "show", "--json", cwd=project).stdout)["data"]
     assert "reward and loss over iterations" in plots
-    drawn = plots["runs/tiny/eval/curves/dynamic_degree.json"][0]["content"]["data"]["values"]
+    drawn = plots["runs/tiny/eval/curves/dynamic_degree_flow.json"][0]["content"]["data"]["values"]
     assert [row["iteration"] for row in drawn] == [0, 1, 2]  # a VBench-style metric over iterations
+
+
+def metrics_of(iteration_dir) -> float:
+    return json.loads((iteration_dir / "metrics.json").read_text())["reward_mean"]
 
 
 def test_second_repro_does_no_stage_work(project):

@@ -104,7 +104,7 @@ class Stack:
 def stack(tmp_path_factory):
     from flash_grpo_core.workspace import copy_project
 
-    project = copy_project(ROOT, tmp_path_factory.mktemp("project"))
+    project = copy_project(ROOT, tmp_path_factory.mktemp("project"), preset="tiny")
     stack = Stack(project, tmp_path_factory.mktemp("prefect-home"))
     try:
         stack.start("server", "server", "start", "--host", "127.0.0.1", "--port", str(stack.port))

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flash_grpo_core.report import metric_rows, safe_id, write_mp4, write_report
+from flash_grpo_core.report import is_flat, metric_rows, safe_id, write_mp4, write_report
 
 CHROMIUM = Path("/usr/bin/chromium")
 
@@ -30,9 +30,11 @@ TRAINED = {"reward": 0.55,
            "temporal_flickering": {"status": "ok", "per_video": [0.85], "mean": 0.85},
            "brisque": {"status": "ok", "per_video": [40.0], "mean": 40.0},
            "imaging_quality": {"status": "not configured", "reason": "set eval.metrics.imaging_quality.path"},
-           "dynamic_degree": {"status": "ok", "per_video": [True], "mean": 1.0}}
+           "dynamic_degree_flow": {"status": "ok", "per_video": [True], "mean": 1.0}}
 HISTORY = [{"iteration": i, "reward_mean": 0.4 + 0.03 * i, "reward_std": 0.02, "loss": 0.1 / i,
             "clip_fraction": 0.01 * i} for i in range(1, 5)]
+MARGIN = {"delta": 0.15, "delta_low": 0.1, "delta_high": 0.2, "prompt_std": 0.03, "prompts_improved": 2,
+          "prompts": 2, "videos": 16}
 EVAL_CURVES = {"reward": [{"iteration": i, "value": 0.4 + 0.05 * i} for i in (0, 2, 4)],
                "reward/color": [{"iteration": i, "value": 0.8 + 0.01 * i} for i in (0, 2, 4)]}
 
@@ -74,7 +76,8 @@ def report(tmp_path_factory):
                 "trained": moving_square(2)},
                {"prompt_id": "p 2/odd", "prompt": "odd sizes", "base": moving_square(1)[:, :31, :29],
                 "trained": moving_square(1)[:, :31, :29]}]
-    path = write_report(out, BASE, TRAINED, HISTORY, samples, title="Tiny <run>", eval_curves=EVAL_CURVES)
+    path = write_report(out, BASE, TRAINED, HISTORY, samples, title="Tiny <run>", eval_curves=EVAL_CURVES,
+                        margin=MARGIN)
     page = Page()
     page.feed(path.read_text(encoding="utf-8"))
     return path, page
@@ -82,7 +85,7 @@ def report(tmp_path_factory):
 
 def test_table_has_every_metric_and_right_deltas(report):
     _, page = report
-    assert list(page.rows) == ["reward", "temporal_flickering", "brisque", "imaging_quality", "dynamic_degree"]
+    assert list(page.rows) == ["reward", "temporal_flickering", "brisque", "imaging_quality", "dynamic_degree_flow"]
     delta = {name: cells[3] for name, cells in page.rows.items()}
     assert float(delta["reward"]["delta"]) == pytest.approx(0.15)  # 0.55 - 0.40
     assert "better" in delta["reward"]["class"]
@@ -91,7 +94,7 @@ def test_table_has_every_metric_and_right_deltas(report):
     assert float(delta["brisque"]["delta"]) == pytest.approx(-10.0)
     assert "better" in delta["brisque"]["class"]  # lower BRISQUE is better
     assert delta["imaging_quality"]["delta"] == "" and "not configured" in page.rows["imaging_quality"][0]["text"]
-    assert page.rows["dynamic_degree"][1]["text"] == "\u2013" and page.rows["dynamic_degree"][2]["text"] == "1.0000"
+    assert page.rows["dynamic_degree_flow"][1]["text"] == "\u2013" and page.rows["dynamic_degree_flow"][2]["text"] == "1.0000"
 
 
 def test_metric_rows_accept_plain_numbers_and_entries():
@@ -112,7 +115,10 @@ def test_plots_previews_and_videos_are_present(report):
     previews = [image["src"] for image in page.images if image.get("class") == "preview"]
     assert len(previews) == 2
     gif = Image.open(io.BytesIO(base64.b64decode(previews[0].split(",", 1)[1])))
-    assert gif.format == "GIF" and gif.n_frames == 9 and gif.size == (32 + 2 + 32, 32)
+    # 32x32 enlarged 4x (to 128 px) with nearest-neighbour, base | 4 px gap | trained
+    assert gif.format == "GIF" and gif.n_frames == 9 and gif.size == (128 + 4 + 128, 128)
+    frame = np.asarray(gif.convert("RGB"))[:, :128]  # the base half, first frame
+    assert (frame == np.kron(moving_square(1)[0], np.ones((4, 4, 1), dtype=np.uint8))).all()  # sharp, not blurred
     assert [video["src"] for video in page.videos] == ["p1-base.mp4", "p1-trained.mp4",
                                                        "p_2_odd-base.mp4", "p_2_odd-trained.mp4"]
     for video in page.videos:
@@ -120,6 +126,37 @@ def test_plots_previews_and_videos_are_present(report):
         assert data[4:8] == b"ftyp" and len(data) > 500
     assert not list(path.parent.glob(".*.tmp"))  # atomic writes leave no temporary files
     assert "Tiny &lt;run&gt;" in path.read_text() and "<square>" not in path.read_text()
+
+
+def test_every_video_has_its_prompt_under_it_and_the_margin_is_stated(report):
+    path, _ = report
+    text = path.read_text()
+    prompt = '<span class="prompt">a red &lt;square&gt; &amp; a &#x27;quote&#x27;</span>'
+    assert text.count(prompt) == 3  # under the base video, the trained video and the preview
+    assert all(f"<b>{label}</b><br>{prompt}" in text for label in ("base", "trained"))
+    assert '<p id="margin" data-delta="0.15" data-low="0.1" data-high="0.2">' in text
+    assert "+0.1500</b> (95% interval +0.1000 to +0.2000" in text and "beyond noise" in text
+
+
+def test_curves_use_integer_ticks_and_say_when_they_are_flat(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from flash_grpo_core import report as report_module
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep each figure to read its axes
+    flat = [{"iteration": i, "reward_mean": 0.4629 + 1e-5 * (i % 2), "loss": 0.0} for i in (1, 2, 3)]
+    report_module.curve_png(flat, "reward_mean")
+    axes = figures[-1].axes[0]
+    ticks = [tick for tick in axes.get_xticks() if 1 <= tick <= 3]
+    assert ticks and all(float(tick).is_integer() for tick in ticks)  # no 1.25, 1.5, ... iterations
+    low, high = axes.get_ylim()
+    assert high - low > 0.04  # +-5% of 0.46, not a 1e-5 wiggle stretched over the axis
+    assert any(text.get_text().startswith("flat: 0.4629 (range 1e-05)") for text in axes.texts)
+    assert is_flat(np.array([0.0, 0.0])) and not is_flat(np.array([1e-7, 3e-7]))
+    page = write_report(tmp_path, {"reward": 1.0}, {"reward": 1.0}, flat, [])
+    assert 'data-metric="reward_mean" data-flat="1" alt="reward_mean over iterations (flat)"' in page.read_text()
+    assert 'data-metric="loss" data-flat="1"' in page.read_text()
 
 
 def test_empty_history_and_duplicate_ids(tmp_path):
@@ -154,11 +191,12 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     plots = [image for image in rendered.images if image.get("class") == "plot"]
     assert len(plots) == 5 and all(image.get("data-rendered") == "420x280" for image in plots)
     previews = [image for image in rendered.images if image.get("class") == "preview"]
-    assert [image.get("data-rendered") for image in previews] == ["66x32", "60x31"]  # 32 + 2 + 32 and 29 + 2 + 29 wide
+    # enlarged 4x and 5x (shorter side >= 128 px): 128 + 4 + 128 and 145 + 4 + 145 wide
+    assert [image.get("data-rendered") for image in previews] == ["260x128", "294x155"]
     assert len(rendered.videos) == 4
     for video in rendered.videos:
         if video["data-codec"] == "h264":  # Chromium decodes H.264; the mp4v fallback it cannot
-            assert video.get("data-loaded") in ("32x32", "30x32"), video
+            assert video.get("data-loaded") in ("128x128", "146x156"), video  # 145x155 padded to even sizes
     screenshot = tmp_path / "shot.png"
     chromium(f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1000,1200", f"--screenshot={screenshot}", url)
     pixels = np.asarray(Image.open(screenshot).convert("RGB"))

