@@ -50,7 +50,7 @@ def progress_bar(total: int, description: str):
 
 def known_errors() -> tuple[type[BaseException], ...]:
     from flash_grpo_core.artifacts.checkpoint import CheckpointError
-    from flash_grpo_core.artifacts.prompts import PromptFileError
+    from flash_grpo_core.artifacts.prompt_sources import PromptFileError
     from flash_grpo_core.artifacts.scores import ScoresError
     from flash_grpo_core.artifacts.tar_io import ShardError
     from flash_grpo_core.config import ConfigError

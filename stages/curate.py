@@ -4,7 +4,7 @@
 
 Settings are the `data` section of the params file (the fields of `flash_grpo_core.artifacts.prompts.CurateConfig`);
 without that section, or without --params, CurateConfig's defaults apply. The work is in
-`flash_grpo_core/artifacts/prompts.py`; this module only reads arguments, calls it and prints one summary line.
+`flash_grpo_core/artifacts/prompts.py` (sources: `prompt_sources.py`); this module only reads arguments, calls it and prints one summary line.
 """
 
 from __future__ import annotations
@@ -43,13 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     if delegated is not None:
         return delegated
     start = time.perf_counter()
-    from flash_grpo_core.artifacts.prompts import (
-        SEMANTIC_UNAVAILABLE,
-        PromptFileError,
-        curate,
-        read_prompt_sources,
-        write_curation,
-    )
+    from flash_grpo_core.artifacts.prompt_sources import PromptFileError, read_prompt_sources
+    from flash_grpo_core.artifacts.prompts import SEMANTIC_UNAVAILABLE, curate, write_curation
     from flash_grpo_core.config import ConfigError
 
     try:

@@ -140,7 +140,8 @@ def test_lora_targets_and_init_are_validated_by_key(tmp_path):
 
 def test_default_params_select_the_learning_toy_preset_and_its_prompt_grid():
     """`dvc repro` with no edits: the toy task, its shipped base, its reward, its grid split by combination."""
-    from flash_grpo_core.artifacts.prompts import curate, read_prompt_sources
+    from flash_grpo_core.artifacts.prompt_sources import read_prompt_sources
+    from flash_grpo_core.artifacts.prompts import curate
     from flash_grpo_core.toy import toy_prompts
 
     params = load_params(ROOT / "params.yaml")

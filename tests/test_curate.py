@@ -8,19 +8,17 @@ from pathlib import Path
 
 import pytest
 
+from flash_grpo_core.artifacts.prompt_sources import PromptFileError, read_prompt_file, read_prompt_sources
 from flash_grpo_core.artifacts.prompts import (
     DROP_REASONS,
     SEMANTIC_UNAVAILABLE,
     CurateConfig,
     Prompt,
-    PromptFileError,
     curate,
     eval_bucket,
     near_duplicates,
     normalize_prompt,
     prompt_id,
-    read_prompt_file,
-    read_prompt_sources,
     read_prompts_parquet,
     split_train_eval,
     write_curation,

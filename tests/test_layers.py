@@ -73,3 +73,11 @@ def test_package_root_exposes_the_public_api_lazily():
     assert flash_grpo_core.rectification_coefficients is sde.rectification_coefficients
     with pytest.raises(AttributeError):
         flash_grpo_core.not_a_function  # noqa: B018
+
+
+def test_no_module_is_longer_than_400_lines():
+    """Files a reader takes in at once (STYLE.md): the layout keeps splitting them by role."""
+    root = CORE.parent
+    long = [f"{path.relative_to(root)} ({lines} lines)" for folder in ("flash_grpo_core", "stages", "flows", "bench")
+            for path in sorted((root / folder).rglob("*.py")) if (lines := path.read_text().count("\n")) > 400]
+    assert not long, long

@@ -1,27 +1,24 @@
-"""Typed, validated configuration: one frozen dataclass per `params.yaml` section, loaded in one place.
-
-`params.yaml` holds the base sections, the selected `preset`, and under `presets:` the overrides
-each preset applies on top of the base (sizes, model path, batch). Loading:
-1. reads YAML with a YAML 1.2 loader (so `3e-05` is a float, as DVC writes it);
-2. deep-merges `presets[preset]`, then any caller overrides (`{"train.learning_rate": 3e-5}`);
-3. builds the dataclasses, rejecting unknown keys and wrong types with the offending key path;
-4. checks combinations across sections, saying what to change.
-This module imports no torch, so flows and CLIs can validate parameters cheaply.
+"""The sections of `params.yaml` as frozen dataclasses, each checking its own values, and `Params`,
+which holds them and checks combinations across sections, saying what to change. Loading (YAML,
+presets, overrides, types) is `loading.py`. No torch here, so flows and CLIs validate cheaply.
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
-from flash_grpo_core.choices import (DEFAULT_LORA_TARGETS, FINETUNE_KINDS, LORA_INITS, NOISE_KINDS,
-                                     PARALLEL_STRATEGIES, PRESETS, RECTIFY_MODES, SCHEDULE_KINDS, STD_SCOPES,
-                                     TRAIN_MODES)
+from flash_grpo_core.choices import (
+    DEFAULT_LORA_TARGETS,
+    FINETUNE_KINDS,
+    LORA_INITS,
+    NOISE_KINDS,
+    PARALLEL_STRATEGIES,
+    PRESETS,
+    RECTIFY_MODES,
+    SCHEDULE_KINDS,
+    STD_SCOPES,
+    TRAIN_MODES,
+)
 from flash_grpo_core.dvc_layout import dvc_loop, eval_points
 
 
@@ -196,9 +193,11 @@ class DataConfig:
                f"data.semantic_threshold must be in (0, 1] or null, got {self.semantic_threshold}")
 
     @classmethod
-    def from_mapping(cls, mapping: dict | None, section: str = "data") -> "DataConfig":
+    def from_mapping(cls, mapping: dict | None, section: str = "data") -> DataConfig:
         """Build from a parsed params section, rejecting unknown keys and wrong types by key path."""
-        return _build(cls, dict(mapping or {}), section)
+        from flash_grpo_core.config.loading import build_section  # loading builds every section
+
+        return build_section(cls, dict(mapping or {}), section)
 
 
 @dataclass(frozen=True)
@@ -316,115 +315,3 @@ class Params:
     @property
     def is_tiny(self) -> bool:
         return self.preset == "tiny"
-
-
-def _build(cls, data: Any, where: str):
-    """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types."""
-    _check(isinstance(data, dict), f"{where or 'params'} must be a mapping, got {type(data).__name__}")
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(names))
-    _check(not unknown, f"unknown key(s) {', '.join(f'{where}.{k}'.lstrip('.') for k in unknown)}; "
-                        f"known keys{' of ' + where if where else ''}: {', '.join(sorted(names))}")
-    hints = typing.get_type_hints(cls)
-    kwargs = {name: _coerce(hints[name], value, f"{where}.{name}".lstrip(".")) for name, value in data.items()}
-    try:
-        return cls(**kwargs)
-    except TypeError as error:
-        raise ConfigError(f"{where or 'params'}: {error}") from error
-
-
-def _coerce(hint, value: Any, where: str):
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, where)
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        return _coerce(next(a for a in args if a is not type(None)), value, where)
-    if origin is tuple and args[-1] is Ellipsis:
-        _check(isinstance(value, (list, tuple)), f"{where} must be a list, got {value!r}")
-        return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
-    if origin is tuple:
-        _check(isinstance(value, (list, tuple)) and len(value) == len(args),
-               f"{where} must be a list of {len(args)} values, got {value!r}")
-        return tuple(_coerce(a, v, where) for a, v in zip(args, value))
-    if origin is dict:
-        _check(isinstance(value, dict), f"{where} must be a mapping, got {value!r}")
-        return {str(k): _coerce(args[1], v, f"{where}.{k}") for k, v in value.items()}
-    if hint is float:
-        _check(isinstance(value, (int, float)) and not isinstance(value, bool),
-               f"{where} must be a number, got {value!r}")
-        return float(value)
-    if hint is bool or hint is int:
-        _check(type(value) is hint, f"{where} must be {'true/false' if hint is bool else 'an integer'}, got {value!r}")
-        return value
-    if hint is str:
-        _check(isinstance(value, str), f"{where} must be a string, got {value!r}")
-    return value
-
-
-# Mappings that an override replaces whole instead of merging into: a preset that names its reward
-# weights means exactly those rewards, not those added to the base's.
-_REPLACED_WHOLE = ("weights", "options")
-
-
-def _merge(base: dict, overrides: dict) -> dict:
-    merged = copy.deepcopy(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key not in _REPLACED_WHOLE:
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
-
-
-def _dotted(overrides: dict[str, Any]) -> dict:
-    nested: dict = {}
-    for dotted, value in overrides.items():
-        *parents, leaf = dotted.split(".")
-        node = nested
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return nested
-
-
-def read_yaml(path: str | Path) -> dict:
-    """Read a YAML file with a YAML 1.2 loader; a clear error for a missing or malformed file."""
-    from ruamel.yaml import YAML, YAMLError
-
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"params file not found: {path}")
-    try:
-        data = YAML(typ="safe", pure=True).load(path.read_text())
-    except YAMLError as error:
-        raise ConfigError(f"{path} is not valid YAML: {error}") from error
-    return data or {}
-
-
-def params_from_dict(raw: dict, preset: str | None = None, overrides: dict[str, Any] | None = None) -> Params:
-    """Typed Params from a parsed params mapping, the selected preset's overrides and dotted overrides."""
-    raw = _merge(raw, _dotted(overrides or {}))
-    presets = raw.pop("presets", {}) or {}
-    chosen = preset or raw.get("preset", "tiny")
-    _check(chosen in PRESETS, f"preset must be one of {PRESETS}, got {chosen!r}")
-    _check(set(presets) <= set(PRESETS), f"presets: unknown preset(s) {sorted(set(presets) - set(PRESETS))}")
-    merged = _merge(raw, presets.get(chosen, {}) or {})
-    merged = _merge(merged, _dotted(overrides or {}))  # caller overrides win over the preset's
-    merged["preset"] = chosen
-    return _build(Params, merged, "")
-
-
-def load_params(path: str | Path = "params.yaml", preset: str | None = None,
-                overrides: dict[str, Any] | None = None) -> Params:
-    """Load and validate `params.yaml` (see the module docstring)."""
-    try:
-        return params_from_dict(read_yaml(path), preset, overrides)
-    except ConfigError as error:
-        raise ConfigError(f"{path}: {error}") from None
-
-
-def to_dict(params: Params) -> dict:
-    """Plain mapping of the resolved parameters (for manifests and logs)."""
-    return dataclasses.asdict(params)
