@@ -45,7 +45,7 @@ def stage_names(iterations: int, eval_at: list[int] | tuple[int, ...] = ()) -> l
 
     loop = [stage for it in range(1, iterations + 1)
             for stage in (f"rollout@{it}", f"score@{it}", f"update@{it}", *evaluated(it))]
-    return ["curate", "init", *evaluated(0), *loop, "evaluate"]
+    return ["curate", "init", *evaluated(0), *loop, "evaluate", "export"]
 
 
 def is_transient(task, task_run, state) -> bool:
@@ -125,8 +125,12 @@ def read_metrics(path: Path) -> dict:
 
 def log_iteration(logger, run: dict, iteration: int, stages: list[dict]) -> dict:
     """Log one iteration's reward, loss and timings; returns them as a row of the run's table."""
-    metrics = read_metrics(Path(run["root"]) / run["preset"] / f"it{iteration}" / "metrics.json")
-    row = {"iteration": iteration, **{key: metrics[key] for key in LOGGED_METRICS if key in metrics}}
+    folder = Path(run["root"]) / run["preset"] / f"it{iteration}"
+    metrics = read_metrics(folder / "metrics.json")
+    # wall times live outside the hashed outputs (dvc.yaml's --timings files)
+    metrics["rollout_seconds"] = read_metrics(folder / "rollout.timings.json").get("sample_seconds")
+    metrics["train_seconds"] = read_metrics(folder / "update.timings.json").get("train_seconds")
+    row = {"iteration": iteration, **{key: metrics[key] for key in LOGGED_METRICS if metrics.get(key) is not None}}
     row["stage_seconds"] = round(sum(s["seconds"] for s in stages if s["stage"].endswith(f"@{iteration}")), 2)
     logger.info(f"iteration {iteration}/{run['iterations']}: "
                 + " ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"

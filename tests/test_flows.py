@@ -18,7 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 ONE_ITERATION = ["curate", "init", "eval_checkpoint@0", "rollout@1", "score@1", "update@1", "eval_checkpoint@1",
-                 "evaluate"]
+                 "evaluate", "export"]
 
 
 class _FakeProcess:
@@ -75,7 +75,9 @@ class FakeDvc:
             (runs / f"it{it}").mkdir(parents=True, exist_ok=True)
             (runs / f"it{it}" / "metrics.json").write_text(json.dumps(
                 {"iteration": it, "reward_mean": 0.5 + it / 10, "reward_std": 0.1, "loss": -0.01 * it,
-                 "rollout_seconds": 1.5, "train_seconds": 2.5, "train_backward_passes": 16}))
+                 "train_backward_passes": 16}))
+            (runs / f"it{it}" / "rollout.timings.json").write_text(json.dumps({"sample_seconds": 1.5}))
+            (runs / f"it{it}" / "update.timings.json").write_text(json.dumps({"train_seconds": 2.5}))
         if stage == "evaluate":
             (runs / "eval").mkdir(parents=True, exist_ok=True)
             (runs / "eval" / "metrics.json").write_text(json.dumps({"delta": {"reward": 0.01}}))
@@ -129,12 +131,13 @@ def test_stage_order_unrolls_the_loop():
     from flows.train_loop import stage_names
 
     assert stage_names(2) == ["curate", "init", "rollout@1", "score@1", "update@1",
-                              "rollout@2", "score@2", "update@2", "evaluate"]
+                              "rollout@2", "score@2", "update@2", "evaluate", "export"]
     assert stage_names(4, (0, 2, 4)) == ["curate", "init", "eval_checkpoint@0",
                                          "rollout@1", "score@1", "update@1",
                                          "rollout@2", "score@2", "update@2", "eval_checkpoint@2",
                                          "rollout@3", "score@3", "update@3",
-                                         "rollout@4", "score@4", "update@4", "eval_checkpoint@4", "evaluate"]
+                                         "rollout@4", "score@4", "update@4", "eval_checkpoint@4", "evaluate",
+                                         "export"]
 
 
 def test_repro_reads_what_dvc_did_and_classifies_failures(dvc, project):
@@ -237,8 +240,9 @@ def test_prefect_yaml_declares_one_limited_deployment_per_preset():
 def test_flow_runs_every_stage_in_order_and_reports_metrics(train_loop, dvc, project):
     summary = train_loop(preset="tiny", iterations=2)
     assert dvc.calls == ["curate", "init", "eval_checkpoint@0", "rollout@1", "score@1", "update@1",
-                         "eval_checkpoint@1", "rollout@2", "score@2", "update@2", "eval_checkpoint@2", "evaluate"]
-    assert [s["outcome"] for s in summary["stages"]] == ["ran"] * 12
+                         "eval_checkpoint@1", "rollout@2", "score@2", "update@2", "eval_checkpoint@2", "evaluate",
+                         "export"]
+    assert [s["outcome"] for s in summary["stages"]] == ["ran"] * 13
     assert [row["iteration"] for row in summary["metrics"]] == [1, 2]
     assert summary["metrics"][1]["reward_mean"] == pytest.approx(0.7) and summary["metrics"][1]["loss"] == -0.02
     assert summary["evaluation"] == {"delta": {"reward": 0.01}}
@@ -274,7 +278,7 @@ def test_transient_failure_is_retried(train_loop, dvc):
     dvc.failures = {"score@1": [1, -9]}  # an I/O error, then a killed process; the third try works
     summary = train_loop(preset="tiny", iterations=1)
     assert dvc.calls == ["curate", "init", "eval_checkpoint@0", "rollout@1", "score@1", "score@1", "score@1",
-                         "update@1", "eval_checkpoint@1", "evaluate"]
+                         "update@1", "eval_checkpoint@1", "evaluate", "export"]
     assert summary["stages"][4]["outcome"] == "ran"
 
 
@@ -285,4 +289,4 @@ def test_deterministic_failure_fails_the_run_without_retry_and_a_rerun_resumes(t
     assert dvc.calls == ONE_ITERATION[:6]  # not retried, nothing after it started
     dvc.calls.clear()
     summary = train_loop(preset="tiny", iterations=1)  # the same parameters again
-    assert [s["outcome"] for s in summary["stages"]] == ["up to date, skipped"] * 5 + ["ran"] * 3
+    assert [s["outcome"] for s in summary["stages"]] == ["up to date, skipped"] * 5 + ["ran"] * 4
