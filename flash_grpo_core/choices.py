@@ -13,3 +13,10 @@ LORA_INITS = ("gaussian", "default")  # peft's init_lora_weights: "gaussian", or
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 PRESETS = ("tiny", "wan1_3b", "wan14b", "toy")  # toy: the pixel-space alignment benchmark
 PARALLEL_STRATEGIES = ("auto", "ddp", "fsdp")  # data parallelism of the update on several ranks
+# Every reward the registry holds (flash_grpo_core/rewards, and the toy task's), so that the config
+# can refuse an unknown name before any stage loads a model; tests/test_config.py keeps it in step.
+REWARD_NAMES = ("brightness", "brisque", "clip_score", "color_match", "colorfulness", "hpsv2", "hpsv3",
+                "motion_magnitude", "ocr", "pickscore", "remote", "sharpness", "temporal_consistency",
+                "toy_following", "videoalign")
+# Paths that dvc.yaml puts into a stage's command line, which DVC runs through a shell.
+SAFE_PATH = r"[A-Za-z0-9_][A-Za-z0-9_./-]*"

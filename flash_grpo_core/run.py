@@ -1,42 +1,49 @@
 """Run a few Flash-GRPO iterations in one process and print their metrics.
 
-    python -m flash_grpo_core.run [--params params.yaml] [--preset tiny] [--iterations N]
+    python -m flash_grpo_core.run [--params params.yaml] [--preset tiny] [--iterations N] [--prompts FILE]
 
-The smallest end-to-end use of the core: prompts from a text file, the configured reward, and
-`run_iteration` per iteration. The staged, cached pipeline (`dvc repro`) is the production path.
+The smallest end-to-end use of the core: the prompts of a prompt source (default: the params'
+`data.source`, the file the pipeline's curate stage reads; .txt, .jsonl or .parquet), the
+configured reward, and `run_iteration` per iteration. The staged, cached pipeline (`dvc repro`) is
+the production path.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
-from pathlib import Path
 
 
-def read_prompt_lines(path: Path) -> list[str]:
-    """Non-empty, stripped lines of a UTF-8 text file; a clear error when there are none."""
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt file not found: {path}")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError(f"prompt file {path} contains no prompts")
-    return prompts
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--preset", default=None)
-    parser.add_argument("--iterations", type=int, default=None)
-    parser.add_argument("--prompts", default="prompts/example.txt")
+    parser.add_argument("--iterations", type=positive, default=None, help="default: the params' iterations")
+    parser.add_argument("--prompts", default=None, help="a prompt source (default: the params' data.source)")
     args = parser.parse_args(argv)
 
-    from flash_grpo_core.config import load_params
+    from flash_grpo_core.artifacts.prompt_sources import PromptFileError, read_prompt_file
+    from flash_grpo_core.config import ConfigError, load_params
+
+    try:
+        params = load_params(args.params, preset=args.preset)
+        prompts = [raw.text for raw in read_prompt_file(args.prompts or params.data.source) if raw.text.strip()]
+        if not prompts:
+            raise PromptFileError(f"{args.prompts or params.data.source}: no prompts")
+    except (ConfigError, PromptFileError) as error:
+        print(f"run: error: {error}", file=sys.stderr)
+        return 2
     from flash_grpo_core.engine.iteration import build_engine, reward_from_params, run_iteration
 
-    params = load_params(args.params, preset=args.preset)
-    prompts = read_prompt_lines(Path(args.prompts))
     engine = build_engine(params)
     reward = reward_from_params(params)
     per_iteration = params.rollout.prompts_per_iteration
@@ -47,7 +54,8 @@ def main(argv: list[str] | None = None) -> None:
         metrics = run_iteration(engine, batch_prompts, reward, iteration)
         metrics["seconds"] = round(time.perf_counter() - began, 3)
         print(json.dumps(metrics), flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

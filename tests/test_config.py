@@ -155,3 +155,48 @@ def test_default_params_select_the_learning_toy_preset_and_its_prompt_grid():
     curated = curate(raw, params.data)
     assert sorted(p.prompt for p in curated.eval) == sorted(held_out) and len(curated.train) == len(train)
     assert params.eval.num_prompts == len(held_out) and params.eval.samples_per_prompt > 1
+
+
+def test_unknown_rewards_and_non_finite_weights_are_refused_before_any_stage():
+    with pytest.raises(ConfigError, match=r"reward.weights names unknown reward\(s\) \['hps_v3'\]"):
+        params_from_dict({"reward": {"weights": {"hps_v3": 1.0}}})
+    for weight in (float("nan"), float("inf"), "high"):
+        with pytest.raises(ConfigError, match="reward.weights.brightness must be a (finite )?number"):
+            params_from_dict({"reward": {"weights": {"brightness": weight}}})
+
+
+def test_the_config_knows_every_registered_reward():
+    import flash_grpo_core.toy  # noqa: F401 - registers the toy task's reward
+    from flash_grpo_core.choices import REWARD_NAMES
+    from flash_grpo_core.rewards import available_rewards
+
+    assert tuple(available_rewards()) == REWARD_NAMES
+
+
+@pytest.mark.parametrize("key, value", [("pipeline.root", "runs;touch${IFS}owned;echo"), ("pipeline.root", "my runs"),
+                                        ("pipeline.root", "../elsewhere"), ("data.source", "prompts/a b.txt"),
+                                        ("data.source", "$(id).txt"), ("pipeline.root", "-rf")])
+def test_paths_that_reach_dvc_yaml_commands_are_plain(key, value):
+    section, name = key.split(".")
+    with pytest.raises(ConfigError, match=rf"{key} must be a relative path of letters"):
+        params_from_dict({section: {name: value}})
+
+
+def test_cuda_without_a_cuda_device_is_a_config_error(monkeypatch):
+    import torch
+
+    from flash_grpo_core.engine.iteration import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="model.device is 'cuda' but this machine has no CUDA device"):
+        resolve_device("cuda")
+    assert resolve_device("auto").type == "cpu"
+
+
+@pytest.mark.parametrize("count", ["0", "-3"])
+def test_the_single_process_runner_refuses_no_iterations(count, capsys):
+    from flash_grpo_core.run import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--iterations", count])
+    assert exited.value.code == 2 and "must be at least 1" in capsys.readouterr().err

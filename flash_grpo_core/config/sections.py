@@ -5,6 +5,8 @@ presets, overrides, types) is `loading.py`. No torch here, so flows and CLIs val
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
 
 from flash_grpo_core.choices import (
@@ -15,6 +17,8 @@ from flash_grpo_core.choices import (
     PARALLEL_STRATEGIES,
     PRESETS,
     RECTIFY_MODES,
+    REWARD_NAMES,
+    SAFE_PATH,
     SCHEDULE_KINDS,
     STD_SCOPES,
     TRAIN_MODES,
@@ -29,6 +33,13 @@ class ConfigError(ValueError):
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
+
+
+def _check_path(key: str, value: str) -> None:
+    """A path that dvc.yaml puts on a stage's command line (run through a shell): plain characters only."""
+    _check(isinstance(value, str) and re.fullmatch(SAFE_PATH, value) is not None and ".." not in value.split("/"),
+           f"{key} must be a relative path of letters, digits and . _ / - (it goes into dvc.yaml's shell "
+           f"commands), got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -134,6 +145,11 @@ class RewardConfig:
 
     def __post_init__(self):
         _check(len(self.weights) > 0, "reward.weights must name at least one reward")
+        unknown = sorted(set(self.weights) - set(REWARD_NAMES))
+        _check(not unknown, f"reward.weights names unknown reward(s) {unknown}; known: {', '.join(REWARD_NAMES)}")
+        for name, weight in self.weights.items():
+            _check(isinstance(weight, (int, float)) and not isinstance(weight, bool) and math.isfinite(weight),
+                   f"reward.weights.{name} must be a finite number, got {weight!r}")
         _check(all(name in self.weights for name in self.options),
                f"reward.options names rewards not in reward.weights: {sorted(set(self.options) - set(self.weights))}")
         _check(self.frame_stride >= 1, "reward.frame_stride must be >= 1")
@@ -184,6 +200,7 @@ class DataConfig:
     source: str = "prompts/example.txt"  # the prompt file dvc.yaml's curate stage reads (.txt, .jsonl, .parquet)
 
     def __post_init__(self):
+        _check_path("data.source", self.source)
         _check(self.min_words >= 0, f"data.min_words must be >= 0, got {self.min_words}")
         _check(self.max_words >= self.min_words,
                f"data.max_words ({self.max_words}) must be >= data.min_words ({self.min_words})")
@@ -217,6 +234,7 @@ class PipelineConfig:
 
     def __post_init__(self):
         _check(self.groups_per_shard >= 1, "pipeline.groups_per_shard must be >= 1")
+        _check_path("pipeline.root", self.root)
         _check(self.eval_every >= 0, f"pipeline.eval_every must be >= 0, got {self.eval_every}")
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from flash_grpo_core.config import Params
+from flash_grpo_core.config import ConfigError, Params
 from flash_grpo_core.engine.distributed import current as current_world
 from flash_grpo_core.engine.ema import EMA
 from flash_grpo_core.engine.sampler import rollout
@@ -38,6 +38,9 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"model.device is {name!r} but this machine has no CUDA device (set model.device: auto "
+                          "or cpu)")
     if device.type == "cuda" and device.index is None and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())  # init_from_env pinned the rank's GPU
     return device
