@@ -12,7 +12,7 @@ sampler, EMA weights, fixed noise per (prompt, sample). Variants:
   flash                 one SDE step per rollout, iso-temporal, exact rectification (Flash-GRPO)
   flash-no-iso          the same, one step per sample instead of per prompt
   flash-no-rect         the same, no rectification
-  flash-flowgrpo-rect   the same, Flow-GRPO's partial rectification factor
+  flash-flowgrpo-rect   the same, with the partial factor s/sqrt(dt) (rectify: flow_grpo, this project's)
   window-k              SDE on a window of 2 steps inside flash's first K, moved every iteration
                         (train.mode window_k), no rectification
   full                  SDE on every step, training the first int(N x timestep_fraction) (Flow-GRPO),
