@@ -44,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from flash_grpo_core.engine.iteration import build_engine, reward_from_params, run_iteration
 
+    reward = reward_from_params(params)  # first: a missing reward model fails before the Wan model loads
     engine = build_engine(params)
-    reward = reward_from_params(params)
     per_iteration = params.rollout.prompts_per_iteration
     for iteration in range(args.iterations or params.iterations):
         start = iteration * per_iteration

@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     return _common.run("eval_checkpoint", lambda: evaluate_checkpoint(args), argv, distributed=True)
 
 
-def evaluate_units(engine, texts: list[str], params) -> tuple[dict, list]:
+def evaluate_units(engine, texts: list[str], params, reward) -> tuple[dict, list]:
     """Metric results and report videos of this rank's prompts, every rank's gathered in order.
 
     The prompts are evaluated in units of `rollout.batch_size` (the sampler's batch), dealt to the
@@ -43,10 +43,10 @@ def evaluate_units(engine, texts: list[str], params) -> tuple[dict, list]:
     import torch
 
     from flash_grpo_core.engine import distributed as dist
-    from flash_grpo_core.engine.iteration import encode, reward_from_params, sample_ode
+    from flash_grpo_core.engine.iteration import encode, sample_ode
     from flash_grpo_core.metrics import evaluate_videos, merge_results, reward_entries
 
-    size, reward = params.rollout.batch_size, reward_from_params(params)
+    size = params.rollout.batch_size
     units = [range(start, min(start + size, len(texts))) for start in range(0, len(texts), size)]
     context = engine.policy.ema.applied() if params.eval.use_ema else contextlib.nullcontext()
     mine = {}
@@ -77,6 +77,7 @@ def evaluate_checkpoint(args) -> dict:
     from flash_grpo_core.artifacts.prompts import read_prompts_parquet
     from flash_grpo_core.config import ConfigError
     from flash_grpo_core.engine.distributed import current
+    from flash_grpo_core.engine.iteration import reward_from_params
     from flash_grpo_core.metrics import summary
 
     params = _common.load_params(args.params)
@@ -87,10 +88,11 @@ def evaluate_checkpoint(args) -> dict:
     prompts = available[: params.eval.num_prompts]
     texts = [p.prompt for _ in range(params.eval.samples_per_prompt) for p in prompts]  # [S * P]
     check_config(args.checkpoint, params)  # before the model loads: a checkpoint of other params
+    reward = reward_from_params(params)  # before the model loads too: a missing reward model's path
     engine, state = _common.engine_at(params, args.checkpoint)
     if state["iteration"] != args.iteration:
         raise CheckpointError(f"{args.checkpoint} holds iteration {state['iteration']}, not {args.iteration}")
-    results, videos = evaluate_units(engine, texts, params)
+    results, videos = evaluate_units(engine, texts, params, reward)
     means = summary(results)
     if current().is_main:
         write_videos(videos, prompts[: params.eval.report_samples], args.videos)

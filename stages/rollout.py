@@ -37,12 +37,14 @@ def main(argv=None) -> int:
         from flash_grpo_core.artifacts.prompts import read_prompts_parquet
         from flash_grpo_core.artifacts.shards import ShardWriter
         from flash_grpo_core.engine import distributed as dist
-        from flash_grpo_core.engine.iteration import encode, iteration_prompts, plan_steps
+        from flash_grpo_core.engine.iteration import encode, iteration_prompts, plan_steps, reward_from_params
         from flash_grpo_core.method.batch import PassCounter
 
         params = _common.load_params(args.params)
         r = params.rollout
         check_config(args.checkpoint, params)  # before the model loads: a checkpoint of other params
+        reward_from_params(params)  # the score stage's reward, built (not loaded) now: a missing model path
+        # fails here, before any sampling, instead of after the rollout
         chosen = iteration_prompts(read_prompts_parquet(args.prompts), r.prompts_per_iteration, args.iteration,
                                    params.seed)
         timings, counter = {}, PassCounter()

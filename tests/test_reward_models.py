@@ -332,19 +332,46 @@ def reference_hpsv3(base, state, reward, frames, prompts):
 
 
 def test_hpsv3_loads_the_released_layout_and_matches_transformers(qwen_base, tmp_path):
+    from flash_grpo_core.rewards.vlm import jpeg_round_trip
+
     state = make_hpsv3_checkpoint(qwen_base, tmp_path / "HPSv3.safetensors")
     videos, prompts = random_videos(2, 3, 40, 48, seed=11), ["a cat on a mat", "fireworks over a city"]
+    frame_prompts = [p for p in prompts for _ in range(3)]
     reward = build_reward("hpsv3", path=str(tmp_path), base_path=str(qwen_base), pixels=TINY_PIXELS,
-                          aggregate="mean", batch_size=4)
+                          aggregate="mean", batch_size=4, jpeg=False)
     out = reward(videos, prompts)
     assert out.scores.shape == (2,) and out.scores.dtype == torch.float32
-    expected = reference_hpsv3(qwen_base, state, reward, videos.reshape(6, 40, 48, 3), [p for p in prompts for _ in range(3)])
+    expected = reference_hpsv3(qwen_base, state, reward, videos.reshape(6, 40, 48, 3), frame_prompts)
     torch.testing.assert_close(out.scores, expected.view(2, 3).mean(dim=1), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(reward(videos, prompts).scores, out.scores)  # deterministic
     top = build_reward("hpsv3", path=str(tmp_path / "HPSv3.safetensors"), base_path=str(qwen_base), pixels=TINY_PIXELS)
-    assert (top.aggregate, top.top_fraction) == ("top_mean", 0.3)  # the authors' setting is the default
+    assert (top.aggregate, top.top_fraction, top.jpeg) == ("top_mean", 0.3, True)  # the authors' settings
+    # by default the frames are scored as the authors' client sends them: after a JPEG round trip
+    seen = jpeg_round_trip(videos.reshape(6, 40, 48, 3))
+    assert (seen.int() - videos.reshape(6, 40, 48, 3).int()).abs().float().mean() > 1  # the round trip is lossy
+    expected_jpeg = reference_hpsv3(qwen_base, state, reward, seen, frame_prompts)
+    assert not torch.allclose(expected_jpeg, expected, rtol=1e-4, atol=1e-5)
     # top 30% of 3 frames is 1 frame: the best one
-    torch.testing.assert_close(top(videos, prompts).scores, expected.view(2, 3).max(dim=1).values, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(top(videos, prompts).scores, expected_jpeg.view(2, 3).max(dim=1).values,
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_jpeg_round_trip_is_pils_default_quality():
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from flash_grpo_core.rewards.vlm import jpeg_round_trip
+
+    frames = random_videos(1, 2, 32, 24, seed=3)[0]  # [2, 32, 24, 3]
+    out = jpeg_round_trip(frames)
+    assert out.shape == frames.shape and out.dtype == torch.uint8
+    for frame, got in zip(frames.numpy(), out.numpy()):
+        for quality, same in ((75, True), (95, False)):
+            buffer = io.BytesIO()
+            Image.fromarray(frame).save(buffer, format="JPEG", quality=quality)
+            assert np.array_equal(np.asarray(Image.open(buffer)), got) == same
 
 
 def test_hpsv3_rejects_a_checkpoint_with_missing_weights(qwen_base, tmp_path):

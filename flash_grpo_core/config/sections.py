@@ -137,6 +137,11 @@ class TrainConfig:
                "train.window_size, window_stride and window_every must be >= 1")
 
 
+# Options without which a weighted reward cannot run: checked when params load, before any stage
+# starts (that the paths exist is checked when the reward is built, before the model loads).
+_REQUIRED_REWARD_OPTIONS = {"hpsv3": ("path", "base_path"), "videoalign": ("path",), "remote": ("url", "name")}
+
+
 @dataclass(frozen=True)
 class RewardConfig:
     weights: dict[str, float] = field(default_factory=lambda: {"brightness": 1.0})
@@ -153,6 +158,12 @@ class RewardConfig:
         _check(all(name in self.weights for name in self.options),
                f"reward.options names rewards not in reward.weights: {sorted(set(self.options) - set(self.weights))}")
         _check(self.frame_stride >= 1, "reward.frame_stride must be >= 1")
+        for name, keys in _REQUIRED_REWARD_OPTIONS.items():
+            for key in keys if name in self.weights else ():
+                _check(bool((self.options.get(name) or {}).get(key)),
+                       f"reward {name} needs reward.options.{name}.{key} in params.yaml"
+                       + (" (a local path; or serve it with flash_grpo_core.rewards.server and weight `remote`)"
+                          if name != "remote" else " (the reward server's address)"))
 
 
 @dataclass(frozen=True)

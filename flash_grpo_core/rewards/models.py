@@ -53,12 +53,22 @@ def require_path(reward: str, value: Any, key: str = "path", kind: str = "any") 
     return path
 
 
-def resolve_dtype(reward: str, dtype: str | torch.dtype) -> torch.dtype:
-    """torch dtype from a params.yaml string ("float32", "bfloat16", "float16")."""
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``auto``: this process's GPU when there is one (under torchrun, the rank's), else the CPU."""
+    if device == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(reward: str, dtype: str | torch.dtype, device: torch.device | None = None) -> torch.dtype:
+    """torch dtype from a params.yaml string ("float32", "bfloat16", "float16"; "auto": bfloat16 on a
+    GPU, float32 on the CPU)."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device is not None and device.type == "cuda" else torch.float32
     if dtype not in DTYPES:
-        raise RewardError(f"reward {reward!r}: dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        raise RewardError(f"reward {reward!r}: dtype must be auto or one of {sorted(DTYPES)}, got {dtype!r}")
     return DTYPES[dtype]
 
 
@@ -82,14 +92,14 @@ class ModelReward:
     name = "model_reward"
 
     def __init__(
-        self, *, device: str = "cpu", dtype: str = "float32", frame_stride: int = 1
+        self, *, device: str = "auto", dtype: str = "float32", frame_stride: int = 1
     ) -> None:
         if not isinstance(frame_stride, int) or frame_stride < 1:
             raise RewardError(
                 f"reward {self.name!r}: frame_stride must be a positive integer, got {frame_stride!r}"
             )
-        self.device = torch.device(device)
-        self.dtype = resolve_dtype(self.name, dtype)
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(self.name, dtype, self.device)
         self.frame_stride = frame_stride
         self.loaded = False
         self._lock = threading.Lock()

@@ -6,7 +6,10 @@
   aggregated (default: mean of the top 30% of frames, the Flash-GRPO authors' setting).
   ``path``: ``HPSv3.safetensors`` (the whole model, as released) or a directory holding it;
   ``base_path``: a local Qwen2-VL-7B-Instruct directory for the config and tokenizer (its
-  weights are not read: the HPSv3 file has them all).
+  weights are not read: the HPSv3 file has them all). ``jpeg`` (default true): every frame is
+  saved as JPEG at PIL's default quality and read back before scoring, as the Flash-GRPO authors'
+  client sends frames to their HPSv3 server (``flow_grpo/rewards.py: video_hpsv3_remote``, commit
+  4211013), so scores match theirs; false scores the decoded pixels as they are.
 - ``videoalign``: VideoAlign / VideoReward (Qwen2-VL-2B-Instruct + LoRA + a linear head on
   three tokens: visual quality VQ, motion quality MQ, text alignment TA). ``path``: the released
   directory (``model_config.json`` + ``checkpoint-*/{adapter_model.safetensors,
@@ -18,7 +21,7 @@
   (``inference_config`` means / stds), i.e. VideoAlign's "Overall" with unit weights.
 
 Departures from the released code: the inputs are uint8 tensors, not image / mp4 paths (no
-encode-decode round trip); pixels are preprocessed in torch (see ``qwen2vl.VisionInputs``);
+encode-decode round trip, except HPSv3's JPEG one described above); pixels are preprocessed in torch (see ``qwen2vl.VisionInputs``);
 LoRA is merged into the weights instead of running through peft.
 """
 
@@ -79,6 +82,21 @@ def vision_inputs(base_path: Path, vision_config) -> VisionInputs:
     )
 
 
+def jpeg_round_trip(frames: torch.Tensor) -> torch.Tensor:
+    """uint8 frames [N, H, W, 3] saved as JPEG with PIL's defaults (quality 75, 4:2:0) and decoded."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    decoded = []
+    for frame in frames.cpu().numpy():
+        buffer = io.BytesIO()
+        Image.fromarray(frame).save(buffer, format="JPEG")
+        decoded.append(np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")))
+    return torch.from_numpy(np.stack(decoded))  # [N, H, W, 3] uint8
+
+
 @register("hpsv3")
 class HPSv3Reward(FrameModelReward):
     """HPSv3 mu per frame, aggregated over frames (default top 30%)."""
@@ -93,9 +111,13 @@ class HPSv3Reward(FrameModelReward):
         aggregate: str = "top_mean",
         top_fraction: float = 0.3,
         batch_size: int = 8,
+        jpeg: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(aggregate=aggregate, top_fraction=top_fraction, batch_size=batch_size, **kwargs)
+        if not isinstance(jpeg, bool):
+            raise RewardError(f"reward 'hpsv3': jpeg must be true or false, got {jpeg!r}")
+        self.jpeg = jpeg
         self.path = require_path(self.name, path, "path")
         if self.path.is_dir():
             self.path = require_path(self.name, str(self.path / "HPSv3.safetensors"), "path", kind="file")
@@ -123,6 +145,8 @@ class HPSv3Reward(FrameModelReward):
         self.vision = vision_inputs(self.base_path, config.vision_config)
 
     def score_frames(self, frames: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        if self.jpeg:
+            frames = jpeg_round_trip(frames)
         images = [self.vision.image(frame, self.pixels, self.pixels) for frame in frames]
         pixels = torch.cat([patches for patches, _ in images]).to(self.device, self.dtype)  # [P, C*T*14*14]
         grids = torch.cat([grid for _, grid in images])  # [N, 3]
