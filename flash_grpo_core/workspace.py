@@ -3,7 +3,9 @@
 `copy_project` copies the tracked and new (not ignored) files of a checkout, without run outputs
 or `dvc.lock`, and commits them in a fresh git repository so DVC can run there; with `preset` (and
 `iterations`) it first selects that preset in the copy's params.yaml, as the tests and benchmarks of
-the tiny preset do (the default preset is the toy task). `tool_env` puts
+the tiny preset do (the default preset is the toy task); with `cache_dir`, the copy's DVC cache (and
+so its run cache) is that folder, which several copies may share: a stage already run in one copy
+with the same command, dependencies and params is restored in another instead of run. `tool_env` puts
 this interpreter's bin directory first on PATH so `python` and `dvc` in `dvc.yaml` commands are
 the ones of the running environment, with telemetry off.
 """
@@ -49,14 +51,18 @@ def select_preset(params: Path, preset: str, iterations: int) -> None:
         yaml.dump(data, handle)
 
 
-def copy_project(root: Path, destination: Path, preset: str | None = None, iterations: int = 2) -> Path:
+def copy_project(root: Path, destination: Path, preset: str | None = None, iterations: int = 2,
+                 cache_dir: Path | None = None) -> Path:
     """Copy the checkout at `root` into `destination` and commit it there; returns `destination`.
-    With `preset`, the copy's params.yaml selects it with `iterations` iterations."""
+    With `preset`, the copy's params.yaml selects it with `iterations` iterations; with `cache_dir`,
+    DVC caches there (`.dvc/config.local`, which git ignores)."""
     for name in project_files(root):
         (destination / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(root / name, destination / name)
     if preset is not None:
         select_preset(destination / "params.yaml", preset, iterations)
+    if cache_dir is not None:
+        (destination / ".dvc" / "config.local").write_text(f"[cache]\n    dir = {Path(cache_dir).resolve()}\n")
     identity = ["-c", "user.email=pipeline@localhost", "-c", "user.name=pipeline"]
     for command in (["init", "-q"], [*identity, "add", "-A"], [*identity, "commit", "-qm", "workspace copy"]):
         subprocess.run(["git", *command], cwd=destination, check=True, capture_output=True)

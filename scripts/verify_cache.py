@@ -1,6 +1,6 @@
 """Re-hash every object of the DVC cache against its name; name each bad one, exit code 2 if any.
 
-    python scripts/verify_cache.py                 # the checkout's .dvc/cache
+    python scripts/verify_cache.py                 # the checkout's cache (`dvc cache dir`)
     python scripts/verify_cache.py --cache DIR     # another cache (e.g. a shared one)
 
 DVC 3 stores an object under `files/md5/<first 2 hex>/<other 30 hex>`: a file's md5 is its name, and
@@ -17,6 +17,8 @@ import argparse
 import hashlib
 import json
 import re
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -67,10 +69,21 @@ def verify(cache: Path) -> tuple[int, list[tuple[Path, str]]]:
     return len(found), bad
 
 
+def configured_cache() -> Path:
+    """The checkout's cache as DVC resolves it (`cache.dir` in .dvc/config or config.local), else .dvc/cache."""
+    dvc = shutil.which("dvc") or str(Path(sys.executable).parent / "dvc")
+    try:
+        found = subprocess.run([dvc, "cache", "dir"], capture_output=True, text=True, check=False, timeout=60)
+    except OSError:
+        return Path(".dvc/cache")
+    return Path(found.stdout.strip()) if found.returncode == 0 and found.stdout.strip() else Path(".dvc/cache")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python scripts/verify_cache.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--cache", type=Path, default=Path(".dvc/cache"), help="the DVC cache (default: .dvc/cache)")
+    parser.add_argument("--cache", type=Path, default=None, help="the DVC cache (default: `dvc cache dir`)")
     args = parser.parse_args(argv)
+    args.cache = args.cache or configured_cache()
     if not args.cache.is_dir():
         print(f"verify_cache: error: {args.cache} is not a directory", file=sys.stderr)
         return BAD_EXIT

@@ -104,7 +104,7 @@ def launch(module: str, argv: list[str]) -> int:
 def worst_exit(status: Path, launcher_code: int) -> int:
     """The stage's exit code from its ranks' codes: a known input error (2) over a transient one (75)
     over any other failure; torchrun's own code when no rank left one (it died before writing)."""
-    codes = [json.loads(path.read_text())["exit"] for path in sorted(status.glob("rank-*.json"))]
+    codes = [code for path in sorted(status.glob("rank-*.json")) if (code := _recorded(path)) is not None]
     failed = [code for code in codes if code != 0]
     for meaningful in (2, 75):
         if meaningful in failed:
@@ -114,9 +114,20 @@ def worst_exit(status: Path, launcher_code: int) -> int:
     return launcher_code
 
 
+def _recorded(path: Path) -> int | None:
+    """A rank's recorded exit code; None when the file cannot be read as one."""
+    try:
+        return int(json.loads(path.read_text())["exit"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def record_exit(code: int) -> None:
-    """Leave this rank's exit code for `launch` (no-op outside a launch)."""
+    """Leave this rank's exit code for `launch` (no-op outside a launch). Written whole or not at
+    all (a temporary file renamed): torchrun may kill a rank while it writes, once another failed."""
     folder = os.environ.get(STATUS_ENV)
     if folder and inside():
         path = Path(folder) / f"rank-{int(os.environ.get('RANK', '0')):05d}.json"
-        path.write_text(json.dumps({"exit": int(code)}))
+        temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        temporary.write_text(json.dumps({"exit": int(code)}))
+        os.replace(temporary, path)

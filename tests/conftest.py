@@ -14,6 +14,13 @@ import pytest  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session")
+def dvc_cache(tmp_path_factory):
+    """One DVC cache for the session's scratch workspaces: a stage that one test module ran (same
+    command, dependencies and params) is restored from the run cache in the next instead of run again."""
+    return tmp_path_factory.mktemp("dvc-cache")
+
+
 @pytest.fixture
 def tiny_params():
     """Factory: the repository's tiny preset with dotted overrides (`train__mode="full"`).

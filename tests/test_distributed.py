@@ -50,8 +50,8 @@ def _update(cwd, out, scores, nproc, params="params.yaml"):
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    project = copy_project(ROOT, tmp_path_factory.mktemp("distributed"), preset="tiny")
+def workspace(tmp_path_factory, dvc_cache):
+    project = copy_project(ROOT, tmp_path_factory.mktemp("distributed"), preset="tiny", cache_dir=dvc_cache)
     _run([BIN / "dvc", "repro", "score@1"], project)  # curate, init, rollout@1, score@1 on one process
     return project
 
@@ -220,3 +220,20 @@ def test_every_rank_plans_the_same_steps(workspace):
     done = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "plan.py"],
                 workspace)
     assert done.stdout.count("same plan") == 2
+
+
+def test_the_worst_exit_skips_a_status_a_killed_rank_left_half_written(tmp_path, monkeypatch):
+    """torchrun stops the other ranks at the first failure; one may die while writing its status."""
+    from stages import _launch
+
+    (tmp_path / "rank-00000.json").write_text("")  # killed between open and write
+    (tmp_path / "rank-00001.json").write_text('{"exit": 2}')
+    assert _launch.worst_exit(tmp_path, 1) == 2
+    (tmp_path / "rank-00001.json").write_text('{"exit": 0}')
+    assert _launch.worst_exit(tmp_path, 1) == 1  # no failure recorded: torchrun's own code
+    monkeypatch.setenv(_launch.STATUS_ENV, str(tmp_path))
+    monkeypatch.setattr(_launch, "inside", lambda: True)
+    monkeypatch.setenv("RANK", "0")
+    _launch.record_exit(75)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["rank-00000.json", "rank-00001.json"]
+    assert _launch.worst_exit(tmp_path, 1) == 75

@@ -232,8 +232,8 @@ def _run(args, cwd, check=True):
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    project = copy_project(ROOT, tmp_path_factory.mktemp("integrity"))
+def workspace(tmp_path_factory, dvc_cache):
+    project = copy_project(ROOT, tmp_path_factory.mktemp("integrity"), cache_dir=dvc_cache)
     params = project / "params.yaml"  # the tiny preset, whatever the checkout's default
     params.write_text(re.sub(r"(?m)^preset: *\w+", "preset: tiny", params.read_text()))
     _run([BIN / "dvc", "repro", "curate"], project)
@@ -253,10 +253,10 @@ def _lock_entry(project: Path, stage: str) -> dict:
 
 
 @pytest.mark.slow
-def test_an_output_edited_in_place_leaves_its_cache_object_intact(workspace):
+def test_an_output_edited_in_place_leaves_its_cache_object_intact(workspace, dvc_cache):
     """With links (the old cache.type) truncating an output truncated the cache object under its md5."""
     out = next(o for o in _lock_entry(workspace, "curate")["outs"] if o["path"].endswith("train.parquet"))
-    cached = workspace / ".dvc" / "cache" / "files" / "md5" / out["md5"][:2] / out["md5"][2:]
+    cached = dvc_cache / "files" / "md5" / out["md5"][:2] / out["md5"][2:]
     output = workspace / out["path"]
     output.chmod(0o644)
     with open(output, "r+b") as handle:
@@ -268,10 +268,10 @@ def test_an_output_edited_in_place_leaves_its_cache_object_intact(workspace):
 
 
 @pytest.mark.slow
-def test_the_cache_verifier_names_a_corrupt_object(workspace):
-    verify = [sys.executable, ROOT / "scripts" / "verify_cache.py", "--cache", workspace / ".dvc" / "cache"]
+def test_the_cache_verifier_names_a_corrupt_object(workspace, dvc_cache):
+    verify = [sys.executable, ROOT / "scripts" / "verify_cache.py"]  # finds the cache DVC uses: dvc_cache
     assert _run(verify, workspace).returncode == 0
-    objects = sorted((workspace / ".dvc" / "cache" / "files" / "md5").glob("??/*"))
+    objects = sorted((dvc_cache / "files" / "md5").glob("??/*"))
     victim = next(path for path in objects if not path.name.endswith(".dir"))
     data = victim.read_bytes()
     victim.chmod(0o644)

@@ -34,9 +34,9 @@ def _dvc(*args, cwd, check=True):
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
+def project(tmp_path_factory, dvc_cache):
     """A git + DVC copy of the repository's tracked and new files, without any run outputs."""
-    return copy_project(ROOT, tmp_path_factory.mktemp("project"), preset="tiny")  # 2 iterations
+    return copy_project(ROOT, tmp_path_factory.mktemp("project"), preset="tiny", cache_dir=dvc_cache)  # 2 iterations
 
 
 def test_repro_builds_every_artifact(project):

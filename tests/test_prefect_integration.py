@@ -101,10 +101,10 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
+def stack(tmp_path_factory, dvc_cache):
     from flash_grpo_core.workspace import copy_project
 
-    project = copy_project(ROOT, tmp_path_factory.mktemp("project"), preset="tiny")
+    project = copy_project(ROOT, tmp_path_factory.mktemp("project"), preset="tiny", cache_dir=dvc_cache)
     stack = Stack(project, tmp_path_factory.mktemp("prefect-home"))
     try:
         stack.start("server", "server", "start", "--host", "127.0.0.1", "--port", str(stack.port))
