@@ -23,6 +23,21 @@ def positive(text: str) -> int:
     return value
 
 
+def _build(params):
+    """(engine, reward); the reward first: a missing reward model fails before the video model loads.
+    A reward or model-path error is a ConfigError here: both are fixed in params.yaml."""
+    from flash_grpo_core.config import ConfigError
+    from flash_grpo_core.engine.iteration import build_engine, reward_from_params
+    from flash_grpo_core.models.wan import ModelPathError
+    from flash_grpo_core.rewards import RewardError
+
+    try:
+        reward = reward_from_params(params)
+        return build_engine(params), reward
+    except (RewardError, ModelPathError) as error:
+        raise ConfigError(str(error)) from error
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
@@ -39,13 +54,12 @@ def main(argv: list[str] | None = None) -> int:
         prompts = [raw.text for raw in read_prompt_file(args.prompts or params.data.source) if raw.text.strip()]
         if not prompts:
             raise PromptFileError(f"{args.prompts or params.data.source}: no prompts")
+        engine, reward = _build(params)
     except (ConfigError, PromptFileError) as error:
         print(f"run: error: {error}", file=sys.stderr)
         return 2
-    from flash_grpo_core.engine.iteration import build_engine, reward_from_params, run_iteration
+    from flash_grpo_core.engine.iteration import run_iteration
 
-    reward = reward_from_params(params)  # first: a missing reward model fails before the Wan model loads
-    engine = build_engine(params)
     per_iteration = params.rollout.prompts_per_iteration
     for iteration in range(args.iterations or params.iterations):
         start = iteration * per_iteration

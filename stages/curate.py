@@ -35,6 +35,23 @@ def load_config(params_path: str | None):
     return CurateConfig.from_mapping(read_yaml(params_path).get("data"))
 
 
+def check_counts(result, sources: list[str], params_path: str | None) -> None:
+    """Enough prompts for what the pipeline will ask of them, or a ConfigError before anything is
+    written: at least one train prompt, and as many eval prompts as `eval.num_prompts`."""
+    from flash_grpo_core.config import ConfigError, load_params
+
+    counts = result.report["counts"]
+    where = f"{', '.join(sources)}: {counts['in']} prompts in, dropped {json.dumps(counts['dropped'])}"
+    if not result.train:
+        raise ConfigError(f"no train prompts left ({where}, {counts['eval']} eval); add prompts or loosen the "
+                          f"data section's filters")
+    if params_path is not None:
+        wanted = load_params(params_path).eval.num_prompts
+        if len(result.eval) < wanted:
+            raise ConfigError(f"{len(result.eval)} eval prompts ({where}), but eval.num_prompts is {wanted}: "
+                              f"lower it, raise data.min_eval / data.eval_fraction, or add prompts")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from stages import warm_client
@@ -50,10 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.params)
         raw_prompts = read_prompt_sources(args.sources)
+        result = curate(raw_prompts, config)
+        check_counts(result, args.sources, args.params)
     except (ConfigError, PromptFileError) as error:
         print(f"curate: error: {error}", file=sys.stderr)
         return 2
-    result = curate(raw_prompts, config)
     write_curation(result, args.out_dir)
     if result.report["semantic_dedupe"] == SEMANTIC_UNAVAILABLE:
         print(f"curate: warning: semantic dedupe {SEMANTIC_UNAVAILABLE}", file=sys.stderr)

@@ -16,19 +16,26 @@ from pathlib import Path
 
 
 def set_iterations(path: Path, iterations: int) -> None:
-    from ruamel.yaml import YAML
+    from ruamel.yaml import YAML, YAMLError
 
     from flash_grpo_core.artifacts.atomic import atomic_path
-    from flash_grpo_core.config import load_params
+    from flash_grpo_core.config import ConfigError, load_params
     from flash_grpo_core.dvc_layout import set_dvc_layout
 
     yaml = YAML()  # round-trip: comments and layout stay
-    data = yaml.load(path.read_text())
+    try:
+        data = yaml.load(path.read_text())
+    except YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from None
     set_dvc_layout(data, iterations)
     with atomic_path(path) as temporary:
         with open(temporary, "w") as handle:
             yaml.dump(data, handle)
-        load_params(temporary)  # never leave a params file that does not load
+        try:
+            load_params(temporary)  # never leave a params file that does not load
+        except ConfigError as error:
+            reason = str(error).removeprefix(f"{temporary}: ")
+            raise ConfigError(f"{path}: {reason} (left unchanged: fix it, then rerun)") from None
 
 
 def main(argv=None) -> int:
@@ -40,7 +47,13 @@ def main(argv=None) -> int:
         parser.error("the iteration count must be >= 1")
     if not Path(args.params).is_file():
         parser.error(f"no params file at {args.params}")
-    set_iterations(Path(args.params), args.count)
+    from flash_grpo_core.config import ConfigError
+
+    try:
+        set_iterations(Path(args.params), args.count)
+    except ConfigError as error:
+        print(f"iterations: error: {error}", file=sys.stderr)
+        return 2
     print(f"iterations: {args.count} ({args.params})")
     return 0
 

@@ -19,6 +19,20 @@ from pathlib import Path
 from stages import _common
 
 
+def read_manifest(rollout: str) -> dict:
+    """The rollout's manifest.json; a ShardError naming it when it is missing or not the manifest."""
+    from flash_grpo_core.artifacts.tar_io import ShardError
+
+    path = Path(rollout) / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+        int(manifest["forward_passes"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ShardError(f"cannot read the rollout's manifest {path}: {type(error).__name__}: {error} "
+                         f"(rerun its rollout stage)") from error
+    return manifest
+
+
 def main(argv=None) -> int:
     parser = _common.parser("update", __doc__.splitlines()[0])
     parser.add_argument("--iteration", type=int, required=True)
@@ -43,6 +57,7 @@ def main(argv=None) -> int:
 
         params = _common.load_params(args.params)
         check_config(args.checkpoint, params)  # before the model loads: a checkpoint of other params
+        rollout = read_manifest(args.rollout)  # before the model loads too
         timings, counter = {}, PassCounter()
         with _common.timer(timings, "load_seconds"):
             # no text encoder: the prompts come as the embeddings the rollout sampled with
@@ -54,7 +69,6 @@ def main(argv=None) -> int:
         with _common.timer(timings, "train_seconds"), _common.progress_bar(batch.steps.numel(), "update") as bar:
             metrics = update(engine, prompts, batch, advantages, args.iteration, counter, progress=bar, embeds=embeds)
         passes = sum_counts(counter.as_dict())  # every rank's share of the passes
-        rollout = json.loads((Path(args.rollout) / "manifest.json").read_text())
         rewards = _reward_stats(args.scores)
         row = {"iteration": args.iteration, **rewards, **metrics,
                "rollout_forward_passes": rollout["forward_passes"], "train_forward_passes": passes["forward_passes"],

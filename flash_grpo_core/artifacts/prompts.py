@@ -290,11 +290,26 @@ def write_prompts_parquet(prompts: Sequence[Prompt], path: str | os.PathLike) ->
 
 
 def read_prompts_parquet(path: str | os.PathLike) -> list[Prompt]:
-    """The prompts of a curated train.parquet / eval.parquet."""
+    """The prompts of a curated train.parquet / eval.parquet; a PromptFileError naming the file when
+    it is missing, not Parquet, or not of the curated schema."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path, schema=_prompt_schema())
-    return [Prompt(**row) for row in table.to_pylist()]
+    from flash_grpo_core.artifacts.prompt_sources import PromptFileError
+
+    schema = _prompt_schema()
+    try:
+        table = pq.read_table(path)
+        missing = [name for name in schema.names if name not in table.column_names]
+        if missing:
+            raise ValueError(f"no column(s) {missing}")  # read_table(schema=) would fill them with nulls
+        table = table.select(schema.names).cast(schema)
+        if any(table.column(name).null_count for name in schema.names):
+            raise ValueError("null values")
+        return [Prompt(**row) for row in table.to_pylist()]
+    except (OSError, ValueError, TypeError, pa.ArrowException) as error:
+        raise PromptFileError(f"cannot read curated prompts {path}: {type(error).__name__}: {error} "
+                              f"(rerun the curate stage)") from error
 
 
 def write_curation(curation: Curation, out_dir: str | os.PathLike) -> dict[str, Path]:

@@ -129,11 +129,33 @@ def build_engine(params: Params, text_encoder: bool = True) -> Engine:
     """The preset's engine; `text_encoder=False` for stages that never encode a prompt."""
     device = resolve_device(params.model.device)
     stack = build_stack(params, resolve_dtype(params.model.dtype, device), text_encoder)
+    check_video_size(stack, params)
     reference = make_trainable(stack.transformer, params)
     for module in (stack.transformer, stack.text_encoder, stack.vae, reference):
         if module is not None:
             module.to(device)
     return Engine(params, stack, build_policy(stack.transformer, params, reference), device)
+
+
+def check_video_size(stack, params: Params) -> None:
+    """The rollout's video must fit the transformer's position table (`rope_max_seq_len` patches per
+    axis): a larger one fails in the first forward pass with a shape error. Checked when the model is
+    built, before any sampling."""
+    r = params.rollout
+    config = stack.transformer.config
+    grid = stack.latent_shape(r.frames, r.height, r.width)[1:]  # (F, H, W) of the latent
+    names = ("rollout.frames", "rollout.height", "rollout.width")
+    for name, value, size, patch in zip(names, (r.frames, r.height, r.width), grid, config.patch_size):
+        _check_fits(name, value, size, patch, config.rope_max_seq_len)
+
+
+def _check_fits(name: str, value: int, size: int, patch: int, limit: int) -> None:
+    if size % patch:
+        raise ConfigError(f"{name} {value} gives {size} latent positions, not a multiple of the model's patch "
+                          f"size {patch} on that axis")
+    if size // patch > limit:
+        raise ConfigError(f"{name} {value} gives {size // patch} patches, more than the {limit} positions the "
+                          f"model's rope_max_seq_len allows on that axis")
 
 
 def iteration_prompts(items: list, count: int, iteration: int, seed: int) -> list:

@@ -1,0 +1,134 @@
+"""Deterministic input errors end in exit code 2 and one line naming the key or file, before any
+compute: an orchestrator retries exit 1, and an error found after the rollout wastes it."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from ruamel.yaml import YAML
+
+from flash_grpo_core.config import ConfigError
+from flash_grpo_core.workspace import tool_env
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _params_file(tmp_path: Path, preset: str = "tiny", **sections) -> Path:
+    """The repository's params.yaml with `preset` selected and some base keys changed."""
+    yaml = YAML(typ="safe", pure=True)
+    data = yaml.load((ROOT / "params.yaml").read_text())
+    data["preset"] = preset
+    for dotted, value in sections.items():
+        *parents, leaf = dotted.split("__")
+        node = data
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    path = tmp_path / "params.yaml"
+    yaml.dump(data, path)
+    return path
+
+
+def _module(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", *map(str, args)], cwd=cwd, env=tool_env(OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True, check=False, timeout=300)
+
+
+def _one_line(result, prefix: str) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith(prefix), result.stderr[-2000:]
+    return lines[0]
+
+
+def test_a_video_larger_than_the_models_positions_is_refused_before_sampling(tmp_path):
+    """rollout.frames 161 on the tiny model: 41 latent frames, its rope table has 32 positions."""
+    params = _params_file(tmp_path, presets__tiny__rollout__frames=161)
+    line = _one_line(_module("flash_grpo_core.run", "--params", params, "--iterations", "1",
+                             "--prompts", ROOT / "prompts" / "toy.jsonl"), "run: error: ")
+    assert "rollout.frames 161 gives 41 patches" in line and "rope_max_seq_len" in line
+
+
+def test_the_size_check_names_each_axis(tiny_params):
+    from flash_grpo_core.engine.iteration import _check_fits
+
+    _check_fits("rollout.height", 32, 4, 2, 32)  # fits: no error
+    with pytest.raises(ConfigError, match="rollout.height 48 gives 3 latent positions, not a multiple"):
+        _check_fits("rollout.height", 48, 3, 2, 32)
+    with pytest.raises(ConfigError, match="rollout.width 1056 gives 33 patches, more than the 32"):
+        _check_fits("rollout.width", 1056, 66, 2, 32)
+
+
+@pytest.mark.parametrize(("source", "expected"), [
+    ("", "no train prompts left"),
+    ("a single prompt about a cat\n", "0 eval prompts"),
+])
+def test_a_curation_with_too_few_prompts_fails_and_writes_nothing(tmp_path, source, expected):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(source)
+    out = tmp_path / "out"
+    line = _one_line(_module("stages.curate", "--sources", prompts, "--out-dir", out,
+                             "--params", _params_file(tmp_path)), "curate: error: ")
+    assert expected in line and str(prompts) in line
+    assert not out.exists()
+
+
+def test_iterations_out_of_step_with_the_loop_shows_the_hint_at_the_first_stage(tmp_path):
+    """DVC stops at a missing it<N> path before any stage that could explain it; curate, first in
+    the pipeline and rerun when `iterations` changes, shows the config's own hint instead."""
+    line = _one_line(_module("stages.curate", "--sources", ROOT / "prompts" / "toy.jsonl", "--out-dir", tmp_path / "o",
+                             "--params", _params_file(tmp_path, iterations=9)), "curate: error: ")
+    assert "python -m stages.iterations 9" in line
+    stages = YAML(typ="safe", pure=True).load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert {"iterations", "pipeline.loop", "eval.num_prompts"} <= set(stages["curate"]["params"])
+
+
+def test_setting_iterations_on_a_broken_params_file_names_it_and_leaves_it(tmp_path):
+    params = _params_file(tmp_path, train__learning_rate=-1)
+    before = params.read_bytes()
+    line = _one_line(_module("stages.iterations", "3", "--params", params), "iterations: error: ")
+    assert line.startswith(f"iterations: error: {params}: train.learning_rate must be > 0")
+    assert params.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_a_wrong_schema_prompts_parquet_is_named(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from flash_grpo_core.artifacts.prompt_sources import PromptFileError
+    from flash_grpo_core.artifacts.prompts import read_prompts_parquet
+
+    path = tmp_path / "train.parquet"
+    pq.write_table(pa.table({"text": ["a cat"]}), path)
+    with pytest.raises(PromptFileError, match=f"cannot read curated prompts {path}: .*rerun the curate stage"):
+        read_prompts_parquet(path)
+    with pytest.raises(PromptFileError, match="missing.parquet"):
+        read_prompts_parquet(tmp_path / "missing.parquet")
+
+
+@pytest.mark.parametrize("content", [None, "{not json", json.dumps({"iteration": 1})])
+def test_a_missing_or_wrong_rollout_manifest_is_named(tmp_path, content):
+    from flash_grpo_core.artifacts.tar_io import ShardError
+    from stages.update import read_manifest
+
+    if content is not None:
+        (tmp_path / "manifest.json").write_text(content)
+    with pytest.raises(ShardError, match=f"manifest {tmp_path / 'manifest.json'}: .*rerun its rollout stage"):
+        read_manifest(str(tmp_path))
+
+
+def test_the_update_stage_reads_the_manifest_before_loading_the_model(tmp_path, monkeypatch, capsys):
+    from flash_grpo_core.artifacts import checkpoint
+    from stages import _common, update
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the manifest was read")
+
+    monkeypatch.setattr(checkpoint, "check_config", lambda *args: None)
+    monkeypatch.setattr(_common, "engine_at", no_model)
+    code = update.main(["--params", str(_params_file(tmp_path)), "--iteration", "1", "--checkpoint", "ckpt",
+                        "--rollout", str(tmp_path / "rollout"), "--scores", "s.parquet", "--out", str(tmp_path / "o"),
+                        "--metrics", str(tmp_path / "m.json")])
+    err = capsys.readouterr().err
+    assert code == 2 and "manifest" in err and str(tmp_path / "rollout") in err, err
