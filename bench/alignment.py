@@ -3,20 +3,20 @@
     python bench/alignment.py            # full run: 6 variants x 3 seeds (under 45 min on 2 cores)
     python bench/alignment.py --quick    # smoke size: 2 variants x 1 seed, the shipped base (a few minutes)
 
-From one pre-trained pixel-space Wan base (`dvc repro bench/toy/dvc.yaml`, about 5 min on 2 cores;
-`--quick` uses the copy of it shipped in bench/toy/base/, or with `--pretrain-steps N` a short base
-of its own), every variant trains until it has spent the same compute, counted in transformer
-forward-pass equivalents (a forward = 1, a backward = 2; classifier-free guidance counts both
-halves), and is evaluated on held-out prompt combinations at the same compute fractions: the ODE
-sampler, EMA weights, fixed noise per (prompt, sample). Variants:
+From one pre-trained pixel-space Wan base (the one shipped in bench/toy/base/, the frozen output
+of `bench/toy/dvc.yaml:pretrain`; or with `--pretrain-steps N` a base of its own), every variant
+trains until it has spent the same compute, counted in transformer forward-pass equivalents (a
+forward = 1, a backward = 2; classifier-free guidance counts both halves), and is evaluated on
+held-out prompt combinations at the same compute fractions: the ODE sampler, EMA weights, fixed
+noise per (prompt, sample). Variants:
   flash                 one SDE step per rollout, iso-temporal, exact rectification (Flash-GRPO)
   flash-no-iso          the same, one step per sample instead of per prompt
   flash-no-rect         the same, no rectification
   flash-flowgrpo-rect   the same, with the partial factor s/sqrt(dt) (rectify: flow_grpo, this project's)
   window-k              SDE on a window of 2 steps inside flash's first K, moved every iteration
                         (train.mode window_k), no rectification
-  full                  SDE on every step, training the first int(N x timestep_fraction) (Flow-GRPO),
-                        with the flow_grpo factor (not in Flow-GRPO's code: docs/decisions.md)
+  full                  SDE on every step, training the first int(N x timestep_fraction), loss
+                        averaged over them, no rectification (Flow-GRPO as published)
 Also measured: the gradient-norm spread across timesteps per rectification mode, PPO clip
 fractions, and reward hacking (a component that falls while the total rises).
 Writes runs.csv, evals.csv, summary.json, alignment.png and alignment.md to --out.
@@ -41,7 +41,7 @@ VARIANTS = {
     "flash-no-rect": {"train.mode": "flash", "train.rectify": "none"},
     "flash-flowgrpo-rect": {"train.mode": "flash", "train.rectify": "flow_grpo"},
     "window-k": {"train.mode": "window_k", "train.rectify": "none", "train.window_size": 2, "train.window_every": 1},
-    "full": {"train.mode": "full", "train.rectify": "flow_grpo"},
+    "full": {"train.mode": "full", "train.rectify": "none"},
 }
 COMPONENTS = ("color", "single", "motion")
 
@@ -149,7 +149,7 @@ SHIPPED_BASE = ROOT / "bench" / "toy" / "base"
 
 
 def shipped_base() -> str:
-    """bench/toy/base/, the `pretrain` stage's output shipped for quick runs, if it fits params.yaml's toy."""
+    """bench/toy/base/ (the frozen `pretrain` stage's output, in git), if it fits params.yaml's toy."""
     import dataclasses
 
     from flash_grpo_core.config import load_params
@@ -159,27 +159,23 @@ def shipped_base() -> str:
     if json.loads(json.dumps(toy)) != record.get("toy"):
         changed = sorted(k for k in toy if json.loads(json.dumps(toy[k])) != record.get("toy", {}).get(k))
         sys.exit(f"bench/toy/base/ was pre-trained with other toy settings ({', '.join(changed)} differ from "
-                 f"params.yaml): pass --pretrain-steps N for a short base of your own, or refresh the shipped "
-                 f"base from `dvc repro bench/toy/dvc.yaml` (copy runs/toy/pretrain/* into bench/toy/base/)")
+                 f"params.yaml): pass --pretrain-steps N for a base of your own, or pre-train the shipped one "
+                 f"again (see bench/toy/dvc.yaml)")
     return str(SHIPPED_BASE)
 
 
-def pretrained_base(quick: bool, out: Path, steps: int | None) -> str:
-    """The base model directory: the DVC-cached `pretrain` stage; for --quick the shipped copy of it,
-    or a short base of its own when `steps` is given."""
+def pretrained_base(out: Path, steps: int | None) -> str:
+    """The base model directory: the shipped base, or with `steps` a base of its own pre-trained
+    for that many steps (under `out`, reused when there)."""
     from flash_grpo_core.workspace import tool_env
 
-    if quick and steps is None:
+    if steps is None:
         return shipped_base()
-    if quick:
-        base = out / f"base-quick-{steps}"
-        if not (base / "transformer.safetensors").is_file():
-            subprocess.run([sys.executable, "-m", "stages.pretrain", "--out", str(base), "--steps", str(steps)],
-                           cwd=ROOT, env=tool_env(), check=True)
-        return str(base)
-    dvc = str(Path(sys.executable).parent / "dvc")
-    subprocess.run([dvc, "repro", "bench/toy/dvc.yaml"], cwd=ROOT, env=tool_env(), check=True)
-    return str(ROOT / "runs" / "toy" / "pretrain")
+    base = out / f"base-{steps}"
+    if not (base / "transformer.safetensors").is_file():
+        subprocess.run([sys.executable, "-m", "stages.pretrain", "--out", str(base), "--steps", str(steps)],
+                       cwd=ROOT, env=tool_env(), check=True)
+    return str(base)
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -298,7 +294,7 @@ def main(argv=None) -> None:
     parser.add_argument("--evals", type=int, default=None, help="held-out evaluations per run")
     parser.add_argument("--eval-samples", type=int, default=None, help="samples per held-out prompt")
     parser.add_argument("--pretrain-steps", type=int, default=None,
-                        help="--quick: pre-train a short base of this many steps instead of using bench/toy/base/")
+                        help="pre-train a base of this many steps instead of using bench/toy/base/")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a params.yaml key (dotted, YAML value) for every variant, e.g. "
                              "--set train.ema_decay=0.95; repeatable")
@@ -314,7 +310,7 @@ def main(argv=None) -> None:
               "evals": args.evals or (2 if quick else 8), "eval_samples": args.eval_samples or 8,
               # 6 iterations are 12 optimizer steps: an EMA over ~50 steps would still be mostly the base
               "overrides": {**({"train.ema_decay": 0.9} if quick else {}), **_overrides(parser, args.set)}}
-    base = pretrained_base(quick, out, args.pretrain_steps)
+    base = pretrained_base(out, args.pretrain_steps)
     runs = []
     for variant in variants:
         for seed in range(seeds):

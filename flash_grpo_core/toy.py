@@ -117,8 +117,9 @@ def load_base(stack, directory) -> None:
 
     path = Path(directory) / BASE_WEIGHTS
     if not path.is_file():
-        raise ModelPathError(f"toy base model {path} does not exist: run `dvc repro bench/toy/dvc.yaml` (or set "
-                             f"presets.toy.model.path to null for an untrained toy model)")
+        raise ModelPathError(f"toy base model {path} does not exist: the shipped one is bench/toy/base (restore it "
+                             f"with `git checkout bench/toy/base`, or pre-train one: see bench/toy/dvc.yaml), or "
+                             f"set presets.toy.model.path to null for an untrained toy model")
     stack.transformer.load_state_dict(load_file(path))
 
 

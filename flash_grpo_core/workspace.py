@@ -1,13 +1,14 @@
 """Scratch copies of the project for end-to-end runs (tests, benchmarks): a git + DVC workspace.
 
 `copy_project` copies the tracked and new (not ignored) files of a checkout, without run outputs
-or `dvc.lock`, and commits them in a fresh git repository so DVC can run there; with `preset` (and
-`iterations`) it first selects that preset in the copy's params.yaml, as the tests and benchmarks of
-the tiny preset do (the default preset is the toy task); with `cache_dir`, the copy's DVC cache (and
-so its run cache) is that folder, which several copies may share: a stage already run in one copy
-with the same command, dependencies and params is restored in another instead of run. `tool_env` puts
-this interpreter's bin directory first on PATH so `python` and `dvc` in `dvc.yaml` commands are
-the ones of the running environment, with telemetry off.
+or the root `dvc.lock` (bench/toy/dvc.lock, the shipped base's, stays), and commits them in a
+fresh git repository so DVC can run there; with `preset` (and `iterations`) it first selects that
+preset in the copy's params.yaml, as the tests and benchmarks of the tiny preset do (the default
+preset is the toy task); with `cache_dir`, the copy's DVC cache (and so its run cache) is that
+folder, which several copies may share: a stage already run in one copy with the same command,
+dependencies and params is restored in another instead of run. `tool_env` puts this interpreter's
+bin directory first on PATH so `python` and `dvc` in `dvc.yaml` commands are the ones of the
+running environment, with telemetry off.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def tool_env(**extra: str) -> dict[str, str]:
 def project_files(root: Path) -> list[str]:
     listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=root,
                             capture_output=True, text=True, check=True).stdout.split("\n")
-    return [name for name in listed if name and (root / name).is_file() and Path(name).name != "dvc.lock"]
+    return [name for name in listed if name and (root / name).is_file() and name != "dvc.lock"]
 
 
 def select_preset(params: Path, preset: str, iterations: int) -> None:

@@ -1,6 +1,6 @@
 """`pretrain` stage: the alignment benchmark's base model, pre-trained on the synthetic toy task.
 
-    python -m stages.pretrain --out runs/toy/pretrain
+    python -m stages.pretrain --out bench/toy/base
 
 Flow-matching pre-training of the pixel-space Wan transformer on coloured squares moving in a
 direction (flash_grpo_core/toy.py), `toy.pretrain_steps` steps. Writes transformer.safetensors

@@ -319,3 +319,16 @@ def test_a_stage_on_bad_inputs_exits_2_with_one_line(workspace):
     result = _stage(workspace, "--checkpoint", corrupt)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and "corrupt/trainable.safetensors" in lines[0], result.stderr
+
+
+@pytest.mark.slow
+def test_the_toy_base_stage_is_not_reported_changed_on_a_fresh_copy(workspace):
+    """Its outputs are the base shipped in git and it is frozen: neither missing outputs under runs/
+    nor a change anywhere in the core it depends on make plain `dvc status` list it."""
+    status = _run([BIN / "dvc", "status", "bench/toy/dvc.yaml"], workspace)
+    assert "up to date" in status.stdout and "pretrain:" not in status.stdout, status.stdout
+    (workspace / "flash_grpo_core" / "toy.py").write_text((workspace / "flash_grpo_core" / "toy.py").read_text() + "\n")
+    try:
+        assert "pretrain:" not in _run([BIN / "dvc", "status"], workspace).stdout
+    finally:
+        _run(["git", "checkout", "flash_grpo_core/toy.py"], workspace)

@@ -75,7 +75,7 @@ def test_pretraining_lowers_the_loss_and_roundtrips(tmp_path):
     assert all(torch.equal(p, q) for p, q in zip(stack.transformer.parameters(), loaded.transformer.parameters()))
     from flash_grpo_core.models.wan import ModelPathError
 
-    with pytest.raises(ModelPathError, match="dvc repro bench/toy/dvc.yaml"):
+    with pytest.raises(ModelPathError, match="git checkout bench/toy/base"):
         toy.load_base(loaded, tmp_path / "missing")
 
 
