@@ -13,6 +13,7 @@ LORA_INITS = ("gaussian", "default")  # peft's init_lora_weights: "gaussian", or
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 PRESETS = ("tiny", "wan1_3b", "wan14b", "toy")  # toy: the pixel-space alignment benchmark
 PARALLEL_STRATEGIES = ("auto", "ddp", "fsdp")  # data parallelism of the update on several ranks
+OPTIMIZER_STATES = ("checkpoint", "beside")  # where a checkpoint's AdamW moments are stored
 # Every reward the registry holds (flash_grpo_core/rewards, and the toy task's), so that the config
 # can refuse an unknown name before any stage loads a model; tests/test_config.py keeps it in step.
 REWARD_NAMES = ("brightness", "brisque", "clip_score", "color_match", "colorfulness", "hpsv2", "hpsv3",

@@ -30,13 +30,14 @@ def load_params(path: str):
     return load(path)
 
 
-def engine_at(params, checkpoint: str, text_encoder: bool = True):
-    """The preset's engine with the trainable weights, EMA and optimizer state of `checkpoint`."""
+def engine_at(params, checkpoint: str, text_encoder: bool = True, optimizer: bool = False):
+    """The preset's engine with the trainable weights and EMA of `checkpoint`, and with `optimizer`
+    its AdamW state (only the update needs it)."""
     from flash_grpo_core.artifacts.checkpoint import load_checkpoint
     from flash_grpo_core.engine.iteration import build_engine
 
     engine = build_engine(params, text_encoder)
-    state = load_checkpoint(engine.policy, checkpoint)
+    state = load_checkpoint(engine.policy, checkpoint, optimizer)
     return engine, state
 
 

@@ -46,7 +46,7 @@ def main(argv=None) -> int:
 
     def body():
         from flash_grpo_core.artifacts.atomic import write_json
-        from flash_grpo_core.artifacts.checkpoint import check_config, config_record, write_checkpoint
+        from flash_grpo_core.artifacts.checkpoint import check_config, config_record, prune_moments, write_checkpoint
         from flash_grpo_core.artifacts.prompt_embeds import load_prompt_embeds
         from flash_grpo_core.artifacts.rollout_records import batch_from_records
         from flash_grpo_core.artifacts.scores import read_advantages
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
         timings, counter = {}, PassCounter()
         with _common.timer(timings, "load_seconds"):
             # no text encoder: the prompts come as the embeddings the rollout sampled with
-            engine, previous = _common.engine_at(params, args.checkpoint, text_encoder=False)
+            engine, previous = _common.engine_at(params, args.checkpoint, text_encoder=False, optimizer=True)
             records = read_shards(args.rollout)
             batch, prompts, _ = batch_from_records(records)
             embeds = load_prompt_embeds(args.rollout, prompts, engine.device)
@@ -75,9 +75,12 @@ def main(argv=None) -> int:
                "train_backward_passes": passes["backward_passes"]}
         tensors = engine.policy.checkpoint_tensors()  # every rank: sharded (FSDP2) tensors are gathered
         if current().is_main:
+            beside = params.train.optimizer_state == "beside"
             write_checkpoint(tensors, args.out, {"iteration": args.iteration, "preset": params.preset,
                                                  "config": config_record(params),
-                                                 "history": [*previous.get("history", []), row]})
+                                                 "history": [*previous.get("history", []), row]}, beside)
+            if beside:
+                prune_moments(args.out, params.train.keep_optimizer_states)
             write_json(row, args.metrics)
             if args.timings:
                 write_json(timings, args.timings)

@@ -78,8 +78,11 @@ def test_score_on_two_processes_writes_the_same_bytes(workspace):
 
 
 def _checkpoints_close(a: Path, b: Path, tolerance=1e-6):
-    for name in ("trainable", "ema", "optimizer"):
-        left, right = load_file(a / f"{name}.safetensors"), load_file(b / f"{name}.safetensors")
+    from flash_grpo_core.artifacts.checkpoint import read_checkpoint
+
+    (first, _), (second, _) = read_checkpoint(a), read_checkpoint(b)  # the moments in or beside each
+    for name in ("weights", "ema", "optimizer"):
+        left, right = getattr(first, name), getattr(second, name)
         assert set(left) == set(right)
         for key in left:
             assert torch.allclose(left[key], right[key], atol=tolerance, rtol=0), (name, key)
@@ -111,6 +114,29 @@ def _params_variant(workspace: Path, name: str, **sections) -> str:
     with open(workspace / name, "w") as handle:
         yaml.dump(params, handle)
     return name
+
+
+def test_moments_beside_the_checkpoint_give_the_same_updates(workspace):
+    """train.optimizer_state: beside. Runs after test_update_on_two_processes_matches_one (one/update)."""
+    from flash_grpo_core.artifacts.checkpoint import read_checkpoint
+
+    beside = _params_variant(workspace, "beside.yaml", train={"optimizer_state": "beside", "keep_optimizer_states": 1})
+
+    def second(previous, out, params="params.yaml"):
+        _stage("update", workspace, "--iteration", "2", "--checkpoint", previous, "--rollout", IT1 / "rollout",
+               "--scores", IT1 / "scores.parquet", "--out", Path(out) / "checkpoint", "--metrics",
+               Path(out) / "metrics.json", params=params)
+
+    _update(workspace, "beside/it1", IT1 / "scores.parquet", nproc=1, params=beside)
+    assert not (workspace / "beside" / "it1" / "checkpoint" / "optimizer.safetensors").exists()
+    _checkpoints_close(workspace / "one" / "update" / "checkpoint", workspace / "beside" / "it1" / "checkpoint",
+                       tolerance=0)
+    second("one/update/checkpoint", "inside/it2")
+    second("beside/it1/checkpoint", "beside/it2", params=beside)  # reads it1's moments beside
+    _checkpoints_close(workspace / "inside" / "it2" / "checkpoint", workspace / "beside" / "it2" / "checkpoint",
+                       tolerance=0)
+    assert sorted(p.name for p in (workspace / "beside" / "optimizer").iterdir()) == ["it2"]  # keep 1
+    assert read_checkpoint(workspace / "beside" / "it2" / "checkpoint")[0].optimizer
 
 
 def test_fsdp_update_of_full_fine_tuning_matches_one_process(workspace):

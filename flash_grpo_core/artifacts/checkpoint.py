@@ -9,6 +9,14 @@ A checkpoint is a directory:
     checksums.json          size and sha256 of the four files above, written last
 It is written into a temporary sibling and renamed into place, so a directory with this name is
 always complete; readers verify the checksums first and raise CheckpointError naming the bad file.
+
+AdamW's moments are as large as the weights and their EMA together and only the next update reads
+them. With `train.optimizer_state: beside` they leave the checkpoint (a DVC output, cached for
+every iteration) for a folder beside it, `<run>/optimizer/it<k>/` for the checkpoint
+`<run>/it<k>/checkpoint` (its own optimizer.safetensors and checksums.json, written first), which
+state.json names (`optimizer_beside`, relative to the checkpoint) and which the update prunes to
+the latest `train.keep_optimizer_states` iterations. Only the update reads the moments; the other
+stages load weights and EMA alone (`read_checkpoint(optimizer=False)`).
 The frozen base model is not stored: it is rebuilt from the preset (seeded tiny model, or Wan 2.1
 from `model.path`), so a checkpoint written under other params is refused (`check_config`).
 """
@@ -29,6 +37,7 @@ from flash_grpo_core.artifacts import checksums
 from flash_grpo_core.artifacts.atomic import atomic_directory
 
 FILES = ("trainable.safetensors", "ema.safetensors", "optimizer.safetensors", "state.json")
+MOMENTS = "optimizer.safetensors"
 
 
 class CheckpointError(ValueError):
@@ -55,17 +64,63 @@ class TrainState(Protocol):
     def restore(self, tensors: CheckpointTensors, source: str) -> None: ...
 
 
-def write_checkpoint(tensors: CheckpointTensors, directory: str | os.PathLike, meta: dict) -> Path:
-    """Write the checkpoint atomically; returns its path."""
+def write_checkpoint(tensors: CheckpointTensors, directory: str | os.PathLike, meta: dict,
+                     beside: bool = False) -> Path:
+    """Write the checkpoint atomically; returns its path. `beside`: AdamW's moments go to the
+    folder `moments_folder(directory)` instead, written (atomically) before the checkpoint."""
     directory = Path(directory)
+    parts = [("trainable", tensors.weights), ("ema", tensors.ema)]
+    if beside:
+        write_moments(tensors.optimizer, moments_folder(directory))
+        meta = {**meta, "optimizer_beside": os.path.relpath(moments_folder(directory), directory)}
+    else:
+        parts.append(("optimizer", tensors.optimizer))
     with atomic_directory(directory) as staging:
-        for name, values in (("trainable", tensors.weights), ("ema", tensors.ema), ("optimizer", tensors.optimizer)):
-            save_file({k: v.detach().float().cpu().contiguous() for k, v in values.items()},
-                      staging / f"{name}.safetensors")
+        for name, values in parts:
+            _save(values, staging / f"{name}.safetensors")
         state = {"ema_steps": tensors.ema_steps, "parameters": sorted(tensors.weights), **meta}
         (staging / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
-        checksums.write_index(staging, FILES)  # last: without it the folder reads as unfinished
+        checksums.write_index(staging, _files(state))  # last: without it the folder reads as unfinished
     return directory
+
+
+def moments_folder(checkpoint: str | os.PathLike) -> Path:
+    """Where `<run>/it<k>/checkpoint` keeps AdamW's moments beside it: `<run>/optimizer/it<k>`."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.parent.parent / "optimizer" / checkpoint.parent.name
+
+
+def write_moments(optimizer: dict[str, torch.Tensor], folder: Path) -> None:
+    with atomic_directory(folder) as staging:
+        _save(optimizer, staging / MOMENTS)
+        checksums.write_index(staging, [MOMENTS])
+
+
+def prune_moments(checkpoint: str | os.PathLike, keep: int) -> list[Path]:
+    """Remove the moments folders of iterations before the latest `keep` (counting the one of
+    `checkpoint`); returns what was removed."""
+    import shutil
+
+    def number(folder: Path) -> int | None:
+        return int(folder.name[2:]) if folder.name.startswith("it") and folder.name[2:].isdigit() else None
+
+    folder = moments_folder(checkpoint)
+    latest = number(folder)
+    if latest is None:  # not a pipeline checkpoint path (<run>/it<k>/checkpoint): nothing to count from
+        return []
+    removed = [old for old in sorted(folder.parent.iterdir()) if (n := number(old)) is not None and n <= latest - keep]
+    for old in removed:
+        shutil.rmtree(old, ignore_errors=True)
+    return removed
+
+
+def _save(values: dict[str, torch.Tensor], path: Path) -> None:
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in values.items()}, path)
+
+
+def _files(state: dict) -> list[str]:
+    """The files a checkpoint with this state.json holds (all but the moments when they are beside)."""
+    return [name for name in FILES if not (name == MOMENTS and state.get("optimizer_beside"))]
 
 
 def read_state(directory: str | os.PathLike) -> dict:
@@ -73,9 +128,8 @@ def read_state(directory: str | os.PathLike) -> dict:
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint {directory} does not exist")
-    missing = [name for name in FILES if not (directory / name).is_file()]
-    if missing:
-        raise CheckpointError(f"checkpoint {directory} is missing {', '.join(missing)}")
+    if not (directory / "state.json").is_file():
+        raise CheckpointError(f"checkpoint {directory} is missing state.json")
     checksums.verify_files(directory, ["state.json"], CheckpointError)
     path = directory / "state.json"
     try:
@@ -83,16 +137,34 @@ def read_state(directory: str | os.PathLike) -> dict:
         int(state["ema_steps"])
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{path}: not a readable checkpoint state ({error!r})") from error
+    missing = [name for name in _files(state) if not (directory / name).is_file()]
+    if missing:
+        raise CheckpointError(f"checkpoint {directory} is missing {', '.join(missing)}")
     return state
 
 
-def read_checkpoint(directory: str | os.PathLike) -> tuple[CheckpointTensors, dict]:
-    """The checkpoint's tensors and its state.json, every file checked against checksums.json."""
+def read_checkpoint(directory: str | os.PathLike, optimizer: bool = True) -> tuple[CheckpointTensors, dict]:
+    """The checkpoint's tensors and its state.json, every file read checked against its checksums;
+    without `optimizer`, the AdamW moments are left unread (an empty dict)."""
     directory = Path(directory)
     state = read_state(directory)
-    checksums.verify_files(directory, FILES, CheckpointError)
-    files = [_load(directory / f"{name}.safetensors") for name in ("trainable", "ema", "optimizer")]
-    return CheckpointTensors(*files, int(state["ema_steps"])), state
+    checksums.verify_files(directory, [name for name in _files(state) if name != MOMENTS], CheckpointError)
+    weights, ema = (_load(directory / f"{name}.safetensors") for name in ("trainable", "ema"))
+    moments = _read_moments(directory, state) if optimizer else {}
+    return CheckpointTensors(weights, ema, moments, int(state["ema_steps"])), state
+
+
+def _read_moments(directory: Path, state: dict) -> dict[str, torch.Tensor]:
+    if not state.get("optimizer_beside"):
+        checksums.verify_files(directory, [MOMENTS], CheckpointError)
+        return _load(directory / MOMENTS)
+    folder = (directory / state["optimizer_beside"]).resolve()
+    if not (folder / MOMENTS).is_file():
+        raise CheckpointError(f"checkpoint {directory} keeps AdamW's moments in {folder}, which is gone: only the "
+                              f"latest train.keep_optimizer_states iterations keep them, outside DVC's cache; "
+                              f"continue from the latest iteration, or rerun the updates from one that has them")
+    checksums.verify_files(folder, [MOMENTS], CheckpointError)
+    return _load(folder / MOMENTS)
 
 
 def _load(path: Path) -> dict[str, torch.Tensor]:
@@ -128,14 +200,15 @@ def check_config(directory: str | os.PathLike, params) -> dict:
     return state
 
 
-def save_checkpoint(policy: TrainState, directory: str | os.PathLike, meta: dict) -> Path:
+def save_checkpoint(policy: TrainState, directory: str | os.PathLike, meta: dict, beside: bool = False) -> Path:
     """Write `policy`'s weights, EMA and optimizer state (one process; see `write_checkpoint`)."""
-    return write_checkpoint(policy.checkpoint_tensors(), directory, meta)
+    return write_checkpoint(policy.checkpoint_tensors(), directory, meta, beside)
 
 
-def load_checkpoint(policy: TrainState, directory: str | os.PathLike) -> dict:
-    """Load weights, EMA and optimizer state into `policy`; returns the checkpoint's state.json."""
-    tensors, state = read_checkpoint(directory)
+def load_checkpoint(policy: TrainState, directory: str | os.PathLike, optimizer: bool = True) -> dict:
+    """Load weights, EMA and (with `optimizer`) the optimizer state into `policy`; returns the
+    checkpoint's state.json."""
+    tensors, state = read_checkpoint(directory, optimizer)
     policy.restore(tensors, str(directory))
     return state
 

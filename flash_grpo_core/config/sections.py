@@ -14,6 +14,7 @@ from flash_grpo_core.choices import (
     FINETUNE_KINDS,
     LORA_INITS,
     NOISE_KINDS,
+    OPTIMIZER_STATES,
     PARALLEL_STRATEGIES,
     PRESETS,
     RECTIFY_MODES,
@@ -118,6 +119,10 @@ class TrainConfig:
     window_stride: int = 1  # steps the window moves by (MixGRPO's `prog_overlap_step`)
     window_every: int = 25  # iterations between window moves (MixGRPO's `iters_per_group`)
     parallel: str = "auto"  # on several ranks: ddp | fsdp | auto (ddp for LoRA, fsdp for full fine-tuning)
+    # AdamW's moments: in the checkpoint (a DVC output) or beside it, kept for the latest
+    # keep_optimizer_states iterations (artifacts/checkpoint.py; full fine-tuning at 14B)
+    optimizer_state: str = "checkpoint"
+    keep_optimizer_states: int = 2
 
     def __post_init__(self):
         _check(self.parallel in PARALLEL_STRATEGIES,
@@ -135,6 +140,9 @@ class TrainConfig:
         _check(0 < self.timestep_fraction <= 1, "train.timestep_fraction must be in (0, 1]")
         _check(self.window_size >= 1 and self.window_stride >= 1 and self.window_every >= 1,
                "train.window_size, window_stride and window_every must be >= 1")
+        _check(self.optimizer_state in OPTIMIZER_STATES,
+               f"train.optimizer_state must be one of {OPTIMIZER_STATES}, got {self.optimizer_state!r}")
+        _check(self.keep_optimizer_states >= 1, "train.keep_optimizer_states must be >= 1")
 
 
 # Options without which a weighted reward cannot run: checked when params load, before any stage
