@@ -144,3 +144,23 @@ def test_stochastic_steps_beyond_the_trained_ones_draw_noise_but_are_not_recorde
     assert not torch.equal(everywhere.final_latents, only_trained.final_latents)  # SDE noise on steps 2..19
     with pytest.raises(ValueError, match="every trained step must be a stochastic"):
         sampler.rollout(*args, sde_steps=torch.zeros(2, 4, 20, dtype=torch.bool))
+
+
+def test_a_group_can_share_its_initial_noise(tiny_params):
+    """rollout.same_initial_noise (MixGRPO's init_same_noise): a group's samples start from one latent
+    and differ by their SDE noise only; each prompt its own, whatever the batch size or rank."""
+    engine = build_engine(tiny_params())
+    cond, uncond = encode(engine, PROMPTS)
+    shape, sigmas = engine.stack.latent_shape(9, 32, 32), engine.sigmas
+    trained = torch.zeros(2, 4, 1, dtype=torch.long)  # [B=2, G=4, T=1]: step 0, x_0 is the initial latent
+    args = (engine.policy.transformer, cond, uncond, trained, sigmas, engine.scales.float(), 4.5, shape, 7)
+    own, shared = sampler.rollout(*args, 8), sampler.rollout(*args, 8, same_initial=True)
+    first = shared.latents[:, 0]  # [S, C, F, H, W]
+    assert all(torch.equal(first[s], first[4 * (s // 4)]) for s in range(8)) and not torch.equal(first[0], first[4])
+    assert not torch.equal(own.latents[0, 0], own.latents[1, 0])  # the default: each sample its own
+    assert not torch.equal(shared.next_latents[0, 0], shared.next_latents[1, 0])  # the SDE step still differs
+    # the same noise in batches of 3 (the numbers then differ only by the batch's float rounding)
+    assert torch.allclose(sampler.rollout(*args, 3, same_initial=True).final_latents, shared.final_latents, atol=1e-5)
+    second_prompt = sampler.rollout(engine.policy.transformer, cond[1:], uncond, trained[1:], sigmas,
+                                    engine.scales.float(), 4.5, shape, 7, 8, first_sample=4, same_initial=True)
+    assert torch.allclose(second_prompt.final_latents, shared.final_latents[4:], atol=1e-5)  # another rank's share

@@ -73,6 +73,9 @@ class RolloutConfig:
     schedule: str = "authors"  # authors | diffusers
     num_candidates: int = 10  # K: flash draws its step from the first K
     iso_temporal: bool = True
+    # a prompt's group starts from one initial noise (MixGRPO's and DanceGRPO's --init_same_noise), so
+    # its samples differ only by their SDE noise; false: each sample its own (the Flash-GRPO authors')
+    same_initial_noise: bool = False
     noise: str = "wan"  # wan | flow_grpo | dance
     noise_level: float | None = None  # None: the noise kind's default
     guidance: float = 4.5  # classifier-free guidance scale; 1.0 disables CFG

@@ -225,7 +225,7 @@ def generate(engine: Engine, prompts: list[str], iteration: int, counter: PassCo
                     engine.scales, r.guidance, shape, derive_seed(engine.params.seed, iteration, "noise"),
                     r.batch_size, counter, progress, first_sample=groups.start * r.group_size,
                     cfg_sequential=engine.params.model.cfg_sequential,
-                    sde_steps=plan_stochastic_steps(engine.params, mine))
+                    sde_steps=plan_stochastic_steps(engine.params, mine), same_initial=r.same_initial_noise)
     batch.prompt_index += groups.start
     return batch, decode(engine, batch.final_latents)
 

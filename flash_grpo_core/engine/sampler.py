@@ -7,7 +7,9 @@ step of `method/sde.py` is taken. At the trained ones x_t, x_{t+1} and log p_old
 
 Each sample draws all its noise (initial latent and SDE noise) from its own CPU generator seeded by
 (seed, sample id), so a rollout does not depend on the batch size used to sample it, on the
-device, or on which rank produced it.
+device, or on which rank produced it. With `same_initial`, a prompt's group shares one initial
+latent, drawn from a generator seeded by (seed, "initial", prompt id), and its samples differ
+only by their SDE noise.
 """
 
 from __future__ import annotations
@@ -67,12 +69,21 @@ def _draw(generators: list[torch.Generator], shape: tuple[int, ...]) -> torch.Te
     return torch.stack([torch.randn(shape, generator=g) for g in generators])
 
 
+def _initial(seed: int, generators: list[torch.Generator], sample_ids: list[int], group: int | None,
+             shape: tuple[int, ...]) -> torch.Tensor:
+    """Initial latents [b, C, F, H, W]: each sample's own, or with `group` its prompt's (sample id // group)."""
+    if group is None:
+        return _draw(generators, shape)
+    prompts = [torch.Generator().manual_seed(derive_seed(seed, "initial", sid // group)) for sid in sample_ids]
+    return _draw(prompts, shape)
+
+
 @torch.no_grad()
 def rollout(
     transformer, cond_embeds: torch.Tensor, uncond_embed: torch.Tensor | None, train_steps: torch.Tensor,
     sigmas: torch.Tensor, scales: torch.Tensor, guidance: float, latent_shape: tuple[int, int, int, int],
     seed: int, batch_size: int, counter: PassCounter | None = None, progress=None, first_sample: int = 0,
-    cfg_sequential: bool = False, sde_steps: torch.Tensor | None = None,
+    cfg_sequential: bool = False, sde_steps: torch.Tensor | None = None, same_initial: bool = False,
 ) -> RolloutBatch:
     """Sample B x G videos' latents; cond_embeds [B, L, D], uncond_embed [1, L, D], train_steps [B, G, T].
 
@@ -82,7 +93,7 @@ def rollout(
     `progress`, if given, is told `update(n)` after each step of n samples (a tqdm bar, say).
     `first_sample`: the iteration-wide id of the first sample here, when these prompts are a slice
     of the iteration's (each sample's noise comes from its iteration-wide id). `cfg_sequential`: see
-    `predict_velocity`.
+    `predict_velocity`. `same_initial`: a group's samples share their initial latent (module docstring).
     """
     num_prompts, group, trained = train_steps.shape
     num_steps, total = len(sigmas) - 1, num_prompts * group
@@ -102,7 +113,8 @@ def rollout(
     for start in range(0, total, batch_size):
         ids = list(range(start, min(start + batch_size, total)))
         generators = sample_generators(seed, [first_sample + i for i in ids])
-        x = _draw(generators, latent_shape).to(device)  # [b, C, F, H, W] float32 state; the model gets it cast
+        x = _initial(seed, generators, [first_sample + i for i in ids], group if same_initial else None,
+                     latent_shape).to(device)  # [b, C, F, H, W] float32 state; the model gets it cast
         cond = cond_embeds[prompt_index[ids]]
         for i in range(num_steps):
             sigma = sigmas[i].expand(len(ids))
