@@ -39,12 +39,11 @@ def message(first: str, last: str) -> str:
 
 def _summary_rows(results: dict) -> list[str]:
     kills, corruptions, inputs = (results[key] for key in ("kill_points", "corruptions", "bad_inputs"))
-    killed = (f"{kills['resumed_equal']} resumed equal to the reference, {kills['orphans']} orphaned processes, "
-              f"{results['lost']} artifacts lost")
-    corrupted = (f"{corruptions['detected_named']} detected (by DVC {corruptions['dvc_detected']}; the reading stage "
-                 f"named the file {corruptions['reader_named']} of {corruptions['reader_tried']} times and succeeded "
-                 f"with other outputs {corruptions['reader_silent']} times), {corruptions['ended_correct']} ended "
-                 "correct")
+    killed = (f"{kills['resumed_equal']} resumed equal to the reference; orphaned processes: {kills['orphans']}; "
+              f"artifacts lost: {results['lost']}")
+    corrupted = (f"{corruptions['detected_named']} detected (by DVC: {corruptions['dvc_detected']}; the reading stage "
+                 f"named the file in {corruptions['reader_named']} of {corruptions['reader_tried']} runs and succeeded "
+                 f"with other outputs in {corruptions['reader_silent']}); {corruptions['ended_correct']} ended correct")
     refused = (f"{inputs['clear_exit2']} clear (exit code 2 and a first stderr line naming the key or file; the "
                "reward server: the expected HTTP status)")
     return ["| set | tried | result |", "| --- | ---: | --- |", f"| kill points | {kills['tried']} | {killed} |",

@@ -124,13 +124,11 @@ class Workspace:
         return log.read_text().count("warm: stages.") if log.exists() else 0
 
     def close(self) -> None:
+        """Stop the warm runner (SIGKILL: no stage is running by now, and its graceful exit, a
+        teardown of torch and diffusers, takes seconds) and remove its socket's folder."""
         if self.server is not None and self.server.poll() is None:
-            self.server.send_signal(signal.SIGINT)
-            try:
-                self.server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.server.kill()
-                self.server.wait()
+            self.server.kill()
+            self.server.wait()
         shutil.rmtree(self.sockets, ignore_errors=True)
 
     def project_processes(self) -> list[int]:
