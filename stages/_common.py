@@ -13,6 +13,7 @@ import sys
 import time
 from typing import NoReturn
 
+from flash_grpo_core.faults import FAULT_ENV, fault_point  # noqa: F401 - re-exported for the stages
 from stages import _launch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights come from local paths only
@@ -131,25 +132,6 @@ def _run_body(name: str, body, distributed: bool) -> int:
     return 0
 
 
-FAULT_ENV = "FLASH_GRPO_FAULT"  # `<point>[@<rank>][:hang]`: that process is killed or hangs there (tests)
-
-
-def fault_point(name: str, rank: int = 0) -> None:
-    """When FLASH_GRPO_FAULT names this point (and this rank): kill this process with SIGKILL, or
-    with `:hang` stop here for good. How the tests take a stage down at an exact place instead of
-    guessing with timers."""
-    wanted, _, action = os.environ.get(FAULT_ENV, "").partition(":")
-    point, _, at_rank = wanted.partition("@")
-    if point != name or (at_rank and int(at_rank) != rank):
-        return
-    if action == "hang":
-        while True:
-            time.sleep(3600)
-    import signal
-
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
 def finish(code: int) -> NoReturn:
     """End a stage process (`python -m stages.<name>`) with `code` without the interpreter's teardown,
     which frees every module and object of torch, diffusers and peft one by one: about a second per
@@ -161,6 +143,7 @@ def finish(code: int) -> NoReturn:
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):  # a closed stream has nothing left to flush
             stream.flush()
+    fault_point("finished")
     os._exit(code)
 
 

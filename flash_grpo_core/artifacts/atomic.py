@@ -22,6 +22,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from flash_grpo_core.faults import fault_point
+
 
 def _temporary(path: Path, suffix: str = "tmp") -> Path:
     return path.with_name(f".{path.name}.{secrets.token_hex(6)}.{suffix}")
@@ -60,7 +62,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield temporary
         with open(temporary, "rb") as handle:
             os.fsync(handle.fileno())
+        fault_point("written", file=path.name)  # FLASH_GRPO_FAULT: a kill between write and rename (tests)
         os.replace(temporary, path)
+        fault_point("renamed", file=path.name)
     finally:
         temporary.unlink(missing_ok=True)
 
@@ -79,6 +83,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         for file in staging.rglob("*"):  # some writers create owner-only files
             file.chmod(0o755 if file.is_dir() else 0o644)
         staging.chmod(0o755)
+        fault_point("written", file=path.name)
         if path.exists():  # a directory cannot be renamed over a non-empty one: move the old one aside
             retired = _temporary(path, "old")
             os.replace(path, retired)
@@ -86,6 +91,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(retired)
         else:
             os.replace(staging, path)
+        fault_point("renamed", file=path.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

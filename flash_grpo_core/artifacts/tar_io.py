@@ -16,6 +16,8 @@ import tarfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from flash_grpo_core.faults import fault_point
+
 TEMP_PREFIX = ".tmp-"  # unfinished files in an output directory; removed before the next write
 TAR_USER = "flash-grpo"
 TAR_MODE = 0o644
@@ -41,7 +43,9 @@ def write_tar(samples: Sequence[dict], path: Path) -> None:
                     tar.addfile(info, io.BytesIO(data))
         stream.flush()
         os.fsync(stream.fileno())
+    fault_point("written", file=path.name)  # FLASH_GRPO_FAULT: a kill between write and rename (tests)
     os.replace(temp, path)
+    fault_point("renamed", file=path.name)
 
 
 def replace_atomically(path: Path, data: bytes) -> None:
@@ -50,7 +54,9 @@ def replace_atomically(path: Path, data: bytes) -> None:
         stream.write(data)
         stream.flush()
         os.fsync(stream.fileno())
+    fault_point("written", file=path.name)  # FLASH_GRPO_FAULT: a kill between write and rename (tests)
     os.replace(temp, path)
+    fault_point("renamed", file=path.name)
 
 
 def sha256(path: Path) -> str:
