@@ -54,8 +54,9 @@ def check_counts(result, sources: list[str], params_path: str | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from stages import warm_client
+    from stages import _watchdog, warm_client
 
+    _watchdog.start()  # end with the `dvc` that started this process, as every stage does (_common.run)
     delegated = warm_client.delegate()  # a warm runner, when one listens (stages/warm.py)
     if delegated is not None:
         return delegated

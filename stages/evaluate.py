@@ -40,10 +40,11 @@ def read_point(points: Path, iteration: int) -> dict:
     path = points / f"it{iteration}" / "metrics.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: run `dvc repro eval_checkpoint@{iteration}` first")
-    point = json.loads(path.read_text())
-    if point.get("iteration") != iteration:
-        from flash_grpo_core.artifacts.checkpoint import CheckpointError
+    from flash_grpo_core.artifacts.atomic import read_json_object
+    from flash_grpo_core.artifacts.checkpoint import CheckpointError
 
+    point = read_json_object(path, CheckpointError, f"rerun `dvc repro -f -s eval_checkpoint@{iteration}`")
+    if point.get("iteration") != iteration:
         raise CheckpointError(f"{path} evaluated iteration {point.get('iteration')}, not {iteration}")
     return point
 

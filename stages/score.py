@@ -16,9 +16,6 @@ the global advantages, so the guards' state stays the same everywhere; rank 0 wr
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from stages import _common
 
 
@@ -33,15 +30,17 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     def body():
-        from flash_grpo_core.artifacts.atomic import write_json
+        from flash_grpo_core.artifacts.atomic import read_json_object, write_json
         from flash_grpo_core.artifacts.scores import write_scores
         from flash_grpo_core.engine import distributed as dist
         from flash_grpo_core.engine.iteration import advantages_for, reward_from_params
+        from flash_grpo_core.rewards import RewardError
         from flash_grpo_core.rewards.combined import concat_outputs
 
         params = _common.load_params(args.params)
         reward = reward_from_params(params, scale_guard=True)
-        reward.load_state_dict(json.loads(Path(args.reward_state_in).read_text()))
+        reward.load_state_dict(read_json_object(args.reward_state_in, RewardError,
+                                                "rerun the stage that wrote it: init or the previous score"))
         parts = dict(pair for part in dist.gather_objects(score_shards(reward, args.rollout)) for pair in part.items())
         samples = [sample for number in sorted(parts) for sample in parts[number][0]]
         output = reward.combine(concat_outputs([parts[number][1] for number in sorted(parts)]))  # every rank

@@ -132,3 +132,52 @@ def test_the_update_stage_reads_the_manifest_before_loading_the_model(tmp_path, 
                         "--metrics", str(tmp_path / "m.json")])
     err = capsys.readouterr().err
     assert code == 2 and "manifest" in err and str(tmp_path / "rollout") in err, err
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"model.device": "tpu"}, "model.device must be auto, cpu, cuda or cuda:<index>, got 'tpu'"),
+    ({"rollout.height": 0}, "rollout.height, width and frames must be > 0"),
+    ({"rollout.noise_level": -1.0}, "rollout.noise_level must be null"),
+    ({"train.weight_decay": -0.1}, "train.weight_decay must be >= 0"),
+    ({"eval.guidance": float("nan")}, "eval.guidance must be >= 1"),
+    ({"rollout.guidance": float("nan")}, "rollout.guidance must be >= 1"),
+])
+def test_values_that_failed_deep_in_a_stage_are_config_errors(overrides, message):
+    from flash_grpo_core.config import params_from_dict
+
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        params_from_dict({}, "tiny", overrides)
+
+
+def test_a_params_file_that_is_not_a_mapping_is_named(tmp_path):
+    from flash_grpo_core.config import load_params
+
+    path = tmp_path / "params.yaml"
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match=f"{path}: the params file must be a mapping of sections, got a list"):
+        load_params(path)
+
+
+@pytest.mark.parametrize("content", [None, "{broken", "[1, 2]"])
+def test_a_broken_reward_state_or_eval_point_is_named(tmp_path, content):
+    from flash_grpo_core.artifacts.atomic import read_json_object
+    from flash_grpo_core.artifacts.checkpoint import CheckpointError
+    from flash_grpo_core.rewards import RewardError
+    from stages.evaluate import read_point
+
+    state = tmp_path / "reward_state.json"
+    point = tmp_path / "points" / "it1" / "metrics.json"
+    point.parent.mkdir(parents=True)
+    for path in (state, point):
+        if content is not None:
+            path.write_text(content)
+    with pytest.raises(RewardError, match=f"{state}.*rerun the stage"):
+        read_json_object(state, RewardError, "rerun the stage that wrote it")
+    if content is not None:  # a missing point has its own message (the stage to run)
+        with pytest.raises(CheckpointError, match=f"{point}.*eval_checkpoint@1"):
+            read_point(tmp_path / "points", 1)
+
+
+def test_the_reward_server_names_an_unknown_reward():
+    line = _one_line(_module("flash_grpo_core.rewards.server", "--reward", "no_such", "--port", "0"), "reward server: ")
+    assert "unknown reward 'no_such'" in line

@@ -49,11 +49,18 @@ def _wait_for(predicate, seconds: float) -> bool:
     return predicate()
 
 
-@pytest.mark.parametrize("nproc, fault, processes", [("1", "started:hang", 1), ("2", "started@1:hang", 4)])
-def test_a_stage_ends_when_dvc_is_killed(nproc, fault, processes):
+ROLLOUT = "{python} -m stages.rollout --iteration 1 --prompts {token}.parquet --checkpoint {token} --out {token}"
+CURATE = "{python} -m stages.curate --params params.yaml --sources prompts/toy.jsonl --out-dir {tmp}/{token}"
+
+
+@pytest.mark.parametrize("command, nproc, fault, processes", [
+    (ROLLOUT, "1", "started:hang", 1),
+    (ROLLOUT, "2", "started@1:hang", 4),
+    (CURATE, "1", "renamed:train.parquet:hang", 1),  # curate starts its watchdog itself (no _common.run)
+])
+def test_a_stage_ends_when_dvc_is_killed(command, nproc, fault, processes, tmp_path):
     token = f"watchdog-{uuid.uuid4().hex[:10]}"
-    command = (f"{sys.executable} -m stages.rollout --iteration 1 --prompts {token}.parquet --checkpoint {token} "
-               f"--out {token}")
+    command = command.format(python=sys.executable, token=token, tmp=tmp_path)
     env = tool_env(FLASH_GRPO_FAULT=fault, FLASH_GRPO_NPROC_PER_NODE=nproc, FLASH_GRPO_WARM="0",
                    OMP_NUM_THREADS="1", FLASH_GRPO_DIST_TIMEOUT="120")
     dvc = subprocess.Popen([sys.executable, "-c", FAKE_DVC, command], cwd=ROOT, env=env,

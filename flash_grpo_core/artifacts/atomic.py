@@ -102,6 +102,18 @@ def write_json(data, path: str | os.PathLike) -> None:
         temporary.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def read_json_object(path: str | os.PathLike, error: type[Exception], rerun: str) -> dict:
+    """A JSON object a stage wrote; `error` naming the file (and `rerun`, what restores it) when it is
+    missing, not JSON or not an object."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as problem:
+        raise error(f"cannot read {path}: {type(problem).__name__}: {problem} ({rerun})") from problem
+    if not isinstance(data, dict):
+        raise error(f"{path} holds a JSON {type(data).__name__}, not an object ({rerun})")
+    return data
+
+
 METADATA_KEY = "flash_grpo"  # one key: safetensors writes several metadata keys in a random order
 
 

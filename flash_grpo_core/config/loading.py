@@ -105,8 +105,10 @@ def read_yaml(path: str | Path) -> dict:
 
 def params_from_dict(raw: dict, preset: str | None = None, overrides: dict[str, Any] | None = None) -> Params:
     """Typed Params from a parsed params mapping, the selected preset's overrides and dotted overrides."""
+    _check(isinstance(raw, dict), f"the params file must be a mapping of sections, got a {type(raw).__name__}")
     raw = _merge(raw, _dotted(overrides or {}))
     presets = raw.pop("presets", {}) or {}
+    _check(isinstance(presets, dict), "presets must be a mapping of preset names to overrides")
     chosen = preset or raw.get("preset", "tiny")
     _check(chosen in PRESETS, f"preset must be one of {PRESETS}, got {chosen!r}")
     _check(set(presets) <= set(PRESETS), f"presets: unknown preset(s) {sorted(set(presets) - set(PRESETS))}")

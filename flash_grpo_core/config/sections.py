@@ -43,6 +43,10 @@ def _check_path(key: str, value: str) -> None:
            f"commands), got {value!r}")
 
 
+def _is_device(value: str) -> bool:
+    return isinstance(value, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", value) is not None
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     path: str | None = None  # local Diffusers-format Wan 2.1 T2V folder (wan presets)
@@ -64,6 +68,7 @@ class ModelConfig:
         _check(all(t.strip() for t in self.lora_targets or [""]), "model.lora_targets must list module-name suffixes")
         _check(self.lora_init in LORA_INITS, f"model.lora_init must be one of {LORA_INITS}, got {self.lora_init!r}")
         _check(self.text_len > 0, "model.text_len must be > 0")
+        _check(_is_device(self.device), f"model.device must be auto, cpu, cuda or cuda:<index>, got {self.device!r}")
 
 
 @dataclass(frozen=True)
@@ -94,7 +99,12 @@ class RolloutConfig:
         _check(self.schedule in SCHEDULE_KINDS, f"rollout.schedule must be one of {SCHEDULE_KINDS}")
         _check(self.noise in NOISE_KINDS, f"rollout.noise must be one of {NOISE_KINDS}")
         _check(self.shift > 0, "rollout.shift must be > 0")
-        _check(self.guidance >= 1.0, "rollout.guidance must be >= 1 (1 disables classifier-free guidance)")
+        _check(math.isfinite(self.guidance) and self.guidance >= 1.0,
+               "rollout.guidance must be >= 1 (1 disables classifier-free guidance)")
+        _check(self.noise_level is None or (math.isfinite(self.noise_level) and self.noise_level > 0),
+               f"rollout.noise_level must be null (the noise kind's default) or > 0, got {self.noise_level!r}")
+        _check(self.height > 0 and self.width > 0 and self.frames > 0,
+               f"rollout.height, width and frames must be > 0, got {self.height}x{self.width}x{self.frames}")
         _check(self.prompts_per_iteration >= 1 and self.group_size >= 2,
                "rollout.prompts_per_iteration must be >= 1 and group_size >= 2 (advantages need a group)")
         _check(self.batch_size >= 1, "rollout.batch_size must be >= 1")
@@ -134,6 +144,7 @@ class TrainConfig:
         _check(self.rectify in RECTIFY_MODES, f"train.rectify must be one of {RECTIFY_MODES}, got {self.rectify!r}")
         _check(self.std_scope in STD_SCOPES, f"train.std_scope must be one of {STD_SCOPES}, got {self.std_scope!r}")
         _check(self.learning_rate > 0, "train.learning_rate must be > 0")
+        _check(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
         _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas must be two numbers in [0, 1)")
         _check(self.clip_range > 0 and self.adv_clip > 0 and self.grad_clip > 0,
                "train.clip_range, adv_clip and grad_clip must be > 0")
@@ -197,6 +208,8 @@ class EvalConfig:
         _check(self.num_steps >= 1 and self.num_prompts >= 1, "eval.num_steps and num_prompts must be >= 1")
         _check(self.report_samples >= 0 and self.fps >= 1, "eval.report_samples must be >= 0 and eval.fps >= 1")
         _check(self.samples_per_prompt >= 1, "eval.samples_per_prompt must be >= 1")
+        _check(math.isfinite(self.guidance) and self.guidance >= 1.0,
+               f"eval.guidance must be >= 1 (1 disables classifier-free guidance), got {self.guidance!r}")
 
 
 @dataclass(frozen=True)

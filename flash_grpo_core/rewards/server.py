@@ -374,7 +374,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"reward server: {error}", file=sys.stderr)
         return 2
-    reward = build_reward(args.reward, **parse_options(args.option))
+    try:
+        reward = build_reward(args.reward, **parse_options(args.option))
+    except (KeyError, TypeError, ValueError) as error:  # unknown reward, option or value (RewardError too)
+        print(f"reward server: {error.args[0] if error.args else error}", file=sys.stderr)
+        return 2
     try:
         server = make_server(reward, args.host, args.port, token=token, **dataclasses.asdict(limits))
     except OSError as error:
