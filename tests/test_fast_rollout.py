@@ -111,3 +111,17 @@ def test_every_sample_keeps_its_noise_whatever_the_batch(tiny_params):
 def test_cheaper_rollout_options_are_validated(tiny_params, overrides, message):
     with pytest.raises(ConfigError, match=message):
         tiny_params(**overrides)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cheaper_rollouts_keep_ratio_near_one_on_gpu_in_bfloat16(tiny_params):
+    engine, batch, _ = _rollout(tiny_params, model__device="cuda", model__dtype="bfloat16",
+                                rollout__head_steps=2, rollout__tail_steps=3, rollout__guidance_until=0.5)
+    cond, uncond = encode(engine, PROMPTS)
+    ctx = StepContext(batch, torch.zeros(8), cond, uncond, engine.sigmas.to(engine.device),
+                      engine.scales.float().to(engine.device), 4.5)
+    with torch.no_grad():
+        step, old = score_items(engine.policy, ctx, torch.arange(8), PassCounter())
+    assert (torch.exp(step.log_prob - old) - 1).abs().max().item() < 1e-3  # below the PPO clip range
+    assert torch.isfinite(batch.final_latents).all()

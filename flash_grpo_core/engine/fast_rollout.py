@@ -133,7 +133,8 @@ class RolloutSolver:
             if scheduler is None:
                 x = ode_step(x, v, sigma, segment[j + 1])
             else:
-                x = scheduler.step(v, scheduler.timesteps[j], x, return_dict=False)[0]
+                # v in float32: the scheduler's sigma * v would otherwise be rounded to a bf16 model's dtype
+                x = scheduler.step(v.float(), scheduler.timesteps[j], x, return_dict=False)[0]
         return x
 
     def trajectory(self, x: torch.Tensor, cond: torch.Tensor, k: int, generators: list[torch.Generator]):
