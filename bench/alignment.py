@@ -1,6 +1,6 @@
 """Alignment benchmark: does one-step GRPO beat full-trajectory GRPO at equal compute? (toy task)
 
-    python bench/alignment.py            # full run: 6 variants x 3 seeds (under 45 min on 2 cores)
+    python bench/alignment.py            # full run: 8 variants x 3 seeds (about an hour on 2 cores)
     python bench/alignment.py --quick    # smoke size: 2 variants x 1 seed, the shipped base (a few minutes)
 
 From one pre-trained pixel-space Wan base (`dvc repro bench/toy/dvc.yaml`, about 5 min on 2 cores;
@@ -17,6 +17,9 @@ sampler, EMA weights, fixed noise per (prompt, sample). Variants:
                         (train.mode window_k), no rectification
   full                  SDE on every step, training the first int(N x timestep_fraction) (Flow-GRPO),
                         with the flow_grpo factor (not in Flow-GRPO's code: docs/decisions.md)
+  flash-fast            flash with cheaper rollouts: 1 UniPC step before step k, 2 after it
+                        (rollout.head_steps 1, tail_steps 2; docs/decisions.md, "Cheaper rollouts")
+  flash-fast-guide      the same with 3 steps after k, those below sigma 0.5 without guidance
 Also measured: the gradient-norm spread across timesteps per rectification mode, PPO clip
 fractions, and reward hacking (a component that falls while the total rises).
 Writes runs.csv, evals.csv, summary.json, alignment.png and alignment.md to --out.
@@ -42,6 +45,9 @@ VARIANTS = {
     "flash-flowgrpo-rect": {"train.mode": "flash", "train.rectify": "flow_grpo"},
     "window-k": {"train.mode": "window_k", "train.rectify": "none", "train.window_size": 2, "train.window_every": 1},
     "full": {"train.mode": "full", "train.rectify": "flow_grpo"},
+    "flash-fast": {"train.mode": "flash", "rollout.head_steps": 1, "rollout.tail_steps": 2},
+    "flash-fast-guide": {"train.mode": "flash", "rollout.head_steps": 1, "rollout.tail_steps": 3,
+                         "rollout.guidance_until": 0.5},
 }
 COMPONENTS = ("color", "single", "motion")
 
