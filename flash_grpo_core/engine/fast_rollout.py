@@ -122,16 +122,24 @@ class RolloutSolver:
 
     def integrate(self, x: torch.Tensor, cond: torch.Tensor, segment: torch.Tensor, solver: bool,
                   guided_down_to: float | None = None) -> torch.Tensor:
-        """x [b, C, F, H, W] at segment[0] -> at segment[-1], one model call per step, Euler or UniPC;
-        calls at a sigma below `guided_down_to` are unguided."""
+        """x [b, C, F, H, W] at segment[0] -> at segment[-1], one model call per step, Euler or UniPC.
+        Calls at a sigma below `guided_down_to` are unguided, and a solver starts afresh at the first
+        of them: a multistep history that mixed guided and unguided outputs would extrapolate the
+        guidance's change as if it were the trajectory's."""
+        calls = segment[:-1]  # the sigmas the model is called at, decreasing
+        switch = len(calls) if guided_down_to is None else int((calls >= guided_down_to).sum())
+        x = self._steps(x, cond, segment[:switch + 1], solver, guided=True)
+        return self._steps(x, cond, segment[switch:], solver, guided=False)
+
+    def _steps(self, x: torch.Tensor, cond: torch.Tensor, segment: torch.Tensor, solver: bool,
+               guided: bool) -> torch.Tensor:
         if len(segment) < 2:
             return x
         scheduler = flow_scheduler(segment) if solver else None
         for j in range(len(segment) - 1):
-            sigma = segment[j]
-            v = self.velocity(x, sigma, cond, guided_down_to is None or float(sigma) >= guided_down_to)
+            v = self.velocity(x, segment[j], cond, guided)
             if scheduler is None:
-                x = ode_step(x, v, sigma, segment[j + 1])
+                x = ode_step(x, v, segment[j], segment[j + 1])
             else:
                 # v in float32: the scheduler's sigma * v would otherwise be rounded to a bf16 model's dtype
                 x = scheduler.step(v.float(), scheduler.timesteps[j], x, return_dict=False)[0]
