@@ -18,15 +18,17 @@ figures are averages over a uniform k, as in training. Measured:
   (UniPC, `FINE_STEPS` steps, guided), for the option and for the Euler tail, which shows how far
   Euler itself is from the ODE;
 - the head's change of x_k: mean |x_k - x_k(Euler)| / mean |x_k(Euler)| on the same noise;
-- toy only: the toy reward's mean change from the Euler tail's on the same x_{k+1}, and the mean
-  reward of the rollouts against the reference's (same noise).
+- toy only: the toy reward's mean change from the Euler tail's on the same x_{k+1} and from the
+  reference rollout's (same noise), and the correlation of the group-centred rewards (GRPO's
+  advantages up to the batch std) with the Euler tail's and the fine solve's: whether the cheaper
+  rollout ranks a group's samples as the reference would.
 
-The held-out rewards come from the alignment benchmark at equal compute (bench/alignment.py,
-`--alignment`: its summary.json files): `heldout_reward(_std)` of the variant that runs the option set
-(ALIGNMENT_VARIANTS) and `flash_heldout_reward(_std)` of its `flash` variant; null for the option
-sets it does not run. Writes bench/results/rollout_cost.json (a list, one entry per option set; the
-top-level forwards and reduction are the toy preset's, every figure per preset under `presets`)
-and rollout_cost.md.
+The held-out rewards come from the alignment benchmark at equal compute (bench/alignment.py;
+`--alignment`: its summary.json files): `heldout_reward(_std)` of the variant that runs the option
+set (ALIGNMENT_VARIANTS) and `flash_heldout_reward(_std)` of its `flash` variant; null for the option
+sets it does not run (`--heldout-only` fills them into an earlier measurement). Writes
+bench/results/rollout_cost.json (a list, one entry per option set; the top-level forwards and
+reduction are the toy preset's, every figure per preset under `presets`) and rollout_cost.md.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ OPTION_SETS = {  # rollout.* keys; `flash` (all off) is the reference
 ALIGNMENT_VARIANTS = {"flash": "flash", "head1-tail2": "flash-fast", "head1-tail3-guide0.5": "flash-fast-guide"}
 FINE_STEPS = 50
 PRESETS = {"toy": {"model.path": "bench/toy/base", "model.device": "cpu"},
-           "tiny": {"model.device": "cpu", "rollout.group_size": 2}}
+           "tiny": {"model.device": "cpu"}}
 
 
 def build(preset: str):
@@ -187,9 +189,10 @@ def measure(preset: str, repeats: int) -> dict:
         ratios = [mine / ref for mine, ref in zip(run["seconds"], reference["seconds"])]
         figures[name].update(
             forwards_per_video=run["forwards"] / videos, reduction=reference["forwards"] / run["forwards"],
-            wall_s_per_video=statistics.median(run["seconds"]) / videos, wall_ratio=statistics.median(ratios))
-    return {"videos": videos, "steps": engine.params.rollout.num_steps,
-            "candidates": engine.params.rollout.num_candidates, "options": figures}
+            wall_s_per_video=statistics.median(run["seconds"]) / videos, wall_ratio=statistics.median(ratios),
+            videos=videos, num_steps=engine.params.rollout.num_steps,
+            num_candidates=engine.params.rollout.num_candidates)
+    return figures
 
 
 def heldout(summary_paths: list[str]) -> dict:
@@ -204,34 +207,48 @@ def heldout(summary_paths: list[str]) -> dict:
 
 def entries(results: dict, rewards: dict) -> list[dict]:
     """One JSON entry per option set: the toy preset's forwards and reduction (the first preset's
-    without toy), held-out rewards."""
+    without toy), every preset's figures, held-out rewards."""
     rows = []
-    flash = rewards.get("flash", (None, None))
     for name, options in OPTION_SETS.items():
-        variant = ALIGNMENT_VARIANTS.get(name)
-        mine = rewards.get(variant, (None, None))
-        toy = (results.get("toy") or next(iter(results.values())))["options"][name]
+        toy = (results.get("toy") or next(iter(results.values())))[name]
         rows.append({"option": name, "overrides": {f"rollout.{k}": v for k, v in options.items()},
                      "forwards_per_video": toy["forwards_per_video"], "reduction": toy["reduction"],
-                     "alignment_variant": variant if variant in rewards else None,
-                     "heldout_reward": mine[0], "heldout_reward_std": mine[1],
-                     "flash_heldout_reward": flash[0], "flash_heldout_reward_std": flash[1],
-                     "presets": {preset: results[preset]["options"][name] for preset in results}})
+                     "presets": {preset: results[preset][name] for preset in results}})
+    return fill_heldout(rows, rewards)
+
+
+def fill_heldout(rows: list[dict], rewards: dict) -> list[dict]:
+    """Each entry's held-out rewards: its alignment variant's and flash's (None where not run)."""
+    flash = rewards.get("flash", (None, None))
+    for row in rows:
+        variant = ALIGNMENT_VARIANTS.get(row["option"])
+        mine = rewards.get(variant, (None, None))
+        row.update(alignment_variant=variant if variant in rewards else None,
+                   heldout_reward=mine[0], heldout_reward_std=mine[1],
+                   flash_heldout_reward=flash[0], flash_heldout_reward_std=flash[1])
     return rows
 
 
-def markdown(rows: list[dict], results: dict) -> str:
-    lines = ["# Cheaper flash rollouts: cost and accuracy", ""]
-    for preset, result in results.items():
-        lines += [(f"## {preset} preset (N = {result['steps']}, K = {result['candidates']}, {result['videos']} "
+def markdown(rows: list[dict]) -> str:
+    lines = ["# Cheaper flash rollouts: cost and accuracy", "",
+             ("Per option set (`flash`: Euler on the training grid, guided everywhere, the reference): "
+             "transformer forwards per video and the reduction; sampling wall time against the reference "
+             "(median of per-round ratios); the final video's mean abs pixel error (0-255) against the Euler "
+             "tail from the same x_{k+1}, and against a 50-step UniPC solve of the tail (the Euler tail's in "
+             "brackets); x_k's relative change under the head solver; on the toy preset the reward's mean "
+             "change from the Euler tail's and from the reference rollout's, and the correlation of the "
+             "group-centred rewards (the advantages) with the Euler tail's and with the fine solve's."), ""]
+    for preset, setup in rows[0]["presets"].items():
+        lines += [(f"## {preset} preset (N = {setup['num_steps']}, K = {setup['num_candidates']}, {setup['videos']} "
                    "videos, every k equally often)"), "",
                   ("| option | forwards / video | reduction | wall ratio | tail px err | vs fine (Euler's) | "
-                   "x_k change | reward Δ tail | reward Δ flash | adv. corr |"),
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                   "x_k change | reward Δ tail | reward Δ flash | adv. corr | vs fine (Euler's) |"),
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for row in rows:
             f = row["presets"][preset]
             rewards = (f"{f['reward_change_vs_euler_tail']:+.4f} | {f['reward_change_vs_flash']:+.4f} | "
-                       f"{f['advantage_corr_vs_euler_tail']:.3f}" if "reward" in f else "- | - | -")
+                       f"{f['advantage_corr_vs_euler_tail']:.3f} | {f['advantage_corr_vs_fine_tail']:.3f} "
+                       f"({f['euler_advantage_corr_vs_fine_tail']:.3f})" if "reward" in f else "- | - | - | -")
             lines.append(f"| {row['option']} | {f['forwards_per_video']:.1f} | {f['reduction']:.2f}x | "
                          f"{f['wall_ratio']:.2f} | {f['tail_pixel_error']:.2f} | {f['tail_pixel_error_vs_fine']:.2f} "
                          f"({f['euler_tail_pixel_error_vs_fine']:.2f}) | {f['head_x_k_relative_change']:.4f} | "
@@ -253,18 +270,23 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timing rounds (median)")
     parser.add_argument("--alignment", nargs="*", default=[],
                         help="bench/alignment.py's summary.json file(s), for the held-out rewards")
+    parser.add_argument("--heldout-only", action="store_true",
+                        help="measure nothing: fill the held-out rewards of --alignment into --out's rollout_cost.json")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args(argv)
-    results = {}
-    for preset in args.presets:
-        results[preset] = measure(preset, args.repeats)
-        print(f"{preset}: " + json.dumps({name: {k: round(v, 4) for k, v in f.items()}
-                                           for name, f in results[preset]["options"].items()}), flush=True)
-    rows = entries(results, heldout(args.alignment))
     out = Path(args.out)
+    if args.heldout_only:
+        rows = fill_heldout(json.loads((out / "rollout_cost.json").read_text()), heldout(args.alignment))
+    else:
+        results = {}
+        for preset in args.presets:
+            results[preset] = measure(preset, args.repeats)
+            print(f"{preset}: " + json.dumps({name: {k: round(v, 4) for k, v in f.items()}
+                                               for name, f in results[preset].items()}), flush=True)
+        rows = entries(results, heldout(args.alignment))
     out.mkdir(parents=True, exist_ok=True)
     (out / "rollout_cost.json").write_text(json.dumps(rows, indent=2) + "\n")
-    table = markdown(rows, results)
+    table = markdown(rows)
     (out / "rollout_cost.md").write_text(table)
     print(table)
 

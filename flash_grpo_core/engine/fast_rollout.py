@@ -15,6 +15,7 @@ default, when `generate` calls `sampler.rollout`, byte for byte today's rollouts
 - `tail_steps` M: sigma_{k+1} -> 0 with min(M, N - k - 1) UniPC steps instead of N - k - 1 Euler steps.
 - `guidance_until` (a sigma): after step k, a model call at a sigma below it uses the conditional
   velocity only, one forward instead of two (with either tail). The head and step k stay guided.
+  A UniPC tail restarts at the first unguided call, so its multistep history never mixes the two.
 
 Solver sigmas (`method/schedule.py: interval_sigmas`): M + 1 points linear in the unshifted ramp u
 between the interval's ends, mapped through a shift. The head takes the training schedule's shift
