@@ -1,6 +1,6 @@
 """Alignment benchmark: does one-step GRPO beat full-trajectory GRPO at equal compute? (toy task)
 
-    python bench/alignment.py            # full run: 6 variants x 3 seeds (under 45 min on 2 cores)
+    python bench/alignment.py            # full run: 6 variants x 3 seeds (about 45 min on 2 quiet cores)
     python bench/alignment.py --quick    # smoke size: 2 variants x 1 seed, the shipped base (a few minutes)
 
 From one pre-trained pixel-space Wan base (the one shipped in bench/toy/base/, the frozen output
@@ -17,6 +17,10 @@ noise per (prompt, sample). Variants:
                         (train.mode window_k), no rectification
   full                  SDE on every step, training the first int(N x timestep_fraction), loss
                         averaged over them, no rectification (Flow-GRPO as published)
+  flash-fast            flash with cheaper rollouts: 1 UniPC step before step k, 2 after it
+                        (rollout.head_steps 1, tail_steps 2; docs/decisions.md, "Cheaper rollouts")
+  flash-fast-guide      the same with 3 steps after k, those below sigma 0.5 without guidance
+                        (the default full run leaves these two out: pass --variants)
 Also measured: the gradient-norm spread across timesteps per rectification mode, PPO clip
 fractions, and reward hacking (a component that falls while the total rises).
 Writes runs.csv, evals.csv, summary.json, alignment.png and alignment.md to --out.
@@ -42,7 +46,12 @@ VARIANTS = {
     "flash-flowgrpo-rect": {"train.mode": "flash", "train.rectify": "flow_grpo"},
     "window-k": {"train.mode": "window_k", "train.rectify": "none", "train.window_size": 2, "train.window_every": 1},
     "full": {"train.mode": "full", "train.rectify": "none"},
+    # cheaper rollouts (docs/decisions.md, "Cheaper rollouts"): run with --variants, not by default
+    "flash-fast": {"train.mode": "flash", "rollout.head_steps": 1, "rollout.tail_steps": 2},
+    "flash-fast-guide": {"train.mode": "flash", "rollout.head_steps": 1, "rollout.tail_steps": 3,
+                         "rollout.guidance_until": 0.5},
 }
+DEFAULT_VARIANTS = ("flash", "flash-no-iso", "flash-no-rect", "flash-flowgrpo-rect", "window-k", "full")
 COMPONENTS = ("color", "single", "motion")
 
 
@@ -303,7 +312,7 @@ def main(argv=None) -> None:
     quick = args.quick
     out = Path(args.out or ROOT / "bench" / "results" / ("alignment-quick" if quick else "alignment"))
     seeds = args.seeds or (1 if quick else 3)
-    variants = args.variants or (["flash", "full"] if quick else list(VARIANTS))
+    variants = args.variants or (["flash", "full"] if quick else list(DEFAULT_VARIANTS))
     flash_iterations = args.iterations or (6 if quick else 40)
     config = {"quick": quick, "seeds": seeds, "variants": variants,
               "budget": flash_iterations * flash_iteration_cost(),

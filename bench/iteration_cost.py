@@ -2,6 +2,7 @@
 
     python bench/iteration_cost.py                       # tiny preset, CPU
     python bench/iteration_cost.py --arch wan1_3b --height 240 --width 416 --frames 17   # GPU
+    python bench/iteration_cost.py --modes flash --head-steps 2 --tail-steps 3 --tag tiny-cpu-fast  # cheaper rollouts
 
 For each mode, in a fresh subprocess (so peak memory is the mode's own): one warm-up iteration,
 then `--repeats` timed ones. Reports the median wall time (rollout and update apart), transformer
@@ -45,6 +46,9 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--tag", default=None, help="suffix of the output files (default: arch and device)")
+    for key in ("head-steps", "tail-steps"):  # cheaper flash rollouts (engine/fast_rollout.py), flash mode only
+        parser.add_argument(f"--{key}", type=int, default=None, help=f"flash mode: rollout.{key.replace('-', '_')}")
+    parser.add_argument("--guidance-until", type=float, default=None, help="flash mode: rollout.guidance_until")
     parser.add_argument("--one-mode", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -57,7 +61,8 @@ def bench_params(args, mode):
                  "rollout.group_size": args.group, "rollout.batch_size": args.prompts * args.group,
                  "train.micro_batch": args.micro_batch, "train.minibatches": 1, "train.skip_zero_advantage": False,
                  "model.device": args.device, "model.gradient_checkpointing": args.arch != "tiny"}
-    for key in ("height", "width", "frames"):
+    cheaper = ("head_steps", "tail_steps", "guidance_until") if mode == "flash" else ()
+    for key in ("height", "width", "frames", *cheaper):
         if getattr(args, key) is not None:
             overrides[f"rollout.{key}"] = getattr(args, key)
     return load_params(ROOT / "params.yaml", preset="tiny", overrides=overrides)
@@ -139,7 +144,7 @@ def main(argv=None):
     modes = []
     for mode in args.modes:
         out = subprocess.run([sys.executable, __file__, *passthrough, "--one-mode", mode],
-                             capture_output=True, text=True, cwd=ROOT)
+                             check=False, capture_output=True, text=True, cwd=ROOT)
         if out.returncode:
             sys.exit(f"mode {mode} failed:\n{out.stderr[-4000:]}")
         modes.append(json.loads(out.stdout.strip().splitlines()[-1]))

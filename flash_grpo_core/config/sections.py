@@ -91,6 +91,15 @@ class RolloutConfig:
     prompts_per_iteration: int = 8  # B (global)
     group_size: int = 8  # G
     batch_size: int = 8  # samples per transformer call while sampling
+    # Cheaper flash rollouts (engine/fast_rollout.py); null: off, Euler on the training grid, guided everywhere.
+    head_steps: int | None = None  # UniPC steps from sigma_0 to the SDE step's sigma_k
+    tail_steps: int | None = None  # UniPC steps from sigma_{k+1} to 0
+    guidance_until: float | None = None  # after the SDE step, steps that start below this sigma skip CFG
+
+    @property
+    def cheaper(self) -> bool:
+        """Whether any cheaper-rollout option is on."""
+        return (self.head_steps, self.tail_steps, self.guidance_until) != (None, None, None)
 
     def __post_init__(self):
         _check(self.num_steps >= 1, "rollout.num_steps must be >= 1")
@@ -108,6 +117,14 @@ class RolloutConfig:
         _check(self.prompts_per_iteration >= 1 and self.group_size >= 2,
                "rollout.prompts_per_iteration must be >= 1 and group_size >= 2 (advantages need a group)")
         _check(self.batch_size >= 1, "rollout.batch_size must be >= 1")
+        for key in ("head_steps", "tail_steps"):
+            value = getattr(self, key)
+            _check(value is None or value >= 1, f"rollout.{key} must be >= 1 solver steps, or null (off), got {value}")
+        _check(not (self.same_initial_noise and self.cheaper),
+               "rollout.same_initial_noise does not combine with head_steps, tail_steps or guidance_until yet")
+        _check(self.guidance_until is None or 0 < self.guidance_until <= 1,
+               f"rollout.guidance_until must be a sigma in (0, 1], or null (guidance everywhere), "
+               f"got {self.guidance_until}")
 
 
 @dataclass(frozen=True)
@@ -334,6 +351,9 @@ class Params:
         _check(samples % train.minibatches == 0,
                f"train.minibatches ({train.minibatches}) must divide the {samples} samples of an iteration "
                f"(rollout.prompts_per_iteration x group_size)")
+        _check(not rollout.cheaper or train.mode == "flash",
+               f"rollout.head_steps, tail_steps and guidance_until apply to flash rollouts (one SDE step per "
+               f"sample) only; set them to null for train.mode {train.mode!r}")
         if train.mode == "window":
             _check(train.window_size <= rollout.num_steps - 1,
                    f"train.window_size ({train.window_size}) must be <= rollout.num_steps - 1 "

@@ -9,12 +9,14 @@ the benchmarks. Every random draw derives from `params.seed` and the iteration n
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
 from flash_grpo_core.config import ConfigError, Params
 from flash_grpo_core.engine.distributed import current as current_world
 from flash_grpo_core.engine.ema import EMA
+from flash_grpo_core.engine.fast_rollout import FastRolloutOptions, fast_rollout
 from flash_grpo_core.engine.sampler import rollout
 from flash_grpo_core.engine.seeding import derive_seed
 from flash_grpo_core.engine.trainer import Policy, StepContext, make_optimizer, update_policy
@@ -214,6 +216,16 @@ def generate(engine: Engine, prompts: list[str], iteration: int, counter: PassCo
     prompts' `encode` output when the caller already has it; `groups`: the prompts whose whole
     groups to sample (default all), as one rank's share: the batch's `prompt_index` still indexes
     `prompts`, and each sample draws the noise it would draw in a rollout of every prompt."""
+    batch = sample_rollouts(engine, prompts, iteration, counter, train_steps, progress, embeds, groups)
+    return batch, decode(engine, batch.final_latents)
+
+
+def sample_rollouts(engine: Engine, prompts: list[str], iteration: int, counter: PassCounter,
+                    train_steps: torch.Tensor | None = None, progress=None,
+                    embeds: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+                    groups: range | None = None) -> RolloutBatch:
+    """`generate` without decoding: the rollouts' latents. With a cheaper-rollout option on
+    (`rollout.head_steps`, `tail_steps`, `guidance_until`), `engine/fast_rollout.py` samples."""
     r = engine.params.rollout
     if train_steps is None:
         train_steps = plan_steps(engine.params, len(prompts), iteration)  # [B, G, T]
@@ -221,13 +233,15 @@ def generate(engine: Engine, prompts: list[str], iteration: int, counter: PassCo
     groups = range(len(prompts)) if groups is None else groups
     shape = engine.stack.latent_shape(r.frames, r.height, r.width)
     mine = train_steps[groups.start:groups.stop]  # [b, G, T]
-    batch = rollout(engine.policy.transformer, cond[groups.start:groups.stop], uncond, mine, engine.sigmas,
-                    engine.scales, r.guidance, shape, derive_seed(engine.params.seed, iteration, "noise"),
-                    r.batch_size, counter, progress, first_sample=groups.start * r.group_size,
-                    cfg_sequential=engine.params.model.cfg_sequential,
-                    sde_steps=plan_stochastic_steps(engine.params, mine), same_initial=r.same_initial_noise)
+    fast = FastRolloutOptions.from_config(r)  # rollout.head_steps, tail_steps, guidance_until
+    sample = partial(fast_rollout, options=fast) if fast.active else partial(rollout, same_initial=r.same_initial_noise)
+    batch = sample(engine.policy.transformer, cond[groups.start:groups.stop], uncond, mine, engine.sigmas,
+                   engine.scales, r.guidance, shape, derive_seed(engine.params.seed, iteration, "noise"),
+                   r.batch_size, counter, progress, first_sample=groups.start * r.group_size,
+                   cfg_sequential=engine.params.model.cfg_sequential,
+                   sde_steps=plan_stochastic_steps(engine.params, mine))
     batch.prompt_index += groups.start
-    return batch, decode(engine, batch.final_latents)
+    return batch
 
 
 def decode(engine: Engine, latents: torch.Tensor) -> torch.Tensor:

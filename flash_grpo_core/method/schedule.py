@@ -11,6 +11,9 @@ Two variants of the shifted sigma schedule for N steps:
 
 Both return N+1 values, decreasing, the last one 0. Timesteps given to the transformer are the
 integers `1000 * sigma` truncated, for the first N, as the Wan pipeline passes them.
+
+`interval_sigmas` places M solver steps between two sigmas the way a shifted schedule does (the
+cheaper rollouts' ODE parts, `engine/fast_rollout.py`).
 """
 
 from __future__ import annotations
@@ -43,6 +46,27 @@ def flow_sigmas(num_steps: int, shift: float, kind: str = "authors") -> torch.Te
     else:
         raise ValueError(f"unknown schedule kind {kind!r}; expected one of {SCHEDULE_KINDS}")
     return torch.from_numpy(np.append(sigmas, 0.0).copy())
+
+
+def interval_sigmas(start: float, end: float, num_steps: int, shift: float) -> torch.Tensor:
+    """M + 1 sigmas from `start` down to `end` for M solver steps, spaced as the shifted schedule is.
+
+    The shift maps a linear ramp u to sigma = shift u / (1 + (shift - 1) u); its inverse is
+    u = sigma / (shift - (shift - 1) sigma). The steps are linear in u between u(start) and u(end),
+    mapped back: with shift > 1 they crowd towards high noise as the training schedule's do (and M
+    steps over an interval of M steps of the `authors` schedule, linear in u by construction, are
+    its own sigmas), with shift < 1 towards sigma 0. The ends are returned exactly as given.
+    float64 [M + 1].
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if not start > end >= 0:
+        raise ValueError(f"an interval runs from a higher sigma to a lower one, got {start} -> {end}")
+    ends = np.array([start, end], dtype=np.float64)
+    ramp = np.linspace(*(ends / (shift - (shift - 1.0) * ends)), num_steps + 1)
+    sigmas = _shift(ramp, shift)
+    sigmas[0], sigmas[-1] = start, end
+    return torch.from_numpy(sigmas)
 
 
 def transformer_timesteps(sigmas: torch.Tensor) -> torch.Tensor:
