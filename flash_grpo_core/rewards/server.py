@@ -371,12 +371,8 @@ def main(argv: list[str] | None = None) -> int:
         problem = exposure_problem(args.host, token)
         if problem:
             raise ValueError(problem)
-    except ValueError as error:
-        print(f"reward server: {error}", file=sys.stderr)
-        return 2
-    try:
-        reward = build_reward(args.reward, **parse_options(args.option))
-    except (KeyError, TypeError, ValueError) as error:  # unknown reward, option or value (RewardError too)
+        reward = build_reward(args.reward, **parse_options(args.option))  # checks its options, loads nothing
+    except (KeyError, TypeError, ValueError) as error:  # bad limits or host; unknown reward, option or value
         print(f"reward server: {error.args[0] if error.args else error}", file=sys.stderr)
         return 2
     try:
