@@ -96,8 +96,7 @@ FULL = [
 ]
 SMALL = [
     KillCase("rollout@1", "written:shard-000001.tar", "stage", True),
-    KillCase("score@1", "renamed:scores.parquet", "dvc", True),
-    KillCase("curate", "finished", "ctrl-c", False),
+    KillCase("curate", "finished", "ctrl-c", False),  # SIGKILL of dvc: tests/test_watchdog.py, test_pipeline.py
 ]
 HANG_LINE = "fault: hanging at"
 WAIT_SECONDS = 240

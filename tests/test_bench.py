@@ -23,8 +23,9 @@ def importable_bench(monkeypatch):
 def test_gpu_step_writes_every_figure_at_the_tiny_shape(tmp_path, importable_bench):
     from bench import gpu_step
 
+    # rollout and update only: the iteration part runs bench/iteration_cost.py twice more (13 s)
     subprocess.run([sys.executable, "bench/gpu_step.py", "--repeats", "1", "--group", "2", "--steps", "4",
-                    "--out-dir", str(tmp_path)], cwd=ROOT, env=tool_env(OMP_NUM_THREADS="1"), check=True,
+                    "--parts", "rollout", "update", "--out-dir", str(tmp_path)], cwd=ROOT, env=tool_env(OMP_NUM_THREADS="1"), check=True,
                    capture_output=True, text=True, timeout=300)
     results = json.loads((tmp_path / "gpu_step-tiny-cpu.json").read_text())
     rollout, update = results["rollout"], results["update"]
@@ -36,10 +37,8 @@ def test_gpu_step_writes_every_figure_at_the_tiny_shape(tmp_path, importable_ben
     for peaks in (rollout["peak_gib"], update["peak_gib"]):
         assert all(value > 0 for value in peaks.values()) and "raw" in peaks and "pipeline" in peaks
     assert results["memory_kind"] == "process_rss"
-    for mode in ("flash", "full"):
-        assert results["iteration"][mode]["total_s"] > 0 and results["iteration"][mode]["peak_memory_gib"] > 0
-    assert results["iteration"]["full"]["trained_steps_per_sample"] == 4
-    assert set(results["ratios"]) == {*gpu_step.TARGETS, "full/flash update"}
+    assert "iteration" not in results
+    assert set(results["ratios"]) == {"rollout/raw (sampling)", "rollout/raw (with decode)", "update/raw"}
     assert all(math.isfinite(value) and value > 0 for value in results["ratios"].values())
     assert results["meets_target"] == gpu_step.verdicts(results["ratios"])
     table = (tmp_path / "gpu_step-tiny-cpu.md").read_text()

@@ -67,7 +67,7 @@ def test_the_small_fault_run_is_clean(importable_bench, dvc_cache, tmp_path):
                + [case for case in cases["corruptions"] if not (case["detected_named"] and case["ended_correct"])]
                + [case for case in cases["bad_inputs"] if not case["clear"]])
     assert not failing, failing
-    assert kills["tried"] == kills["fired"] == kills["resumed_equal"] == 3 and kills["orphans"] == 0
+    assert kills["tried"] == kills["fired"] == kills["resumed_equal"] == 2 and kills["orphans"] == 0
     assert corruptions["tried"] == corruptions["detected_named"] == corruptions["ended_correct"] == 3
     assert corruptions["reader_named"] >= 1  # the truncated shard: score@1 names it
     assert inputs["tried"] == inputs["clear_exit2"] == 8
