@@ -74,4 +74,4 @@ def test_the_small_fault_run_is_clean(importable_bench, dvc_cache, tmp_path):
     assert results["lost"] == 0
     assert results["warm_stage_runs"] > 0  # the warm cases did run warm
     table = faults.markdown(results)
-    assert "| kill points | 3 | 3 resumed equal to the reference; orphaned processes: 0; artifacts lost: 0 |" in table
+    assert "| kill points | 2 | 2 resumed equal to the reference; orphaned processes: 0; artifacts lost: 0 |" in table
