@@ -6,6 +6,11 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `pytest -n N` (the README's test command): each of the N workers and every process it starts
+    # (stages, torchrun ranks, benchmarks) computes on one thread, so N workers share N cores instead
+    # of each spreading torch's threads over all of them. Set before anything imports torch.
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 from pathlib import Path  # noqa: E402
 
