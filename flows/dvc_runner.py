@@ -91,8 +91,10 @@ def spawn(args: list[str], cwd: Path, on_line: Callable[[str], None]) -> int:
         process.stdout.close()
 
 
-def repro(stage: str, project: Path, on_line: Callable[[str], None] = lambda line: None) -> StageRun:
-    """`dvc repro <stage>` (upstream stages are checked, and skipped when up to date); raises on failure."""
+def repro(stage: str, project: Path, on_line: Callable[[str], None] = lambda line: None,
+          allow_missing: bool = False) -> StageRun:
+    """`dvc repro <stage>` (upstream stages are checked, and skipped when up to date); raises on failure.
+    `allow_missing`: skip stages whose only change is missing data (checkpoints removed by stages.prune)."""
     dvc = str(Path(sys.executable).parent / "dvc")
     lines: list[str] = []
 
@@ -101,7 +103,7 @@ def repro(stage: str, project: Path, on_line: Callable[[str], None] = lambda lin
         on_line(line)
 
     began = time.perf_counter()
-    code = spawn([dvc, "repro", stage], project, relay)
+    code = spawn([dvc, "repro", *(["--allow-missing"] if allow_missing else []), stage], project, relay)
     seconds = round(time.perf_counter() - began, 2)
     if code != 0:
         raise _failure(stage, code, lines)

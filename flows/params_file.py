@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 RESERVED = ("preset", "iterations", "presets", "pipeline")  # set by their own flow parameters, or structural
+# ... except the retention of old checkpoints, which no stage reads (stages/prune.py)
+UNRESERVED = ("pipeline.keep_checkpoints_every",)
 
 
 def _leaves(overrides: dict[str, Any]) -> dict[str, Any]:
@@ -53,7 +55,7 @@ def validate(path: Path, preset: str, iterations: int | None, overrides: dict[st
 
     overrides = _leaves(overrides or {})
     for key in overrides:
-        if key.split(".")[0] in RESERVED:
+        if key.split(".")[0] in RESERVED and key not in UNRESERVED:
             raise ConfigError(f"overrides: {key!r} cannot be overridden here; use the flow's preset/iterations "
                               f"parameters, or edit params.yaml for presets and pipeline")
     raw = read_yaml(path)

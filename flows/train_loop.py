@@ -83,31 +83,50 @@ def check_model_path(params, project: Path) -> None:
 @task(name="prepare-params", cache_policy=NO_CACHE, persist_result=False)
 def prepare_params(project: str, preset: str, iterations: int | None, overrides: dict[str, Any] | None) -> dict:
     """Validate the run's parameters, check the model path, write them into params.yaml."""
+    from stages.prune import pruned_iterations
+
     path = Path(project) / "params.yaml"
     check_model_path(params_file.validate(path, preset, iterations, overrides), Path(project))
     params = params_file.write(path, preset, iterations, overrides)
     get_run_logger().info(f"params.yaml: preset={preset} iterations={params.iterations} "
                           f"overrides={overrides or {}} mode={params.train.mode} device={params.model.device}")
     return {"preset": preset, "iterations": params.iterations, "root": params.pipeline.root,
-            "eval_at": list(params.pipeline.eval_at)}
+            "eval_at": list(params.pipeline.eval_at), "keep_every": params.pipeline.keep_checkpoints_every,
+            "pruned": bool(pruned_iterations(Path(project), params))}
 
 
 @task(name="dvc-repro", task_run_name="{stage}", retries=STAGE_RETRIES, retry_delay_seconds=STAGE_RETRY_DELAYS,
       retry_condition_fn=is_transient, cache_policy=NO_CACHE, persist_result=False)
-def run_stage(stage: str, project: str) -> dict:
-    """`dvc repro <stage>`, its output in the run's logs; returns what DVC did and the outputs' hashes."""
+def run_stage(stage: str, project: str, allow_missing: bool = False) -> dict:
+    """`dvc repro <stage>`, its output in the run's logs; returns what DVC did and the outputs' hashes.
+    `allow_missing` once checkpoints were pruned: DVC skips their stages instead of rebuilding the chain."""
     logger = get_run_logger()
 
     def relay(line: str) -> None:
         if dvc_runner.worth_logging(line):
             logger.info(line)
 
-    result = dvc_runner.repro(stage, Path(project), relay)
+    result = dvc_runner.repro(stage, Path(project), relay, allow_missing=allow_missing)
     outcome = ("ran" if stage in result.ran else
                "restored from the run cache" if stage in result.restored else "up to date, skipped")
     logger.info(f"{stage}: {outcome} ({result.seconds:.1f} s)")
     return {"stage": stage, "outcome": outcome, "ran": list(result.ran), "seconds": result.seconds,
             "outs": locked_outs(Path(project), stage)}
+
+
+@task(name="prune", cache_policy=NO_CACHE, persist_result=False)
+def prune_checkpoints(project: str) -> bool:
+    """Remove the checkpoints pipeline.keep_checkpoints_every gives up (stages/prune.py); returns
+    whether any checkpoint of the run is pruned now."""
+    from flash_grpo_core.config import load_params
+    from stages import prune
+
+    params = load_params(Path(project) / "params.yaml")
+    result = prune.prune(Path(project), params)
+    if result.pruned:
+        get_run_logger().info(f"pruned the checkpoints of {', '.join(f'it{k}' for k in result.pruned)} "
+                              f"({len(result.objects)} cache objects, {result.bytes / 1e9:.2f} GB)")
+    return bool(prune.pruned_iterations(Path(project), params))
 
 
 def locked_outs(project: Path, stage: str) -> dict[str, str]:
@@ -173,8 +192,11 @@ def train_loop(preset: Preset = "tiny",
         run["root"] = str(project / run["root"])
         stages: list[dict] = []
         rows: list[dict] = []
+        pruned = run.pop("pruned")
         for stage in stage_names(run["iterations"], run["eval_at"]):
-            stages.append(run_stage(stage, str(project)))
+            stages.append(run_stage(stage, str(project), allow_missing=pruned))
             if stage.startswith("update@"):
                 rows.append(log_iteration(logger, run, int(stage.split("@")[1]), stages))
+            if run["keep_every"] and stage.startswith(("update@", "eval_checkpoint@")):
+                pruned = prune_checkpoints(str(project)) or pruned
         return report(run, rows, stages)

@@ -46,13 +46,17 @@ class FakeDvc:
         self.calls: list[str] = []
         self.done: set[str] = set()
         self.failures: dict[str, list[int]] = {}  # stage -> exit codes of its next runs
+        self.allow_missing: list[bool] = []  # whether each call passed --allow-missing
 
     def __call__(self, args, cwd, env, **kwargs):
-        assert Path(args[0]) == Path(sys.executable).parent / "dvc" and args[1] == "repro" and len(args) == 3
+        allow_missing = args[2] == "--allow-missing"
+        assert Path(args[0]) == Path(sys.executable).parent / "dvc" and args[1] == "repro"
+        assert len(args) == 3 + allow_missing
         assert Path(cwd) == self.project
         assert env["PATH"].startswith(str(Path(sys.executable).parent)) and env["DVC_NO_ANALYTICS"] == "1"
-        stage = args[2]
+        stage = args[-1]
         self.calls.append(stage)
+        self.allow_missing.append(allow_missing)
         if stage in self.done:
             return _FakeProcess(f"Stage '{stage}' didn't change, skipping\nData and pipelines are up to date.\n", 0)
         name = stage.split("@")[0]
@@ -290,3 +294,28 @@ def test_deterministic_failure_fails_the_run_without_retry_and_a_rerun_resumes(t
     dvc.calls.clear()
     summary = train_loop(preset="tiny", iterations=1)  # the same parameters again
     assert [s["outcome"] for s in summary["stages"]] == ["up to date, skipped"] * 5 + ["ran"] * 4
+
+
+def test_pruning_after_updates_lets_the_later_stages_skip_the_removed_checkpoints(train_loop, dvc, monkeypatch):
+    """pipeline.keep_checkpoints_every > 0: the flow prunes after each update and evaluation; once a
+    checkpoint is gone, every later `dvc repro` passes --allow-missing (stages/prune.py)."""
+    from stages import prune
+
+    pruned, calls = {}, []
+
+    def fake_prune(project, params, **kwargs):  # the real one is tested on real DVC in test_prune.py
+        calls.append(dvc.calls[-1])
+        newly = {1: "c1.dir"} if "update@2" in dvc.done and 1 not in pruned else {}
+        pruned.update(newly)
+        return prune.Plan(kept=[], pruned=newly)
+
+    monkeypatch.setattr(prune, "prune", fake_prune)
+    monkeypatch.setattr(prune, "pruned_iterations", lambda project, params: dict(pruned))
+    train_loop(preset="tiny", iterations=3, overrides={"pipeline.keep_checkpoints_every": 2})
+    assert calls == [stage for stage in dvc.calls if stage.startswith(("update@", "eval_checkpoint@"))]
+    first = dvc.calls.index("update@2") + 1
+    assert dvc.allow_missing == [False] * first + [True] * (len(dvc.calls) - first)
+    dvc.calls.clear()
+    dvc.allow_missing.clear()
+    train_loop(preset="tiny", iterations=3, overrides={"pipeline.keep_checkpoints_every": 2})
+    assert dvc.allow_missing and all(dvc.allow_missing)  # a later run of the workspace starts with it

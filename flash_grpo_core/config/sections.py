@@ -283,9 +283,14 @@ class PipelineConfig:
     # `eval_at` spells them out for dvc.yaml's foreach; `python -m stages.iterations N` sets it.
     eval_every: int = 0
     eval_at: tuple[int, ...] = ()
+    # Keep every n-th iteration's checkpoint and the latest; `python -m stages.prune` (and the
+    # train-loop flow after each update) removes the others. 0: keep all. Read by no stage.
+    keep_checkpoints_every: int = 0
 
     def __post_init__(self):
         _check(self.groups_per_shard >= 1, "pipeline.groups_per_shard must be >= 1")
+        _check(self.keep_checkpoints_every >= 0,
+               f"pipeline.keep_checkpoints_every must be >= 0, got {self.keep_checkpoints_every}")
         _check_path("pipeline.root", self.root)
         _check(self.eval_every >= 0, f"pipeline.eval_every must be >= 0, got {self.eval_every}")
 
