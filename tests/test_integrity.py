@@ -191,6 +191,37 @@ def test_a_truncated_or_footless_scores_table_is_named(scores, damage):
         read_scores(scores)
 
 
+# -- curated prompt parquets ------------------------------------------------------------------
+
+def test_every_flipped_byte_of_a_prompts_table_is_caught_or_harmless(tmp_path):
+    """The curated prompts carry their columns' sha256 like the scores: a flipped byte gives the
+    same prompts or an error naming the file, never other prompts."""
+    from flash_grpo_core.artifacts.prompt_sources import PromptFileError
+    from flash_grpo_core.artifacts.prompts import Prompt, read_prompts_parquet, write_prompts_parquet
+
+    path = tmp_path / "train.parquet"
+    write_prompts_parquet([Prompt(id=f"p{i:02d}", prompt=f"a red square moving left {i}", source="toy", words=6)
+                           for i in range(6)], path)
+    original, data = read_prompts_parquet(path), path.read_bytes()
+    caught = 0
+    for offset in range(len(data)):
+        _flip(path, offset)
+        try:
+            assert read_prompts_parquet(path) == original, f"byte {offset}: other prompts read without an error"
+        except PromptFileError as error:
+            assert str(path) in str(error)
+            caught += 1
+        path.write_bytes(data)
+    assert caught > len(data) // 2
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"id": ["p0"], "prompt": ["a cat"], "source": ["x"], "words": pa.array([2], pa.int32())}),
+                   path)  # the curated schema, but written without the digest
+    with pytest.raises(PromptFileError, match="none stored"):
+        read_prompts_parquet(path)
+
+
 # -- debris of interrupted writes --------------------------------------------------------------
 
 def test_a_failed_write_leaves_nothing(tmp_path):

@@ -83,6 +83,9 @@ def tensors_digest(tensors: Mapping, metadata) -> str:
     return digest.hexdigest()
 
 
+DIGEST_KEY = b"flash_grpo_sha256"  # a Parquet table's schema metadata: the columns_digest of its columns
+
+
 def columns_digest(columns: Mapping[str, list]) -> str:
     """sha256 of a table's columns ({name: values}; floats round-trip exactly). Values JSON cannot hold
     (bytes, NaN: a corrupt table's) hash by their repr, so they never match a written table's digest."""

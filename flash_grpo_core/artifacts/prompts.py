@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from flash_grpo_core.artifacts.atomic import atomic_path, write_json
+from flash_grpo_core.artifacts.checksums import DIGEST_KEY, columns_digest
 from flash_grpo_core.artifacts.prompt_sources import SPLITS, RawPrompt
 from flash_grpo_core.config import DataConfig as CurateConfig
 
@@ -285,6 +286,9 @@ def write_prompts_parquet(prompts: Sequence[Prompt], path: str | os.PathLike) ->
 
     columns = {name: [getattr(p, name) for p in prompts] for name in ("id", "prompt", "source", "words")}
     table = pa.table(columns, schema=_prompt_schema())
+    # the columns' sha256 rides along (as the scores table's does): a flipped byte in a data page
+    # that still decodes is caught on reading, not trained on
+    table = table.replace_schema_metadata({DIGEST_KEY: columns_digest(table.to_pydict())})
     with atomic_path(path) as temporary:
         pq.write_table(table, temporary, version="2.6", compression="zstd", compression_level=3)
 
@@ -303,9 +307,13 @@ def read_prompts_parquet(path: str | os.PathLike) -> list[Prompt]:
         missing = [name for name in schema.names if name not in table.column_names]
         if missing:
             raise ValueError(f"no column(s) {missing}")  # read_table(schema=) would fill them with nulls
+        recorded = (table.schema.metadata or {}).get(DIGEST_KEY, b"").decode("ascii", "replace")
         table = table.select(schema.names).cast(schema)
         if any(table.column(name).null_count for name in schema.names):
             raise ValueError("null values")
+        if columns_digest(table.to_pydict()) != recorded:
+            raise ValueError("the columns' sha256 does not match the one stored with them "
+                             f"({'none stored' if not recorded else 'the file is corrupt'})")
         return [Prompt(**row) for row in table.to_pylist()]
     except (OSError, ValueError, TypeError, pa.ArrowException) as error:
         raise PromptFileError(f"cannot read curated prompts {path}: {type(error).__name__}: {error} "

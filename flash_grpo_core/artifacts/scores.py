@@ -15,13 +15,10 @@ from collections.abc import Sequence
 import torch
 
 from flash_grpo_core.artifacts.atomic import atomic_path
-from flash_grpo_core.artifacts.checksums import columns_digest
+from flash_grpo_core.artifacts.checksums import DIGEST_KEY, columns_digest
 from flash_grpo_core.method.advantages import check_finite
 
 COMPONENT_PREFIX = "component/"
-DIGEST_KEY = b"flash_grpo_sha256"
-
-
 class ScoresError(ValueError):
     """A scores table that does not match the rollouts it should describe."""
 
