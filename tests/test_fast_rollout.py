@@ -52,13 +52,17 @@ def test_interval_sigmas_follow_the_shifted_schedule():
         interval_sigmas(0.9, 0.0, 0, 3.0)
 
 
-def test_tail_solver_keeps_the_trained_step_and_nears_euler_as_it_refines(tiny_params):
-    # batch_size = group size: every sampling batch is one k group in both samplers, so equal bits
-    _, euler, euler_forwards = _rollout(tiny_params, rollout__batch_size=4)
+@pytest.mark.parametrize("shared", [False, True])
+def test_tail_solver_keeps_the_trained_step_and_nears_euler_as_it_refines(tiny_params, shared):
+    # batch_size = group size: every sampling batch is one k group in both samplers, so equal bits;
+    # `shared`: a group's samples start from one latent (rollout.same_initial_noise) in both
+    _, euler, euler_forwards = _rollout(tiny_params, rollout__batch_size=4, rollout__same_initial_noise=shared)
+    assert torch.equal(euler.latents[0], euler.latents[1]) == shared  # a shared start: one x_k per group
     assert euler_forwards == 8 * 20 * 2
     errors = {}
     for steps in (2, 10):
-        engine, batch, forwards = _rollout(tiny_params, rollout__batch_size=4, rollout__tail_steps=steps)
+        engine, batch, forwards = _rollout(tiny_params, rollout__batch_size=4, rollout__tail_steps=steps,
+                                           rollout__same_initial_noise=shared)
         assert torch.equal(batch.steps, euler.steps)
         assert torch.equal(batch.latents, euler.latents) and torch.equal(batch.next_latents, euler.next_latents)
         assert torch.equal(batch.log_probs, euler.log_probs)

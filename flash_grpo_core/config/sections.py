@@ -120,8 +120,6 @@ class RolloutConfig:
         for key in ("head_steps", "tail_steps"):
             value = getattr(self, key)
             _check(value is None or value >= 1, f"rollout.{key} must be >= 1 solver steps, or null (off), got {value}")
-        _check(not (self.same_initial_noise and self.cheaper),
-               "rollout.same_initial_noise does not combine with head_steps, tail_steps or guidance_until yet")
         _check(self.guidance_until is None or 0 < self.guidance_until <= 1,
                f"rollout.guidance_until must be a sigma in (0, 1], or null (guidance everywhere), "
                f"got {self.guidance_until}")

@@ -36,7 +36,8 @@ Samples of a sampling batch with different k (different prompts, or `iso_tempora
 sampled one k at a time, each k group with its own scheduler (UniPC keeps a history of model
 outputs); every sample draws its initial noise and its SDE noise from its own generator, in the
 order `sampler.rollout` draws them, so a sample is the same whatever the batch size, and with only
-the tail changed x_k, x_{k+1} and log p are the Euler rollout's.
+the tail changed x_k, x_{k+1} and log p are the Euler rollout's (also with `rollout.same_initial_noise`,
+whose shared initial latent comes from the prompt's generator, as there).
 
 Left out: the head's last UniPC step is not corrected (UniC needs the model output at x_k; the SDE
 step evaluates it, but a corrected x_k would then not be the point the recorded velocity belongs
@@ -52,7 +53,7 @@ import numpy as np
 import torch
 
 from flash_grpo_core.config import RolloutConfig
-from flash_grpo_core.engine.sampler import _draw, predict_velocity, sample_generators
+from flash_grpo_core.engine.sampler import _draw, _initial, predict_velocity, sample_generators
 from flash_grpo_core.method.batch import PassCounter, RolloutBatch
 from flash_grpo_core.method.schedule import interval_sigmas
 from flash_grpo_core.method.sde import ode_step, sde_step
@@ -164,7 +165,8 @@ def fast_rollout(
     transformer, cond_embeds: torch.Tensor, uncond_embed: torch.Tensor | None, train_steps: torch.Tensor,
     sigmas: torch.Tensor, scales: torch.Tensor, guidance: float, latent_shape: tuple[int, int, int, int],
     seed: int, batch_size: int, counter: PassCounter | None = None, progress=None, first_sample: int = 0,
-    cfg_sequential: bool = False, sde_steps: torch.Tensor | None = None, *, options: FastRolloutOptions,
+    cfg_sequential: bool = False, sde_steps: torch.Tensor | None = None, same_initial: bool = False, *,
+    options: FastRolloutOptions,
 ) -> RolloutBatch:
     """`sampler.rollout` for flash rollouts (train_steps [B, G, 1]) with the cheaper ODE parts of
     `options`; the same arguments, and `sde_steps`, if given, must be the trained steps."""
@@ -181,8 +183,10 @@ def fast_rollout(
     finals = torch.empty(total, *latent_shape, dtype=torch.float32)  # [S, C, F, H, W]
     for start in range(0, total, batch_size):
         ids = torch.arange(start, min(start + batch_size, total))
-        generators = sample_generators(seed, [first_sample + i for i in ids.tolist()])
-        x = _draw(generators, latent_shape).to(cond_embeds.device)  # [b, C, F, H, W]
+        sample_ids = [first_sample + i for i in ids.tolist()]
+        generators = sample_generators(seed, sample_ids)
+        x = _initial(seed, generators, sample_ids, group if same_initial else None,
+                     latent_shape).to(cond_embeds.device)  # [b, C, F, H, W]
         for k in sorted(set(steps[ids, 0].tolist())):
             rows = (steps[ids, 0] == k).nonzero().flatten()  # positions in the chunk
             x_k, step, final = run.trajectory(x[rows], cond_embeds[prompt_index[ids[rows]]], k,

@@ -234,12 +234,12 @@ def sample_rollouts(engine: Engine, prompts: list[str], iteration: int, counter:
     shape = engine.stack.latent_shape(r.frames, r.height, r.width)
     mine = train_steps[groups.start:groups.stop]  # [b, G, T]
     fast = FastRolloutOptions.from_config(r)  # rollout.head_steps, tail_steps, guidance_until
-    sample = partial(fast_rollout, options=fast) if fast.active else partial(rollout, same_initial=r.same_initial_noise)
+    sample = partial(fast_rollout, options=fast) if fast.active else rollout
     batch = sample(engine.policy.transformer, cond[groups.start:groups.stop], uncond, mine, engine.sigmas,
                    engine.scales, r.guidance, shape, derive_seed(engine.params.seed, iteration, "noise"),
                    r.batch_size, counter, progress, first_sample=groups.start * r.group_size,
                    cfg_sequential=engine.params.model.cfg_sequential,
-                   sde_steps=plan_stochastic_steps(engine.params, mine))
+                   sde_steps=plan_stochastic_steps(engine.params, mine), same_initial=r.same_initial_noise)
     batch.prompt_index += groups.start
     return batch
 
