@@ -2,7 +2,7 @@
 
     python bench/alignment.py            # full run: 6 variants x 3 seeds (about 45 min on 2 quiet cores)
     python bench/alignment.py --quick    # smoke size: 2 variants x 1 seed, the shipped base (a few minutes)
-    python bench/alignment.py --jobs 2   # two runs at a time, one thread each
+    python bench/alignment.py --jobs 2   # two runs at a time, one thread each (29 min on 2 quiet cores)
 
 From one pre-trained pixel-space Wan base (the one shipped in bench/toy/base/, the frozen output
 of `bench/toy/dvc.yaml:pretrain`; or with `--pretrain-steps N` a base of its own), every variant
@@ -337,7 +337,7 @@ def main(argv=None) -> None:
                         help="override a params.yaml key (dotted, YAML value) for every variant, e.g. "
                              "--set train.ema_decay=0.95; repeatable")
     parser.add_argument("--jobs", type=int, default=1,
-                        help="runs at a time, each in its own process on one thread (2 on 2 cores: ~1.5x sooner)")
+                        help="runs at a time, each in its own process on one thread")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     if args.jobs < 1:
