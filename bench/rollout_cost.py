@@ -1,7 +1,8 @@
 """Cost and accuracy of the cheaper flash rollouts (rollout.head_steps, tail_steps, guidance_until).
 
     python bench/rollout_cost.py                                          # toy and tiny presets, CPU
-    python bench/rollout_cost.py --alignment bench/results/alignment-fast/summary.json  # + held-out rewards
+    python bench/rollout_cost.py --heldout-only --alignment bench/results/alignment/summary.json \
+        bench/results/alignment-fast/summary.json   # + held-out rewards (flash from the first file)
 
 For every option set (OPTION_SETS; `flash`, Euler on the training grid with guidance everywhere, is
 the reference) on the toy preset (the shipped base bench/toy/base) and on the tiny one (random
