@@ -167,20 +167,25 @@ class _Record:
     iteration: int = 1
 
 
+def _every_flip_is_caught_or_harmless(path: Path, read, error: type[Exception]) -> None:
+    """Each single flipped byte of `path` reads as before or fails with `error` naming the file; most fail."""
+    original, data = read(path), path.read_bytes()
+    caught = 0
+    for offset in range(len(data)):
+        _flip(path, offset)
+        try:
+            assert read(path) == original, f"byte {offset}: other content read without an error"
+        except error as raised:
+            assert str(path) in str(raised)
+            caught += 1
+        path.write_bytes(data)
+    assert caught > len(data) // 2
+
+
 def test_every_flipped_byte_of_a_scores_table_is_caught_or_harmless(scores):
     """No single flipped byte may give other numbers silently: the read fails naming the file, or it
     reads the same columns (a byte of the footer's statistics, say)."""
-    original, data = read_scores(scores), scores.read_bytes()
-    caught = 0
-    for offset in range(len(data)):
-        _flip(scores, offset)
-        try:
-            assert read_scores(scores) == original, f"byte {offset}: other columns read without an error"
-        except ScoresError as error:
-            assert str(scores) in str(error)
-            caught += 1
-        scores.write_bytes(data)
-    assert caught > len(data) // 2
+    _every_flip_is_caught_or_harmless(scores, read_scores, ScoresError)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "break footer"])
@@ -202,17 +207,7 @@ def test_every_flipped_byte_of_a_prompts_table_is_caught_or_harmless(tmp_path):
     path = tmp_path / "train.parquet"
     write_prompts_parquet([Prompt(id=f"p{i:02d}", prompt=f"a red square moving left {i}", source="toy", words=6)
                            for i in range(6)], path)
-    original, data = read_prompts_parquet(path), path.read_bytes()
-    caught = 0
-    for offset in range(len(data)):
-        _flip(path, offset)
-        try:
-            assert read_prompts_parquet(path) == original, f"byte {offset}: other prompts read without an error"
-        except PromptFileError as error:
-            assert str(path) in str(error)
-            caught += 1
-        path.write_bytes(data)
-    assert caught > len(data) // 2
+    _every_flip_is_caught_or_harmless(path, read_prompts_parquet, PromptFileError)
     import pyarrow as pa
     import pyarrow.parquet as pq
 
