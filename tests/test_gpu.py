@@ -43,3 +43,18 @@ def test_iteration_on_gpu_changes_lora_weights(tiny_params):
     assert metrics["grad_norm"] > 0
     assert any(not torch.equal(before[k], v) for k, v in engine.policy.parameters.items())
     assert all(v.device.type == "cuda" for v in engine.policy.parameters.values())
+
+
+def test_offloaded_encoder_and_vae_wait_in_host_memory(tiny_params):
+    """model.offload_frozen: UMT5 and the VAE live on the CPU between uses; the videos do not change."""
+    plain = build_engine(tiny_params(model__device="cuda", model__dtype="float32"))
+    engine = build_engine(tiny_params(model__device="cuda", model__dtype="float32", model__offload_frozen=True))
+
+    def on_cpu(module) -> bool:
+        return all(p.device.type == "cpu" for p in module.parameters())
+
+    assert on_cpu(engine.stack.text_encoder) and on_cpu(engine.stack.vae)
+    _, videos = generate(engine, PROMPTS, 0, PassCounter())
+    assert on_cpu(engine.stack.text_encoder) and on_cpu(engine.stack.vae)
+    _, expected = generate(plain, PROMPTS, 0, PassCounter())
+    assert (videos.int() - expected.int()).abs().max() <= 1  # the same kernels: at most a rounding step

@@ -83,6 +83,23 @@ def test_an_update_makes_better_samples_more_likely(tiny_params):
     assert float((advantages * (flipped.log_prob - old)).sum()) < 0
 
 
+def test_offloaded_frozen_modules_visit_the_device_only_to_encode_and_decode(tiny_params, monkeypatch):
+    """model.offload_frozen moves UMT5 to the device around each encoding and the VAE around each
+    decoding, back to host memory after (on the CPU both moves are to the CPU: the calls are what is
+    checked here; test_gpu.py checks where the weights are on a GPU); the rollout does not change."""
+    expected_batch, expected = generate(build_engine(tiny_params()), PROMPTS, 0, PassCounter())
+    engine = build_engine(tiny_params(model__offload_frozen=True))
+    moves = []
+    for name in ("text_encoder", "vae"):
+        module = getattr(engine.stack, name)
+        move = module.to
+        monkeypatch.setattr(module, "to", lambda device, _name=name, _move=move: (moves.append((_name, str(device))),
+                                                                                _move(device))[1])
+    batch, videos = generate(engine, PROMPTS, 0, PassCounter())
+    assert moves == [("text_encoder", "cpu"), ("text_encoder", "cpu"), ("vae", "cpu"), ("vae", "cpu")]
+    assert torch.equal(videos, expected) and torch.equal(batch.log_probs, expected_batch.log_probs)
+
+
 def test_zero_advantages_leave_the_weights_unchanged(tiny_params):
     engine = build_engine(tiny_params(train__skip_zero_advantage=False))
     before = _snapshot(engine.policy.transformer)

@@ -59,6 +59,7 @@ class ModelConfig:
     lora_init: str = "gaussian"  # gaussian | default (peft's kaiming-uniform A)
     gradient_checkpointing: bool = False
     cfg_sequential: bool = False  # CFG halves one after the other instead of one batch (less memory)
+    offload_frozen: bool = False  # UMT5 and VAE wait in host memory, on the device only to encode/decode
     text_len: int = 512
 
     def __post_init__(self):

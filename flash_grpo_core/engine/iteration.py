@@ -8,6 +8,8 @@ the benchmarks. Every random draw derives from `params.seed` and the iteration n
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -133,10 +135,27 @@ def build_engine(params: Params, text_encoder: bool = True) -> Engine:
     stack = build_stack(params, resolve_dtype(params.model.dtype, device), text_encoder)
     check_video_size(stack, params)
     reference = make_trainable(stack.transformer, params)
-    for module in (stack.transformer, stack.text_encoder, stack.vae, reference):
+    frozen = () if params.model.offload_frozen else (stack.text_encoder, stack.vae)  # else: moved per use
+    for module in (stack.transformer, reference, *frozen):
         if module is not None:
             module.to(device)
     return Engine(params, stack, build_policy(stack.transformer, params, reference), device)
+
+
+@contextlib.contextmanager
+def visiting(engine: Engine, module: torch.nn.Module | None) -> Iterator[None]:
+    """With model.offload_frozen, `module` (the UMT5 encoder or the VAE) moves to the engine's device
+    for the block and back to host memory after it; otherwise it stays where it is."""
+    if module is None or not engine.params.model.offload_frozen:
+        yield
+        return
+    module.to(engine.device)
+    try:
+        yield
+    finally:
+        module.to("cpu")
+        if engine.device.type == "cuda":
+            torch.cuda.empty_cache()  # give its blocks back for the transformer's activations
 
 
 def check_video_size(stack, params: Params) -> None:
@@ -203,8 +222,10 @@ def encode(engine: Engine, prompts: list[str]) -> tuple[torch.Tensor, torch.Tens
     """Prompt embeddings [B, L, D] and, with guidance, the negative prompt's [1, L, D]."""
     from flash_grpo_core.models.wan import encode_prompts
 
-    cond = encode_prompts(engine.stack, prompts, engine.device)
-    uncond = encode_prompts(engine.stack, [engine.params.rollout.negative_prompt], engine.device) if engine.guided else None
+    with visiting(engine, engine.stack.text_encoder):
+        cond = encode_prompts(engine.stack, prompts, engine.device)
+        uncond = encode_prompts(engine.stack, [engine.params.rollout.negative_prompt], engine.device) \
+            if engine.guided else None
     return cond, uncond
 
 
@@ -248,8 +269,9 @@ def decode(engine: Engine, latents: torch.Tensor) -> torch.Tensor:
     """Videos uint8 [S, F, H, W, 3] from final latents [S, C, F, H, W], decoded in sampling batches."""
     from flash_grpo_core.models.wan import decode_latents
 
-    return torch.cat([decode_latents(engine.stack, chunk.to(engine.device))
-                      for chunk in latents.split(engine.params.rollout.batch_size)])
+    with visiting(engine, engine.stack.vae):
+        return torch.cat([decode_latents(engine.stack, chunk.to(engine.device))
+                          for chunk in latents.split(engine.params.rollout.batch_size)])
 
 
 def sample_ode(engine: Engine, prompts: list[str], num_steps: int, guidance: float, seed: int,
