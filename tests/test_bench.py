@@ -1,5 +1,5 @@
-"""The benchmarks bench/gpu_step.py (a smoke run at the tiny shape) and bench/process_scaling.py (its
-helpers only: its measurement runs the stages for minutes)."""
+"""The benchmarks bench/gpu_step.py and bench/lora_cost.py (smoke runs at the tiny shape) and
+bench/process_scaling.py (its helpers only: its measurement runs the stages for minutes)."""
 
 import json
 import math
@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from flash_grpo_core.workspace import copy_project, tool_env
 
@@ -18,6 +19,24 @@ ROOT = Path(__file__).resolve().parents[1]
 def importable_bench(monkeypatch):
     """`from bench import ...` works: the scripts live outside the package."""
     monkeypatch.syspath_prepend(str(ROOT))
+
+
+def test_lora_cost_runs_every_way_of_training_at_the_tiny_shape(tmp_path, importable_bench):
+    from bench import lora_cost
+
+    args = lora_cost.parse_args(["--out-dir", str(tmp_path)])
+    full, lora, frozen = (lora_cost.engine_for(args, way, False) for way in ("full", "lora", "no-weight-grads"))
+    transformer_weights = dict(full.policy.transformer.named_parameters())
+    assert set(full.policy.parameters) == set(transformer_weights)  # every weight
+    assert lora.policy.parameters and all("lora_" in name and p.dtype == torch.float32 and p.requires_grad
+                                          for name, p in lora.policy.parameters.items())
+    assert not any(p.requires_grad for p in frozen.policy.transformer.parameters())
+    lora_cost.main(["--repeats", "1", "--out-dir", str(tmp_path)])
+    rows = json.loads((tmp_path / "lora_cost-tiny-cpu.json").read_text())["rows"]
+    assert [(row["way"], row["checkpointing"]) for row in rows] == [
+        (way, mode) for mode in (False, True) for way in lora_cost.WAYS]
+    assert all(row["seconds"] > 0 and row["peak_gib"] > 0 for row in rows)
+    assert (tmp_path / "lora_cost-tiny-cpu.md").read_text().count("| no-weight-grads |") == 2
 
 
 def test_gpu_step_writes_every_figure_at_the_tiny_shape(tmp_path, importable_bench):
