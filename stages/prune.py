@@ -9,8 +9,7 @@ cannot help, since every iteration's output stays in dvc.lock. This command remo
 of every iteration k with k % N != 0 that is not the latest, once nothing left to run reads it (the
 next iteration's rollout and update, and its own evaluation when pipeline.eval_at lists it), and
 records the removed ones with their hashes in <root>/<preset>/pruned.json (a later prune does not
-list them again). N is
-`pipeline.keep_checkpoints_every` unless --every is given; 0 keeps everything.
+list them again). N is `pipeline.keep_checkpoints_every` unless --every is given; 0 keeps all.
 
 DVC then reports those outputs as deleted. `dvc repro --allow-missing` skips a stage whose only
 change is missing data, so the run continues from the latest checkpoint as if nothing was removed:
