@@ -2,7 +2,7 @@
 
     python bench/alignment.py            # full run: 6 variants x 3 seeds (about 45 min on 2 quiet cores)
     python bench/alignment.py --quick    # smoke size: 2 variants x 1 seed, the shipped base (a few minutes)
-    python bench/alignment.py --jobs 2   # two runs at a time, one thread each (29 min on 2 quiet cores)
+    python bench/alignment.py --jobs 2   # two runs at a time, one thread each (29 min on 2 cores)
 
 From one pre-trained pixel-space Wan base (the one shipped in bench/toy/base/, the frozen output
 of `bench/toy/dvc.yaml:pretrain`; or with `--pretrain-steps N` a base of its own), every variant
