@@ -4,7 +4,8 @@
 
 Settings are the `data` section of the params file (the fields of `flash_grpo_core.artifacts.prompts.CurateConfig`);
 without that section, or without --params, CurateConfig's defaults apply. The work is in
-`flash_grpo_core/artifacts/prompts.py` (sources: `prompt_sources.py`); this module only reads arguments, calls it and prints one summary line.
+`flash_grpo_core/artifacts/prompts.py` (sources: `prompt_sources.py`); this module reads arguments, calls it
+through `_common.run` (errors, summary line, watchdog) and checks the counts before anything is written.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 
 from stages import _common
 
@@ -54,32 +54,22 @@ def check_counts(result, sources: list[str], params_path: str | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from stages import _watchdog, warm_client
 
-    _watchdog.start()  # end with the `dvc` that started this process, as every stage does (_common.run)
-    delegated = warm_client.delegate()  # a warm runner, when one listens (stages/warm.py)
-    if delegated is not None:
-        return delegated
-    start = time.perf_counter()
-    from flash_grpo_core.artifacts.prompt_sources import PromptFileError, read_prompt_sources
-    from flash_grpo_core.artifacts.prompts import SEMANTIC_UNAVAILABLE, curate, write_curation
-    from flash_grpo_core.config import ConfigError
+    def body():
+        from flash_grpo_core.artifacts.prompt_sources import read_prompt_sources
+        from flash_grpo_core.artifacts.prompts import SEMANTIC_UNAVAILABLE, curate, write_curation
 
-    try:
         config = load_config(args.params)
-        raw_prompts = read_prompt_sources(args.sources)
-        result = curate(raw_prompts, config)
-        check_counts(result, args.sources, args.params)
-    except (ConfigError, PromptFileError) as error:
-        print(f"curate: error: {error}", file=sys.stderr)
-        return 2
-    write_curation(result, args.out_dir)
-    if result.report["semantic_dedupe"] == SEMANTIC_UNAVAILABLE:
-        print(f"curate: warning: semantic dedupe {SEMANTIC_UNAVAILABLE}", file=sys.stderr)
-    counts = result.report["counts"]
-    print(f"curate: {len(args.sources)} sources, {counts['in']} prompts in, {counts['train']} train, "
-          f"{counts['eval']} eval, dropped {json.dumps(counts['dropped'])} in {time.perf_counter() - start:.1f} s")
-    return 0
+        result = curate(read_prompt_sources(args.sources), config)
+        check_counts(result, args.sources, args.params)  # before anything is written
+        write_curation(result, args.out_dir)
+        if result.report["semantic_dedupe"] == SEMANTIC_UNAVAILABLE:
+            print(f"curate: warning: semantic dedupe {SEMANTIC_UNAVAILABLE}", file=sys.stderr)
+        counts = result.report["counts"]
+        return {"sources": len(args.sources), "prompts_in": counts["in"], "train": counts["train"],
+                "eval": counts["eval"], "dropped": json.dumps(counts["dropped"], separators=(",", ":"))}
+
+    return _common.run("curate", body)
 
 
 if __name__ == "__main__":

@@ -353,8 +353,8 @@ def test_cli_runs_on_the_example_prompts(tmp_path):
     counts = report["counts"]
     assert report["params"]["eval_fraction"] == 0.25 and counts["in"] == 40 and counts["kept"] == 40
     line = done.stdout.strip().splitlines()[-1]
-    assert line.startswith(f"curate: 1 sources, 40 prompts in, {counts['train']} train, {counts['eval']} eval, "
-                           "dropped {") and line.endswith(" s")
+    assert line.startswith(f"curate: sources=1 prompts_in=40 train={counts['train']} eval={counts['eval']} "
+                           "dropped={") and " seconds=" in line
     bad = subprocess.run([*command[:4], str(tmp_path / "missing.txt"), *command[5:]], check=False, cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "missing.txt: no such file" in bad.stderr

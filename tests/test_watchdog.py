@@ -56,7 +56,7 @@ CURATE = "{python} -m stages.curate --params params.yaml --sources prompts/toy.j
 @pytest.mark.parametrize("command, nproc, fault, processes", [
     (ROLLOUT, "1", "started:hang", 1),
     (ROLLOUT, "2", "started@1:hang", 4),
-    (CURATE, "1", "renamed:train.parquet:hang", 1),  # curate starts its watchdog itself (no _common.run)
+    (CURATE, "1", "renamed:train.parquet:hang", 1),  # a CPU stage that is not distributed
 ])
 def test_a_stage_ends_when_dvc_is_killed(command, nproc, fault, processes, tmp_path):
     token = f"watchdog-{uuid.uuid4().hex[:10]}"
