@@ -1,4 +1,5 @@
-"""The benchmarks bench/gpu_step.py and bench/lora_cost.py (smoke runs at the tiny shape) and
+"""The benchmarks bench/gpu_step.py and bench/lora_cost.py (smoke runs at the tiny shape),
+bench/toy_probe.py (a smoke run on the shipped toy base) and
 bench/process_scaling.py (its helpers only: its measurement runs the stages for minutes)."""
 
 import json
@@ -106,3 +107,17 @@ def test_process_scaling_units_rows_and_table(importable_bench, tiny_params):
     table = process_scaling.markdown(result)
     assert "| rollout@1 | 2 | 3.00 | 1.50 | 2.00 | 1.00 | 0.00 |  |" in table
     assert "On a machine with 2 cores a second process can only help when the stage's work is compute-bound" in table
+
+
+def test_toy_probe_scores_each_start_of_the_shipped_base(tmp_path, importable_bench):
+    from bench import toy_probe
+
+    toy_probe.main(["--samples", "1", "--sigmas", "0.5", "--name", "smoke", "--out-dir", str(tmp_path)])
+    record = json.loads((tmp_path / "toy_probe-smoke.json").read_text())
+    assert record["base"] == "bench/toy/base"
+    assert [(row["prompts"], row["start"]) for row in record["rows"]] == [
+        (split, start) for split in ("train", "held_out") for start in ("noise", "sigma 0.5")]
+    assert all(0 <= row[key] <= 1 for row in record["rows"] for key in ("reward", "color", "single", "motion"))
+    # the prompt's own clip, half noised, comes back closer to the prompt than a sample from noise does
+    noise, half = record["rows"][:2]
+    assert half["reward"] > noise["reward"]
