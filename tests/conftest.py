@@ -41,3 +41,16 @@ def tiny_params():
                            overrides={key.replace("__", "."): value for key, value in overrides.items()})
 
     return make
+
+
+# The modules that take longest (minutes of stage subprocesses each), started first: `-n N --dist
+# loadfile` hands whole modules to idle workers in collection order, and a long module dealt last
+# leaves the other workers idle at the end. Each module keeps its tests' order (some build on the
+# previous test's outputs).
+LONGEST_FIRST = ("test_pipeline", "test_prefect_integration", "test_integrity", "test_distributed", "test_toy",
+                 "test_faults", "test_flows")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: file order kept within
