@@ -78,7 +78,12 @@ def evaluate(engine, prompts: list[str], samples: int) -> dict[str, float]:
     repeated = [p for _ in range(samples) for p in prompts]
     with engine.policy.ema.applied():
         videos = sample_ode(engine, repeated, params.eval.num_steps, params.eval.guidance, params.eval.seed)
-    output = reward_from_params(params)(videos, repeated)
+    return scored(reward_from_params(params), videos, repeated)
+
+
+def scored(reward, videos, prompts: list[str]) -> dict[str, float]:
+    """The mean toy reward of `videos` and of each of its components."""
+    output = reward(videos, prompts)
     return {"reward": float(output.scores.mean()),
             **{c: float(output.info[f"toy_following/{c}"].mean()) for c in COMPONENTS}}
 

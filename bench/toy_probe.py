@@ -28,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.alignment import COMPONENTS, SHIPPED_BASE, _overrides  # importable once the root is on the path
+from bench.alignment import COMPONENTS, SHIPPED_BASE, _overrides, evaluate, scored  # once the root is on the path
 
 SIGMAS = (0.9, 0.8, 0.6, 0.4)
 
@@ -47,12 +47,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.samples < 1 or not all(0 < s <= 1 for s in args.sigmas):
         parser.error("--samples must be >= 1 and every --sigmas value in (0, 1]")
     return args
-
-
-def scored(reward, videos: torch.Tensor, prompts: list[str]) -> dict[str, float]:
-    output = reward(videos, prompts)
-    return {"reward": round(float(output.scores.mean()), 4),
-            **{c: round(float(output.info[f"toy_following/{c}"].mean()), 4) for c in COMPONENTS}}
 
 
 def from_clips(engine, prompts: list[str], sigma: float, generator: torch.Generator) -> torch.Tensor:
@@ -78,28 +72,30 @@ def from_clips(engine, prompts: list[str], sigma: float, generator: torch.Genera
 def probe(args) -> list[dict]:
     from flash_grpo_core import toy
     from flash_grpo_core.config import load_params
-    from flash_grpo_core.engine.iteration import build_engine, reward_from_params, sample_ode
+    from flash_grpo_core.engine.iteration import build_engine, reward_from_params
 
     params = load_params(ROOT / "params.yaml", preset="toy",
                          overrides={**args.overrides, "model.path": args.base, "model.device": "cpu"})
-    if params.model.path is None or params.rollout.frames != params.toy.frames:
-        sys.exit("toy_probe: a toy base is needed (model.path) with rollout.frames equal to toy.frames")
+    if params.rollout.frames != params.toy.frames:
+        sys.exit("toy_probe: rollout.frames must equal toy.frames (the clips are the task's)")
     engine, reward = build_engine(params), reward_from_params(params)
+
+    def row(split: str, start: str, scores: dict[str, float]) -> dict:
+        return {"prompts": split, "start": start, **{key: round(value, 4) for key, value in scores.items()}}
+
     rows = []
     for split, prompts in zip(("train", "held_out"), toy.toy_prompts(params.toy)):
+        rows.append(row(split, "noise", evaluate(engine, prompts, args.samples)))  # what the benchmark scores
         repeated = [p for _ in range(args.samples) for p in prompts]
-        with engine.policy.ema.applied():
-            videos = sample_ode(engine, repeated, params.eval.num_steps, params.eval.guidance, params.eval.seed)
-        rows.append({"prompts": split, "start": "noise", **scored(reward, videos, repeated)})
         generator = torch.Generator().manual_seed(params.eval.seed)
         for sigma in args.sigmas:
-            videos = from_clips(engine, repeated, sigma, generator)
-            rows.append({"prompts": split, "start": f"sigma {sigma:g}", **scored(reward, videos, repeated)})
+            rows.append(row(split, f"sigma {sigma:g}", scored(reward, from_clips(engine, repeated, sigma, generator),
+                                                              repeated)))
     return rows
 
 
-def markdown(rows: list[dict], args) -> str:
-    lines = [f"# Toy base probe: {Path(args.base).as_posix()}", "",
+def markdown(rows: list[dict], base: str, args) -> str:
+    lines = [f"# Toy base probe: {base}", "",
              (f"{args.samples} videos per prompt and start; overrides: {args.overrides or 'none'}. `noise`: the "
              f"evaluation's ODE samples; `sigma s`: the prompt's own clip noised to s and integrated back."), "",
              "| prompts | start | reward | " + " | ".join(COMPONENTS) + " |",
@@ -117,11 +113,10 @@ def main(argv=None) -> None:
     rows = probe(args)
     base = Path(args.base).resolve()
     base = base.relative_to(ROOT).as_posix() if base.is_relative_to(ROOT) else base.name  # no machine paths
-    args.base = base
     out = Path(args.out_dir) / f"toy_probe{'-' + args.name if args.name else ''}"
     write_json({"base": base, "samples": args.samples, "overrides": args.overrides, "rows": rows},
                out.with_suffix(".json"))
-    text = markdown(rows, args)
+    text = markdown(rows, base, args)
     with atomic_path(out.with_suffix(".md")) as temporary:
         temporary.write_text(text)
     print(text)
