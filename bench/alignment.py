@@ -193,12 +193,14 @@ def shipped_base() -> str:
     """bench/toy/base/ (the frozen `pretrain` stage's output, in git), if it fits params.yaml's toy."""
     import dataclasses
 
-    from flash_grpo_core.config import load_params
+    from flash_grpo_core.config import ToyConfig, load_params
 
     record = json.loads((SHIPPED_BASE / "pretrain.json").read_text())
-    toy = dataclasses.asdict(load_params(ROOT / "params.yaml", preset="toy").toy)
-    if json.loads(json.dumps(toy)) != record.get("toy"):
-        changed = sorted(k for k in toy if json.loads(json.dumps(toy[k])) != record.get("toy", {}).get(k))
+    toy = json.loads(json.dumps(dataclasses.asdict(load_params(ROOT / "params.yaml", preset="toy").toy)))
+    # a setting added after the base was pre-trained counts at its default, which keeps the task as it was
+    trained = {**json.loads(json.dumps(dataclasses.asdict(ToyConfig()))), **record.get("toy", {})}
+    if toy != trained:
+        changed = sorted(k for k in toy if toy[k] != trained.get(k))
         sys.exit(f"bench/toy/base/ was pre-trained with other toy settings ({', '.join(changed)} differ from "
                  f"params.yaml): pass --pretrain-steps N for a base of your own, or pre-train the shipped one "
                  f"again (see bench/toy/dvc.yaml)")

@@ -4,8 +4,9 @@
     python bench/toy_probe.py --base DIR --name sq8 --set toy.square=8 \\
         --set 'reward.options={"toy_following": {"square": 8, "speed": 1}}'
 
-For the train and the held-out prompts of the toy task (flash_grpo_core/toy.py), --samples videos
-per prompt:
+For the train prompts the base was pre-trained on, those it was not (`toy.rl_only`: GRPO's reward
+alone teaches them) and the held-out prompts of the toy task (flash_grpo_core/toy.py), --samples
+videos per prompt:
 - `noise`: the evaluation's ODE samples (eval.num_steps, eval.guidance, eval.seed), what the
   alignment benchmark scores;
 - `sigma s`: each video's own clip of the task (`toy.make_clips`) noised to sigma s, as the
@@ -83,8 +84,12 @@ def probe(args) -> list[dict]:
     def row(split: str, start: str, scores: dict[str, float]) -> dict:
         return {"prompts": split, "start": start, **{key: round(value, 4) for key, value in scores.items()}}
 
+    rl_only = [toy.prompt_for(*combo.split()) for combo in params.toy.rl_only]
+    splits = {"train": toy.pretrain_prompts(params.toy), "rl_only": rl_only, "held_out": toy.toy_prompts(params.toy)[1]}
     rows = []
-    for split, prompts in zip(("train", "held_out"), toy.toy_prompts(params.toy)):
+    for split, prompts in splits.items():
+        if not prompts:
+            continue
         rows.append(row(split, "noise", evaluate(engine, prompts, args.samples)))  # what the benchmark scores
         repeated = [p for _ in range(args.samples) for p in prompts]
         generator = torch.Generator().manual_seed(params.eval.seed)

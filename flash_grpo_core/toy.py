@@ -2,7 +2,8 @@
 
 - Data: clips of F frames, size x size RGB, black background, one square of side `square` in the
   prompted colour moving `speed` pixels per frame in the prompted direction from a random start.
-  Prompts are "a <colour> square moving <direction>"; `held_out` combinations are never trained on.
+  Prompts are "a <colour> square moving <direction>"; `held_out` combinations are never trained on,
+  `rl_only` ones only by GRPO (not pre-trained on); with `data_speeds` each clip draws its speed.
 - Model: a small real `WanTransformer3DModel` over RGB pixels in [-1, 1] (no VAE: a random VAE
   would make the latent space meaningless), the tiny UMT5 encoder and the code-built tokenizer,
   all seeded by `toy.seed` so every GRPO run starts from the same base.
@@ -51,19 +52,27 @@ def toy_prompts(cfg: ToyConfig) -> tuple[list[str], list[str]]:
             [prompt_for(c, d) for c, d in combos if (c, d) in held])
 
 
+def pretrain_prompts(cfg: ToyConfig) -> list[str]:
+    """The train prompts the base is pre-trained on: all but the `rl_only` ones, which GRPO alone sees."""
+    rl_only = {prompt_for(*combo.split()) for combo in cfg.rl_only}
+    return [p for p in toy_prompts(cfg)[0] if p not in rl_only]
+
+
 def make_clips(prompts: list[str], cfg: ToyConfig, generator: torch.Generator) -> torch.Tensor:
     """Clips [B, 3, F, size, size] in [-1, 1] following `prompts`, random start positions."""
-    span = cfg.size - cfg.square - cfg.speed * (cfg.frames - 1)  # room left for the start position
     clips = torch.full((len(prompts), 3, cfg.frames, cfg.size, cfg.size), -1.0)
     for b, prompt in enumerate(prompts):
         color, direction = parse_prompt(prompt)
         (dy, dx), rgb = DIRECTIONS[direction], torch.tensor(PALETTE[color]) / 127.5 - 1
+        speed = (cfg.data_speeds[int(torch.randint(len(cfg.data_speeds), (1,), generator=generator))]
+                 if cfg.data_speeds else cfg.speed)
+        span = cfg.size - cfg.square - speed * (cfg.frames - 1)  # room left for the start position
         y0, x0 = (int(v) for v in torch.randint(span + 1, (2,), generator=generator))
         # start so that the whole path stays inside the frame
-        y0 += cfg.speed * (cfg.frames - 1) if dy < 0 else 0
-        x0 += cfg.speed * (cfg.frames - 1) if dx < 0 else 0
+        y0 += speed * (cfg.frames - 1) if dy < 0 else 0
+        x0 += speed * (cfg.frames - 1) if dx < 0 else 0
         for f in range(cfg.frames):
-            y, x = y0 + dy * cfg.speed * f, x0 + dx * cfg.speed * f
+            y, x = y0 + dy * speed * f, x0 + dx * speed * f
             clips[b, :, f, y:y + cfg.square, x:x + cfg.square] = rgb.view(3, 1, 1)
     return clips
 
@@ -127,7 +136,7 @@ def pretrain(stack, cfg: ToyConfig, steps: int | None = None, progress=None) -> 
     """Flow-matching pre-training of `stack.transformer` in place; returns the loss per step."""
     from flash_grpo_core.models.wan import encode_prompts
 
-    train_prompts, _ = toy_prompts(cfg)
+    train_prompts = pretrain_prompts(cfg)
     embeds = encode_prompts(stack, [*train_prompts, ""], "cpu")  # [P + 1, L, D], last = unconditional
     generator = torch.Generator().manual_seed(cfg.seed + 1)
     model = stack.transformer.requires_grad_(True).train()

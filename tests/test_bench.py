@@ -121,3 +121,9 @@ def test_toy_probe_scores_each_start_of_the_shipped_base(tmp_path, importable_be
     # the prompt's own clip, half noised, comes back closer to the prompt than a sample from noise does
     noise, half = record["rows"][:2]
     assert half["reward"] > noise["reward"]
+    # with toy.rl_only (train prompts kept out of pre-training) they are scored as a split of their own
+    toy_probe.main(["--samples", "1", "--sigmas", "0.5", "--name", "rl", "--out-dir", str(tmp_path),
+                    "--set", "toy.rl_only=[red left, cyan down]"])
+    rows = json.loads((tmp_path / "toy_probe-rl.json").read_text())["rows"]
+    assert [(row["prompts"], row["start"]) for row in rows] == [
+        (split, start) for split in ("train", "rl_only", "held_out") for start in ("noise", "sigma 0.5")]

@@ -19,6 +19,24 @@ def test_prompts_split_holds_out_the_configured_combinations():
     assert not set(train) & set(held_out)
 
 
+def test_rl_only_combinations_are_trained_by_grpo_but_never_pre_trained():
+    from flash_grpo_core.config import ConfigError
+
+    cfg = ToyConfig(rl_only=("red down", "cyan right"))
+    train, _ = toy.toy_prompts(cfg)
+    assert "a red square moving down" in train and "a cyan square moving right" in train  # GRPO's prompts
+    assert toy.pretrain_prompts(cfg) == [p for p in train if p not in
+                                         ("a red square moving down", "a cyan square moving right")]
+    assert toy.pretrain_prompts(CFG) == train
+    with pytest.raises(ConfigError, match="share"):
+        ToyConfig(rl_only=("red up",))  # held out
+    with pytest.raises(ConfigError, match="toy.rl_only entry 'red sideways'"):
+        ToyConfig(rl_only=("red sideways",))
+    with pytest.raises(ConfigError, match="no combination to pre-train on"):
+        ToyConfig(held_out=("red up",), rl_only=tuple(f"{c} {d}" for c in CFG.colors for d in CFG.directions
+                                                       if (c, d) != ("red", "up")))
+
+
 def test_clips_follow_their_prompt():
     clips = toy.make_clips(["a green square moving right", "a blue square moving up"], CFG,
                            torch.Generator().manual_seed(0))
@@ -30,6 +48,22 @@ def test_clips_follow_their_prompt():
     blue = clips[1, 2] > 0
     top_first, top_last = (torch.nonzero(blue[f])[:, 0].min() for f in (0, 7))
     assert top_first - top_last == 7  # moving up
+
+
+def test_data_speeds_mix_clip_speeds_and_leave_the_default_clips_unchanged():
+    prompts = ["a red square moving right"] * 64
+    default = toy.make_clips(prompts, CFG, torch.Generator().manual_seed(0))
+    assert torch.equal(default, toy.make_clips(prompts, ToyConfig(data_speeds=()), torch.Generator().manual_seed(0)))
+    mixed = toy.make_clips(prompts, ToyConfig(data_speeds=(0, 1)), torch.Generator().manual_seed(0))
+    red = mixed[:, 0] > 0  # [B, F, H, W]
+    columns = torch.arange(16.0)
+    x = (red.sum(dim=2) * columns).sum(dim=-1) / red.sum(dim=(2, 3))  # [B, F] centroid column
+    speeds = ((x[:, -1] - x[:, 0]) / 7).round()
+    assert set(speeds.tolist()) == {0.0, 1.0} and torch.all((x.diff(dim=1) - speeds[:, None]).abs() < 1e-5)
+    from flash_grpo_core.config import ConfigError
+
+    with pytest.raises(ConfigError, match="data_speeds"):
+        ToyConfig(data_speeds=(1, 2))  # 4 + 2 x 7 > 16: leaves the frame
 
 
 def test_reward_on_hand_made_videos():
@@ -119,12 +153,16 @@ def test_quick_benchmark_refuses_a_shipped_base_of_other_toy_settings(tmp_path, 
     monkeypatch.syspath_prepend(str(root / "bench"))
     import alignment
 
-    record = json.loads((alignment.SHIPPED_BASE / "pretrain.json").read_text())
-    record["toy"]["layers"] += 1
-    (tmp_path / "pretrain.json").write_text(json.dumps(record))
+    shipped = json.loads((alignment.SHIPPED_BASE / "pretrain.json").read_text())
+    assert "data_speeds" not in shipped["toy"]  # pre-trained before the setting: it counts at its default
+    assert alignment.shipped_base() == str(alignment.SHIPPED_BASE)
     monkeypatch.setattr(alignment, "SHIPPED_BASE", tmp_path)
-    with pytest.raises(SystemExit, match=r"other toy settings \(layers differ"):
-        alignment.shipped_base()
+    for key, value, changed in (("layers", shipped["toy"]["layers"] + 1, "layers"), ("data_speeds", [0, 1], "data_speeds")):
+        record = json.loads(json.dumps(shipped))
+        record["toy"][key] = value
+        (tmp_path / "pretrain.json").write_text(json.dumps(record))
+        with pytest.raises(SystemExit, match=rf"other toy settings \({changed} differ"):
+            alignment.shipped_base()
 
 
 def test_benchmark_overrides_parse_yaml_values_and_reject_malformed_pairs(monkeypatch):
