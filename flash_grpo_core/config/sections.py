@@ -301,15 +301,12 @@ class ToyConfig:
     colors: tuple[str, ...] = ("red", "green", "blue", "yellow", "magenta", "cyan")
     directions: tuple[str, ...] = ("left", "right", "up", "down")
     held_out: tuple[str, ...] = ("red up", "green left", "blue down", "yellow right", "magenta up", "cyan left")
-    # train combinations the base's pre-training never sees: GRPO's reward must teach them
-    rl_only: tuple[str, ...] = ()
+    rl_only: tuple[str, ...] = ()  # train combinations kept out of pre-training: GRPO's reward alone teaches them
     frames: int = 8
     size: int = 16  # frames are size x size pixels
     square: int = 4  # side of the square, pixels
     speed: int = 1  # pixels per frame
-    # speeds of the pre-training clips, one drawn per clip (empty: `speed` alone); the prompt names no
-    # speed, so a base sampling them all leaves the reward's preferred `speed` to GRPO
-    data_speeds: tuple[int, ...] = ()
+    data_speeds: tuple[int, ...] = ()  # pre-training clips' speeds, one drawn per clip (empty: `speed` alone)
     seed: int = 0  # the base model's (and text encoder's) initialisation
     layers: int = 4
     heads: int = 4
@@ -324,22 +321,18 @@ class ToyConfig:
 
     def __post_init__(self):
         _check(len(self.colors) >= 2 and len(self.directions) >= 2, "toy.colors and toy.directions need >= 2 entries")
-        for key in ("held_out", "rl_only"):
-            for combo in getattr(self, key):
-                parts = combo.split()
-                _check(len(parts) == 2 and parts[0] in self.colors and parts[1] in self.directions,
-                       f"toy.{key} entry {combo!r} must be '<colour> <direction>' from toy.colors and toy.directions")
-        _check(not set(self.rl_only) & set(self.held_out),
-               f"toy.rl_only and toy.held_out share {sorted(set(self.rl_only) & set(self.held_out))}: "
-               f"a combination is either trained on by GRPO or held out")
+        for key, combo in ((k, c) for k in ("held_out", "rl_only") for c in getattr(self, k)):
+            _check(len(parts := combo.split()) == 2 and parts[0] in self.colors and parts[1] in self.directions,
+                   f"toy.{key} entry {combo!r} must be '<colour> <direction>' from toy.colors and toy.directions")
+        shared = sorted(set(self.rl_only) & set(self.held_out))
+        _check(not shared, f"toy.rl_only and toy.held_out share {shared}: a combination is trained on or held out")
         _check(len(set(self.held_out) | set(self.rl_only)) < len(self.colors) * len(self.directions),
                "toy.held_out and toy.rl_only leave no combination to pre-train on")
         _check(self.size % self.patch == 0, f"toy.size ({self.size}) must be a multiple of toy.patch ({self.patch})")
         _check(0 < self.square < self.size and min((self.speed, *self.data_speeds)) >= 0,
                "toy.square must be in (0, size), speed and data_speeds >= 0")
         _check(self.square + max((self.speed, *self.data_speeds)) * (self.frames - 1) <= self.size,
-               "toy.square + speed * (frames - 1) must fit in toy.size for speed and every data_speeds: the square "
-               "must stay in the frame")
+               "toy.square + speed * (frames - 1) must fit in toy.size for speed and each of data_speeds")
         _check(self.pretrain_steps >= 0 and self.pretrain_batch >= 1 and self.pretrain_lr > 0,
                "toy.pretrain_steps >= 0, pretrain_batch >= 1 and pretrain_lr > 0 are required")
         _check(0 <= self.uncond_prob < 1, "toy.uncond_prob must be in [0, 1)")
