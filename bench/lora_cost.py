@@ -16,10 +16,11 @@ video's CFG pair (as bench/gpu_step.py's raw update) is run forward and backward
 - `no-weight-grads`: the LoRA model with nothing trainable, the gradient taken with respect to the
   input latents: the backward through the frozen base alone, the floor any LoRA update pays;
 
-each with gradient checkpointing off and on (`--checkpointing`). Medians over `--repeats` after a
+each with gradient checkpointing off, on, and on every n-th block only (`--checkpointing off on 2`:
+`model.checkpoint_every` 2, half the blocks recomputed). Medians over `--repeats` after a
 warm-up, per CFG pair, with peak memory (CUDA allocator peak; on CPU the process's peak RSS). The
 ratios to `full` at the same checkpointing say which of the casts, peft's unmerged path or the
-recomputation costs what. Writes bench/results/lora_cost-<arch>-<device>.{json,md}.
+recomputation costs what. Writes bench/results/lora_cost-<arch>-<device>[-TAG].{json,md}.
 """
 
 from __future__ import annotations
@@ -45,20 +46,34 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     iteration_cost.add_model_arguments(parser)
     parser.add_argument("--ways", nargs="+", default=list(WAYS), choices=WAYS)
-    parser.add_argument("--checkpointing", nargs="+", default=["off", "on"], choices=["off", "on"])
+    parser.add_argument("--checkpointing", nargs="+", default=["off", "on"], type=_checkpointing, metavar="off|on|N",
+                        help="off, on (every block) or N (every N-th block)")
+    parser.add_argument("--tag", default=None, help="suffix of the output files")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
     return parser.parse_args(argv)
 
 
-def engine_for(args, way: str, checkpointing: bool):
+def _checkpointing(text: str) -> int:
+    """0: off; n: every n-th block recomputed (on: 1)."""
+    every = {"off": 0, "on": 1}.get(text) or (int(text) if text.isdigit() else 0)
+    if text not in ("off", "on") and every < 2:
+        raise argparse.ArgumentTypeError(f"expected off, on or an integer >= 2, got {text!r}")
+    return every
+
+
+def _label(every: int) -> str:
+    return {0: "off", 1: "on"}.get(every, f"every {every}")
+
+
+def engine_for(args, way: str, checkpointing: int):
     """The bench engine of one way of training (bench/iteration_cost.py's model at this shape)."""
     bench_args = iteration_cost.parse_args(gpu_step.iteration_argv(argparse.Namespace(
         arch=args.arch, device=args.device, group=2, steps=20, micro_batch=1, repeats=args.repeats,
         height=args.height, width=args.width, frames=args.frames)))
     params = iteration_cost.bench_params(bench_args, "flash")
     model = dataclasses.replace(params.model, finetune="full" if way == "full" else "lora",
-                                gradient_checkpointing=checkpointing)
+                                gradient_checkpointing=checkpointing > 0, checkpoint_every=max(checkpointing, 1))
     engine = iteration_cost.bench_engine(bench_args, dataclasses.replace(params, model=model))
     trainable = engine.policy.parameters.values()
     if way == "lora-base-dtype":
@@ -84,7 +99,7 @@ def forward_backward(engine, inputs, input_grad: bool) -> None:
         parameter.grad = None
 
 
-def measure(args, way: str, checkpointing: bool) -> dict:
+def measure(args, way: str, checkpointing: int) -> dict:
     """Median seconds and peak memory of one CFG pair's forward+backward."""
     import torch
 
@@ -96,13 +111,17 @@ def measure(args, way: str, checkpointing: bool) -> dict:
     inputs = gpu_step.raw_inputs(engine, iteration.encode(engine, ["a red square moving left"]))
     transformer = engine.policy.transformer
     transformer.train()
-    forward_backward(engine, inputs, way == "no-weight-grads")  # warm-up
-    meter.reset_peak()
-    seconds = [meter.timed(forward_backward, engine, inputs, way == "no-weight-grads")[0] for _ in range(args.repeats)]
-    result = {"way": way, "checkpointing": checkpointing, "seconds": statistics.median(seconds),
-              "peak_gib": meter.peak_gib(), "memory_kind": meter.memory_kind,
+    result = {"way": way, "checkpointing": checkpointing, "memory_kind": meter.memory_kind,
               "device": torch.cuda.get_device_name() if meter.cuda else platform.processor() or "cpu",
               "dtype": str(compute_dtype(engine.policy.transformer))}
+    try:
+        forward_backward(engine, inputs, way == "no-weight-grads")  # warm-up
+        meter.reset_peak()
+        seconds = [meter.timed(forward_backward, engine, inputs, way == "no-weight-grads")[0]
+                   for _ in range(args.repeats)]
+        result |= {"seconds": statistics.median(seconds), "peak_gib": meter.peak_gib()}
+    except torch.OutOfMemoryError:  # without checkpointing at full size: a row that says so, the others still run
+        result |= {"seconds": None, "peak_gib": None}
     del engine, inputs, transformer
     gc.collect()
     if meter.cuda:
@@ -111,23 +130,31 @@ def measure(args, way: str, checkpointing: bool) -> dict:
 
 
 def markdown(args, rows: list[dict]) -> str:
-    full = {row["checkpointing"]: row["seconds"] for row in rows if row["way"] == "full"}
+    full = {row["checkpointing"]: row["seconds"] for row in rows if row["way"] == "full" and row["seconds"]}
     lines = [f"# LoRA cost, {args.arch} on {rows[0]['device']}", "",
              (f"One CFG pair's forward+backward, median of {args.repeats}; compute dtype {rows[0]['dtype']}; "
               f"peak memory as {rows[0]['memory_kind']}."), "",
-             "| way | checkpointing | s per pair | / full | peak GiB |", "| --- | --- | ---: | ---: | ---: |"]
+             "| way | checkpointing | s per pair | / full (same checkpointing) | / full (off) | peak GiB |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
     for row in rows:
-        ratio = row["seconds"] / full[row["checkpointing"]] if row["checkpointing"] in full else float("nan")
-        lines.append(f"| {row['way']} | {'on' if row['checkpointing'] else 'off'} | {row['seconds']:.4f} | "
-                     f"{ratio:.2f} | {row['peak_gib']:.2f} |")
+        if row["seconds"] is None:
+            lines.append(f"| {row['way']} | {_label(row['checkpointing'])} | out of memory | | | |")
+            continue
+        same, off = (row["seconds"] / full[key] if key in full else float("nan") for key in (row["checkpointing"], 0))
+        lines.append(f"| {row['way']} | {_label(row['checkpointing'])} | {row['seconds']:.4f} | {same:.2f} | "
+                     f"{off:.2f} | {row['peak_gib']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    rows = [measure(args, way, mode == "on") for mode in args.checkpointing for way in args.ways]
+    rows = []
+    for every in args.checkpointing:
+        for way in args.ways:
+            rows.append(measure(args, way, every))
+            print(json.dumps(rows[-1]), flush=True)  # a run cut short by its time limit keeps what it measured
     device = "cuda" if rows[0]["memory_kind"] == "cuda_allocated" else "cpu"
-    stem = args.out_dir / f"lora_cost-{args.arch}-{device}"
+    stem = args.out_dir / f"lora_cost-{args.arch}-{device}{'-' + args.tag if args.tag else ''}"
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps({"arch": args.arch, "rows": rows}, indent=2) + "\n")
     text = markdown(args, rows)

@@ -26,18 +26,39 @@ def test_lora_cost_runs_every_way_of_training_at_the_tiny_shape(tmp_path, import
     from bench import lora_cost
 
     args = lora_cost.parse_args(["--out-dir", str(tmp_path)])
-    full, lora, frozen = (lora_cost.engine_for(args, way, False) for way in ("full", "lora", "no-weight-grads"))
+    full, lora, frozen = (lora_cost.engine_for(args, way, 0) for way in ("full", "lora", "no-weight-grads"))
     transformer_weights = dict(full.policy.transformer.named_parameters())
     assert set(full.policy.parameters) == set(transformer_weights)  # every weight
     assert lora.policy.parameters and all("lora_" in name and p.dtype == torch.float32 and p.requires_grad
                                           for name, p in lora.policy.parameters.items())
     assert not any(p.requires_grad for p in frozen.policy.transformer.parameters())
-    lora_cost.main(["--repeats", "1", "--out-dir", str(tmp_path)])
-    rows = json.loads((tmp_path / "lora_cost-tiny-cpu.json").read_text())["rows"]
+    half = lora_cost.engine_for(args, "lora", 2).policy.transformer
+    assert half.gradient_checkpointing and half.config.num_layers >= 2  # model.checkpoint_every 2
+    lora_cost.main(["--repeats", "1", "--checkpointing", "off", "on", "2", "--tag", "t", "--out-dir", str(tmp_path)])
+    rows = json.loads((tmp_path / "lora_cost-tiny-cpu-t.json").read_text())["rows"]
     assert [(row["way"], row["checkpointing"]) for row in rows] == [
-        (way, mode) for mode in (False, True) for way in lora_cost.WAYS]
+        (way, every) for every in (0, 1, 2) for way in lora_cost.WAYS]
     assert all(row["seconds"] > 0 and row["peak_gib"] > 0 for row in rows)
-    assert (tmp_path / "lora_cost-tiny-cpu.md").read_text().count("| no-weight-grads |") == 2
+    table = (tmp_path / "lora_cost-tiny-cpu-t.md").read_text()
+    assert table.count("| no-weight-grads |") == 3 and "| lora | every 2 |" in table
+    with pytest.raises(SystemExit):
+        lora_cost.parse_args(["--checkpointing", "1"])  # on is spelt on
+
+
+def test_lora_cost_reports_a_way_that_runs_out_of_memory_and_measures_the_rest(tmp_path, importable_bench,
+                                                                                 monkeypatch):
+    from bench import lora_cost
+
+    def out_of_memory(engine, inputs, input_grad):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(lora_cost, "forward_backward", out_of_memory)
+    args = lora_cost.parse_args(["--ways", "full", "--checkpointing", "off", "--out-dir", str(tmp_path)])
+    row = lora_cost.measure(args, "full", 0)
+    assert row["seconds"] is None and row["peak_gib"] is None
+    measured = dict(row, checkpointing=1, seconds=2.0, peak_gib=1.0)
+    table = lora_cost.markdown(args, [row, measured, dict(measured, way="lora", seconds=3.0)])
+    assert "| full | off | out of memory |" in table and "| lora | on | 3.0000 | 1.50 | nan | 1.00 |" in table
 
 
 def test_gpu_step_writes_every_figure_at_the_tiny_shape(tmp_path, importable_bench):

@@ -225,3 +225,26 @@ def test_bfloat16_iteration_runs_and_keeps_ratio_near_one(tiny_params):
     assert (torch.exp(step.log_prob - old) - 1).abs().max() < 1e-3  # below the PPO clip range (1e-3)
     metrics = run_iteration(engine, PROMPTS, build_weighted_reward({"brightness": 1.0}), 1)
     assert metrics["grad_norm"] > 0
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_checkpointing_every_nth_block_recomputes_those_and_leaves_the_gradients(tiny_params, every):
+    latents = torch.randn(2, 16, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+
+    def lora_grads_and_block_calls(**model):
+        engine = build_engine(tiny_params(**model))
+        transformer, calls = engine.policy.transformer.train(), []
+        for index, block in enumerate(transformer.blocks):
+            block.register_forward_pre_hook(lambda *_, index=index: calls.append(index))  # the recompute stops early
+        cond, _ = encode(engine, PROMPTS)
+        out = transformer(hidden_states=latents, timestep=torch.full((2,), 500.0), encoder_hidden_states=cond,
+                          return_dict=False)[0]
+        out.square().mean().backward()
+        return [p.grad.clone() for p in engine.policy.parameters.values()], sorted(calls)
+
+    plain, once = lora_grads_and_block_calls()
+    grads, calls = lora_grads_and_block_calls(model__gradient_checkpointing=True, model__checkpoint_every=every)
+    blocks = sorted(set(once))
+    assert once == blocks and len(blocks) >= 2  # without checkpointing each block runs once
+    assert calls == sorted(blocks + [b for b in blocks if b % every == 0])  # the chosen ones again, in the backward
+    assert all(torch.allclose(g, p, rtol=1e-5, atol=1e-7) for g, p in zip(grads, plain))

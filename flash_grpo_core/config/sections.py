@@ -58,6 +58,7 @@ class ModelConfig:
     lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS  # module-name suffixes peft adapts
     lora_init: str = "gaussian"  # gaussian | default (peft's kaiming-uniform A)
     gradient_checkpointing: bool = False
+    checkpoint_every: int = 1  # with it: recompute every n-th block only, the others keep their activations
     cfg_sequential: bool = False  # CFG halves one after the other instead of one batch (less memory)
     offload_frozen: bool = False  # UMT5 and VAE wait in host memory, on the device only to encode/decode
     text_len: int = 512
@@ -68,7 +69,7 @@ class ModelConfig:
         _check(self.lora_rank > 0 and self.lora_alpha > 0, "model.lora_rank and lora_alpha must be > 0")
         _check(all(t.strip() for t in self.lora_targets or [""]), "model.lora_targets must list module-name suffixes")
         _check(self.lora_init in LORA_INITS, f"model.lora_init must be one of {LORA_INITS}, got {self.lora_init!r}")
-        _check(self.text_len > 0, "model.text_len must be > 0")
+        _check(self.text_len > 0 and self.checkpoint_every > 0, "model.text_len and checkpoint_every must be > 0")
         _check(_is_device(self.device), f"model.device must be auto, cpu, cuda or cuda:<index>, got {self.device!r}")
 
 
@@ -148,8 +149,7 @@ class TrainConfig:
     window_stride: int = 1  # steps the window moves by (MixGRPO's `prog_overlap_step`)
     window_every: int = 25  # iterations between window moves (MixGRPO's `iters_per_group`)
     parallel: str = "auto"  # on several ranks: ddp | fsdp | auto (ddp for LoRA, fsdp for full fine-tuning)
-    # AdamW's moments: in the checkpoint (a DVC output) or beside it, kept for the latest
-    # keep_optimizer_states iterations (artifacts/checkpoint.py; full fine-tuning at 14B)
+    # AdamW's moments: in the checkpoint (a DVC output) or beside it for the latest keep_optimizer_states iterations
     optimizer_state: str = "checkpoint"
     keep_optimizer_states: int = 2
 

@@ -102,7 +102,9 @@ def build_policy(transformer: torch.nn.Module, params: Params, reference: torch.
     from flash_grpo_core.models.lora import trainable_parameters
 
     if params.model.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
+        from flash_grpo_core.models.wan import enable_checkpointing
+
+        enable_checkpointing(transformer, params.model.checkpoint_every)
     parameters = trainable_parameters(transformer)
     ema = EMA(parameters, decay=params.train.ema_decay, every=params.train.ema_every)
     return Policy(transformer, parameters, make_optimizer(parameters, params.train), ema, reference)

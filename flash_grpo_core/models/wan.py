@@ -191,6 +191,21 @@ def freeze(stack: WanStack) -> None:
 
 
 @torch.no_grad()
+def enable_checkpointing(transformer: WanTransformer3DModel, every: int = 1) -> None:
+    """Activation checkpointing of every `every`-th transformer block (blocks 0, every, 2 x every, ...;
+    diffusers' hook, torch's non-reentrant checkpoint as its default), the other blocks keeping their
+    activations: each block left out saves one block's forward recomputation in the backward and
+    holds its activations until then."""
+    from torch.utils.checkpoint import checkpoint
+
+    recomputed = {id(block) for index, block in enumerate(transformer.blocks) if index % every == 0}
+
+    def run(block, *args):
+        return checkpoint(block.__call__, *args, use_reentrant=False) if id(block) in recomputed else block(*args)
+
+    transformer.enable_gradient_checkpointing(run)
+
+
 def prompt_clean(text: str) -> str:
     """The prompt cleaning of diffusers' Wan pipeline (ftfy when installed, HTML unescaping twice,
     whitespace collapsed); restated here so that encoding prompts does not import the pipeline
