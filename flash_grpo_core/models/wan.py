@@ -190,7 +190,6 @@ def freeze(stack: WanStack) -> None:
         module.requires_grad_(False)
 
 
-@torch.no_grad()
 def enable_checkpointing(transformer: WanTransformer3DModel, every: int = 1) -> None:
     """Activation checkpointing of every `every`-th transformer block (blocks 0, every, 2 x every, ...;
     diffusers' hook, torch's non-reentrant checkpoint as its default), the other blocks keeping their
@@ -206,6 +205,7 @@ def enable_checkpointing(transformer: WanTransformer3DModel, every: int = 1) -> 
     transformer.enable_gradient_checkpointing(run)
 
 
+@torch.no_grad()
 def prompt_clean(text: str) -> str:
     """The prompt cleaning of diffusers' Wan pipeline (ftfy when installed, HTML unescaping twice,
     whitespace collapsed); restated here so that encoding prompts does not import the pipeline
