@@ -84,8 +84,8 @@ def probe(args) -> list[dict]:
     def row(split: str, start: str, scores: dict[str, float]) -> dict:
         return {"prompts": split, "start": start, **{key: round(value, 4) for key, value in scores.items()}}
 
-    rl_only = [toy.prompt_for(*combo.split()) for combo in params.toy.rl_only]
-    splits = {"train": toy.pretrain_prompts(params.toy), "rl_only": rl_only, "held_out": toy.toy_prompts(params.toy)[1]}
+    splits = {"train": toy.pretrain_prompts(params.toy), "rl_only": toy.rl_only_prompts(params.toy),
+              "held_out": toy.toy_prompts(params.toy)[1]}
     rows = []
     for split, prompts in splits.items():
         if not prompts:

@@ -52,9 +52,14 @@ def toy_prompts(cfg: ToyConfig) -> tuple[list[str], list[str]]:
             [prompt_for(c, d) for c, d in combos if (c, d) in held])
 
 
+def rl_only_prompts(cfg: ToyConfig) -> list[str]:
+    """The train prompts kept out of pre-training (`toy.rl_only`): GRPO's reward alone teaches them."""
+    return [prompt_for(*combo.split()) for combo in cfg.rl_only]
+
+
 def pretrain_prompts(cfg: ToyConfig) -> list[str]:
-    """The train prompts the base is pre-trained on: all but the `rl_only` ones, which GRPO alone sees."""
-    rl_only = {prompt_for(*combo.split()) for combo in cfg.rl_only}
+    """The train prompts the base is pre-trained on: all but the `rl_only` ones."""
+    rl_only = set(rl_only_prompts(cfg))
     return [p for p in toy_prompts(cfg)[0] if p not in rl_only]
 
 
