@@ -56,10 +56,11 @@ def parse_args(argv=None):
 
 def _checkpointing(text: str) -> int:
     """0: off; n: every n-th block recomputed (on: 1)."""
-    every = {"off": 0, "on": 1}.get(text) or (int(text) if text.isdigit() else 0)
-    if text not in ("off", "on") and every < 2:
-        raise argparse.ArgumentTypeError(f"expected off, on or an integer >= 2, got {text!r}")
-    return every
+    if text in ("off", "on"):
+        return int(text == "on")
+    if text.isdigit() and int(text) >= 2:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"expected off, on or an integer >= 2, got {text!r}")
 
 
 def _label(every: int) -> str:

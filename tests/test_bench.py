@@ -32,8 +32,8 @@ def test_lora_cost_runs_every_way_of_training_at_the_tiny_shape(tmp_path, import
     assert lora.policy.parameters and all("lora_" in name and p.dtype == torch.float32 and p.requires_grad
                                           for name, p in lora.policy.parameters.items())
     assert not any(p.requires_grad for p in frozen.policy.transformer.parameters())
-    half = lora_cost.engine_for(args, "lora", 2).policy.transformer
-    assert half.gradient_checkpointing and half.config.num_layers >= 2  # model.checkpoint_every 2
+    half = lora_cost.engine_for(args, "lora", 2)
+    assert half.params.model.gradient_checkpointing and half.params.model.checkpoint_every == 2
     lora_cost.main(["--repeats", "1", "--checkpointing", "off", "2", "--tag", "t", "--out-dir", str(tmp_path)])
     rows = json.loads((tmp_path / "lora_cost-tiny-cpu-t.json").read_text())["rows"]
     assert [(row["way"], row["checkpointing"]) for row in rows] == [
