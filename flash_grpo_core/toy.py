@@ -3,7 +3,8 @@
 - Data: clips of F frames, size x size RGB, black background, one square of side `square` in the
   prompted colour moving `speed` pixels per frame in the prompted direction from a random start.
   Prompts are "a <colour> square moving <direction>"; `held_out` combinations are never trained on,
-  `rl_only` ones only by GRPO (not pre-trained on); with `data_speeds` each clip draws its speed.
+  `rl_only` ones only by GRPO (not pre-trained on); with `data_speeds` (`data_squares`) each clip
+  draws its speed (its square's side).
 - Model: a small real `WanTransformer3DModel` over RGB pixels in [-1, 1] (no VAE: a random VAE
   would make the latent space meaningless), the tiny UMT5 encoder and the code-built tokenizer,
   all seeded by `toy.seed` so every GRPO run starts from the same base.
@@ -71,14 +72,16 @@ def make_clips(prompts: list[str], cfg: ToyConfig, generator: torch.Generator) -
         (dy, dx), rgb = DIRECTIONS[direction], torch.tensor(PALETTE[color]) / 127.5 - 1
         speed = (cfg.data_speeds[int(torch.randint(len(cfg.data_speeds), (1,), generator=generator))]
                  if cfg.data_speeds else cfg.speed)
-        span = cfg.size - cfg.square - speed * (cfg.frames - 1)  # room left for the start position
+        side = (cfg.data_squares[int(torch.randint(len(cfg.data_squares), (1,), generator=generator))]
+                if cfg.data_squares else cfg.square)
+        span = cfg.size - side - speed * (cfg.frames - 1)  # room left for the start position
         y0, x0 = (int(v) for v in torch.randint(span + 1, (2,), generator=generator))
         # start so that the whole path stays inside the frame
         y0 += speed * (cfg.frames - 1) if dy < 0 else 0
         x0 += speed * (cfg.frames - 1) if dx < 0 else 0
         for f in range(cfg.frames):
             y, x = y0 + dy * speed * f, x0 + dx * speed * f
-            clips[b, :, f, y:y + cfg.square, x:x + cfg.square] = rgb.view(3, 1, 1)
+            clips[b, :, f, y:y + side, x:x + side] = rgb.view(3, 1, 1)
     return clips
 
 

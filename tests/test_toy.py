@@ -66,6 +66,19 @@ def test_data_speeds_mix_clip_speeds_and_leave_the_default_clips_unchanged():
         ToyConfig(data_speeds=(1, 2))  # 4 + 2 x 7 > 16: leaves the frame
 
 
+def test_data_squares_mix_square_sides_and_leave_the_default_clips_unchanged():
+    prompts = ["a red square moving right"] * 64
+    default = toy.make_clips(prompts, CFG, torch.Generator().manual_seed(0))
+    assert torch.equal(default, toy.make_clips(prompts, ToyConfig(data_squares=()), torch.Generator().manual_seed(0)))
+    mixed = toy.make_clips(prompts, ToyConfig(square=8, data_squares=(6, 8)), torch.Generator().manual_seed(0))
+    pixels = (mixed[:, 0] > 0).sum(dim=(2, 3))  # [B, F] red pixels per frame
+    assert set(pixels[:, 0].tolist()) == {36, 64} and torch.all(pixels == pixels[:, :1])  # one side a clip
+    from flash_grpo_core.config import ConfigError
+
+    with pytest.raises(ConfigError, match="data_squares"):
+        ToyConfig(data_squares=(4, 10))  # 10 + 1 x 7 > 16: leaves the frame
+
+
 def test_reward_on_hand_made_videos():
     reward = toy.ToyFollowingReward(square=4, speed=1)
     prompts = ["a red square moving left"] * 3

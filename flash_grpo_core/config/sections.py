@@ -1,7 +1,6 @@
 """The sections of `params.yaml` as frozen dataclasses, each checking its own values, and `Params`,
 which holds them and checks combinations across sections, saying what to change. Loading (YAML,
-presets, overrides, types) is `loading.py`. No torch here, so flows and CLIs validate cheaply.
-"""
+presets, overrides, types) is `loading.py`. No torch here, so flows and CLIs validate cheaply."""
 
 from __future__ import annotations
 
@@ -231,7 +230,6 @@ class EvalConfig:
 @dataclass(frozen=True)
 class ExportConfig:
     """The `export` stage: the last checkpoint's weights as diffusers loads them (stages/export.py).
-
     No iteration key: dvc.yaml names the exported checkpoint's path, and DVC can only spell it from
     `iterations` (the last); another checkpoint is one `python -m stages.export` command away."""
 
@@ -307,6 +305,7 @@ class ToyConfig:
     square: int = 4  # side of the square, pixels
     speed: int = 1  # pixels per frame
     data_speeds: tuple[int, ...] = ()  # pre-training clips' speeds, one drawn per clip (empty: `speed` alone)
+    data_squares: tuple[int, ...] = ()  # pre-training clips' square sides, one drawn per clip (empty: `square`)
     seed: int = 0  # the base model's (and text encoder's) initialisation
     layers: int = 4
     heads: int = 4
@@ -329,10 +328,11 @@ class ToyConfig:
         _check(len(set(self.held_out) | set(self.rl_only)) < len(self.colors) * len(self.directions),
                "toy.held_out and toy.rl_only leave no combination to pre-train on")
         _check(self.size % self.patch == 0, f"toy.size ({self.size}) must be a multiple of toy.patch ({self.patch})")
-        _check(0 < self.square < self.size and min((self.speed, *self.data_speeds)) >= 0,
-               "toy.square must be in (0, size), speed and data_speeds >= 0")
-        _check(self.square + max((self.speed, *self.data_speeds)) * (self.frames - 1) <= self.size,
-               "toy.square + speed * (frames - 1) must fit in toy.size for speed and each of data_speeds")
+        squares, speeds = (self.square, *self.data_squares), (self.speed, *self.data_speeds)
+        _check(0 < min(squares) and max(squares) < self.size and min(speeds) >= 0,
+               "toy.square and data_squares must be in (0, size), speed and data_speeds >= 0")
+        _check(max(squares) + max(speeds) * (self.frames - 1) <= self.size,
+               "toy.square + speed * (frames - 1) must fit in toy.size for each of data_squares and data_speeds")
         _check(self.pretrain_steps >= 0 and self.pretrain_batch >= 1 and self.pretrain_lr > 0,
                "toy.pretrain_steps >= 0, pretrain_batch >= 1 and pretrain_lr > 0 are required")
         _check(0 <= self.uncond_prob < 1, "toy.uncond_prob must be in [0, 1)")
