@@ -51,6 +51,13 @@ LONGEST_FIRST = ("test_pipeline", "test_prefect_integration", "test_integrity", 
                  "test_faults", "test_flows")
 
 
+def pytest_configure(config):
+    # pytest-xdist would otherwise deal the modules by their number of tests, most first, which put
+    # the four long Prefect tests near the end: keep the collection order above
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: file order kept within
