@@ -20,8 +20,9 @@ noise per (prompt, sample). Variants:
                         averaged over them, no rectification (Flow-GRPO as published)
   flash-fast            flash with cheaper rollouts: 1 UniPC step before step k, 2 after it
                         (rollout.head_steps 1, tail_steps 2; docs/decisions.md, "Cheaper rollouts")
+  flash-fast3           the same with 3 UniPC steps after k (rollout.tail_steps 3)
   flash-fast-guide      the same with 3 steps after k, those below sigma 0.5 without guidance
-                        (the default full run leaves these two out: pass --variants)
+                        (the default full run leaves these three out: pass --variants)
 Also measured: the gradient-norm spread across timesteps per rectification mode, PPO clip
 fractions, and reward hacking (a component that falls while the total rises).
 Writes runs.csv, evals.csv, summary.json, alignment.png and alignment.md to --out.
@@ -49,6 +50,7 @@ VARIANTS = {
     "full": {"train.mode": "full", "train.rectify": "none"},
     # cheaper rollouts (docs/decisions.md, "Cheaper rollouts"): run with --variants, not by default
     "flash-fast": {"train.mode": "flash", "rollout.head_steps": 1, "rollout.tail_steps": 2},
+    "flash-fast3": {"train.mode": "flash", "rollout.head_steps": 1, "rollout.tail_steps": 3},
     "flash-fast-guide": {"train.mode": "flash", "rollout.head_steps": 1, "rollout.tail_steps": 3,
                          "rollout.guidance_until": 0.5},
 }

@@ -1,13 +1,14 @@
 """Cost and accuracy of the cheaper flash rollouts (rollout.head_steps, tail_steps, guidance_until).
 
-    python bench/rollout_cost.py                                          # toy and tiny presets, CPU
+    python bench/rollout_cost.py                                          # toy, tiny and toy-n20, CPU
     python bench/rollout_cost.py --heldout-only --alignment bench/results/alignment/summary.json \
-        bench/results/alignment-fast/summary.json   # + held-out rewards (flash from the first file)
+        bench/results/alignment-fast/summary.json bench/results/alignment-n20/summary.json  # + held-out rewards
 
 For every option set (OPTION_SETS; `flash`, Euler on the training grid with guidance everywhere, is
-the reference) on the toy preset (the shipped base bench/toy/base) and on the tiny one (random
-weights), every candidate step k gets the same number of prompts (G samples each), so per-video
-figures are averages over a uniform k, as in training. Measured:
+the reference) on the toy preset (the shipped base bench/toy/base), on the toy at the Wan presets'
+grid (`toy-n20`: N = 20, K = 10) and on the tiny one (random weights), every candidate step k gets
+the same number of prompts (G samples each), so per-video figures are averages over a uniform k, as
+in training. Measured:
 
 - transformer forwards per video (PassCounter: a guided call counts 2) and the reduction
   (the reference's forwards / the option's);
@@ -25,8 +26,9 @@ figures are averages over a uniform k, as in training. Measured:
   rollout ranks a group's samples as the reference would.
 
 The held-out rewards come from the alignment benchmark at equal compute (bench/alignment.py;
-`--alignment`: its summary.json files): `heldout_reward(_std)` of the variant that runs the option
-set (ALIGNMENT_VARIANTS) and `flash_heldout_reward(_std)` of its `flash` variant; null for the option
+`--alignment`: its summary.json files, each filed under the toy preset of its grid):
+`heldout_reward(_std)` of the variant that runs the option set (ALIGNMENT_VARIANTS) and `flash_heldout_reward(_std)` of its
+`flash` variant, the toy grid's at the top level and toy-n20's under `presets`; null for the option
 sets it does not run (`--heldout-only` fills them into an earlier measurement). Writes
 bench/results/rollout_cost.json (a list, one entry per option set; the top-level forwards and
 reduction are the toy preset's, every figure per preset under `presets`) and rollout_cost.md.
@@ -58,10 +60,13 @@ OPTION_SETS = {  # rollout.* keys; `flash` (all off) is the reference
     "head1-tail3-guide0.5": {"head_steps": 1, "tail_steps": 3, "guidance_until": 0.5},
 }
 # The option sets bench/alignment.py trains (its VARIANTS), for the held-out rewards.
-ALIGNMENT_VARIANTS = {"flash": "flash", "head1-tail2": "flash-fast", "head1-tail3-guide0.5": "flash-fast-guide"}
+ALIGNMENT_VARIANTS = {"flash": "flash", "head1-tail2": "flash-fast", "head1-tail3": "flash-fast3",
+                      "head1-tail3-guide0.5": "flash-fast-guide"}
 FINE_STEPS = 50
-PRESETS = {"toy": {"model.path": "bench/toy/base", "model.device": "cpu"},
-           "tiny": {"model.device": "cpu"}}
+TOY = {"model.path": "bench/toy/base", "model.device": "cpu"}
+# name: (params.yaml preset, overrides). toy-n20: the toy on the Wan presets' grid (N = 20, K = 10)
+PRESETS = {"toy": ("toy", TOY), "tiny": ("tiny", {"model.device": "cpu"}),
+           "toy-n20": ("toy", {**TOY, "rollout.num_steps": 20, "rollout.num_candidates": 10})}
 
 
 def build(preset: str):
@@ -72,10 +77,10 @@ def build(preset: str):
     from flash_grpo_core.config import load_params
     from flash_grpo_core.engine.iteration import build_engine, encode
 
-    params = load_params(ROOT / "params.yaml", preset=preset, overrides=PRESETS[preset])
+    params = load_params(ROOT / "params.yaml", preset=PRESETS[preset][0], overrides=PRESETS[preset][1])
     engine = build_engine(params)
     r = params.rollout
-    prompts = (toy.toy_prompts(params.toy)[0] if preset == "toy" else
+    prompts = (toy.toy_prompts(params.toy)[0] if params.preset == "toy" else
                [f"a test prompt number {i}" for i in range(r.num_candidates)])[: r.num_candidates]
     steps = torch.arange(r.num_candidates).view(-1, 1, 1).expand(-1, r.group_size, 1).clone()
     return engine, prompts, steps, encode(engine, prompts)
@@ -183,7 +188,7 @@ def measure(preset: str, repeats: int) -> dict:
     engine, prompts, steps, embeds = build(preset)
     videos = steps.numel()
     runs = sample_all(engine, prompts, steps, embeds, repeats)
-    reward = reward_from_params(engine.params) if preset == "toy" else None
+    reward = reward_from_params(engine.params) if engine.params.preset == "toy" else None
     figures = accuracy(engine, prompts, embeds, runs, reward)
     reference = runs["flash"]
     for name, run in runs.items():
@@ -196,13 +201,24 @@ def measure(preset: str, repeats: int) -> dict:
     return figures
 
 
+GRID = ("rollout.num_steps", "rollout.num_candidates")
+
+
 def heldout(summary_paths: list[str]) -> dict:
-    """Held-out reward (mean, std over seeds) per alignment variant, from summary.json files (a
-    variant in several: the first file's)."""
+    """Held-out reward (mean, std over seeds) per toy preset and alignment variant, from summary.json
+    files: a file belongs to the toy preset whose grid (GRID) its overrides set, `toy` when they set
+    none; a variant in several files of one preset: the first file's."""
+    grids = {name: {k: v for k, v in overrides.items() if k in GRID}
+             for name, (preset, overrides) in PRESETS.items() if preset == "toy"}
     rewards = {}
     for path in reversed(summary_paths):
-        variants = json.loads(Path(path).read_text())["variants"]
-        rewards.update({name: (v["final_reward"], v["final_reward_std"]) for name, v in variants.items()})
+        summary = json.loads(Path(path).read_text())
+        grid = {k: v for k, v in summary["config"]["overrides"].items() if k in GRID}
+        preset = next((name for name, g in grids.items() if g == grid), None)
+        if preset is None:
+            sys.exit(f"{path}: its grid {grid} is none of the toy presets' here ({grids})")
+        rewards.setdefault(preset, {}).update(
+            {name: (v["final_reward"], v["final_reward_std"]) for name, v in summary["variants"].items()})
     return rewards
 
 
@@ -219,14 +235,18 @@ def entries(results: dict, rewards: dict) -> list[dict]:
 
 
 def fill_heldout(rows: list[dict], rewards: dict) -> list[dict]:
-    """Each entry's held-out rewards: its alignment variant's and flash's (None where not run)."""
-    flash = rewards.get("flash", (None, None))
+    """Each entry's held-out rewards, its alignment variant's and flash's (None where not run): at the
+    top level the `toy` preset's, and each toy preset's under `presets` where measured."""
+    def figures(preset: str, option: str) -> dict:
+        variant, runs = ALIGNMENT_VARIANTS.get(option), rewards.get(preset, {})
+        (mine, mine_std), (flash, flash_std) = runs.get(variant, (None, None)), runs.get("flash", (None, None))
+        return {"alignment_variant": variant if variant in runs else None, "heldout_reward": mine,
+                "heldout_reward_std": mine_std, "flash_heldout_reward": flash, "flash_heldout_reward_std": flash_std}
+
     for row in rows:
-        variant = ALIGNMENT_VARIANTS.get(row["option"])
-        mine = rewards.get(variant, (None, None))
-        row.update(alignment_variant=variant if variant in rewards else None,
-                   heldout_reward=mine[0], heldout_reward_std=mine[1],
-                   flash_heldout_reward=flash[0], flash_heldout_reward_std=flash[1])
+        row.update(figures("toy", row["option"]))
+        for preset in set(row["presets"]) & set(rewards) - {"toy"}:
+            row["presets"][preset].update(figures(preset, row["option"]))
     return rows
 
 
@@ -255,13 +275,18 @@ def markdown(rows: list[dict]) -> str:
                          f"({f['euler_tail_pixel_error_vs_fine']:.2f}) | {f['head_x_k_relative_change']:.4f} | "
                          f"{rewards} |")
         lines.append("")
-    lines += ["## Held-out reward at equal compute (toy, bench/alignment.py; mean ± std over seeds)", "",
-              "| option | alignment variant | held-out reward | flash's |", "| --- | --- | ---: | ---: |"]
-    for row in rows:
-        if row["heldout_reward"] is not None:
-            lines.append(f"| {row['option']} | {row['alignment_variant']} | {row['heldout_reward']:.4f} ± "
-                         f"{row['heldout_reward_std']:.4f} | {row['flash_heldout_reward']:.4f} ± "
-                         f"{row['flash_heldout_reward_std']:.4f} |")
+    for preset in ["toy", *(p for p in rows[0]["presets"] if p != "toy" and "heldout_reward" in rows[0]["presets"][p])]:
+        measured = [row if preset == "toy" else row["presets"][preset] for row in rows]
+        measured = [(row, f) for row, f in zip(rows, measured) if f["heldout_reward"] is not None]
+        if not measured:
+            continue
+        lines += [f"## Held-out reward at equal compute ({preset}, bench/alignment.py; mean ± std over seeds)", "",
+                  "| option | alignment variant | held-out reward | flash's |", "| --- | --- | ---: | ---: |"]
+        for row, f in measured:
+            lines.append(f"| {row['option']} | {f['alignment_variant']} | {f['heldout_reward']:.4f} ± "
+                         f"{f['heldout_reward_std']:.4f} | {f['flash_heldout_reward']:.4f} ± "
+                         f"{f['flash_heldout_reward_std']:.4f} |")
+        lines.append("")
     return "\n".join(lines) + "\n"
 
 

@@ -1,6 +1,6 @@
 """The benchmarks bench/gpu_step.py and bench/lora_cost.py (smoke runs at the tiny shape),
-bench/toy_probe.py (a smoke run on the shipped toy base) and
-bench/process_scaling.py (its helpers only: its measurement runs the stages for minutes)."""
+bench/toy_probe.py (a smoke run on the shipped toy base), and the helpers only of
+bench/process_scaling.py and bench/rollout_cost.py (their measurements run for minutes)."""
 
 import json
 import math
@@ -144,3 +144,33 @@ def test_toy_probe_scores_each_start_of_the_shipped_base(tmp_path, importable_be
     # the prompt's own clip, half noised, comes back closer to the prompt than a sample from noise does
     noise, half = record["rows"][:2]
     assert half["reward"] > noise["reward"]
+
+
+def test_rollout_cost_files_each_alignment_record_under_the_toy_preset_of_its_grid(tmp_path, importable_bench):
+    from bench import rollout_cost
+
+    def summary(name: str, overrides: dict, rewards: dict) -> str:
+        variants = {v: {"final_reward": mean, "final_reward_std": std} for v, (mean, std) in rewards.items()}
+        (tmp_path / name).write_text(json.dumps({"config": {"overrides": overrides}, "variants": variants}))
+        return str(tmp_path / name)
+
+    n10 = summary("n10.json", {"rollout.same_initial_noise": True}, {"flash": (0.58, 0.002), "flash-fast": (0.57, 0.01)})
+    n20 = summary("n20.json", {"rollout.num_steps": 20, "rollout.num_candidates": 10},
+                  {"flash": (0.575, 0.005), "flash-fast3": (0.57, 0.008)})
+    rewards = rollout_cost.heldout([n10, n20])
+    assert rewards == {"toy": {"flash": (0.58, 0.002), "flash-fast": (0.57, 0.01)},
+                       "toy-n20": {"flash": (0.575, 0.005), "flash-fast3": (0.57, 0.008)}}
+    figures = {"forwards_per_video": 20.0, "reduction": 1.0, "wall_ratio": 1.0, "tail_pixel_error": 0.0,
+               "tail_pixel_error_vs_fine": 0.0, "euler_tail_pixel_error_vs_fine": 0.0, "head_x_k_relative_change": 0.0,
+               "videos": 4, "num_steps": 10, "num_candidates": 5}
+    results = {p: {o: dict(figures) for o in rollout_cost.OPTION_SETS} for p in ("toy", "tiny", "toy-n20")}
+    rows = {row["option"]: row for row in rollout_cost.entries(results, rewards)}
+    assert rows["head1-tail2"]["heldout_reward"] == 0.57 and rows["head1-tail2"]["flash_heldout_reward"] == 0.58
+    assert rows["head1-tail3"]["heldout_reward"] is None  # not run on the toy's own grid
+    assert rows["head1-tail3"]["presets"]["toy-n20"]["heldout_reward"] == 0.57
+    assert rows["head1-tail3"]["presets"]["toy-n20"]["flash_heldout_reward"] == 0.575
+    assert "heldout_reward" not in rows["head1-tail3"]["presets"]["tiny"]  # no reward there
+    table = rollout_cost.markdown(list(rows.values()))
+    assert "| head1-tail3 | flash-fast3 | 0.5700 ± 0.0080 | 0.5750 ± 0.0050 |" in table.split("(toy-n20,")[1]
+    with pytest.raises(SystemExit, match="none of the toy presets"):
+        rollout_cost.heldout([summary("n30.json", {"rollout.num_steps": 30}, {"flash": (0.5, 0.0)})])
