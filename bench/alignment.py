@@ -123,9 +123,10 @@ def train_variant(variant: str, seed: int, base: str, budget: int, evals: int, e
             "wall_s": time.perf_counter() - began}
 
 
-def gradient_spread(base: str, seed: int = 0) -> dict:
+def gradient_spread(base: str, seed: int = 0, overrides: dict | None = None) -> dict:
     """Policy-gradient norm at each candidate step k of the base model, raw and as each rectification
-    mode weights it (the weight is a per-item factor, so the weighted norm is raw x weight)."""
+    mode weights it (the weight is a per-item factor, so the weighted norm is raw x weight), under the
+    run's `overrides` (its grid and group size)."""
     import torch
 
     from flash_grpo_core import toy
@@ -137,7 +138,7 @@ def gradient_spread(base: str, seed: int = 0) -> dict:
     from flash_grpo_core.method.rectify import rectification_factors
 
     params = load_params(ROOT / "params.yaml", preset="toy",
-                         overrides={"seed": seed, "model.path": base, "model.device": "cpu"})
+                         overrides={**(overrides or {}), "seed": seed, "model.path": base, "model.device": "cpu"})
     engine = build_engine(params)
     r = params.rollout
     prompts = toy.toy_prompts(params.toy)[0][: r.prompts_per_iteration]
@@ -152,7 +153,8 @@ def gradient_spread(base: str, seed: int = 0) -> dict:
         loss = ppo_clip_loss(step.log_prob, old, advantages, torch.ones_like(advantages), params.train.clip_range)
         grads = torch.autograd.grad(loss, list(engine.policy.parameters.values()))
         raw.append(float(torch.sqrt(sum(g.pow(2).sum() for g in grads))))
-    result = {"steps": list(range(r.num_candidates)), "sigmas": engine.sigmas[: r.num_candidates].tolist()}
+    result = {"steps": list(range(r.num_candidates)), "sigmas": engine.sigmas[: r.num_candidates].tolist(),
+              "samples": len(prompts) * r.group_size}
     for mode in ("none", "exact", "flow_grpo"):
         factors = rectification_factors(engine.sigmas, mode, r.noise, r.noise_level)[: r.num_candidates]
         if mode == "exact":
@@ -313,7 +315,7 @@ def _markdown(summary: dict, spread: dict, config: dict) -> str:
                      f"{d['delta']['single']:+.3f} | {d['delta']['motion']:+.3f} | {d['clip_fraction']:.3f} | "
                      f"{d['wall_s']:.0f} | {', '.join(d['hacking']) or '-'} |")
     lines += ["", "Gradient-norm spread across the K candidate timesteps (max / min of the policy-gradient norm",
-              "at each timestep on the base model):", "",
+              f"at each timestep on the base model, {spread['samples']} samples a timestep):", "",
               "| rectification | max / min |", "| --- | ---: |"]
     lines += [f"| {mode} | {spread[mode]['max_over_min']:.2f} |" for mode in ("none", "flow_grpo", "exact")]
     return "\n".join(lines) + "\n"
@@ -363,7 +365,8 @@ def main(argv=None) -> None:
               "overrides": {**({"train.ema_decay": 0.9} if quick else {}), **_overrides(parser, args.set)}}
     base = pretrained_base(out, args.pretrain_steps)
     runs = run_all([(variant, seed) for variant in variants for seed in range(seeds)], base, config)
-    spread = gradient_spread(base)
+    # the quick run's smoke size: groups of 4 (a third of the time)
+    spread = gradient_spread(base, overrides={**config["overrides"], **({"rollout.group_size": 4} if quick else {})})
     print(write_outputs(out, runs, summarise(runs), spread, config))
 
 
