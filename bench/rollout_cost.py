@@ -27,11 +27,12 @@ in training. Measured:
 
 The held-out rewards come from the alignment benchmark at equal compute (bench/alignment.py;
 `--alignment`: its summary.json files, each filed under the toy preset of its grid):
-`heldout_reward(_std)` of the variant that runs the option set (ALIGNMENT_VARIANTS) and `flash_heldout_reward(_std)` of its
-`flash` variant, the toy grid's at the top level and toy-n20's under `presets`; null for the option
-sets it does not run (`--heldout-only` fills them into an earlier measurement). Writes
-bench/results/rollout_cost.json (a list, one entry per option set; the top-level forwards and
-reduction are the toy preset's, every figure per preset under `presets`) and rollout_cost.md.
+`heldout_reward(_std)` of the variant that runs the option set (ALIGNMENT_VARIANTS) and
+`flash_heldout_reward(_std)` of its `flash` variant, the toy grid's at the top level and toy-n20's
+under `presets`; null for the option sets it does not run (`--heldout-only` fills them into an
+earlier measurement). Writes bench/results/rollout_cost.json (a list, one entry per option set;
+the top-level forwards and reduction are the toy preset's, every figure per preset under
+`presets`) and rollout_cost.md.
 """
 
 from __future__ import annotations

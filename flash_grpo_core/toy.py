@@ -64,16 +64,18 @@ def pretrain_prompts(cfg: ToyConfig) -> list[str]:
     return [p for p in toy_prompts(cfg)[0] if p not in rl_only]
 
 
+def _draw(choices: tuple[int, ...], default: int, generator: torch.Generator) -> int:
+    """One of `choices`, drawn with `generator`; `default` without drawing when there are none."""
+    return choices[int(torch.randint(len(choices), (1,), generator=generator))] if choices else default
+
+
 def make_clips(prompts: list[str], cfg: ToyConfig, generator: torch.Generator) -> torch.Tensor:
     """Clips [B, 3, F, size, size] in [-1, 1] following `prompts`, random start positions."""
     clips = torch.full((len(prompts), 3, cfg.frames, cfg.size, cfg.size), -1.0)
     for b, prompt in enumerate(prompts):
         color, direction = parse_prompt(prompt)
         (dy, dx), rgb = DIRECTIONS[direction], torch.tensor(PALETTE[color]) / 127.5 - 1
-        speed = (cfg.data_speeds[int(torch.randint(len(cfg.data_speeds), (1,), generator=generator))]
-                 if cfg.data_speeds else cfg.speed)
-        side = (cfg.data_squares[int(torch.randint(len(cfg.data_squares), (1,), generator=generator))]
-                if cfg.data_squares else cfg.square)
+        speed, side = _draw(cfg.data_speeds, cfg.speed, generator), _draw(cfg.data_squares, cfg.square, generator)
         span = cfg.size - side - speed * (cfg.frames - 1)  # room left for the start position
         y0, x0 = (int(v) for v in torch.randint(span + 1, (2,), generator=generator))
         # start so that the whole path stays inside the frame
