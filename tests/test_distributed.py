@@ -8,6 +8,7 @@ stages whatever it is.
 """
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -199,6 +200,23 @@ def test_a_killed_rank_fails_the_stage_and_the_rerun_completes(workspace):
     _rollout(workspace, "two/killed", nproc=2)
     assert (workspace / "two" / "killed" / "shards.json").read_bytes() == \
         (workspace / IT1 / "rollout" / "shards.json").read_bytes()
+
+
+def test_two_nodes_through_a_launcher_fail_together_and_then_write_the_same_bytes(workspace):
+    """The several-node path (c10d rendezvous, one torchrun per node started by a launcher), with
+    scripts/cluster/local_nodes.sh standing in for srun: two agents on this host, one rank each."""
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    nodes = {"FLASH_GRPO_NNODES": "2", "FLASH_GRPO_NODE_LAUNCHER": "scripts/cluster/local_nodes.sh 2",
+             "FLASH_GRPO_RDZV_ENDPOINT": f"127.0.0.1:{port}"}
+    killed = _rollout(workspace, "nodes/rollout", nproc=1, check=False, timeout=120, FLASH_GRPO_FAULT="joined@1",
+                      **nodes)
+    assert killed.returncode != 0 and "starting 2 processes (2 node(s) x 1)" in killed.stderr
+    assert not (workspace / "nodes" / "rollout" / "shards.json").exists()
+    done = _rollout(workspace, "nodes/rollout", nproc=1, **nodes)
+    assert "processes=2" in done.stdout
+    assert _files(workspace / IT1 / "rollout") == _files(workspace / "nodes" / "rollout")
 
 
 def test_an_input_error_on_every_rank_exits_2(workspace):
