@@ -76,7 +76,8 @@ def bench_engine(args, params):
         return iteration.build_engine(params)
     device = iteration.resolve_device(params.model.device)
     dtype = iteration.resolve_dtype(params.model.dtype, device)
-    stack = random_stacks.build_random_stack(args.arch, seed=params.seed, dtype=dtype, text_len=64, device="cpu")
+    stack = random_stacks.build_random_stack(args.arch, seed=params.seed, dtype=dtype, text_len=64, device="cpu",
+                                             num_layers=getattr(args, "layers", None))
     reference = iteration.make_trainable(stack.transformer, params)
     for module in (stack.transformer, stack.text_encoder, stack.vae):
         module.to(device)

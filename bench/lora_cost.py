@@ -2,6 +2,8 @@
 
     python bench/lora_cost.py                                               # tiny shape, CPU (tested)
     python bench/lora_cost.py --arch wan1_3b --height 480 --width 832 --frames 81   # one GPU
+    python bench/lora_cost.py --arch wan1_3b --layers 2 --height 256 --width 512 --frames 13 \
+        --dtype bfloat16                                                    # 2 blocks at Wan's width, CPU
 
 A LoRA r16 update measured 26% slower than a full-weight backward on an H200 (1.3B at 480x832x81:
 3.31 s against 2.63 s per sample), although it computes no weight gradient of the base. On the
@@ -11,10 +13,11 @@ video's CFG pair (as bench/gpu_step.py's raw update) is run forward and backward
 - `full`: every weight trainable (the full-weight backward the LoRA update was compared with);
 - `lora`: peft's LoRA as the pipeline trains it (adapters in float32 over the base's dtype, so
   peft casts each adapted layer's input to float32 and its output back);
-- `lora-base-dtype`: the same adapters cast to the base's dtype (no casts; on CPU in float32 it is
-  `lora` again);
+- `lora-base-dtype`: the same adapters cast to the base's dtype (no casts; with a float32 base
+  it is `lora` again);
 - `no-weight-grads`: the LoRA model with nothing trainable, the gradient taken with respect to the
-  input latents: the backward through the frozen base alone, the floor any LoRA update pays;
+  input latents: the backward through the frozen base (and the float32 adapters' casts), the
+  floor of an update with float32 adapters;
 
 each with gradient checkpointing off, on, and on every n-th block only (`--checkpointing off on 2`:
 `model.checkpoint_every` 2, half the blocks recomputed). Medians over `--repeats` after a
@@ -48,10 +51,17 @@ def parse_args(argv=None):
     parser.add_argument("--ways", nargs="+", default=list(WAYS), choices=WAYS)
     parser.add_argument("--checkpointing", nargs="+", default=["off", "on"], type=_checkpointing, metavar="off|on|N",
                         help="off, on (every block) or N (every N-th block)")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="keep only this many transformer blocks (Wan's width on a machine that cannot run all)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                        help="the base's dtype (auto: bfloat16 on a GPU, float32 on a CPU)")
     parser.add_argument("--tag", default=None, help="suffix of the output files")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.layers is not None and (args.arch == "tiny" or args.layers < 1):
+        parser.error("--layers takes a whole number of at least 1 and applies to the Wan architectures")
+    return args
 
 
 def _checkpointing(text: str) -> int:
@@ -72,8 +82,9 @@ def engine_for(args, way: str, checkpointing: int):
     bench_args = iteration_cost.parse_args(gpu_step.iteration_argv(argparse.Namespace(
         arch=args.arch, device=args.device, group=2, steps=20, micro_batch=1, repeats=args.repeats,
         height=args.height, width=args.width, frames=args.frames)))
+    bench_args.layers = args.layers
     params = iteration_cost.bench_params(bench_args, "flash")
-    model = dataclasses.replace(params.model, finetune="full" if way == "full" else "lora",
+    model = dataclasses.replace(params.model, finetune="full" if way == "full" else "lora", dtype=args.dtype,
                                 gradient_checkpointing=checkpointing > 0, checkpoint_every=max(checkpointing, 1))
     engine = iteration_cost.bench_engine(bench_args, dataclasses.replace(params, model=model))
     trainable = engine.policy.parameters.values()
@@ -132,7 +143,9 @@ def measure(args, way: str, checkpointing: int) -> dict:
 
 def markdown(args, rows: list[dict]) -> str:
     full = {row["checkpointing"]: row["seconds"] for row in rows if row["way"] == "full" and row["seconds"]}
-    lines = [f"# LoRA cost, {args.arch} on {rows[0]['device']}", "",
+    blocks = f" ({args.layers} blocks)" if args.layers else ""
+    shape = f" at {args.height}x{args.width}x{args.frames}" if None not in (args.height, args.width, args.frames) else ""
+    lines = [f"# LoRA cost, {args.arch}{blocks}{shape} on {rows[0]['device']}", "",
              (f"One CFG pair's forward+backward, median of {args.repeats}; compute dtype {rows[0]['dtype']}; "
               f"peak memory as {rows[0]['memory_kind']}."), "",
              "| way | checkpointing | s per pair | / full (same checkpointing) | / full (off) | peak GiB |",
@@ -157,7 +170,8 @@ def main(argv=None) -> None:
     device = "cuda" if rows[0]["memory_kind"] == "cuda_allocated" else "cpu"
     stem = args.out_dir / f"lora_cost-{args.arch}-{device}{'-' + args.tag if args.tag else ''}"
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps({"arch": args.arch, "rows": rows}, indent=2) + "\n")
+    stem.with_suffix(".json").write_text(json.dumps({"arch": args.arch, "layers": args.layers, "rows": rows},
+                                                    indent=2) + "\n")
     text = markdown(args, rows)
     stem.with_suffix(".md").write_text(text)
     print(text)

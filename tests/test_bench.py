@@ -45,6 +45,32 @@ def test_lora_cost_runs_every_way_of_training_at_the_tiny_shape(tmp_path, import
         lora_cost.parse_args(["--checkpointing", "1"])  # on is spelt on
 
 
+def test_lora_cost_runs_the_base_in_the_asked_dtype_on_the_asked_blocks(importable_bench, monkeypatch):
+    from bench import lora_cost
+    from flash_grpo_core.engine.sampler import compute_dtype
+    from flash_grpo_core.models import random_stacks
+
+    args = lora_cost.parse_args(["--dtype", "bfloat16"])
+    lora, cast = (lora_cost.engine_for(args, way, 1) for way in ("lora", "lora-base-dtype"))
+    assert compute_dtype(lora.policy.transformer) == torch.bfloat16
+    assert {p.dtype for p in lora.policy.parameters.values()} == {torch.float32}  # as trained: fp32 adapters
+    assert {p.dtype for p in cast.policy.parameters.values()} == {torch.bfloat16}
+
+    asked = {}
+
+    def stop(arch, **kwargs):
+        asked.update(kwargs, arch=arch)
+        raise InterruptedError
+
+    monkeypatch.setattr(random_stacks, "build_random_stack", stop)
+    with pytest.raises(InterruptedError):
+        lora_cost.engine_for(lora_cost.parse_args(["--arch", "wan1_3b", "--layers", "2"]), "full", 0)
+    assert asked["arch"] == "wan1_3b" and asked["num_layers"] == 2
+    for bad in (["--layers", "2"], ["--arch", "wan1_3b", "--layers", "0"]):  # tiny has its own 2 blocks
+        with pytest.raises(SystemExit):
+            lora_cost.parse_args(bad)
+
+
 def test_lora_cost_reports_a_way_that_runs_out_of_memory_and_measures_the_rest(tmp_path, importable_bench,
                                                                                  monkeypatch):
     from bench import lora_cost

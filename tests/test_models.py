@@ -111,6 +111,7 @@ def test_tiny_stack_geometry_matches_wan():
     assert (stack.latent_channels, stack.vae_scale_spatial, stack.vae_scale_temporal) == (16, 8, 4)
     # 81 frames of 480x832 -> (81-1)//4+1 = 21 latent frames of 60x104 (the real Wan 2.1 shape).
     assert stack.latent_shape(81, 480, 832) == (16, 21, 60, 104)
+    assert len(build_random_stack(arch, device="meta", num_layers=2).transformer.blocks) == 2  # a cut-down proxy
     assert stack.latent_shape(9, 32, 32) == (16, 3, 4, 4)
 
 
@@ -436,3 +437,4 @@ def test_random_wan_architectures_have_the_released_sizes(arch, billions):
     params = sum(p.numel() for p in stack.transformer.parameters())
     assert params / 1e9 == pytest.approx(billions, abs=0.001)
     assert stack.latent_shape(81, 480, 832) == (16, 21, 60, 104)
+    assert len(build_random_stack(arch, device="meta", num_layers=2).transformer.blocks) == 2  # a cut-down proxy

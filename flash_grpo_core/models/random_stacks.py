@@ -27,19 +27,21 @@ _WAN_SHARED_CONFIG = {
 
 
 def build_random_stack(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32, text_len: int = 512,
-                       device: torch.device | str = "cpu") -> WanStack:
+                       device: torch.device | str = "cpu", num_layers: int | None = None) -> WanStack:
     """Wan 2.1's real transformer and VAE architectures with random weights, built on `device`.
 
     For measuring compute and memory without the weights. The 6.7B UMT5-XXL encoder is replaced by
     a small random encoder of the same output width (4096): it runs once per prompt and does not
-    change what a training step costs.
+    change what a training step costs. `num_layers` keeps only that many transformer blocks (a
+    block's cost at the real width, on a machine that cannot run all of them).
     """
     if arch not in WAN_TRANSFORMER_CONFIGS:
         raise ValueError(f"unknown architecture {arch!r}; expected one of {sorted(WAN_TRANSFORMER_CONFIGS)}")
     tokenizer = build_tokenizer()
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
-        transformer = WanTransformer3DModel(**_WAN_SHARED_CONFIG, **WAN_TRANSFORMER_CONFIGS[arch])
+        config = dict(WAN_TRANSFORMER_CONFIGS[arch], **({"num_layers": num_layers} if num_layers else {}))
+        transformer = WanTransformer3DModel(**_WAN_SHARED_CONFIG, **config)
         vae = AutoencoderKLWan()
         text_encoder = small_text_encoder(tokenizer, d_model=_WAN_SHARED_CONFIG["text_dim"])
     cast_like_from_pretrained(transformer, dtype)
