@@ -15,8 +15,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 # tests/test_metrics.py: MUSIQ (imaging_quality) runs where pyiqa imports with a matching torchvision
 "$PY" -m pytest -q -rA -s tests/test_gpu.py tests/test_sde.py tests/test_iteration.py tests/test_metrics.py \
   tests/test_fast_rollout.py -p no:cacheprovider 2>&1 | tee "$OUT/pytest.txt"
-timeout "${LORA_TIMEOUT:-300}" "$PY" bench/lora_cost.py --arch wan1_3b --height 480 --width 832 --frames 81 --checkpointing on 2 off \
-  --repeats 2 --out-dir "$OUT" 2>&1 | tee "$OUT/lora_cost.txt"
+# the question first (full weights against LoRA with and without peft's casts, checkpointing on), then the rest
+timeout "${LORA_TIMEOUT:-180}" "$PY" bench/lora_cost.py --arch wan1_3b --height 480 --width 832 --frames 81 \
+  --ways full lora lora-compute-input --checkpointing on --repeats 2 --tag core --out-dir "$OUT" 2>&1 | tee "$OUT/lora_cost.txt"
+timeout "${LORA_REST_TIMEOUT:-240}" "$PY" bench/lora_cost.py --arch wan1_3b --height 480 --width 832 --frames 81 \
+  --ways full lora lora-compute-input lora-base-dtype --checkpointing 2 off --repeats 2 --out-dir "$OUT" 2>&1 \
+  | tee -a "$OUT/lora_cost.txt"
 timeout "${BENCH_TIMEOUT:-420}" "$PY" bench/iteration_cost.py --arch wan1_3b --height 240 --width 416 --frames 17 \
   --prompts 2 --group 4 --micro-batch 4 --repeats 2 --tag wan1_3b-cuda 2>&1 | tee "$OUT/bench.txt"
 cp bench/results/iteration_cost-wan1_3b-cuda.* "$OUT/" 2>/dev/null || true

@@ -13,8 +13,11 @@ video's CFG pair (as bench/gpu_step.py's raw update) is run forward and backward
 - `full`: every weight trainable (the full-weight backward the LoRA update was compared with);
 - `lora`: peft's LoRA as the pipeline trains it (adapters in float32 over the base's dtype, so
   peft casts each adapted layer's input to float32 and its output back);
-- `lora-base-dtype`: the same adapters cast to the base's dtype (no casts; with a float32 base
-  it is `lora` again);
+- `lora-compute-input`: the same float32 adapters multiplying in the base's dtype
+  (`model.lora_compute: input`: their weights cast per call instead of each layer's input);
+- `lora-base-dtype`: the same adapters stored in the base's dtype (no casts at all, but bf16
+  adapters would not train: the bound `lora-compute-input` can reach; with a float32 base both
+  are `lora` again);
 - `no-weight-grads`: the LoRA model with nothing trainable, the gradient taken with respect to the
   input latents: the backward through the frozen base (and the float32 adapters' casts), the
   floor of an update with float32 adapters;
@@ -42,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench import gpu_step, iteration_cost  # importable once the project root is on the path
 
-WAYS = ("full", "lora", "lora-base-dtype", "no-weight-grads")
+WAYS = ("full", "lora", "lora-compute-input", "lora-base-dtype", "no-weight-grads")
 
 
 def parse_args(argv=None):
@@ -85,6 +88,7 @@ def engine_for(args, way: str, checkpointing: int):
     bench_args.layers = args.layers
     params = iteration_cost.bench_params(bench_args, "flash")
     model = dataclasses.replace(params.model, finetune="full" if way == "full" else "lora", dtype=args.dtype,
+                                lora_compute="input" if way == "lora-compute-input" else "float32",
                                 gradient_checkpointing=checkpointing > 0, checkpoint_every=max(checkpointing, 1))
     engine = iteration_cost.bench_engine(bench_args, dataclasses.replace(params, model=model))
     trainable = engine.policy.parameters.values()

@@ -51,9 +51,12 @@ def test_lora_cost_runs_the_base_in_the_asked_dtype_on_the_asked_blocks(importab
     from flash_grpo_core.models import random_stacks
 
     args = lora_cost.parse_args(["--dtype", "bfloat16"])
-    lora, cast = (lora_cost.engine_for(args, way, 1) for way in ("lora", "lora-base-dtype"))
+    lora, computed, cast = (lora_cost.engine_for(args, way, 1) for way in ("lora", "lora-compute-input",
+                                                                           "lora-base-dtype"))
     assert compute_dtype(lora.policy.transformer) == torch.bfloat16
     assert {p.dtype for p in lora.policy.parameters.values()} == {torch.float32}  # as trained: fp32 adapters
+    assert lora.params.model.lora_compute == "float32" and computed.params.model.lora_compute == "input"
+    assert {p.dtype for p in computed.policy.parameters.values()} == {torch.float32}
     assert {p.dtype for p in cast.policy.parameters.values()} == {torch.bfloat16}
 
     asked = {}

@@ -128,6 +128,8 @@ def test_lora_targets_and_init_are_validated_by_key(tmp_path):
     assert params.model.lora_targets == ("to_q", "ffn.net.2") and params.model.lora_init == "default"
     with pytest.raises(ConfigError, match=r"model.lora_init must be one of \('gaussian', 'default'\), got 'kaiming'"):
         params_from_dict({"model": {"lora_init": "kaiming"}})
+    with pytest.raises(ConfigError, match=r"model.lora_compute must be one of \('float32', 'input'\), got 'bf16'"):
+        params_from_dict({"model": {"lora_compute": "bf16"}})
     with pytest.raises(ConfigError, match="model.lora_targets must list module-name suffixes"):
         params_from_dict({"model": {"lora_targets": []}})
     with pytest.raises(ConfigError, match="model.lora_targets must list module-name suffixes"):

@@ -193,18 +193,17 @@ def test_evaluation_on_two_processes_writes_the_same_bytes(workspace):
     assert _files(workspace / "one" / "eval") == _files(workspace / "two" / "eval")
 
 
-def test_a_killed_rank_fails_the_stage_and_the_rerun_completes(workspace):
+def test_a_killed_rank_fails_the_stage(workspace):
     killed = _rollout(workspace, "two/killed", nproc=2, check=False, timeout=120, FLASH_GRPO_FAULT="joined@1")
     assert killed.returncode != 0
     assert not (workspace / "two" / "killed" / "shards.json").exists()  # nothing a later stage takes as done
-    _rollout(workspace, "two/killed", nproc=2)
-    assert (workspace / "two" / "killed" / "shards.json").read_bytes() == \
-        (workspace / IT1 / "rollout" / "shards.json").read_bytes()
 
 
 def test_two_nodes_through_a_launcher_fail_together_and_then_write_the_same_bytes(workspace):
     """The several-node path (c10d rendezvous, one torchrun per node started by a launcher), with
-    scripts/cluster/local_nodes.sh standing in for srun: two agents on this host, one rank each."""
+    scripts/cluster/local_nodes.sh standing in for srun: two agents on this host, one rank each. A
+    rank killed on one node fails the stage; the rerun in the same folder completes with the bytes
+    of one process (the same stage code as on one node: the launcher only builds the command)."""
     with socket.socket() as probe:  # a free port for the rendezvous
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]

@@ -213,9 +213,13 @@ def test_missing_model_path_names_the_path(tiny_params, tmp_path):
         build_engine(params)
 
 
-def test_bfloat16_iteration_runs_and_keeps_ratio_near_one(tiny_params):
+@pytest.mark.parametrize("lora_compute", ["float32", "input"])
+def test_bfloat16_iteration_runs_and_keeps_ratio_near_one(tiny_params, lora_compute):
     # the GPU dtype path, exercised on the CPU: some Wan modules stay fp32 while the rest is bf16
-    engine = build_engine(tiny_params(model__dtype="bfloat16", model__gradient_checkpointing=True))
+    engine = build_engine(tiny_params(model__dtype="bfloat16", model__gradient_checkpointing=True,
+                                      model__lora_compute=lora_compute))
+    adapter = engine.policy.transformer.blocks[0].attn1.to_q.lora_A["default"]
+    assert (type(adapter) is not torch.nn.Linear) == (lora_compute == "input")  # the adapters multiply in bf16
     batch, videos = generate(engine, PROMPTS, 0, PassCounter())
     assert batch.latents.dtype == torch.float32 and videos.dtype == torch.uint8  # the float32 state, as sampled
     cond, uncond = encode(engine, PROMPTS)

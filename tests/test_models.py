@@ -111,7 +111,6 @@ def test_tiny_stack_geometry_matches_wan():
     assert (stack.latent_channels, stack.vae_scale_spatial, stack.vae_scale_temporal) == (16, 8, 4)
     # 81 frames of 480x832 -> (81-1)//4+1 = 21 latent frames of 60x104 (the real Wan 2.1 shape).
     assert stack.latent_shape(81, 480, 832) == (16, 21, 60, 104)
-    assert len(build_random_stack(arch, device="meta", num_layers=2).transformer.blocks) == 2  # a cut-down proxy
     assert stack.latent_shape(9, 32, 32) == (16, 3, 4, 4)
 
 
@@ -419,6 +418,44 @@ def test_lora_on_a_bf16_base_is_fp32_and_receives_gradients():
     # With B = 0 only B gets a gradient at init (dL/dA = B^T ...), and it must be non-zero.
     lora_b_grads = [param.grad for name, param in trainable.items() if ".lora_B." in name]
     assert all(grad is not None and grad.abs().sum() > 0 for grad in lora_b_grads)
+
+
+def test_lora_computed_in_the_input_dtype_skips_the_float32_casts_and_keeps_float32_weights():
+    """`compute="input"`: the adapters multiply in the layer input's dtype (bf16 over a bf16 base)
+    instead of peft casting the input to float32; same parameters (float32, same names), trained
+    through the cast, close to peft's path; over a float32 base the very same computation."""
+    def run(dtype, compute):
+        stack = build_tiny_stack(dtype=dtype)
+        apply_lora(stack.transformer, rank=4, alpha=8, compute=compute)
+        trainable = trainable_parameters(stack.transformer)
+        generator = torch.Generator().manual_seed(5)
+        with torch.no_grad():  # B is zero at init: a trained-looking adapter, the same for both ways
+            for name, param in trainable.items():
+                if ".lora_B." in name:
+                    param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+        seen = []
+        stack.transformer.blocks[0].attn1.to_q.lora_A["default"].register_forward_hook(
+            lambda module, inputs, output: seen.append((inputs[0].dtype, output.dtype)))
+        latents, timesteps, embeds = transformer_inputs()
+        out = forward(stack, latents.to(dtype), timesteps, embeds.to(dtype))
+        out.float().square().mean().backward()
+        return out.detach().float(), {name: param.grad for name, param in trainable.items()}, trainable, seen
+
+    peft_out, peft_grads, peft_params, peft_seen = run(torch.bfloat16, "float32")
+    out, grads, params, seen = run(torch.bfloat16, "input")
+    assert peft_seen[0] == (torch.float32, torch.float32) and seen[0] == (torch.bfloat16, torch.bfloat16)
+    assert list(params) == list(peft_params) and {p.dtype for p in params.values()} == {torch.float32}
+    assert {g.dtype for g in grads.values()} == {torch.float32}
+    torch.testing.assert_close(out, peft_out, rtol=0, atol=0.02 * peft_out.abs().max().item())  # the adapter: 0.25x
+    assert not torch.equal(out, peft_out)  # the products did run in bf16
+    for name, grad in grads.items():
+        cosine = torch.nn.functional.cosine_similarity(grad.flatten(), peft_grads[name].flatten(), dim=0)
+        assert cosine > 0.99, (name, cosine)
+    float32, input_dtype = run(torch.float32, "float32"), run(torch.float32, "input")
+    assert torch.equal(float32[0], input_dtype[0])
+    assert all(torch.equal(float32[1][name], input_dtype[1][name]) for name in float32[1])
+    with pytest.raises(ValueError, match="unknown LoRA compute 'bf16'"):
+        apply_lora(build_tiny_stack().transformer, compute="bf16")
 
 
 def test_enable_full_finetune_makes_every_transformer_weight_trainable():

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from flash_grpo_core.choices import (
     DEFAULT_LORA_TARGETS,
     FINETUNE_KINDS,
+    LORA_COMPUTES,
     LORA_INITS,
     NOISE_KINDS,
     OPTIMIZER_STATES,
@@ -42,10 +43,6 @@ def _check_path(key: str, value: str) -> None:
            f"commands), got {value!r}")
 
 
-def _is_device(value: str) -> bool:
-    return isinstance(value, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", value) is not None
-
-
 @dataclass(frozen=True)
 class ModelConfig:
     path: str | None = None  # local Diffusers-format Wan 2.1 T2V folder (wan presets)
@@ -56,6 +53,7 @@ class ModelConfig:
     lora_alpha: int = 32
     lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS  # module-name suffixes peft adapts
     lora_init: str = "gaussian"  # gaussian | default (peft's kaiming-uniform A)
+    lora_compute: str = "float32"  # float32 (peft's casts) | input: adapters multiply in the base's dtype
     gradient_checkpointing: bool = False
     checkpoint_every: int = 1  # with it: recompute every n-th block only, the others keep their activations
     cfg_sequential: bool = False  # CFG halves one after the other instead of one batch (less memory)
@@ -64,12 +62,13 @@ class ModelConfig:
 
     def __post_init__(self):
         _check(self.dtype in ("auto", "float32", "bfloat16", "float16"), f"model.dtype: unknown {self.dtype!r}")
-        _check(self.finetune in FINETUNE_KINDS, f"model.finetune must be one of {FINETUNE_KINDS}, got {self.finetune!r}")
+        for key, choices in (("finetune", FINETUNE_KINDS), ("lora_init", LORA_INITS), ("lora_compute", LORA_COMPUTES)):
+            _check(getattr(self, key) in choices, f"model.{key} must be one of {choices}, got {getattr(self, key)!r}")
         _check(self.lora_rank > 0 and self.lora_alpha > 0, "model.lora_rank and lora_alpha must be > 0")
         _check(all(t.strip() for t in self.lora_targets or [""]), "model.lora_targets must list module-name suffixes")
-        _check(self.lora_init in LORA_INITS, f"model.lora_init must be one of {LORA_INITS}, got {self.lora_init!r}")
         _check(self.text_len > 0 and self.checkpoint_every > 0, "model.text_len and checkpoint_every must be > 0")
-        _check(_is_device(self.device), f"model.device must be auto, cpu, cuda or cuda:<index>, got {self.device!r}")
+        _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)) is not None,
+               f"model.device must be auto, cpu, cuda or cuda:<index>, got {self.device!r}")
 
 
 @dataclass(frozen=True)

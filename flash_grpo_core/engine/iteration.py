@@ -90,7 +90,7 @@ def make_trainable(transformer: torch.nn.Module, params: Params) -> torch.nn.Mod
     if params.model.finetune == "lora":
         lora.apply_lora(transformer, rank=params.model.lora_rank, alpha=params.model.lora_alpha,
                         target_modules=params.model.lora_targets, seed=derive_seed(params.seed, "lora") % 2**32,
-                        init=params.model.lora_init)
+                        init=params.model.lora_init, compute=params.model.lora_compute)
         return None
     reference = copy.deepcopy(transformer).requires_grad_(False) if params.train.kl_beta > 0 else None
     lora.enable_full_finetune(transformer)
