@@ -11,10 +11,11 @@ transformer of bench/iteration_cost.py (random weights, Wan 2.1's architecture o
 video's CFG pair (as bench/gpu_step.py's raw update) is run forward and backward under:
 
 - `full`: every weight trainable (the full-weight backward the LoRA update was compared with);
-- `lora`: peft's LoRA as the pipeline trains it (adapters in float32 over the base's dtype, so
-  peft casts each adapted layer's input to float32 and its output back);
-- `lora-compute-input`: the same float32 adapters multiplying in the base's dtype
-  (`model.lora_compute: input`: their weights cast per call instead of each layer's input);
+- `lora`: peft's LoRA as the measurement above ran it (adapters in float32 over the base's
+  dtype, so peft casts each adapted layer's input to float32 and its output back;
+  `model.lora_compute: float32`);
+- `lora-compute-input`: the same float32 adapters multiplying in the base's dtype, as the pipeline
+  trains by default (`model.lora_compute: input`: their weights cast per call, not each input);
 - `lora-base-dtype`: the same adapters stored in the base's dtype (no casts at all, but bf16
   adapters would not train: the bound `lora-compute-input` can reach; with a float32 base both
   are `lora` again);

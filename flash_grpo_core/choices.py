@@ -8,7 +8,7 @@ TRAIN_MODES = ("flash", "window", "window_k", "full")
 STD_SCOPES = ("batch", "group")
 FINETUNE_KINDS = ("lora", "full")
 LORA_INITS = ("gaussian", "default")  # peft's init_lora_weights: "gaussian", or True (kaiming-uniform A)
-LORA_COMPUTES = ("float32", "input")  # the adapters' products: in float32, or in the layer input's dtype
+LORA_COMPUTES = ("input", "float32")  # the adapters' products: in the layer input's dtype, or in float32
 # The authors' LoRA targets: q, k, v and output projections of self- (attn1) and cross-attention
 # (attn2) in diffusers' Wan naming, matched by peft as module-name suffixes; no FFN.
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")

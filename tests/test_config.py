@@ -119,6 +119,7 @@ def test_lora_defaults_are_the_authors_recipe_in_every_preset(preset):
     # scripts/train_wanx2_1_flash.py: r 16, alpha 32, init "gaussian", attention projections only
     model = load_params(ROOT / "params.yaml", preset=preset).model
     assert (model.lora_rank, model.lora_alpha, model.lora_init) == (16, 32, "gaussian")
+    assert model.lora_compute == "input"  # the authors' bf16 runs multiply their adapters in bf16
     assert model.lora_targets == ("to_q", "to_k", "to_v", "to_out.0")
     assert params_from_dict({}).model.lora_targets == model.lora_targets  # the dataclass default too
 
@@ -128,7 +129,7 @@ def test_lora_targets_and_init_are_validated_by_key(tmp_path):
     assert params.model.lora_targets == ("to_q", "ffn.net.2") and params.model.lora_init == "default"
     with pytest.raises(ConfigError, match=r"model.lora_init must be one of \('gaussian', 'default'\), got 'kaiming'"):
         params_from_dict({"model": {"lora_init": "kaiming"}})
-    with pytest.raises(ConfigError, match=r"model.lora_compute must be one of \('float32', 'input'\), got 'bf16'"):
+    with pytest.raises(ConfigError, match=r"model.lora_compute must be one of \('input', 'float32'\), got 'bf16'"):
         params_from_dict({"model": {"lora_compute": "bf16"}})
     with pytest.raises(ConfigError, match="model.lora_targets must list module-name suffixes"):
         params_from_dict({"model": {"lora_targets": []}})

@@ -53,7 +53,7 @@ class ModelConfig:
     lora_alpha: int = 32
     lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS  # module-name suffixes peft adapts
     lora_init: str = "gaussian"  # gaussian | default (peft's kaiming-uniform A)
-    lora_compute: str = "float32"  # float32 (peft's casts) | input: adapters multiply in the base's dtype
+    lora_compute: str = "input"  # input: fp32 adapters multiply in the base's dtype | float32 (peft's casts)
     gradient_checkpointing: bool = False
     checkpoint_every: int = 1  # with it: recompute every n-th block only, the others keep their activations
     cfg_sequential: bool = False  # CFG halves one after the other instead of one batch (less memory)

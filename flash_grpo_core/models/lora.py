@@ -30,7 +30,7 @@ def apply_lora(
     target_modules: Sequence[str] = DEFAULT_LORA_TARGETS,
     seed: int = 0,
     init: str = "gaussian",
-    compute: str = "float32",
+    compute: str = "input",
 ) -> None:
     """Attach a LoRA adapter in place; afterwards only the LoRA weights require grad.
 
@@ -40,8 +40,9 @@ def apply_lora(
     way B is zero, so the adapter starts as a no-op. A is drawn from a generator seeded by `seed`
     (peft draws from the global RNG), so runs are reproducible. LoRA weights are kept in fp32 even
     when the base is bf16 (AdamW's updates would fall below bf16's spacing). `compute` says where
-    the adapters multiply: `float32`, peft's way (it casts each adapted layer's input to float32 and
-    the result back), or `input`, the layer input's dtype (`compute_in_input_dtype`).
+    the adapters multiply: `input`, in the layer input's dtype (`compute_in_input_dtype`; bf16 over
+    a bf16 base, as in the authors' runs), or `float32`, peft's way (it casts each adapted layer's
+    input to float32 and the result back).
     """
     if compute not in LORA_COMPUTES:
         raise ValueError(f"unknown LoRA compute {compute!r}; expected one of {LORA_COMPUTES}")
@@ -72,8 +73,9 @@ def compute_in_input_dtype(transformer: torch.nn.Module) -> None:
     """Make every LoRA layer compute its adapter in the layer input's dtype (bf16 over a bf16 base)
     instead of casting the input to the float32 adapter: peft's cast writes and reads activation-
     sized float32 tensors in every adapted layer (200 MB each at Wan's 32,760 tokens), memory-bound
-    work that made a LoRA update slower than a full-weight one on a GPU. The weights stay float32
-    parameters under their names; over a float32 base nothing changes."""
+    work estimated to be most of what a LoRA update spent beyond a full-weight one on an H200
+    (docs/distributed.md). The weights stay float32 parameters under their names; over a float32
+    base nothing changes."""
     for layer in transformer.modules():
         if isinstance(layer, LoraLayer):
             layer.cast_input_dtype_enabled = False  # peft's switch for its input cast
