@@ -46,6 +46,7 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--tag", default=None, help="suffix of the output files (default: arch and device)")
+    parser.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
     for key in ("head-steps", "tail-steps"):  # cheaper flash rollouts (engine/fast_rollout.py), flash mode only
         parser.add_argument(f"--{key}", type=int, default=None, help=f"flash mode: rollout.{key.replace('-', '_')}")
     parser.add_argument("--guidance-until", type=float, default=None, help="flash mode: rollout.guidance_until")
@@ -161,15 +162,15 @@ def main(argv=None):
                     (by_mode[other]["train_forward"] + by_mode[other]["train_backward"])
                     / (by_mode["flash"]["train_forward"] + by_mode["flash"]["train_backward"]))
     device = modes[0]["device"] if modes else "none"
-    results = {"arch": args.arch, "device": device, "config": {k: v for k, v in vars(args).items() if k != "one_mode"},
-               "modes": modes, "ratios": ratios}
+    # out_dir is where the record went, not how it was measured (and a machine's path)
+    config = {k: v for k, v in vars(args).items() if k not in ("one_mode", "out_dir")}
+    results = {"arch": args.arch, "device": device, "config": config, "modes": modes, "ratios": ratios}
     on_gpu = bool(modes) and modes[0]["peak_memory_kind"] == "cuda_allocated"
     tag = args.tag or f"{args.arch}-{'cuda' if on_gpu else 'cpu'}"
-    out_dir = ROOT / "bench" / "results"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"iteration_cost-{tag}.json").write_text(json.dumps(results, indent=2) + "\n")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / f"iteration_cost-{tag}.json").write_text(json.dumps(results, indent=2) + "\n")
     table = f"# Iteration cost, {args.arch} on {device}\n\n{_table(results)}\n"
-    (out_dir / f"iteration_cost-{tag}.md").write_text(table)
+    (args.out_dir / f"iteration_cost-{tag}.md").write_text(table)
     print(table)
 
 
