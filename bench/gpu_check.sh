@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU check in one run of about 9 minutes on an H200 (inside a 10-minute job limit), the most
-# wanted first, each step under its own time limit so that a slow one cannot eat the others:
+# Every GPU check in one run whose step limits add up to 10 minutes (90 + 150 + 240 + 2 x 60 s), the
+# most wanted first, each step under its own limit so that a slow one cannot eat the others:
 #   tests      the CUDA tests (tests/test_gpu.py, the GPU case of tests/test_fast_rollout.py) and
 #              the modules whose dtype paths they share
 #   lora       where a LoRA update's time goes at Wan 2.1 1.3B's full size (480x832x81): the
@@ -42,7 +42,7 @@ if wanted lora; then
     --checkpointing on --repeats 2 --tag core --out-dir "$OUT" 2>&1 | tee -a "$OUT/log.txt"
 fi
 if wanted step; then
-  timeout "${STEP_TIMEOUT:-250}" "$PY" bench/gpu_step.py "${FULL[@]}" --group 2 --repeats 1 --parts rollout update \
+  timeout "${STEP_TIMEOUT:-240}" "$PY" bench/gpu_step.py "${FULL[@]}" --group 2 --repeats 1 --parts rollout update \
     --out-dir "$OUT" 2>&1 | tee -a "$OUT/log.txt"
 fi
 if wanted iteration; then
