@@ -446,7 +446,8 @@ def test_lora_computed_in_the_input_dtype_skips_the_float32_casts_and_keeps_floa
     assert peft_seen[0] == (torch.float32, torch.float32) and seen[0] == (torch.bfloat16, torch.bfloat16)
     assert list(params) == list(peft_params) and {p.dtype for p in params.values()} == {torch.float32}
     assert {g.dtype for g in grads.values()} == {torch.float32}
-    torch.testing.assert_close(out, peft_out, rtol=0, atol=0.02 * peft_out.abs().max().item())  # the adapter: 0.25x
+    # 2% of the output range; the adapter itself moves the output by about a quarter of it
+    torch.testing.assert_close(out, peft_out, rtol=0, atol=0.02 * peft_out.abs().max().item())
     assert not torch.equal(out, peft_out)  # the products did run in bf16
     for name, grad in grads.items():
         cosine = torch.nn.functional.cosine_similarity(grad.flatten(), peft_grads[name].flatten(), dim=0)
