@@ -3,9 +3,8 @@
 SCHEDULE_KINDS = ("authors", "diffusers")
 NOISE_KINDS = ("wan", "flow_grpo", "dance")
 RECTIFY_MODES = ("exact", "none", "flow_grpo")
-# train.rectify: auto resolves per train.mode when params load: TGR for flash, none for the baselines,
-# as Flow-GRPO and MixGRPO publish them; an explicit exact | none | flow_grpo wins.
-RECTIFY_SETTINGS = ("auto", *RECTIFY_MODES)
+# train.rectify: `auto` (the default) is resolved per train.mode when params load (config/loading.py):
+# TGR for flash, none for the baselines, as Flow-GRPO and MixGRPO publish them; an explicit mode wins.
 RECTIFY_BY_MODE = {"flash": "exact", "window": "none", "window_k": "none", "full": "none"}
 # window: MixGRPO's sliding window over steps 0..N-2; window_k: a window inside flash's first K steps
 TRAIN_MODES = ("flash", "window", "window_k", "full")

@@ -17,8 +17,7 @@ from flash_grpo_core.choices import (
     OPTIMIZER_STATES,
     PARALLEL_STRATEGIES,
     PRESETS,
-    RECTIFY_BY_MODE,
-    RECTIFY_SETTINGS,
+    RECTIFY_MODES,
     REWARD_NAMES,
     SAFE_PATH,
     SCHEDULE_KINDS,
@@ -129,7 +128,7 @@ class RolloutConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     mode: str = "flash"  # flash | window | window_k | full
-    rectify: str = "auto"  # auto (flash: exact, the others: none) | exact | none | flow_grpo
+    rectify: str = "exact"  # exact | none | flow_grpo
     learning_rate: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 1e-4
@@ -156,9 +155,7 @@ class TrainConfig:
         _check(self.parallel in PARALLEL_STRATEGIES,
                f"train.parallel must be one of {PARALLEL_STRATEGIES}, got {self.parallel!r}")
         _check(self.mode in TRAIN_MODES, f"train.mode must be one of {TRAIN_MODES}, got {self.mode!r}")
-        _check(self.rectify in RECTIFY_SETTINGS, f"train.rectify must be one of {RECTIFY_SETTINGS}, got {self.rectify}")
-        if self.rectify == "auto":  # resolved here, so that every reader sees exact | none | flow_grpo
-            object.__setattr__(self, "rectify", RECTIFY_BY_MODE[self.mode])
+        _check(self.rectify in RECTIFY_MODES, f"train.rectify must be one of {RECTIFY_MODES}, got {self.rectify!r}")
         _check(self.std_scope in STD_SCOPES, f"train.std_scope must be one of {STD_SCOPES}, got {self.std_scope!r}")
         _check(self.learning_rate > 0, "train.learning_rate must be > 0")
         _check(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
