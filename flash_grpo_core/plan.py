@@ -11,7 +11,10 @@ Every figure is an estimate; docs/decisions.md ("Preflight") gives the models an
   11.6 GiB, 14B 55.1 GiB, LoRA on attention and FFN through peft); the measured CFG pairs (20.4
   and 83.3 GiB) then come out within 1%. The pipeline's default LoRA (attention only, bf16 adapter
   products) needs less, so the estimate is an upper one;
-- step times: the notes' H200 measurements at 32,760 tokens, scaled linearly by tokens;
+- step times: bench/gpu_step.py's GPU record of the architecture when there is one, else the
+  notes' H200 measurements at 32,760 tokens, scaled linearly by tokens;
+- the rollout's block without autograd: (8 x width + 2 x ffn) x tokens x 2 B per row, assumed from
+  the block's structure (INFERENCE_WORK), not measured;
 - disk: checkpoints at 16 B per trained parameter (float32 weights, EMA, AdamW's two moments),
   shards at two float32 latents per trained step plus the decoded uint8 video per sample
   (artifacts/records.py), each counted twice: the workspace copy and DVC's cache copy.
@@ -195,22 +198,39 @@ def memory_bytes(params, arch: Arch, world: int, on_gpu: bool = True) -> dict[st
     return {"rollout": rollout, "update": update, "peak": max(rollout, update)}
 
 
-def step_seconds(arch: Arch, n_tokens: int) -> tuple[float, float, str] | None:
-    """(forward, forward+backward) seconds of one row, from the measurement of this architecture
-    scaled linearly by tokens, and the measurement's name; None for an unmeasured architecture."""
+def recorded_steps(project: Path, name: str) -> tuple[float, float, int, str] | None:
+    """(forward, forward+backward) seconds of one row at a record's tokens, from bench/gpu_step.py's
+    GPU record of architecture `name` (bench/results/gpu_step-<name>-cuda.json) when there is one."""
+    path = project / "bench" / "results" / f"gpu_step-{name}-cuda.json"
+    try:
+        record = json.loads(path.read_text())
+        rows = 2 if record["guidance"] > 1 else 1  # the raw update trains one CFG pair per item
+        forward = record["rollout"]["raw_s_per_video"] / record["rollout"]["raw_forward_passes_per_video"]
+        _, frames, height, width = record["latent_shape"]
+        at = frames * (height // 2) * (width // 2)
+        return forward, record["update"]["raw_s_per_item"] / rows, at, str(path.relative_to(project))
+    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+        return None
+
+
+def step_seconds(arch: Arch, n_tokens: int, project: Path | None = None) -> tuple[float, float, str] | None:
+    """(forward, forward+backward) seconds of one row scaled linearly by tokens from the measurement
+    of this architecture (a GPU record under `project` first, else the notes'), and its source;
+    None for an unmeasured architecture."""
     for name, config in WAN_TRANSFORMER_CONFIGS.items():
         if Arch.from_config(config) == arch:
-            forward, backward = MEASURED_STEPS[name]
-            scale = n_tokens / REFERENCE_TOKENS
-            return forward * scale, backward * scale, f"{name}: {forward} s / {backward} s ({STEP_SOURCE})"
+            recorded = recorded_steps(project, name) if project is not None else None
+            forward, backward, at, source = recorded or (*MEASURED_STEPS[name], REFERENCE_TOKENS, STEP_SOURCE)
+            scale = n_tokens / at
+            return forward * scale, backward * scale, f"{name}: {forward:.3g} s / {backward:.3g} s ({source})"
     return None
 
 
-def iteration_seconds(params, arch: Arch, world: int) -> tuple[float, float, str] | None:
+def iteration_seconds(params, arch: Arch, world: int, project: Path | None = None) -> tuple[float, float, str] | None:
     """(rollout, update) seconds of one iteration on `world` GPUs and the source of the step costs:
     N guided forwards per video (Euler rollouts), a guided forward+backward per trained item, a
     reference forward more per item with the KL term; decoding, rewards and I/O not counted."""
-    steps = step_seconds(arch, tokens(arch, params.rollout))
+    steps = step_seconds(arch, tokens(arch, params.rollout), project)
     if steps is None:
         return None
     forward, backward, source = steps

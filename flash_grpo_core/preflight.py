@@ -22,7 +22,6 @@ it, else with nvidia-smi.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -94,7 +93,8 @@ def _shown(path: Path, project: Path) -> str:
 
 
 def check_prompts(params, raw: dict, project: Path) -> list[str]:
-    """The prompt source the run curates, and that it is the one DVC's curate stage reads."""
+    """The prompt source the run curates, and that the preset does not set what curate never reads
+    (dvc.yaml and stages/curate.py read the top-level `data` section, not the preset's)."""
     source, problems = params.data.source, []
     path = project / source
     if path.is_dir():
@@ -102,10 +102,9 @@ def check_prompts(params, raw: dict, project: Path) -> list[str]:
                      if not (path / name).is_file()]
     elif not path.is_file():
         problems.append(f"data.source {source}: no such file or folder")
-    overridden = ((raw.get("presets") or {}).get(params.preset) or {}).get("data") or {}
-    if overridden.get("source", source) != (raw.get("data") or {}).get("source", source):
-        problems.append(f"presets.{params.preset}.data.source: dvc.yaml's curate stage reads the top-level "
-                        f"data.source; set it there")
+    overridden, base = ((raw.get("presets") or {}).get(params.preset) or {}).get("data") or {}, raw.get("data") or {}
+    problems += [f"presets.{params.preset}.data.{key}: dvc.yaml's curate stage reads the top-level data section; "
+                 f"set data.{key} there" for key in sorted(overridden) if overridden[key] != base.get(key)]
     if params.preset not in ("tiny", "toy") and Path(source) == Path(TOY_PROMPTS):
         problems.append(f"data.source {source} is the toy task's prompt grid; preset {params.preset} trains on real "
                         f"prompts: set data.source to a .txt, .jsonl or .parquet prompt file")
@@ -172,7 +171,8 @@ def check_devices(params, nproc: int, gpus: int) -> tuple[str, list[str]]:
     on_gpu = device.startswith("cuda") or (device == "auto" and gpus > 0)
     if not on_gpu:
         if params.preset not in ("tiny", "toy"):
-            return "cpu", [f"no GPU visible: preset {params.preset} runs Wan 2.1 on GPUs (model.device {device})"]
+            return "cpu", [f"preset {params.preset} runs Wan 2.1 on GPUs, but the device resolves to cpu "
+                           f"(model.device {device}, {gpus} GPU(s) visible)"]
         return "cpu", []
     if nproc > gpus:
         return "cuda", [f"{NPROC_ENV}={nproc} processes per node, but {gpus} GPU(s) visible"]
@@ -238,13 +238,13 @@ def model_lines(params, arch: plan.Arch, source: str) -> list[str]:
     return lines
 
 
-def estimate_lines(params, arch: plan.Arch, world: int, card: float | None) -> list[str]:
+def estimate_lines(params, arch: plan.Arch, world: int, card: float | None, project: Path) -> list[str]:
     """Peak memory per GPU and time per iteration, labelled as the estimates they are."""
     memory = plan.memory_bytes(params, arch, world)
     lines = [f"memory per GPU (estimate): rollout {memory['rollout'] / plan.GIB:.1f} GiB, update "
              f"{memory['update'] / plan.GIB:.1f} GiB, peak {memory['peak'] / plan.GIB:.1f} GiB; card: "
              + (f"{card / plan.GIB:.1f} GiB" if card else "none visible")]
-    seconds = plan.iteration_seconds(params, arch, world)
+    seconds = plan.iteration_seconds(params, arch, world, project)
     if seconds is None:
         lines.append("time per iteration: no measured step cost for this architecture")
     else:
@@ -254,7 +254,7 @@ def estimate_lines(params, arch: plan.Arch, world: int, card: float | None) -> l
     return lines
 
 
-def disk_line(params, sizes: dict[str, float], folder: Path, free: int) -> str:
+def disk_line(params, sizes: dict[str, float], folder: str, free: int) -> str:
     return (f"disk: checkpoint {sizes['checkpoint'] / plan.GB:.2f} GB + shards {sizes['shards'] / plan.GB:.1f} GB an "
             f"iteration ({sizes['iteration'] / plan.GB:.1f} GB with DVC's cache copy); {sizes['iterations']} "
             f"iteration(s) to run: {sizes['planned'] / plan.GB:.1f} GB; free: {free / plan.GB:.1f} GB at {folder}")
@@ -277,12 +277,12 @@ def preflight(params, project: Path, raw: dict | None = None) -> Report:
         report.plan.append(f"model: {source}; no memory, time or disk estimates")
         return report
     world = nproc * nnodes
-    report.plan += model_lines(params, arch, source) + estimate_lines(params, arch, world, card)
+    report.plan += model_lines(params, arch, source) + estimate_lines(params, arch, world, card, project)
     if device == "cuda":
         report.problems += check_memory(plan.memory_bytes(params, arch, world)["peak"], card)
     sizes = plan.disk_bytes(params, arch, iterations_to_run(params, project))
     folder, free = free_disk(project, params.pipeline.root)
-    report.plan.append(disk_line(params, sizes, folder, free))
+    report.plan.append(disk_line(params, sizes, _shown(folder, project), free))
     report.problems += check_disk(params, sizes, free)
     return report
 

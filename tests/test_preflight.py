@@ -62,7 +62,7 @@ def test_missing_paths_are_listed_one_a_line_and_the_plan_is_still_printed(check
                      "reward.options.hpsv3.path: models/HPSv3/HPSv3.safetensors does not exist",
                      "reward.options.hpsv3.base_path: models/Qwen2-VL-7B-Instruct does not exist",
                      "data.source prompts/toy.jsonl: no such file or folder",
-                     "no GPU visible: preset wan1_3b runs Wan 2.1 on GPUs"):
+                     "preset wan1_3b runs Wan 2.1 on GPUs, but the device resolves to cpu (model.device auto, 0 GPU"):
         assert sum(problem.startswith(expected) for problem in problems) == 1, problems
     assert "memory per GPU (estimate): rollout" in out and "32,760 tokens a video" in out
     assert "48 prompts x 8 = 384 videos an iteration" in out and "2 optimizer step(s) of 192 videos" in out
@@ -114,7 +114,7 @@ def test_a_preset_level_prompt_source_is_refused(checkout):
     params = load_params(checkout / "params.yaml", preset="tiny")
     assert params.data.source == "prompts/example.txt"
     assert preflight.preflight(params, checkout).problems == [
-        "presets.tiny.data.source: dvc.yaml's curate stage reads the top-level data.source; set it there"]
+        "presets.tiny.data.source: dvc.yaml's curate stage reads the top-level data section; set data.source there"]
 
 
 class _Health(http.server.BaseHTTPRequestHandler):
@@ -193,6 +193,19 @@ def test_iteration_time_and_disk_scale_with_the_run():
     assert [plan.kept_checkpoints(10, every) for every in (0, 1, 3, 4)] == [11, 11, 5, 4]
     baseline = load_params(ROOT / "params.yaml", preset="wan1_3b_flowgrpo")
     assert plan.trained_steps(baseline) == 19 and plan.tokens(arch, baseline.rollout) == 9 * 15 * 26
+
+
+def test_a_gpu_step_record_replaces_the_notes_step_costs(tmp_path):
+    # bench/gpu_step.py's record: 20 CFG steps = 40 forwards of a video, one CFG pair's forward+backward
+    # per item, at latents 16x5x30x52 (5 x 15 x 26 = 1,950 tokens)
+    record = {"guidance": 4.5, "latent_shape": [16, 5, 30, 52], "update": {"raw_s_per_item": 1.0},
+              "rollout": {"raw_s_per_video": 8.0, "raw_forward_passes_per_video": 40}}
+    _touch(tmp_path / "bench" / "results" / "gpu_step-wan1_3b-cuda.json", json.dumps(record))
+    arch = plan.Arch.from_config(WAN_TRANSFORMER_CONFIGS["wan1_3b"])
+    forward, backward, source = plan.step_seconds(arch, 3_900, tmp_path)
+    assert (forward, backward) == pytest.approx((0.2 * 2, 0.5 * 2)) and "gpu_step-wan1_3b-cuda.json" in source
+    forward, backward, source = plan.step_seconds(arch, 3_900, tmp_path / "elsewhere")  # no record: the notes'
+    assert forward == pytest.approx(0.61 * 3_900 / 32_760) and "the project's notes" in source
 
 
 def test_the_preflight_imports_no_torch():
