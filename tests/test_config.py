@@ -245,3 +245,16 @@ def test_repository_params_resolve_rectify_as_before_for_the_cpu_presets():
     assert full.train.rectify == "none"
     with pytest.raises(ConfigError, match="train.rectify must be one of"):
         params_from_dict({"train": {"rectify": "sometimes"}})
+
+
+@pytest.mark.parametrize("preset", ["wan1_3b", "wan1_3b_flowgrpo", "wan14b"])
+def test_every_wan_preset_is_a_real_weights_run(preset):
+    # what the stages, the flow and the preflight expect of a preset that loads Wan 2.1 weights
+    from flash_grpo_core.plan import known_arch
+
+    params = load_params(ROOT / "params.yaml", preset=preset)
+    assert params.model.path.startswith("models/") and params.model.gradient_checkpointing
+    assert set(params.reward.weights) == {"hpsv3"} and params.reward.options["hpsv3"]["base_path"]
+    assert known_arch(preset) in ("wan1_3b", "wan14b") and not params.is_tiny
+    with pytest.raises(ConfigError, match=f"preset {preset} loads Wan 2.1 weights"):
+        load_params(ROOT / "params.yaml", preset=preset, overrides={"model.path": None})
