@@ -11,6 +11,7 @@ The package is grouped by role, lower layers never importing higher ones:
     metrics/     VBench-style evaluation dimensions
     engine/      what runs the model: sampler, trainer, one iteration, EMA, seeding
     report, toy, run, workspace   the HTML report, the toy task, a single-process CLI, scratch copies
+    preflight, plan   a run's checks before any GPU work and its sizes (no torch)
 
 Public, stable API (SPEC section 8, docs/api.md): `flow_sigmas`, `sde_step`, `noise_scales` and
 `rectification_coefficients`, importable from here or from `flash_grpo_core.method.schedule` and

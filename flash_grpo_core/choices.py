@@ -3,6 +3,9 @@
 SCHEDULE_KINDS = ("authors", "diffusers")
 NOISE_KINDS = ("wan", "flow_grpo", "dance")
 RECTIFY_MODES = ("exact", "none", "flow_grpo")
+# train.rectify: `auto` (the default) is resolved per train.mode when params load (config/loading.py):
+# TGR for flash, none for the baselines, as Flow-GRPO and MixGRPO publish them; an explicit mode wins.
+RECTIFY_BY_MODE = {"flash": "exact", "window": "none", "window_k": "none", "full": "none"}
 # window: MixGRPO's sliding window over steps 0..N-2; window_k: a window inside flash's first K steps
 TRAIN_MODES = ("flash", "window", "window_k", "full")
 STD_SCOPES = ("batch", "group")
@@ -12,7 +15,9 @@ LORA_COMPUTES = ("input", "float32")  # the adapters' products: in the layer inp
 # The authors' LoRA targets: q, k, v and output projections of self- (attn1) and cross-attention
 # (attn2) in diffusers' Wan naming, matched by peft as module-name suffixes; no FFN.
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-PRESETS = ("tiny", "wan1_3b", "wan14b", "toy")  # toy: the pixel-space alignment benchmark
+# toy: the pixel-space alignment benchmark; wan1_3b_flowgrpo: the Flow-GRPO baseline on Wan 2.1 1.3B.
+# No dots in names: DVC splits its parameter paths (`presets.<name>`) on them.
+PRESETS = ("tiny", "wan1_3b", "wan1_3b_flowgrpo", "wan14b", "toy")
 PARALLEL_STRATEGIES = ("auto", "ddp", "fsdp")  # data parallelism of the update on several ranks
 OPTIMIZER_STATES = ("checkpoint", "beside")  # where a checkpoint's AdamW moments are stored
 # Every reward the registry holds (flash_grpo_core/rewards, and the toy task's), so that the config

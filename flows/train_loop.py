@@ -30,7 +30,7 @@ from flows import dvc_runner, params_file
 
 # The model presets of the training loop (params.yaml's `toy` preset belongs to bench/alignment.py,
 # whose base model comes from the `pretrain` stage, which this flow does not run).
-Preset = Literal["tiny", "wan1_3b", "wan14b"]
+Preset = Literal["tiny", "wan1_3b", "wan1_3b_flowgrpo", "wan14b"]
 STAGE_RETRIES = 2
 STAGE_RETRY_DELAYS = [10, 60]  # seconds: a busy file system or reward server gets a moment
 LOGGED_METRICS = ("reward_mean", "reward_std", "loss", "clip_fraction", "approx_kl",
@@ -67,26 +67,15 @@ def check_project(project: Path) -> None:
                                 f"(docs/prefect.md)")
 
 
-def check_model_path(params, project: Path) -> None:
-    """A wan preset's weights folder must exist before any stage starts (the stages check its contents)."""
-    from flash_grpo_core.config import ConfigError
-
-    if params.is_tiny:
-        return
-    folder = (project / Path(params.model.path).expanduser()).resolve()
-    if not folder.is_dir():
-        raise ConfigError(f"preset {params.preset}: model.path {params.model.path!r} is not a folder ({folder}); "
-                          f"put Wan 2.1 T2V in Diffusers format there or set presets.{params.preset}.model.path "
-                          f"(or pass overrides={{'model.path': ...}})")
-
-
 @task(name="prepare-params", cache_policy=NO_CACHE, persist_result=False)
 def prepare_params(project: str, preset: str, iterations: int | None, overrides: dict[str, Any] | None) -> dict:
-    """Validate the run's parameters, check the model path, write them into params.yaml."""
+    """Validate the run's parameters, run the preflight (flash_grpo_core/preflight.py: paths, GPUs,
+    memory, disk; every problem fails the run, none is retried), write them into params.yaml."""
+    from flash_grpo_core import preflight
     from stages.prune import pruned_iterations
 
     path = Path(project) / "params.yaml"
-    check_model_path(params_file.validate(path, preset, iterations, overrides), Path(project))
+    preflight.require(params_file.validate(path, preset, iterations, overrides), Path(project))
     params = params_file.write(path, preset, iterations, overrides)
     get_run_logger().info(f"params.yaml: preset={preset} iterations={params.iterations} "
                           f"overrides={overrides or {}} mode={params.train.mode} device={params.model.device}")
@@ -179,7 +168,8 @@ def train_loop(preset: Preset = "tiny",
     """Run the Flash-GRPO pipeline for one model preset through DVC.
 
     Args:
-        preset: the model preset (`tiny` runs on a CPU; `wan1_3b`/`wan14b` load local Wan 2.1 weights).
+        preset: the model preset (`tiny` runs on a CPU; `wan1_3b`, `wan1_3b_flowgrpo` (the Flow-GRPO
+            baseline) and `wan14b` load local Wan 2.1 weights).
         iterations: training iterations (None: keep params.yaml's `iterations`).
         overrides: dotted params.yaml keys to set for this run, e.g. {"train.learning_rate": 3e-5};
             validated before any stage starts, then written into params.yaml.

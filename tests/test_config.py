@@ -203,3 +203,58 @@ def test_the_single_process_runner_refuses_no_iterations(count, capsys):
     with pytest.raises(SystemExit) as exited:
         main(["--iterations", count])
     assert exited.value.code == 2 and "must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("preset", ["wan1_3b", "wan14b"])
+def test_wan_presets_run_the_authors_epoch(preset):
+    # config/dgx.py wan2_1_flash: 96 processes x 1 prompt x 2 videos a sampling batch, 4 ranks a prompt
+    # (a group of 8), 2 batches an epoch: 48 prompts x 8 = 384 videos; minibatches = optimizer steps
+    params = load_params(ROOT / "params.yaml", preset=preset)
+    videos = params.rollout.prompts_per_iteration * params.rollout.group_size
+    assert (params.rollout.prompts_per_iteration, params.rollout.group_size) == (48, 8)
+    assert videos == 384 and params.train.minibatches == 2 and videos // params.train.minibatches == 192
+
+
+def test_flowgrpo_preset_is_flow_grpos_wan_recipe():
+    params = load_params(ROOT / "params.yaml", preset="wan1_3b_flowgrpo")
+    model, rollout, train = params.model, params.rollout, params.train
+    assert (model.lora_rank, model.lora_alpha) == (32, 64)
+    assert (train.mode, train.rectify, train.timestep_fraction, train.kl_beta, train.std_scope) == (
+        "full", "none", 0.99, 0.004, "group")
+    assert (rollout.height, rollout.width, rollout.frames) == (240, 416, 33)
+    assert model.path == load_params(ROOT / "params.yaml", preset="wan1_3b").model.path  # the same base model
+    assert rollout.prompts_per_iteration * rollout.group_size == 384 and train.minibatches == 2
+    assert all("." not in name for name in read_yaml(ROOT / "params.yaml")["presets"])  # DVC param paths
+
+
+@pytest.mark.parametrize("mode, rectify", [("flash", "exact"), ("full", "none"), ("window", "none"),
+                                           ("window_k", "none")])
+def test_rectify_auto_resolves_per_mode_and_an_explicit_setting_wins(mode, rectify):
+    assert params_from_dict({"train": {"mode": mode}}).train.rectify == rectify
+    assert params_from_dict({"train": {"mode": mode, "rectify": "auto"}}).train.rectify == rectify
+    assert params_from_dict({"train": {"mode": mode, "rectify": "exact"}}).train.rectify == "exact"
+    assert params_from_dict({"train": {"mode": mode, "rectify": "flow_grpo"}}).train.rectify == "flow_grpo"
+
+
+def test_repository_params_resolve_rectify_as_before_for_the_cpu_presets():
+    # the toy and tiny presets train flash: base `auto` gives the exact rectification they always ran
+    assert read_yaml(ROOT / "params.yaml")["train"]["rectify"] == "auto"
+    for preset in ("toy", "tiny", "wan1_3b", "wan14b"):
+        assert load_params(ROOT / "params.yaml", preset=preset).train.rectify == "exact"
+    full = load_params(ROOT / "params.yaml", preset="tiny", overrides={"train.mode": "full"})
+    assert full.train.rectify == "none"
+    with pytest.raises(ConfigError, match="train.rectify must be one of"):
+        params_from_dict({"train": {"rectify": "sometimes"}})
+
+
+@pytest.mark.parametrize("preset", ["wan1_3b", "wan1_3b_flowgrpo", "wan14b"])
+def test_every_wan_preset_is_a_real_weights_run(preset):
+    # what the stages, the flow and the preflight expect of a preset that loads Wan 2.1 weights
+    from flash_grpo_core.plan import known_arch
+
+    params = load_params(ROOT / "params.yaml", preset=preset)
+    assert params.model.path.startswith("models/") and params.model.gradient_checkpointing
+    assert set(params.reward.weights) == {"hpsv3"} and params.reward.options["hpsv3"]["base_path"]
+    assert known_arch(preset) in ("wan1_3b", "wan14b") and not params.is_tiny
+    with pytest.raises(ConfigError, match=f"preset {preset} loads Wan 2.1 weights"):
+        load_params(ROOT / "params.yaml", preset=preset, overrides={"model.path": None})

@@ -103,8 +103,10 @@ def prefect_api(tmp_path_factory):
 
 @pytest.fixture
 def project(tmp_path, monkeypatch):
-    """A checkout as the flow sees it (params.yaml, dvc.yaml, .dvc) as the working directory."""
-    for name in ("params.yaml", "dvc.yaml"):
+    """A checkout as the flow sees it (params.yaml, dvc.yaml, .dvc, the prompt source the preflight
+    checks) as the working directory."""
+    for name in ("params.yaml", "dvc.yaml", "prompts/toy.jsonl"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, tmp_path / name)
     (tmp_path / ".dvc").mkdir()
     monkeypatch.chdir(tmp_path)
@@ -185,7 +187,7 @@ def test_overrides_are_written_where_they_take_effect(project):
     assert raw["presets"]["tiny"]["train"]["minibatches"] == 1  # the preset sets it: a base value would be shadowed
     assert raw["presets"]["tiny"]["rollout"]["group_size"] == 2 and raw["rollout"]["group_size"] == 8
     text = (project / "params.yaml").read_text()
-    assert "# toy | tiny | wan1_3b | wan14b" in text and "path: null" in text  # comments and nulls stay
+    assert "# toy | tiny | wan1_3b | wan1_3b_flowgrpo | wan14b" in text and "path: null" in text  # comments, nulls stay
     assert len(text.splitlines()) == len(before.splitlines())
 
 
@@ -228,7 +230,7 @@ def test_prefect_yaml_declares_one_limited_deployment_per_preset():
 
     spec = read_yaml(ROOT / "prefect.yaml")
     deployments = {d["name"]: d for d in spec["deployments"]}
-    assert set(deployments) == {"tiny", "wan1_3b", "wan14b"}
+    assert set(deployments) == {"tiny", "wan1_3b", "wan1_3b_flowgrpo", "wan14b"}
     for name, deployment in deployments.items():
         assert deployment["entrypoint"] == "flows/train_loop.py:train_loop"
         assert deployment["parameters"]["preset"] == name and deployment["concurrency_limit"] == 1
@@ -265,7 +267,7 @@ def test_second_run_with_the_same_parameters_does_no_stage_work(train_loop, dvc)
 
 @pytest.mark.parametrize("parameters, message", [
     ({"overrides": {"train.mode": "fastest"}}, "train.mode must be one of"),
-    ({"preset": "wan14b"}, "model.path 'models/Wan2.1-T2V-14B-Diffusers' is not a folder"),
+    ({"preset": "wan14b"}, "model.path models/Wan2.1-T2V-14B-Diffusers: no such folder"),
     ({"iterations": 0}, "iterations"),
     ({"preset": "wan7b"}, "preset"),
 ])
@@ -276,6 +278,42 @@ def test_bad_parameters_fail_before_any_stage(train_loop, dvc, project, paramete
     with pytest.raises(Exception, match=message):
         state.result()
     assert (project / "params.yaml").read_text() == before
+
+
+def test_the_preflight_runs_once_before_dvc_and_lists_every_problem(train_loop, dvc, project, monkeypatch):
+    from flash_grpo_core import preflight
+
+    calls = []
+
+    def recorded(params, folder):
+        calls.append((params.preset, folder, list(dvc.calls)))
+        return real(params, folder)
+
+    real = preflight.require
+    monkeypatch.setattr(preflight, "require", recorded)
+    train_loop(preset="tiny", iterations=1)  # on a CPU: no GPU needed, its prompt file is there
+    assert calls == [("tiny", project, [])] and dvc.calls == ONE_ITERATION
+    calls.clear()
+    dvc.calls.clear()
+    before = (project / "params.yaml").read_text()
+    state = train_loop(preset="wan1_3b_flowgrpo", iterations=1, return_state=True)
+    assert state.is_failed() and dvc.calls == [] and len(calls) == 1  # a deterministic failure: no retry
+    with pytest.raises(preflight.PreflightError) as failure:
+        state.result()
+    lines = str(failure.value).splitlines()
+    for expected in ("model.path models/Wan2.1-T2V-1.3B-Diffusers: no such folder",
+                     "reward.options.hpsv3.path: models/HPSv3/HPSv3.safetensors does not exist",
+                     "reward.options.hpsv3.base_path: models/Qwen2-VL-7B-Instruct does not exist"):
+        assert sum(line.startswith(expected) for line in lines) == 1, lines
+    assert (project / "params.yaml").read_text() == before
+
+
+def test_a_missing_prompt_source_fails_the_tiny_run_before_any_stage(train_loop, dvc, project):
+    (project / "prompts" / "toy.jsonl").unlink()
+    state = train_loop(preset="tiny", iterations=1, return_state=True)
+    assert state.is_failed() and dvc.calls == []
+    with pytest.raises(Exception, match="data.source prompts/toy.jsonl: no such file or folder"):
+        state.result()
 
 
 def test_transient_failure_is_retried(train_loop, dvc):

@@ -1,7 +1,10 @@
 """Loading `params.yaml` into `Params`, in one place:
 1. reads YAML with a YAML 1.2 loader (so `3e-05` is a float, as DVC writes it);
 2. deep-merges `presets[preset]`, then any caller overrides (`{"train.learning_rate": 3e-5}`);
-3. builds the section dataclasses (`sections.py`), rejecting unknown keys and wrong types with the
+3. resolves per-mode defaults: `train.rectify: auto` (or unset) becomes the mode's own
+   (`choices.RECTIFY_BY_MODE`: exact for flash, none for the baselines), so every reader sees
+   exact | none | flow_grpo;
+4. builds the section dataclasses (`sections.py`), rejecting unknown keys and wrong types with the
    offending key path; the dataclasses then check their values and `Params` the combinations.
 """
 
@@ -14,7 +17,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from flash_grpo_core.choices import PRESETS
+from flash_grpo_core.choices import PRESETS, RECTIFY_BY_MODE
 from flash_grpo_core.config.sections import ConfigError, Params, _check
 
 
@@ -115,7 +118,19 @@ def params_from_dict(raw: dict, preset: str | None = None, overrides: dict[str, 
     merged = _merge(raw, presets.get(chosen, {}) or {})
     merged = _merge(merged, _dotted(overrides or {}))  # caller overrides win over the preset's
     merged["preset"] = chosen
-    return build_section(Params, merged, "")
+    return build_section(Params, _resolved_rectify(merged), "")
+
+
+def _resolved_rectify(merged: dict) -> dict:
+    """`train.rectify` auto or unset as the training mode's own; an explicit setting is kept. A bad
+    mode is left for TrainConfig to name."""
+    train = merged.get("train")
+    if not isinstance(train, dict) or train.get("rectify", "auto") != "auto":
+        return merged
+    mode = train.get("mode", "flash")
+    if not isinstance(mode, str) or mode not in RECTIFY_BY_MODE:
+        return merged
+    return {**merged, "train": {**train, "rectify": RECTIFY_BY_MODE[mode]}}
 
 
 def load_params(path: str | Path = "params.yaml", preset: str | None = None,

@@ -12,18 +12,9 @@ import torch
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
 from transformers import PreTrainedTokenizerBase, UMT5Config, UMT5EncoderModel
 
+from flash_grpo_core.models.layout import WAN_SHARED_CONFIG, WAN_TRANSFORMER_CONFIGS
 from flash_grpo_core.models.tokenizer import build_tokenizer
 from flash_grpo_core.models.wan import WanStack, cast_like_from_pretrained, freeze
-
-# Wan 2.1 T2V transformer configurations (Diffusers format); the VAE's defaults are Wan 2.1's VAE.
-WAN_TRANSFORMER_CONFIGS = {
-    "wan1_3b": {"num_attention_heads": 12, "attention_head_dim": 128, "ffn_dim": 8960, "num_layers": 30},
-    "wan14b": {"num_attention_heads": 40, "attention_head_dim": 128, "ffn_dim": 13824, "num_layers": 40},
-}
-_WAN_SHARED_CONFIG = {
-    "patch_size": (1, 2, 2), "in_channels": 16, "out_channels": 16, "text_dim": 4096, "freq_dim": 256,
-    "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads", "eps": 1e-6, "rope_max_seq_len": 1024,
-}
 
 
 def build_random_stack(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32, text_len: int = 512,
@@ -41,9 +32,9 @@ def build_random_stack(arch: str, seed: int = 0, dtype: torch.dtype = torch.floa
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
         config = dict(WAN_TRANSFORMER_CONFIGS[arch], **({"num_layers": num_layers} if num_layers else {}))
-        transformer = WanTransformer3DModel(**_WAN_SHARED_CONFIG, **config)
+        transformer = WanTransformer3DModel(**WAN_SHARED_CONFIG, **config)
         vae = AutoencoderKLWan()
-        text_encoder = small_text_encoder(tokenizer, d_model=_WAN_SHARED_CONFIG["text_dim"])
+        text_encoder = small_text_encoder(tokenizer, d_model=WAN_SHARED_CONFIG["text_dim"])
     cast_like_from_pretrained(transformer, dtype)
     stack = WanStack(transformer, vae, text_encoder.to(dtype), tokenizer, text_len)
     freeze(stack)
