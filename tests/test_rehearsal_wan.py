@@ -4,7 +4,7 @@ What a real run reads is built here in its released layout, tiny and random (tes
 Diffusers-format Wan 2.1 T2V folder saved by the project's own `save_stack`, an HPSv3.safetensors
 on a Qwen2-VL-Instruct base folder, and a prompt folder of train.txt / test.txt. A scratch copy of
 the project selects wan1_3b with one iteration (`copy_project`, as `python -m stages.iterations 1`),
-then `dvc exp run -S` overrides only paths and sizes (OVERRIDES below) and runs the whole pipeline,
+then `dvc exp run -S` overrides only paths and sizes (`_weights`, DATA_SOURCE, SIZES) and runs the whole pipeline,
 curate to export, every multi-rank stage on 2 processes. The recipe (learning rate, LoRA rank and
 targets, guidance, sampling steps, HPSv3's JPEG round trip and top-30% frames, ...) stays the
 preset's: the first test checks that nothing else moved.
@@ -48,9 +48,9 @@ DATA_SOURCE = "prompts/rehearsal.jsonl"
 
 # Sizes for 2 CPU ranks. The authors' batch arithmetic in shape: several groups (4 prompts x 4, two
 # groups sampled on each rank), two optimizer steps an iteration (minibatches 2), each of several
-# micro-batches of 1 on every rank (accumulated under DDP's no_sync). The counts are set even where the preset
-# has them, so the test does not depend on its numbers. The EMA's cadence is scaled with the run: at
-# the preset's every-8-steps, a 2-step run would evaluate and export the untouched base.
+# micro-batches of 1 on every rank (accumulated under DDP's no_sync). The counts are set even where
+# the preset has them, so the test does not depend on its numbers. The EMA's cadence is scaled with
+# the run: at the preset's every 8 steps, a 2-step run would evaluate and export the untouched base.
 SIZES = {"rollout.height": 32, "rollout.width": 32, "rollout.frames": 9, "rollout.prompts_per_iteration": 4,
          "rollout.group_size": 4, "rollout.batch_size": 2, "train.minibatches": 2, "train.micro_batch": 1,
          "train.ema_every": 1, "eval.num_prompts": 2, "eval.num_steps": 8}
@@ -94,7 +94,7 @@ def rehearsal(tmp_path_factory, dvc_cache):
     project = copy_project(ROOT, tmp_path_factory.mktemp("rehearsal"), preset="wan1_3b", iterations=1,
                            cache_dir=dvc_cache)
     folder = write_prompt_folder(project / PROMPT_FOLDER, TRAIN_PROMPTS, TEST_PROMPTS)
-    prompt_folder_as_jsonl(folder, project / "prompts" / "rehearsal.jsonl")
+    prompt_folder_as_jsonl(folder, project / "prompts" / "rehearsal.jsonl")  # only while DATA_SOURCE is it
     for command in (["config", "user.email", "pipeline@localhost"], ["config", "user.name", "pipeline"],
                     ["add", "-A"], ["commit", "-qm", "prompts"]):
         subprocess.run(["git", *command], cwd=project, check=True, capture_output=True)
@@ -104,6 +104,8 @@ def rehearsal(tmp_path_factory, dvc_cache):
 
 
 def _flat(params) -> dict:
+    """Every parameter's value by its dotted key (mappings down to their leaves)."""
+
     def walk(value, prefix):
         if isinstance(value, dict) and value:
             return {k: v for key, item in value.items() for k, v in walk(item, f"{prefix}{key}.").items()}
