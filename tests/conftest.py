@@ -47,8 +47,8 @@ def tiny_params():
 # loadfile` hands whole modules to idle workers in collection order, and a long module dealt last
 # leaves the other workers idle at the end. Each module keeps its tests' order (some build on the
 # previous test's outputs).
-LONGEST_FIRST = ("test_pipeline", "test_prefect_integration", "test_integrity", "test_distributed", "test_toy",
-                 "test_faults", "test_flows")
+LONGEST_FIRST = ("test_pipeline", "test_rehearsal_wan", "test_prefect_integration", "test_integrity", "test_distributed",
+                 "test_toy", "test_faults", "test_flows")
 
 
 def pytest_configure(config):

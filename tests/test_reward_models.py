@@ -2,15 +2,14 @@
 
 CLIP family: a 2-layer CLIPModel with a byte-level tokenizer; HPSv2 also against open_clip's own
 model. Qwen2-VL family: a 2-layer Qwen2-VL with a 1-block vision tower, saved with
-save_pretrained (the same key layout as the released checkpoints), then an HPSv3 file and a
-VideoAlign directory (LoRA + head + model_config.json) built from it. OCR and BRISQUE run their
+save_pretrained (the same key layout as the released checkpoints), then an HPSv3 file
+(tests/fakes.py) and a VideoAlign directory (LoRA + head + model_config.json) built from it. OCR and BRISQUE run their
 real wheel-shipped models. Videos are uint8 [B, F, H, W, 3]. Nothing is downloaded.
 """
 
 import importlib
 import importlib.util
 import json
-import math
 import sys
 import types
 
@@ -19,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from fakes import TINY_PIXELS, make_hpsv3_checkpoint, save_qwen2vl_base
 from flash_grpo_core.rewards import RewardError, available_rewards, build_reward
 from flash_grpo_core.rewards.clip import open_clip_to_transformers
 from flash_grpo_core.rewards.ocr import levenshtein, quoted_text, text_match
@@ -201,49 +201,10 @@ def test_every_model_reward_is_registered():
 # ------------------------------------------------------------------------------------------------
 # Qwen2-VL family (HPSv3, VideoAlign)
 
-QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                 "<|image_pad|>", "<|video_pad|>"]
-TINY_PIXELS = 56 * 56  # 2 x 2 merged vision tokens per frame
-
-
-def byte_level_bpe(vocab_size=2000):
-    """{vocab, merges} of a byte-level BPE trained here on the reward prompts, so that they are a
-    few hundred tokens (the real Qwen2 tokenizer is a byte-level BPE of 151k tokens)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
-    from flash_grpo_core.rewards.prompts import HPSV3_PROMPT, VIDEOALIGN_PROMPT
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tokenizer.train_from_iterator([HPSV3_PROMPT, VIDEOALIGN_PROMPT], trainer)
-    model = json.loads(tokenizer.to_str())["model"]
-    return {"vocab": model["vocab"], "merges": [tuple(merge) for merge in model["merges"]]}
-
-
 @pytest.fixture(scope="module")
 def qwen_base(tmp_path_factory):
     """A tiny Qwen2-VL-Instruct stand-in: config, byte-level BPE tokenizer, weights (legacy layout)."""
-    from transformers import Qwen2Tokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration
-
-    folder = tmp_path_factory.mktemp("qwen2vl")
-    tokenizer = Qwen2Tokenizer(**byte_level_bpe())
-    tokenizer.add_tokens(QWEN_SPECIALS[1:], special_tokens=True)
-    ids = dict(zip(QWEN_SPECIALS, tokenizer.convert_tokens_to_ids(QWEN_SPECIALS)))
-    text = {"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                "num_attention_heads": 4, "num_key_value_heads": 2, "initializer_range": 0.5, "bos_token_id": ids["<|endoftext|>"],
-                "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"],
-                "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]}}
-    vision = {"depth": 1, "embed_dim": 16, "hidden_size": 32, "num_heads": 2, "mlp_ratio": 2, "patch_size": 14,
-                  "spatial_merge_size": 2, "temporal_patch_size": 2, "initializer_range": 0.5}
-    config = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
-                           video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-                           vision_end_token_id=ids["<|vision_end|>"])
-    torch.manual_seed(0)
-    Qwen2VLForConditionalGeneration(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_qwen2vl_base(tmp_path_factory.mktemp("qwen2vl"))
 
 
 def test_qwen_patches_match_transformers_image_processor():
@@ -288,22 +249,6 @@ def test_reward_head_reads_special_tokens_and_takes_the_diagonal():
     assert model.pool(hidden, input_ids, torch.ones(1, 5)).shape == (1, 9)
     with pytest.raises(RewardError, match="expected 3 reward token"):
         model.pool(hidden, torch.tensor([[1, 7, 8, 1, 1]]), torch.ones(1, 5))
-
-
-def make_hpsv3_checkpoint(base, path):
-    """HPSv3.safetensors as released: every backbone weight (legacy names), the embeddings grown
-    by one row for <|Reward|>, and the "ranknet" head rm_head.{0,3,5} with 2 outputs (mu, sigma)."""
-    from safetensors.torch import load_file
-
-    state = dict(load_file(base / "model.safetensors"))
-    generator = torch.Generator().manual_seed(7)
-    for key in ("model.embed_tokens.weight", "lm_head.weight"):
-        state[key] = torch.cat([state[key], 0.02 * torch.randn(1, 32, generator=generator)])
-    for index, (n_in, n_out) in zip((0, 3, 5), ((32, 8), (8, 4), (4, 2))):
-        state[f"rm_head.{index}.weight"] = torch.randn(n_out, n_in, generator=generator) / math.sqrt(n_in)
-        state[f"rm_head.{index}.bias"] = 0.1 * torch.randn(n_out, generator=generator)
-    save_file(state, str(path))
-    return state
 
 
 def reference_hpsv3(base, state, reward, frames, prompts):

@@ -32,8 +32,11 @@ class DDPParallel:
 
         device_ids = [device.index] if device.type == "cuda" else None
         # Every trained weight takes part in every backward (masked items still run), so DDP need
-        # not search for unused parameters; the static graph lets it work with activation checkpointing.
-        self.module = DistributedDataParallel(transformer, device_ids=device_ids, static_graph=True)
+        # not search for unused parameters. No static graph: its first backward must synchronise, and
+        # an optimizer step of several micro-batches starts under no_sync (torch 2.13 fails an internal
+        # assert, reducer.cpp "expect_autograd_hooks_"). The checkpointing is non-reentrant
+        # (models/wan.py), which DDP handles without one.
+        self.module = DistributedDataParallel(transformer, device_ids=device_ids)
 
     def no_sync(self):
         return self.module.no_sync()
