@@ -26,12 +26,7 @@ from diffusers import AutoencoderKLWan, WanTransformer3DModel
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, UMT5EncoderModel
 
 from flash_grpo_core.artifacts.atomic import atomic_directory
-
-# The component folders `load_stack` needs. The scheduler folder is not among them: sampling uses
-# this project's own SDE step.
-_REQUIRED_COMPONENTS = ("transformer", "vae", "text_encoder")
-_WEIGHT_SUFFIXES = (".safetensors", ".bin")
-_TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
+from flash_grpo_core.models.layout import ModelPathError, check_model_folder  # noqa: F401 - ModelPathError re-exported
 
 
 @dataclass
@@ -121,42 +116,6 @@ def save_stack(stack: WanStack, path: str | os.PathLike) -> None:
         pipeline.save_pretrained(staging)
 
 
-class ModelPathError(FileNotFoundError):
-    """`model.path` does not point at a complete Diffusers-format Wan 2.1 T2V folder."""
-
-
-def _missing_parts(root: Path) -> list[str]:
-    """What a Diffusers-format Wan folder at `root` lacks, as human-readable items."""
-    missing = [] if (root / "model_index.json").is_file() else ["model_index.json"]
-    for component in _REQUIRED_COMPONENTS:
-        folder = root / component
-        if not folder.is_dir():
-            missing.append(f"{component}/ (folder)")
-            continue
-        if not (folder / "config.json").is_file():
-            missing.append(f"{component}/config.json")
-        if not any(file.name.endswith(_WEIGHT_SUFFIXES) for file in folder.iterdir()):
-            missing.append(f"{component}/ weights (*.safetensors or *.bin)")
-    tokenizer_folder = root / "tokenizer"
-    if not tokenizer_folder.is_dir():
-        missing.append("tokenizer/ (folder)")
-    elif not any((tokenizer_folder / name).is_file() for name in _TOKENIZER_FILES):
-        missing.append("tokenizer/ vocabulary (tokenizer.json or spiece.model)")
-    return missing
-
-
-def _check_model_folder(root: Path) -> None:
-    hint = (
-        "Set `model.path` in params.yaml to a local Diffusers-format Wan 2.1 T2V folder "
-        "(e.g. a download of Wan-AI/Wan2.1-T2V-1.3B-Diffusers)."
-    )
-    if not root.is_dir():
-        raise ModelPathError(f"Wan model folder {root} does not exist. {hint}")
-    missing = _missing_parts(root)
-    if missing:
-        raise ModelPathError(f"Wan model folder {root} is incomplete: missing {', '.join(missing)}. {hint}")
-
-
 def load_stack(path: str | os.PathLike, dtype: torch.dtype = torch.float32, max_text_len: int = 512,
                text_encoder: bool = True) -> WanStack:
     """Load a local Diffusers-format Wan 2.1 T2V folder; raises ModelPathError if it is incomplete.
@@ -167,7 +126,7 @@ def load_stack(path: str | os.PathLike, dtype: torch.dtype = torch.float32, max_
     in bfloat16 for Wan 2.1), for callers that get prompt embeddings another way.
     """
     root = Path(path).expanduser().absolute()
-    _check_model_folder(root)
+    check_model_folder(root)
     transformer = WanTransformer3DModel.from_pretrained(
         root, subfolder="transformer", torch_dtype=dtype, local_files_only=True
     )

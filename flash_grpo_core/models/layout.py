@@ -1,0 +1,53 @@
+"""The layout of a local Diffusers-format Wan 2.1 T2V folder, checked without torch or any weights.
+
+`models/wan.py` checks it before loading, and the pipeline's `validate` stage (`flash_grpo_core.preflight`)
+before any stage starts, so a wrong `model.path` fails in a second with the same message.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# The component folders `load_stack` needs. The scheduler folder is not among them: sampling uses
+# this project's own SDE step.
+REQUIRED_COMPONENTS = ("transformer", "vae", "text_encoder")
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
+
+
+class ModelPathError(FileNotFoundError):
+    """`model.path` does not point at a complete Diffusers-format Wan 2.1 T2V folder, or its weights
+    cannot be read; the message names the folder or file."""
+
+
+def missing_parts(root: Path) -> list[str]:
+    """What a Diffusers-format Wan folder at `root` lacks, as human-readable items."""
+    missing = [] if (root / "model_index.json").is_file() else ["model_index.json"]
+    for component in REQUIRED_COMPONENTS:
+        folder = root / component
+        if not folder.is_dir():
+            missing.append(f"{component}/ (folder)")
+            continue
+        if not (folder / "config.json").is_file():
+            missing.append(f"{component}/config.json")
+        if not any(file.name.endswith(WEIGHT_SUFFIXES) for file in folder.iterdir()):
+            missing.append(f"{component}/ weights (*.safetensors or *.bin)")
+    tokenizer_folder = root / "tokenizer"
+    if not tokenizer_folder.is_dir():
+        missing.append("tokenizer/ (folder)")
+    elif not any((tokenizer_folder / name).is_file() for name in TOKENIZER_FILES):
+        missing.append("tokenizer/ vocabulary (tokenizer.json or spiece.model)")
+    return missing
+
+
+def check_model_folder(root: Path) -> None:
+    """ModelPathError naming what is missing when `root` is not a complete Wan 2.1 T2V folder."""
+    hint = (
+        "Set `model.path` in params.yaml to a local Diffusers-format Wan 2.1 T2V folder "
+        "(e.g. a download of Wan-AI/Wan2.1-T2V-1.3B-Diffusers)."
+    )
+    if not root.is_dir():
+        raise ModelPathError(f"Wan model folder {root} does not exist. {hint}")
+    missing = missing_parts(root)
+    if missing:
+        raise ModelPathError(f"Wan model folder {root} is incomplete: missing {', '.join(missing)}. {hint}")
