@@ -34,7 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from flash_grpo_core.artifacts import checksums
-from flash_grpo_core.artifacts.atomic import atomic_directory
+from flash_grpo_core.artifacts.atomic import atomic_directory, loads_finite
 
 FILES = ("trainable.safetensors", "ema.safetensors", "optimizer.safetensors", "state.json")
 MOMENTS = "optimizer.safetensors"
@@ -133,9 +133,9 @@ def read_state(directory: str | os.PathLike) -> dict:
     checksums.verify_files(directory, ["state.json"], CheckpointError)
     path = directory / "state.json"
     try:
-        state = json.loads(path.read_text(encoding="utf-8"))
+        state = loads_finite(path.read_text(encoding="utf-8"))
         int(state["ema_steps"])
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+    except (KeyError, TypeError, ValueError) as error:  # ValueError: not UTF-8, not JSON, non-finite
         raise CheckpointError(f"{path}: not a readable checkpoint state ({error!r})") from error
     missing = [name for name in _files(state) if not (directory / name).is_file()]
     if missing:

@@ -43,6 +43,19 @@ def _check_path(key: str, value: str) -> None:
            f"commands), got {value!r}")
 
 
+SEED_LIMIT = 2**63  # seeds are hashed into 63-bit generator seeds (engine/seeding.py); below: non-negative
+
+
+def _check_seed(key: str, value: int) -> None:
+    _check(0 <= value < SEED_LIMIT, f"{key} must be an integer in [0, 2**63), got {value}")
+
+
+def _check_positive(section: str, config, keys: tuple[str, ...]) -> None:
+    """Each of `keys` of `config` >= 1, the message naming the first that is not."""
+    for key in keys:
+        _check(getattr(config, key) >= 1, f"{section}.{key} must be >= 1, got {getattr(config, key)}")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     path: str | None = None  # local Diffusers-format Wan 2.1 T2V folder (wan presets)
@@ -222,6 +235,7 @@ class EvalConfig:
         _check(self.num_steps >= 1 and self.num_prompts >= 1, "eval.num_steps and num_prompts must be >= 1")
         _check(self.report_samples >= 0 and self.fps >= 1, "eval.report_samples must be >= 0 and eval.fps >= 1")
         _check(self.samples_per_prompt >= 1, "eval.samples_per_prompt must be >= 1")
+        _check_seed("eval.seed", self.seed)
         _check(math.isfinite(self.guidance) and self.guidance >= 1.0,
                f"eval.guidance must be >= 1 (1 disables classifier-free guidance), got {self.guidance!r}")
 
@@ -249,6 +263,7 @@ class DataConfig:
 
     def __post_init__(self):
         _check_path("data.source", self.source)
+        _check_seed("data.seed", self.seed)
         _check(self.min_words >= 0, f"data.min_words must be >= 0, got {self.min_words}")
         _check(self.max_words >= self.min_words,
                f"data.max_words ({self.max_words}) must be >= data.min_words ({self.min_words})")
@@ -319,6 +334,9 @@ class ToyConfig:
 
     def __post_init__(self):
         _check(len(self.colors) >= 2 and len(self.directions) >= 2, "toy.colors and toy.directions need >= 2 entries")
+        _check_positive("toy", self, ("frames", "size", "patch", "layers", "heads", "head_dim", "ffn_dim"))
+        _check_seed("toy.seed", self.seed)
+        _check(self.pretrain_shift > 0, f"toy.pretrain_shift must be > 0, got {self.pretrain_shift}")
         for key, combo in ((k, c) for k in ("held_out", "rl_only") for c in getattr(self, k)):
             _check(len(parts := combo.split()) == 2 and parts[0] in self.colors and parts[1] in self.directions,
                    f"toy.{key} entry {combo!r} must be '<colour> <direction>' from toy.colors and toy.directions")
@@ -355,6 +373,7 @@ class Params:
     def __post_init__(self):
         _check(self.preset in PRESETS, f"preset must be one of {PRESETS}, got {self.preset!r}")
         _check(self.iterations >= 1, "iterations must be >= 1")
+        _check_seed("seed", self.seed)
         rollout, train = self.rollout, self.train
         samples = rollout.prompts_per_iteration * rollout.group_size
         _check(samples % train.minibatches == 0,
