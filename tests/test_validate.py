@@ -203,7 +203,8 @@ def test_shadowed_keys_compare_replaced_mappings_whole():
     raw = {"reward": {"weights": {"brightness": 1.0}}, "rollout": {"height": 480},
            "presets": {"toy": {"reward": {"weights": {"brightness": 1.0}}, "rollout": {"height": 16, "width": 16}}}}
     [warning] = shadowed_keys(raw, "toy")
-    assert "1 base key" in warning and "rollout.height (480 in the base section, 16 in presets.toy.rollout.height)" in warning
+    assert "1 base key" in warning
+    assert "rollout.height (480 in the base section, 16 in presets.toy.rollout.height)" in warning
     assert shadowed_keys(raw, "tiny") == []
     with pytest.raises(ConfigError):
         from flash_grpo_core.preflight import preflight

@@ -67,3 +67,15 @@ def test_wan_weights_of_another_size_name_the_tensor(tmp_path, wan_folder):
     (folder / "transformer" / "config.json").write_text(json.dumps({**config, "ffn_dim": 2 * config["ffn_dim"]}))
     with pytest.raises(ModelPathError, match=r"cannot load transformer/ .*blocks\.0\.ffn\.\S+ expected shape"):
         load_stack(folder)
+
+
+def test_a_checkpoint_ema_of_another_shape_names_the_file_and_the_tensor(tmp_path):
+    import torch
+
+    from flash_grpo_core.artifacts.checkpoint import CheckpointError, CheckpointTensors, read_checkpoint, write_checkpoint
+
+    tensors = CheckpointTensors({"blocks.0.lora_A": torch.zeros(4, 2)}, {"blocks.0.lora_A": torch.zeros(2, 4)}, {}, 0)
+    write_checkpoint(tensors, tmp_path / "checkpoint", {"iteration": 0})
+    with pytest.raises(CheckpointError, match=r"ema.safetensors: tensor blocks.0.lora_A has shape \(2, 4\), "
+                                              r"trainable.safetensors \(4, 2\)"):
+        read_checkpoint(tmp_path / "checkpoint", optimizer=False)

@@ -150,8 +150,22 @@ def read_checkpoint(directory: str | os.PathLike, optimizer: bool = True) -> tup
     state = read_state(directory)
     checksums.verify_files(directory, [name for name in _files(state) if name != MOMENTS], CheckpointError)
     weights, ema = (_load(directory / f"{name}.safetensors") for name in ("trainable", "ema"))
+    _check_ema(directory, weights, ema)
     moments = _read_moments(directory, state) if optimizer else {}
     return CheckpointTensors(weights, ema, moments, int(state["ema_steps"])), state
+
+
+def _check_ema(directory: Path, weights: dict[str, torch.Tensor], ema: dict[str, torch.Tensor]) -> None:
+    """The EMA holds one tensor of the trainable weight's shape per name (the engine checks the
+    weights themselves against the model, naming the tensor)."""
+    if set(ema) != set(weights):
+        odd = sorted(set(ema) ^ set(weights))
+        raise CheckpointError(f"{directory / 'ema.safetensors'}: its tensors are not those of trainable.safetensors "
+                              f"({len(odd)} differ, e.g. {odd[:2]})")
+    for name, tensor in ema.items():
+        if tensor.shape != weights[name].shape:
+            raise CheckpointError(f"{directory / 'ema.safetensors'}: tensor {name} has shape {tuple(tensor.shape)}, "
+                                  f"trainable.safetensors {tuple(weights[name].shape)}")
 
 
 def _read_moments(directory: Path, state: dict) -> dict[str, torch.Tensor]:

@@ -259,7 +259,7 @@ class DataConfig:
     min_eval: int = 2
     semantic_threshold: float | None = 0.95  # cosine; null disables semantic dedupe
     seed: int = 0  # salts the split hash
-    source: str = "prompts/example.txt"  # the prompt file dvc.yaml's curate stage reads (.txt, .jsonl, .parquet)
+    source: str = "prompts/example.txt"  # what curate reads: a .txt/.jsonl/.parquet file or a train.txt/test.txt folder
 
     def __post_init__(self):
         _check_path("data.source", self.source)
