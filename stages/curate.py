@@ -26,7 +26,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="prompt files (.txt, .jsonl, .parquet) or train.txt / test.txt folders; default: the "
                              "params' effective data.source")
     parser.add_argument("--out-dir", required=True, help="where train.parquet, eval.parquet and report.json go")
-    parser.add_argument("--params", default=None, help="params.yaml; its `data` section configures curation")
+    parser.add_argument("--params", default=None,
+                        help="params.yaml; its effective `data` section (the preset's overrides applied) configures "
+                             "curation")
     return parser.parse_args(argv)
 
 
