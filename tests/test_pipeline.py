@@ -144,7 +144,7 @@ def test_a_bad_params_edit_fails_at_validate_and_loses_nothing(project, old, new
     params = project / "params.yaml"
     original = params.read_text()
     assert original.count(old) >= 1
-    locked = _locked_files(project)
+    locked, lock = _locked_files(project), (project / "dvc.lock").read_bytes()
     assert "runs/tiny/it2/score.json" in locked and "runs/tiny/it2/checkpoint/trainable.safetensors" in locked
     params.write_text(original.replace(old, new, 1))
     try:
@@ -154,7 +154,7 @@ def test_a_bad_params_edit_fails_at_validate_and_loses_nothing(project, old, new
     errors = [line for line in result.stderr.splitlines() if line.startswith("validate: error: ")]
     assert result.returncode != 0 and len(errors) == 1 and message in errors[0], result.stderr
     assert "exited with 2" in result.stderr and result.stdout.count("Running stage") == 1, result.stdout
-    assert {path: _md5(project / path) for path in locked} == locked
+    assert {path: _md5(project / path) for path in locked} == locked and (project / "dvc.lock").read_bytes() == lock
     assert "up to date" in _dvc("status", "dvc.yaml", cwd=project).stdout
 
 
