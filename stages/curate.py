@@ -5,7 +5,7 @@
 Settings are the effective `data` section of the params file (after the selected preset's
 overrides: the fields of `flash_grpo_core.artifacts.prompts.CurateConfig`); without --params,
 CurateConfig's defaults apply. Without --sources it reads the effective `data.source` (a file, or a
-train.txt / test.txt folder), after the checks of the validate stage (`preflight.check_source`: a
+train.txt / test.txt folder), after the checks of the validate stage (`inputs.check_source`: a
 Wan preset refuses the toy grid). The report records each source file's sha256. The work is in
 `flash_grpo_core/artifacts/prompts.py` (sources: `prompt_sources.py`); this module reads arguments, calls it
 through `_common.run` (errors, summary line, watchdog) and checks the counts before anything is written.
@@ -45,7 +45,7 @@ def load_config(params_path: str | None):
 def source_paths(args) -> list[str]:
     """--sources, or the params' effective data.source after the validate stage's checks of it."""
     from flash_grpo_core.config import ConfigError, load_params
-    from flash_grpo_core.preflight import check_source
+    from flash_grpo_core.inputs import check_source
 
     if args.sources:
         return args.sources

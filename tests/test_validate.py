@@ -1,4 +1,4 @@
-"""The validate stage and `flash_grpo_core.preflight`: what a bad edit of params.yaml, a bad prompt
+"""The validate stage and `flash_grpo_core.inputs`: what a bad edit of params.yaml, a bad prompt
 source or a bad model folder gives before any other stage runs (exit code 2, one line), and what
 it writes when everything is valid. Through `dvc repro` on a finished workspace: test_pipeline.py."""
 
@@ -198,7 +198,7 @@ def test_config_errors_are_caught_without_importing_torch():
 
 
 def test_shadowed_keys_compare_replaced_mappings_whole():
-    from flash_grpo_core.preflight import shadowed_keys
+    from flash_grpo_core.inputs import shadowed_keys
 
     raw = {"reward": {"weights": {"brightness": 1.0}}, "rollout": {"height": 480},
            "presets": {"toy": {"reward": {"weights": {"brightness": 1.0}}, "rollout": {"height": 16, "width": 16}}}}
@@ -207,6 +207,6 @@ def test_shadowed_keys_compare_replaced_mappings_whole():
     assert "rollout.height (480 in the base section, 16 in presets.toy.rollout.height)" in warning
     assert shadowed_keys(raw, "tiny") == []
     with pytest.raises(ConfigError):
-        from flash_grpo_core.preflight import preflight
+        from flash_grpo_core.inputs import check_inputs
 
-        preflight(ROOT / "no-such-params.yaml")
+        check_inputs(ROOT / "no-such-params.yaml")

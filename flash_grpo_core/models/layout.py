@@ -1,6 +1,6 @@
 """The layout of a local Diffusers-format Wan 2.1 T2V folder, checked without torch or any weights.
 
-`models/wan.py` checks it before loading, and the pipeline's `validate` stage (`flash_grpo_core.preflight`)
+`models/wan.py` checks it before loading, and the pipeline's `validate` stage (`flash_grpo_core.inputs`)
 before any stage starts, so a wrong `model.path` fails in a second with the same message.
 """
 

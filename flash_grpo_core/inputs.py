@@ -2,7 +2,7 @@
 and loses nothing (DVC removes a stage's outputs before it runs the stage's command: a stage that
 found the error itself would already have deleted its previous outputs).
 
-`preflight` is what the pipeline's `validate` stage (stages/validate.py), the first in dvc.yaml, and
+`check_inputs` is what the pipeline's `validate` stage (stages/validate.py), the first in dvc.yaml, and
 the train-loop flow call. It checks, without torch and without loading any weights:
 1. the whole params file (`config.load_params`): unknown keys, types, ranges, combinations;
 2. the effective `data.source` (after the selected preset's overrides): a readable prompt file or
@@ -34,13 +34,13 @@ _SOURCE_HINT = ("a folder with train.txt (and test.txt for the eval split), one 
 
 
 @dataclass(frozen=True)
-class Preflight:
+class CheckedInputs:
     params: Params
     warnings: list[str]  # one line each: what the user may want to know, nothing that stops the run
     sources: dict  # {"source": data.source, "files": {file: sha256}}
 
 
-def preflight(params_path: str | Path = "params.yaml", prompts_report: str | Path | None = None) -> Preflight:
+def check_inputs(params_path: str | Path = "params.yaml", prompts_report: str | Path | None = None) -> CheckedInputs:
     """Check everything a run reads before its first stage (see the module docstring); raises
     ConfigError, PromptFileError or ModelPathError with a one-line message. Paths in the params are
     relative to the working directory, as in the stages."""
@@ -50,7 +50,7 @@ def preflight(params_path: str | Path = "params.yaml", prompts_report: str | Pat
         check_model_folder(Path(params.model.path).expanduser().absolute())
     if prompts_report is not None:
         check_eval_prompts(params, sources["files"], Path(prompts_report))
-    return Preflight(params, shadowed_keys(read_yaml(params_path), params.preset), sources)
+    return CheckedInputs(params, shadowed_keys(read_yaml(params_path), params.preset), sources)
 
 
 def uses_wan_weights(params: Params) -> bool:
