@@ -62,6 +62,7 @@ class KillCase:
 
 IT1 = "runs/tiny/it1"
 FULL = [
+    KillCase("validate", "renamed:sources.json", "stage", False),  # its outputs persist: nothing to lose
     KillCase("curate", "written:train.parquet", "stage", False),
     KillCase("curate", "renamed:train.parquet", "ctrl-c", True),
     KillCase("curate", "renamed:eval.parquet", "dvc", False),

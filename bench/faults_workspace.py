@@ -269,7 +269,8 @@ class Workspace:
 
     def stage_command(self, stage: str, replace: dict[str, str] | None = None) -> tuple[list[str], Path]:
         """The stage's command from the reference dvc.lock, its outputs (and timings) redirected to
-        a fresh scratch folder, and the values of the flags in `replace` swapped; (argv, folder)."""
+        a fresh scratch folder, and the values of the flags in `replace` swapped (appended when the
+        command has no such flag, e.g. curate's --sources); (argv, folder)."""
         out_dir = Path(tempfile.mkdtemp(prefix="out-", dir=self.scratch))
         argv = shlex.split(self.reference_lock[stage]["cmd"])
         outputs = set(self.outputs[stage])
@@ -279,6 +280,7 @@ class Workspace:
                 argv[index] = replace[flag]
             elif value in outputs or value.endswith(UNTRACKED_SUFFIX) or flag == "--out-dir":
                 argv[index] = str(out_dir / value)
+        argv += [item for flag, value in (replace or {}).items() if flag not in argv for item in (flag, value)]
         return argv, out_dir
 
     def run_stage(self, stage: str, replace: dict[str, str] | None = None, warm: bool = True) -> tuple[Result, bool]:

@@ -22,6 +22,7 @@ it, else with nvidia-smi.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import subprocess
@@ -32,12 +33,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flash_grpo_core import plan
-from flash_grpo_core.config import ConfigError, load_params, read_yaml
+from flash_grpo_core.config import ConfigError, load_params
 from flash_grpo_core.models.layout import missing_parts
 
 NPROC_ENV, NNODES_ENV = "FLASH_GRPO_NPROC_PER_NODE", "FLASH_GRPO_NNODES"  # stages/_launch.py's
 TOKEN_ENV = "FLASH_GRPO_REWARD_TOKEN"  # the reward client's bearer token (rewards/client.py)
-TOY_PROMPTS = "prompts/toy.jsonl"  # the toy task's prompt grid, params.yaml's default data.source
 SERVER_TIMEOUT = 5.0  # seconds for the reward server's /health
 
 
@@ -92,23 +92,19 @@ def _shown(path: Path, project: Path) -> str:
         return str(path)
 
 
-def check_prompts(params, raw: dict, project: Path) -> list[str]:
-    """The prompt source the run curates, and that the preset does not set what curate never reads
-    (dvc.yaml and stages/curate.py read the top-level `data` section, not the preset's)."""
-    source, problems = params.data.source, []
-    path = project / source
-    if path.is_dir():
-        problems += [f"data.source {source}: missing {name}" for name in ("train.txt", "test.txt")
-                     if not (path / name).is_file()]
-    elif not path.is_file():
-        problems.append(f"data.source {source}: no such file or folder")
-    overridden, base = ((raw.get("presets") or {}).get(params.preset) or {}).get("data") or {}, raw.get("data") or {}
-    problems += [f"presets.{params.preset}.data.{key}: dvc.yaml's curate stage reads the top-level data section; "
-                 f"set data.{key} there" for key in sorted(overridden) if overridden[key] != base.get(key)]
-    if params.preset not in ("tiny", "toy") and Path(source) == Path(TOY_PROMPTS):
-        problems.append(f"data.source {source} is the toy task's prompt grid; preset {params.preset} trains on real "
-                        f"prompts: set data.source to a .txt, .jsonl or .parquet prompt file")
-    return problems
+def check_prompts(params, project: Path) -> list[str]:
+    """The effective prompt source (the selected preset's `data.source`, else the base one): readable,
+    and not the toy grid for a preset that trains Wan 2.1; the validate stage's own check
+    (`inputs.check_source`), with paths relative to the checkout."""
+    from flash_grpo_core.artifacts.prompt_sources import PromptFileError
+    from flash_grpo_core.inputs import check_source
+
+    try:
+        with contextlib.chdir(project):
+            check_source(params)
+    except (ConfigError, PromptFileError) as error:
+        return [str(error)]
+    return []
 
 
 def check_reward_server(params, timeout: float = SERVER_TIMEOUT) -> list[str]:
@@ -260,13 +256,12 @@ def disk_line(params, sizes: dict[str, float], folder: str, free: int) -> str:
             f"iteration(s) to run: {sizes['planned'] / plan.GB:.1f} GB; free: {free / plan.GB:.1f} GB at {folder}")
 
 
-def preflight(params, project: Path, raw: dict | None = None) -> Report:
-    """Every check and the plan for `params` in the checkout `project` (whose params file is `raw`)."""
-    raw = read_yaml(project / "params.yaml") if raw is None else raw
+def preflight(params, project: Path) -> Report:
+    """Every check and the plan for `params` in the checkout `project`."""
     report = Report()
     for check in (check_model_folder, check_model_paths):
         report.problems += check(params, project)
-    report.problems += check_prompts(params, raw, project) + check_reward_server(params)
+    report.problems += check_prompts(params, project) + check_reward_server(params)
     nproc, nnodes, problems = world_size()
     gpus, card = visible_gpus()
     device, device_problems = check_devices(params, nproc, gpus)
@@ -303,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         params = load_params(args.params, preset=args.preset)
-        report = preflight(params, Path(args.params).resolve().parent, read_yaml(args.params))
+        report = preflight(params, Path(args.params).resolve().parent)
     except ConfigError as error:
         print(f"preflight: {error}", file=sys.stderr)
         return 2

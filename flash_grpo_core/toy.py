@@ -127,9 +127,11 @@ def save_base(stack, directory, summary: dict) -> None:
 
 
 def load_base(stack, directory) -> None:
-    """Load pre-trained transformer weights from `directory` (the pretrain stage's output)."""
+    """Load pre-trained transformer weights from `directory` (the pretrain stage's output); a
+    ModelPathError naming the file (and the tensor) when it is unreadable or does not fit the model."""
     from pathlib import Path
 
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from flash_grpo_core.models.wan import ModelPathError
@@ -139,7 +141,22 @@ def load_base(stack, directory) -> None:
         raise ModelPathError(f"toy base model {path} does not exist: the shipped one is bench/toy/base (restore it "
                              f"with `git checkout bench/toy/base`, or pre-train one: see bench/toy/dvc.yaml), or "
                              f"set presets.toy.model.path to null for an untrained toy model")
-    stack.transformer.load_state_dict(load_file(path))
+    try:
+        weights = load_file(path)
+    except (SafetensorError, OSError) as error:
+        raise ModelPathError(f"toy base model {path}: not a readable safetensors file ({error}); restore it with "
+                             f"`git checkout bench/toy/base`") from error
+    expected = stack.transformer.state_dict()
+    if set(weights) != set(expected):
+        missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+        raise ModelPathError(f"toy base model {path} does not fit the toy section's model: {len(missing)} tensor(s) "
+                             f"missing (e.g. {missing[:2]}), {len(extra)} unexpected (e.g. {extra[:2]})")
+    for name, tensor in weights.items():
+        if tensor.shape != expected[name].shape:
+            raise ModelPathError(f"toy base model {path}: tensor {name} has shape {tuple(tensor.shape)}, the toy "
+                                 f"section's model expects {tuple(expected[name].shape)} (toy.layers, heads, "
+                                 f"head_dim, ffn_dim, patch must be those it was pre-trained with)")
+    stack.transformer.load_state_dict(weights)
 
 
 def pretrain(stack, cfg: ToyConfig, steps: int | None = None, progress=None) -> list[float]:

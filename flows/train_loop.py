@@ -45,7 +45,7 @@ def stage_names(iterations: int, eval_at: list[int] | tuple[int, ...] = ()) -> l
 
     loop = [stage for it in range(1, iterations + 1)
             for stage in (f"rollout@{it}", f"score@{it}", f"update@{it}", *evaluated(it))]
-    return ["curate", "init", *evaluated(0), *loop, "evaluate", "export"]
+    return ["validate", "curate", "init", *evaluated(0), *loop, "evaluate", "export"]
 
 
 def is_transient(task, task_run, state) -> bool:

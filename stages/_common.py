@@ -50,6 +50,15 @@ def progress_bar(total: int, description: str):
     return tqdm(total=total, desc=description, unit="sample", disable=not show, leave=False)
 
 
+def light_errors() -> tuple[type[BaseException], ...]:
+    """The known input errors whose modules import no torch: what the params and inputs checks raise."""
+    from flash_grpo_core.artifacts.prompt_sources import PromptFileError
+    from flash_grpo_core.config import ConfigError
+    from flash_grpo_core.models.layout import ModelPathError
+
+    return ConfigError, ModelPathError, PromptFileError
+
+
 def known_errors() -> tuple[type[BaseException], ...]:
     from flash_grpo_core.artifacts.checkpoint import CheckpointError
     from flash_grpo_core.artifacts.prompt_sources import PromptFileError
@@ -111,9 +120,12 @@ def _run_body(name: str, body, distributed: bool) -> int:
     try:
         summary = body()
     except Exception as error:  # noqa: BLE001 - filtered right below
+        rank = f" (rank {world.rank})" if world is not None else ""
+        if isinstance(error, light_errors()):  # before the imports below, which load torch (seconds)
+            print(f"{name}: error{rank}: {error}", file=sys.stderr)
+            return INPUT_ERROR_EXIT
         from flash_grpo_core.rewards.base import RewardUnavailable
 
-        rank = f" (rank {world.rank})" if world is not None else ""
         if isinstance(error, RewardUnavailable):  # transient: an orchestrator may retry the stage
             print(f"{name}: error (transient){rank}: {error}", file=sys.stderr)
             return TRANSIENT_EXIT

@@ -1,9 +1,12 @@
 """`curate` stage (SPEC section 7, stage 1): prompt sources -> train.parquet, eval.parquet, report.json.
 
-    python -m stages.curate --sources prompts/example.txt [more ...] --out-dir data/prompts --params params.yaml
+    python -m stages.curate --params params.yaml --out-dir runs/prompts [--sources prompts/example.txt ...]
 
-Settings are the `data` section of the params file (the fields of `flash_grpo_core.artifacts.prompts.CurateConfig`);
-without that section, or without --params, CurateConfig's defaults apply. The work is in
+Settings are the effective `data` section of the params file (after the selected preset's
+overrides: the fields of `flash_grpo_core.artifacts.prompts.CurateConfig`); without --params,
+CurateConfig's defaults apply. Without --sources it reads the effective `data.source` (a file, or a
+train.txt / test.txt folder), after the checks of the validate stage (`inputs.check_source`: a
+Wan preset refuses the toy grid). The report records each source file's sha256. The work is in
 `flash_grpo_core/artifacts/prompts.py` (sources: `prompt_sources.py`); this module reads arguments, calls it
 through `_common.run` (errors, summary line, watchdog) and checks the counts before anything is written.
 """
@@ -19,20 +22,38 @@ from stages import _common
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m stages.curate", description=__doc__.splitlines()[0])
-    parser.add_argument("--sources", nargs="+", required=True, help="prompt files: .txt, .jsonl or .parquet")
+    parser.add_argument("--sources", nargs="+", default=None,
+                        help="prompt files (.txt, .jsonl, .parquet) or train.txt / test.txt folders; default: the "
+                             "params' effective data.source")
     parser.add_argument("--out-dir", required=True, help="where train.parquet, eval.parquet and report.json go")
-    parser.add_argument("--params", default=None, help="params.yaml; its `data` section configures curation")
+    parser.add_argument("--params", default=None,
+                        help="params.yaml; its effective `data` section (the preset's overrides applied) configures "
+                             "curation")
     return parser.parse_args(argv)
 
 
 def load_config(params_path: str | None):
-    """CurateConfig from the params file's `data` section, or the defaults."""
+    """CurateConfig from the params file's effective `data` section, or the defaults."""
     from flash_grpo_core.artifacts.prompts import CurateConfig
-    from flash_grpo_core.config import read_yaml
+    from flash_grpo_core.config import load_params
 
     if params_path is None:
         return CurateConfig()
-    return CurateConfig.from_mapping(read_yaml(params_path).get("data"))
+    return load_params(params_path).data
+
+
+def source_paths(args) -> list[str]:
+    """--sources, or the params' effective data.source after the validate stage's checks of it."""
+    from flash_grpo_core.config import ConfigError, load_params
+    from flash_grpo_core.inputs import check_source
+
+    if args.sources:
+        return args.sources
+    if args.params is None:
+        raise ConfigError("give --sources, or --params whose data.source names the prompts")
+    params = load_params(args.params)
+    check_source(params)
+    return [params.data.source]
 
 
 def check_counts(result, sources: list[str], params_path: str | None) -> None:
@@ -56,17 +77,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def body():
-        from flash_grpo_core.artifacts.prompt_sources import read_prompt_sources
+        from flash_grpo_core.artifacts.prompt_sources import read_prompt_sources, source_digests
         from flash_grpo_core.artifacts.prompts import SEMANTIC_UNAVAILABLE, curate, write_curation
 
-        config = load_config(args.params)
-        result = curate(read_prompt_sources(args.sources), config)
-        check_counts(result, args.sources, args.params)  # before anything is written
+        config, sources = load_config(args.params), source_paths(args)
+        digests = {file: digest for source in sources for file, digest in source_digests(source).items()}
+        result = curate(read_prompt_sources(sources), config)
+        result.report["source_digests"] = digests  # what the validate stage compares eval.num_prompts against
+        check_counts(result, sources, args.params)  # before anything is written
         write_curation(result, args.out_dir)
         if result.report["semantic_dedupe"] == SEMANTIC_UNAVAILABLE:
             print(f"curate: warning: semantic dedupe {SEMANTIC_UNAVAILABLE}", file=sys.stderr)
         counts = result.report["counts"]
-        return {"sources": len(args.sources), "prompts_in": counts["in"], "train": counts["train"],
+        return {"sources": len(sources), "prompts_in": counts["in"], "train": counts["train"],
                 "eval": counts["eval"], "dropped": json.dumps(counts["dropped"], separators=(",", ":"))}
 
     return _common.run("curate", body)

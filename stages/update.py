@@ -13,7 +13,6 @@ minibatch under DistributedDataParallel (flash_grpo_core/engine/trainer.py); ran
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from stages import _common
@@ -21,11 +20,12 @@ from stages import _common
 
 def read_manifest(rollout: str) -> dict:
     """The rollout's manifest.json; a ShardError naming it when it is missing or not the manifest."""
+    from flash_grpo_core.artifacts.atomic import loads_finite
     from flash_grpo_core.artifacts.tar_io import ShardError
 
     path = Path(rollout) / "manifest.json"
     try:
-        manifest = json.loads(path.read_text())
+        manifest = loads_finite(path.read_text())
         int(manifest["forward_passes"])
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ShardError(f"cannot read the rollout's manifest {path}: {type(error).__name__}: {error} "

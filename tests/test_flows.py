@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-ONE_ITERATION = ["curate", "init", "eval_checkpoint@0", "rollout@1", "score@1", "update@1", "eval_checkpoint@1",
-                 "evaluate", "export"]
+ONE_ITERATION = ["validate", "curate", "init", "eval_checkpoint@0", "rollout@1", "score@1", "update@1",
+                 "eval_checkpoint@1", "evaluate", "export"]
 
 
 class _FakeProcess:
@@ -136,9 +136,9 @@ def train_loop(prefect_api, monkeypatch):
 def test_stage_order_unrolls_the_loop():
     from flows.train_loop import stage_names
 
-    assert stage_names(2) == ["curate", "init", "rollout@1", "score@1", "update@1",
+    assert stage_names(2) == ["validate", "curate", "init", "rollout@1", "score@1", "update@1",
                               "rollout@2", "score@2", "update@2", "evaluate", "export"]
-    assert stage_names(4, (0, 2, 4)) == ["curate", "init", "eval_checkpoint@0",
+    assert stage_names(4, (0, 2, 4)) == ["validate", "curate", "init", "eval_checkpoint@0",
                                          "rollout@1", "score@1", "update@1",
                                          "rollout@2", "score@2", "update@2", "eval_checkpoint@2",
                                          "rollout@3", "score@3", "update@3",
@@ -245,10 +245,10 @@ def test_prefect_yaml_declares_one_limited_deployment_per_preset():
 
 def test_flow_runs_every_stage_in_order_and_reports_metrics(train_loop, dvc, project):
     summary = train_loop(preset="tiny", iterations=2)
-    assert dvc.calls == ["curate", "init", "eval_checkpoint@0", "rollout@1", "score@1", "update@1",
+    assert dvc.calls == ["validate", "curate", "init", "eval_checkpoint@0", "rollout@1", "score@1", "update@1",
                          "eval_checkpoint@1", "rollout@2", "score@2", "update@2", "eval_checkpoint@2", "evaluate",
                          "export"]
-    assert [s["outcome"] for s in summary["stages"]] == ["ran"] * 13
+    assert [s["outcome"] for s in summary["stages"]] == ["ran"] * 14
     assert [row["iteration"] for row in summary["metrics"]] == [1, 2]
     assert summary["metrics"][1]["reward_mean"] == pytest.approx(0.7) and summary["metrics"][1]["loss"] == -0.02
     assert summary["evaluation"] == {"delta": {"reward": 0.01}}
@@ -312,26 +312,26 @@ def test_a_missing_prompt_source_fails_the_tiny_run_before_any_stage(train_loop,
     (project / "prompts" / "toy.jsonl").unlink()
     state = train_loop(preset="tiny", iterations=1, return_state=True)
     assert state.is_failed() and dvc.calls == []
-    with pytest.raises(Exception, match="data.source prompts/toy.jsonl: no such file or folder"):
+    with pytest.raises(Exception, match="data.source 'prompts/toy.jsonl' does not exist"):
         state.result()
 
 
 def test_transient_failure_is_retried(train_loop, dvc):
     dvc.failures = {"score@1": [1, -9]}  # an I/O error, then a killed process; the third try works
     summary = train_loop(preset="tiny", iterations=1)
-    assert dvc.calls == ["curate", "init", "eval_checkpoint@0", "rollout@1", "score@1", "score@1", "score@1",
-                         "update@1", "eval_checkpoint@1", "evaluate", "export"]
-    assert summary["stages"][4]["outcome"] == "ran"
+    assert dvc.calls == ["validate", "curate", "init", "eval_checkpoint@0", "rollout@1", "score@1", "score@1",
+                         "score@1", "update@1", "eval_checkpoint@1", "evaluate", "export"]
+    assert summary["stages"][5]["outcome"] == "ran"
 
 
 def test_deterministic_failure_fails_the_run_without_retry_and_a_rerun_resumes(train_loop, dvc):
     dvc.failures = {"update@1": [2]}
     state = train_loop(preset="tiny", iterations=1, return_state=True)
     assert state.is_failed() and "update@1 failed on its input (exit 2)" in state.message
-    assert dvc.calls == ONE_ITERATION[:6]  # not retried, nothing after it started
+    assert dvc.calls == ONE_ITERATION[:7]  # not retried, nothing after it started
     dvc.calls.clear()
     summary = train_loop(preset="tiny", iterations=1)  # the same parameters again
-    assert [s["outcome"] for s in summary["stages"]] == ["up to date, skipped"] * 5 + ["ran"] * 4
+    assert [s["outcome"] for s in summary["stages"]] == ["up to date, skipped"] * 6 + ["ran"] * 4
 
 
 def test_pruning_after_updates_lets_the_later_stages_skip_the_removed_checkpoints(train_loop, dvc, monkeypatch):

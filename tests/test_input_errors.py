@@ -75,13 +75,18 @@ def test_a_curation_with_too_few_prompts_fails_and_writes_nothing(tmp_path, sour
 
 
 def test_iterations_out_of_step_with_the_loop_shows_the_hint_at_the_first_stage(tmp_path):
-    """DVC stops at a missing it<N> path before any stage that could explain it; curate, first in
-    the pipeline and rerun when `iterations` changes, shows the config's own hint instead."""
+    """DVC stops at a missing it<N> path before any stage that could explain it; validate, first in
+    the pipeline and rerun on any edit of params.yaml, shows the config's own hint instead (and
+    curate, run by hand, too)."""
+    params = _params_file(tmp_path, iterations=9)
+    line = _one_line(_module("stages.validate", "--params", params, "--out", tmp_path / "v" / "valid.json",
+                             "--sources", tmp_path / "v" / "sources.json"), "validate: error: ")
+    assert "python -m stages.iterations 9" in line and not (tmp_path / "v").exists()
     line = _one_line(_module("stages.curate", "--sources", ROOT / "prompts" / "toy.jsonl", "--out-dir", tmp_path / "o",
-                             "--params", _params_file(tmp_path, iterations=9)), "curate: error: ")
+                             "--params", params), "curate: error: ")
     assert "python -m stages.iterations 9" in line
     stages = YAML(typ="safe", pure=True).load((ROOT / "dvc.yaml").read_text())["stages"]
-    assert {"iterations", "pipeline.loop", "eval.num_prompts"} <= set(stages["curate"]["params"])
+    assert "params.yaml" in stages["validate"]["deps"] and "eval.num_prompts" in stages["curate"]["params"]
 
 
 def test_setting_iterations_on_a_broken_params_file_names_it_and_leaves_it(tmp_path):
@@ -158,7 +163,8 @@ def test_a_params_file_that_is_not_a_mapping_is_named(tmp_path):
         load_params(path)
 
 
-@pytest.mark.parametrize("content", [None, "{broken", "[1, 2]"])
+@pytest.mark.parametrize("content", [None, "{broken", "[1, 2]", '{"guards": {"brightness": {"history": [NaN]}}}',
+                                     '{"guards": {"brightness": {"history": [1e999]}}}'])
 def test_a_broken_reward_state_or_eval_point_is_named(tmp_path, content):
     from flash_grpo_core.artifacts.atomic import read_json_object
     from flash_grpo_core.artifacts.checkpoint import CheckpointError

@@ -98,6 +98,99 @@ def test_second_repro_does_no_stage_work(project):
     print(f"no-op dvc repro: {time.perf_counter() - began:.1f} s")
 
 
+def _locked_files(project: Path) -> dict[str, str]:
+    """{path: md5} of every output dvc.lock records (`cache: false` metrics too), a directory's files
+    from its manifest in the DVC cache."""
+    import re
+
+    from flash_grpo_core.config import read_yaml
+
+    cache = Path(re.search(r"dir = (.+)", (project / ".dvc" / "config.local").read_text()).group(1).strip())
+    files = {}
+    for entry in read_yaml(project / "dvc.lock")["stages"].values():
+        for out in entry.get("outs", []):
+            if not out["md5"].endswith(".dir"):
+                files[out["path"]] = out["md5"]
+                continue
+            manifest = cache / "files" / "md5" / out["md5"][:2] / out["md5"][2:]
+            files.update({f"{out['path']}/{item['relpath']}": item["md5"]
+                          for item in json.loads(manifest.read_text())})
+    return files
+
+
+def _md5(path: Path) -> str:
+    import hashlib
+
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+# Bad edits of the finished workspace's params.yaml (text replaced, first occurrence) and the line
+# the validate stage gives for each: one of each kind of check (the stage's other messages, e.g. a
+# group of one, frames not 4k+1, a misspelt reward, a negative seed: tests/test_validate.py).
+BAD_EDITS = [
+    ("  group_size: 8\n", "  group_sise: 8\n", "unknown key(s) rollout.group_sise"),
+    ("  learning_rate: 1.0e-4", "  learning_rate: fast", "train.learning_rate must be a number, got 'fast'"),
+    ("  num_candidates: 10", "  num_candidates: 30", "rollout.num_candidates (K=30) must be between 1 and"),
+    ("      num_prompts: 2\n", "      num_prompts: 7\n", "eval.num_prompts is 7, but runs/prompts/report.json holds 6"),
+    ("\niterations: 2\n", "\niterations: 3\n", "run `python -m stages.iterations 3`"),
+    ("  root: runs", "  root: my runs", "pipeline.root must be a relative path of letters, digits and . _ / -"),
+]
+
+
+@pytest.mark.parametrize("old,new,message", BAD_EDITS, ids=[edit[2].split()[0] for edit in BAD_EDITS])
+def test_a_bad_params_edit_fails_at_validate_and_loses_nothing(project, old, new, message):
+    """The validate stage runs first and fails with exit code 2 and one line; DVC never reaches a
+    stage whose outputs it would delete: every output of the finished run stays, byte for byte."""
+    params = project / "params.yaml"
+    original = params.read_text()
+    assert original.count(old) >= 1
+    locked, lock = _locked_files(project), (project / "dvc.lock").read_bytes()
+    assert "runs/tiny/it2/score.json" in locked and "runs/tiny/it2/checkpoint/trainable.safetensors" in locked
+    params.write_text(original.replace(old, new, 1))
+    try:
+        result = _dvc("repro", cwd=project, check=False)
+    finally:
+        params.write_text(original)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("validate: error: ")]
+    assert result.returncode != 0 and len(errors) == 1 and message in errors[0], result.stderr
+    assert "exited with 2" in result.stderr and result.stdout.count("Running stage") == 1, result.stdout
+    assert {path: _md5(project / path) for path in locked} == locked and (project / "dvc.lock").read_bytes() == lock
+    assert "up to date" in _dvc("status", "dvc.yaml", cwd=project).stdout
+
+
+def test_a_valid_edit_that_no_stage_reads_reruns_validate_alone(project):
+    """Any edit of params.yaml reruns validate (a file dependency); its marker keeps its bytes, so
+    nothing downstream reruns: here a comment and pipeline.keep_checkpoints_every."""
+    params = project / "params.yaml"
+    original = params.read_text()
+    params.write_text("# a note\n" + original.replace("keep_checkpoints_every: 0", "keep_checkpoints_every: 3", 1))
+    try:
+        output = _dvc("repro", cwd=project).stdout
+    finally:
+        params.write_text(original)
+    assert output.count("Running stage") == 1 and "Running stage 'validate'" in output, output
+    output = _dvc("repro", cwd=project).stdout  # back again: validate once more, nothing else
+    assert output.count("Running stage") == 1 and "Running stage 'validate'" in output, output
+    assert "up to date" in _dvc("status", "dvc.yaml", cwd=project).stdout
+
+
+def test_editing_the_prompt_file_reruns_validate_then_curate(project):
+    """The base data.source is validate's dependency; its new sha256 in sources.json reruns curate."""
+    prompts = project / "prompts" / "toy.jsonl"
+    original = prompts.read_text()
+    prompts.write_text(original + '{"prompt": "a grey square moving left", "split": "train"}\n')
+    try:
+        stale = _dvc("status", "dvc.yaml", cwd=project).stdout
+        output = _dvc("repro", "curate", cwd=project).stdout
+    finally:
+        prompts.write_text(original)
+    assert "validate:" in stale and "curate:" not in stale  # curate learns it through sources.json
+    assert "Running stage 'validate'" in output and "Running stage 'curate'" in output
+    assert json.loads((project / "runs" / "prompts" / "report.json").read_text())["counts"]["train"] == 19
+    restored = _dvc("repro", "curate", cwd=project).stdout  # back: curate restored from the run cache
+    assert "Running stage 'curate'" not in restored and "Stage 'curate' is cached" in restored, restored
+
+
 def test_changing_a_reward_weight_invalidates_only_what_depends_on_it(project):
     params = project / "params.yaml"
     original = params.read_text()
@@ -123,7 +216,8 @@ def test_editing_another_preset_changes_nothing(project):
         changed = _dvc("status", "dvc.yaml", cwd=project).stdout
     finally:
         params.write_text(original)
-    assert "up to date" in status, status
+    stale = {line.strip().rstrip(":") for line in status.splitlines() if line and not line.startswith("\t")}
+    assert stale == {"validate"}, status  # the params file changed: validate rechecks it, and nothing else
     assert "init:" in changed and "presets.tiny" in changed  # the selected preset's overrides are tracked
 
 
@@ -144,7 +238,9 @@ def test_switching_a_parameter_back_restores_from_cache(project):
     assert "Running stage 'evaluate'" in _dvc("repro", cwd=project).stdout
     params.write_text(original)
     output = _dvc("repro", cwd=project).stdout
-    assert "Running stage" not in output and "Stage 'evaluate' is cached - skipping run" in output, output
+    # validate (persist: outside the run cache) rechecks the params in a second; nothing else runs
+    assert output.count("Running stage") == 1 and "Running stage 'validate'" in output, output
+    assert "Stage 'evaluate' is cached - skipping run" in output, output
 
 
 @pytest.mark.parametrize("stage,output,downstream", [

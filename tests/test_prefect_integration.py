@@ -197,7 +197,7 @@ def test_retry_resumes_at_the_first_unfinished_stage(stack):
     run = _wait_finished(stack, stack.failed_run, attempts=2)
     assert run["state"]["type"] == "COMPLETED" and run["run_count"] == 2, run["state"]
     messages = _messages(stack, stack.failed_run, "stages ran")
-    assert "train-loop tiny: 2 of 9 stages ran (evaluate, export)" in "\n".join(messages), messages
+    assert "train-loop tiny: 2 of 10 stages ran (evaluate, export)" in "\n".join(messages), messages
     for stage in ("curate", "init", "eval_checkpoint@0", "rollout@1", "score@1", "update@1", "eval_checkpoint@1"):
         assert f"{stage}: up to date, skipped" in "\n".join(messages)
     evaluation = json.loads((stack.project / "runs" / "tiny" / "eval" / "metrics.json").read_text())
@@ -218,7 +218,7 @@ def test_second_run_with_the_same_parameters_does_no_stage_work(stack):
     assert result.returncode == 0, result.stdout
     assert _flow_run(stack, run_id)["state"]["type"] == "COMPLETED"
     messages = _messages(stack, run_id, "stages ran")
-    assert "train-loop tiny: 0 of 9 stages ran" in "\n".join(messages), messages
+    assert "train-loop tiny: 0 of 10 stages ran" in "\n".join(messages), messages
     assert not any(m.startswith("Running stage") for m in messages)
     assert {path: path.stat().st_mtime_ns for path in outputs} == before
     status = subprocess.run([str(BIN / "dvc"), "status", "evaluate"], cwd=stack.project, env=stack.env,

@@ -61,7 +61,7 @@ def test_missing_paths_are_listed_one_a_line_and_the_plan_is_still_printed(check
     for expected in ("model.path models/Wan2.1-T2V-1.3B-Diffusers: no such folder",
                      "reward.options.hpsv3.path: models/HPSv3/HPSv3.safetensors does not exist",
                      "reward.options.hpsv3.base_path: models/Qwen2-VL-7B-Instruct does not exist",
-                     "data.source prompts/toy.jsonl: no such file or folder",
+                     "data.source 'prompts/toy.jsonl' does not exist",
                      "preset wan1_3b runs Wan 2.1 on GPUs, but the device resolves to cpu (model.device auto, 0 GPU"):
         assert sum(problem.startswith(expected) for problem in problems) == 1, problems
     assert "memory per GPU (estimate): rollout" in out and "32,760 tokens a video" in out
@@ -78,10 +78,10 @@ def test_a_complete_folder_layout_passes_the_path_checks(checkout, monkeypatch, 
     out = capsys.readouterr().out
     assert "from models/Wan2.1-T2V-1.3B-Diffusers/transformer/config.json" in out and "preflight: ready" in out
     (checkout / "models" / "Wan2.1-T2V-1.3B-Diffusers" / "vae" / "config.json").unlink()
-    (checkout / "prompts" / "video" / "test.txt").unlink()
-    assert preflight.preflight(params, checkout).problems == [
-        "model.path models/Wan2.1-T2V-1.3B-Diffusers: missing vae/config.json",
-        "data.source prompts/video: missing test.txt"]
+    (checkout / "prompts" / "video" / "train.txt").unlink()
+    problems = preflight.preflight(params, checkout).problems
+    assert problems[0] == "model.path models/Wan2.1-T2V-1.3B-Diffusers: missing vae/config.json"
+    assert len(problems) == 2 and "prompts/video" in problems[1] and "train" in problems[1]
 
 
 def test_gpus_memory_and_disk_are_checked_against_the_run(checkout, monkeypatch):
@@ -106,15 +106,16 @@ def test_a_cpu_preset_passes_without_gpus_and_a_bad_world_size_is_named(checkout
         preflight.require(params, checkout)
 
 
-def test_a_preset_level_prompt_source_is_refused(checkout):
+def test_a_preset_level_prompt_source_is_the_one_checked(checkout):
     shutil.copytree(ROOT / "prompts", checkout / "prompts")
     text = (checkout / "params.yaml").read_text()
     text = text.replace("  tiny:\n", "  tiny:\n    data:\n      source: prompts/example.txt\n")
     (checkout / "params.yaml").write_text(text)
     params = load_params(checkout / "params.yaml", preset="tiny")
     assert params.data.source == "prompts/example.txt"
-    assert preflight.preflight(params, checkout).problems == [
-        "presets.tiny.data.source: dvc.yaml's curate stage reads the top-level data section; set data.source there"]
+    assert preflight.preflight(params, checkout).problems == []  # curate reads the effective source
+    (checkout / "prompts" / "example.txt").unlink()
+    assert preflight.preflight(params, checkout).problems[0].startswith("data.source 'prompts/example.txt' does not exist")
 
 
 class _Health(http.server.BaseHTTPRequestHandler):

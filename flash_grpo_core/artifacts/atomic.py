@@ -14,6 +14,7 @@ Safetensors files from `write_safetensors` carry the sha256 of their tensors and
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import secrets
@@ -102,11 +103,25 @@ def write_json(data, path: str | os.PathLike) -> None:
         temporary.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def loads_finite(text: str | bytes):
+    """`json.loads` that refuses NaN, Infinity and numbers beyond float range with a ValueError
+    naming the token: every state a stage reads holds finite numbers, and Python's json would
+    otherwise accept them (and write them) without a word."""
+    def refuse(token: str):
+        raise ValueError(f"non-finite number {token} (JSON holds finite numbers only)")
+
+    def parse_float(token: str) -> float:
+        value = float(token)
+        return value if math.isfinite(value) else refuse(token)
+
+    return json.loads(text, parse_constant=refuse, parse_float=parse_float)
+
+
 def read_json_object(path: str | os.PathLike, error: type[Exception], rerun: str) -> dict:
     """A JSON object a stage wrote; `error` naming the file (and `rerun`, what restores it) when it is
-    missing, not JSON or not an object."""
+    missing, not JSON, holds a non-finite number, or is not an object."""
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = loads_finite(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as problem:
         raise error(f"cannot read {path}: {type(problem).__name__}: {problem} ({rerun})") from problem
     if not isinstance(data, dict):
@@ -146,9 +161,9 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict, dict]:
             header = handle.metadata() or {}
             names = handle.keys()  # a safetensors handle, not a dict: it cannot be iterated
             tensors = {name: handle.get_tensor(name) for name in names}
-        record = json.loads(header[METADATA_KEY])
+        record = loads_finite(header[METADATA_KEY])
         metadata, recorded = record["metadata"], record["sha256"]
-    except (SafetensorError, KeyError, TypeError, json.JSONDecodeError) as error:
+    except (SafetensorError, KeyError, TypeError, ValueError) as error:
         raise ValueError(f"{path}: not a readable safetensors file with {METADATA_KEY!r} metadata and its sha256 "
                          f"({error!r}); is it truncated or from an older version?") from error
     if tensors_digest(tensors, metadata) != recorded:

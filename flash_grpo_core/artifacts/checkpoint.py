@@ -34,7 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from flash_grpo_core.artifacts import checksums
-from flash_grpo_core.artifacts.atomic import atomic_directory
+from flash_grpo_core.artifacts.atomic import atomic_directory, loads_finite
 
 FILES = ("trainable.safetensors", "ema.safetensors", "optimizer.safetensors", "state.json")
 MOMENTS = "optimizer.safetensors"
@@ -133,9 +133,9 @@ def read_state(directory: str | os.PathLike) -> dict:
     checksums.verify_files(directory, ["state.json"], CheckpointError)
     path = directory / "state.json"
     try:
-        state = json.loads(path.read_text(encoding="utf-8"))
+        state = loads_finite(path.read_text(encoding="utf-8"))
         int(state["ema_steps"])
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+    except (KeyError, TypeError, ValueError) as error:  # ValueError: not UTF-8, not JSON, non-finite
         raise CheckpointError(f"{path}: not a readable checkpoint state ({error!r})") from error
     missing = [name for name in _files(state) if not (directory / name).is_file()]
     if missing:
@@ -150,8 +150,22 @@ def read_checkpoint(directory: str | os.PathLike, optimizer: bool = True) -> tup
     state = read_state(directory)
     checksums.verify_files(directory, [name for name in _files(state) if name != MOMENTS], CheckpointError)
     weights, ema = (_load(directory / f"{name}.safetensors") for name in ("trainable", "ema"))
+    _check_ema(directory, weights, ema)
     moments = _read_moments(directory, state) if optimizer else {}
     return CheckpointTensors(weights, ema, moments, int(state["ema_steps"])), state
+
+
+def _check_ema(directory: Path, weights: dict[str, torch.Tensor], ema: dict[str, torch.Tensor]) -> None:
+    """The EMA holds one tensor of the trainable weight's shape per name (the engine checks the
+    weights themselves against the model, naming the tensor)."""
+    if set(ema) != set(weights):
+        odd = sorted(set(ema) ^ set(weights))
+        raise CheckpointError(f"{directory / 'ema.safetensors'}: its tensors are not those of trainable.safetensors "
+                              f"({len(odd)} differ, e.g. {odd[:2]})")
+    for name, tensor in ema.items():
+        if tensor.shape != weights[name].shape:
+            raise CheckpointError(f"{directory / 'ema.safetensors'}: tensor {name} has shape {tuple(tensor.shape)}, "
+                                  f"trainable.safetensors {tuple(weights[name].shape)}")
 
 
 def _read_moments(directory: Path, state: dict) -> dict[str, torch.Tensor]:

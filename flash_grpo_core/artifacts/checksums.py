@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from flash_grpo_core.artifacts.atomic import loads_finite
 from flash_grpo_core.artifacts.tar_io import sha256
 
 INDEX_NAME = "checksums.json"
@@ -45,11 +46,11 @@ def read_index(directory: Path, error: type[Exception]) -> dict[str, dict]:
         raise error(f"{directory} has no {INDEX_NAME}: an unfinished write or one by an older version "
                     "(rerun the stage that writes it)")
     try:
-        index = json.loads(path.read_text(encoding="utf-8"))
+        index = loads_finite(path.read_text(encoding="utf-8"))
         files = index["files"]
         valid = index["format"] == FORMAT and all(
             isinstance(entry["sha256"], str) and isinstance(entry["bytes"], int) for entry in files.values())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise error(f"{path}: not a readable checksum index ({exc!r})") from exc
     if not valid:
         raise error(f"{path}: not a {FORMAT!r} checksum index")

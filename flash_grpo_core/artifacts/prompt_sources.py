@@ -1,8 +1,14 @@
-"""Prompt sources for the `curate` stage: `.txt`, `.jsonl` and `.parquet` files read into `RawPrompt`s.
+"""Prompt sources for the `curate` stage: `.txt`, `.jsonl` and `.parquet` files, and folders of them,
+read into `RawPrompt`s.
 
 - `.txt`: one prompt per line; blank lines and `#` lines ignored;
 - `.jsonl`: objects with a string `prompt`, optional string `source` and `split`;
-- `.parquet`: a string `prompt` column, optional string `source` and `split` columns.
+- `.parquet`: a string `prompt` column, optional string `source` and `split` columns;
+- a folder in the layout the authors', Flow-GRPO's and Flow-Factory's prompt sets share:
+  `train.txt` and, optionally, `test.txt` (or `.jsonl` / `.parquet` of those names). With a test
+  file, its prompts are the eval split and train's the train split, as given; without one, curate
+  splits train's prompts by hash. The test file is read first, so a prompt in both stays held out
+  (train's copy is dropped as a duplicate, and counted).
 `split` ("train" or "eval") assigns a prompt to a split (e.g. a benchmark's held-out combinations).
 Strict UTF-8; anything malformed raises `PromptFileError` naming the file and line or row.
 """
@@ -10,6 +16,8 @@ Strict UTF-8; anything malformed raises `PromptFileError` naming the file and li
 from __future__ import annotations
 
 import codecs
+import dataclasses
+import hashlib
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -40,15 +48,69 @@ def read_prompt_sources(paths: Sequence[str | os.PathLike]) -> list[RawPrompt]:
 
 
 def read_prompt_file(path: str | os.PathLike) -> list[RawPrompt]:
-    """The prompts of one `.txt`, `.jsonl` or `.parquet` file, in file order."""
+    """The prompts of one `.txt`, `.jsonl` or `.parquet` file, in file order, or of a prompt folder."""
     path = Path(path)
+    if path.is_dir():
+        return read_prompt_folder(path)
     readers = {".txt": _read_txt, ".jsonl": _read_jsonl, ".parquet": _read_parquet}
     reader = readers.get(path.suffix.lower())
+    if reader is None and not path.exists():
+        raise PromptFileError(f"{path}: no such file or folder")
     if reader is None:
-        raise PromptFileError(f"{path}: unknown prompt file extension {path.suffix!r} (use .txt, .jsonl or .parquet)")
+        raise PromptFileError(f"{path}: unknown prompt file extension {path.suffix!r} (use .txt, .jsonl or .parquet, "
+                              f"or a folder with train.txt / test.txt)")
     if not path.is_file():
         raise PromptFileError(f"{path}: no such file")
     return reader(path)
+
+
+# A prompt folder's files by split, test first (see the module docstring).
+FOLDER_SPLITS = (("test", "eval"), ("train", "train"))
+_EXTENSIONS = (".txt", ".jsonl", ".parquet")
+
+
+def folder_files(folder: Path) -> dict[str, Path]:
+    """{"test": file, "train": file} of a prompt folder (test only when present); PromptFileError
+    when train is missing or a split has files of two formats."""
+    found = {}
+    for stem, _ in FOLDER_SPLITS:
+        files = [folder / f"{stem}{suffix}" for suffix in _EXTENSIONS if (folder / f"{stem}{suffix}").is_file()]
+        if len(files) > 1:
+            raise PromptFileError(f"{folder}: {' and '.join(f.name for f in files)} both give the {stem} split; "
+                                  f"keep one")
+        if files:
+            found[stem] = files[0]
+    if "train" not in found:
+        names = sorted(p.name for p in folder.iterdir())[:8]
+        raise PromptFileError(f"{folder}: a prompt folder needs train.txt (one prompt a line; or train.jsonl / "
+                              f"train.parquet) and, for a given eval split, test.txt; it holds {names}")
+    return found
+
+
+def read_prompt_folder(folder: Path) -> list[RawPrompt]:
+    """The prompts of a train.txt / test.txt folder, test's first, each with its file's split
+    (none when there is no test file: curate then splits by hash)."""
+    files = folder_files(folder)
+    prompts = []
+    for stem, split in FOLDER_SPLITS:
+        if stem not in files:
+            continue
+        given = split if "test" in files else None
+        for prompt in read_prompt_file(files[stem]):
+            if prompt.split is not None and given is not None and prompt.split != given:
+                raise PromptFileError(f"{prompt.file}, line {prompt.line}: 'split' {prompt.split!r} contradicts "
+                                      f"the folder's layout ({files[stem].name} is the {given} split)")
+            prompts.append(dataclasses.replace(prompt, split=prompt.split or given))
+    return prompts
+
+
+def source_digests(path: str | os.PathLike) -> dict[str, str]:
+    """{file: sha256} of a prompt source: the file itself, or a folder's train / test files."""
+    path = Path(path)
+    if not path.exists():
+        raise PromptFileError(f"{path}: no such file or folder")
+    files = sorted(folder_files(path).values()) if path.is_dir() else [path]
+    return {str(file): hashlib.sha256(file.read_bytes()).hexdigest() for file in files}
 
 
 def _decoded_lines(path: Path) -> Iterator[tuple[int, str]]:

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from flash_grpo_core.artifacts.atomic import loads_finite
 from flash_grpo_core.artifacts.tar_io import ShardError
 
 FORMAT = "flash-grpo-rollout/2"
@@ -164,9 +165,9 @@ def _load_tensors(sample: dict, field: str, names: Sequence[str], where: str) ->
 
 def _parse_meta(raw, where: str) -> dict:
     try:
-        meta = json.loads(bytes(raw).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, TypeError) as error:
-        raise ShardError(f"{where}: field 'json': not valid UTF-8 JSON ({error})") from error
+        meta = loads_finite(bytes(raw).decode("utf-8"))
+    except (ValueError, TypeError) as error:  # ValueError: not UTF-8, not JSON, non-finite
+        raise ShardError(f"{where}: field 'json': not valid UTF-8 JSON of finite numbers ({error})") from error
     expected = {"format", "key", *META_FIELDS}
     if not isinstance(meta, dict) or set(meta) != expected:
         found = sorted(meta) if isinstance(meta, dict) else type(meta).__name__

@@ -55,6 +55,7 @@ from pathlib import Path
 
 import torch
 
+from flash_grpo_core.artifacts.atomic import loads_finite
 from flash_grpo_core.artifacts.records import (
     FORMAT,
     RolloutRecord,
@@ -213,14 +214,14 @@ def _load_index(out_dir: Path) -> dict:
         raise ShardError(f"rollout directory {out_dir} is incomplete: no {INDEX_NAME} "
                          "(was the rollout stage interrupted?)")
     try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
+        index = loads_finite(index_path.read_text(encoding="utf-8"))
         if index["format"] != FORMAT:
             raise ShardError(f"{index_path}: format {index['format']!r}, this reader knows {FORMAT!r} "
                              "(rerun the rollout stage to rewrite it)")
         valid = all(
             isinstance(entry["name"], str) and "/" not in entry["name"] and isinstance(entry["records"], int)
             and isinstance(entry["sha256"], str) for listing in LISTINGS for entry in index[listing])
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
+    except (ValueError, KeyError, TypeError) as error:  # ValueError: not UTF-8, not JSON, non-finite
         raise ShardError(f"{index_path}: not a valid shard index ({error!r})") from error
     if not valid or len(index["shards"]) != len(index["video_shards"]):
         raise ShardError(f"{index_path}: not a {FORMAT!r} shard index")

@@ -19,28 +19,18 @@ from flash_grpo_core.choices import (
     PRESETS,
     RECTIFY_MODES,
     REWARD_NAMES,
-    SAFE_PATH,
     SCHEDULE_KINDS,
     STD_SCOPES,
     TRAIN_MODES,
 )
+from flash_grpo_core.config.checks import (  # noqa: F401 - ConfigError re-exported
+    ConfigError,
+    _check,
+    _check_path,
+    _check_positive,
+    _check_seed,
+)
 from flash_grpo_core.dvc_layout import dvc_loop, eval_points
-
-
-class ConfigError(ValueError):
-    """A params file or override that cannot be used; the message says which key and what to do."""
-
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
-
-
-def _check_path(key: str, value: str) -> None:
-    """A path that dvc.yaml puts on a stage's command line (run through a shell): plain characters only."""
-    _check(isinstance(value, str) and re.fullmatch(SAFE_PATH, value) is not None and ".." not in value.split("/"),
-           f"{key} must be a relative path of letters, digits and . _ / - (it goes into dvc.yaml's shell "
-           f"commands), got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -222,6 +212,7 @@ class EvalConfig:
         _check(self.num_steps >= 1 and self.num_prompts >= 1, "eval.num_steps and num_prompts must be >= 1")
         _check(self.report_samples >= 0 and self.fps >= 1, "eval.report_samples must be >= 0 and eval.fps >= 1")
         _check(self.samples_per_prompt >= 1, "eval.samples_per_prompt must be >= 1")
+        _check_seed("eval.seed", self.seed)
         _check(math.isfinite(self.guidance) and self.guidance >= 1.0,
                f"eval.guidance must be >= 1 (1 disables classifier-free guidance), got {self.guidance!r}")
 
@@ -245,10 +236,11 @@ class DataConfig:
     min_eval: int = 2
     semantic_threshold: float | None = 0.95  # cosine; null disables semantic dedupe
     seed: int = 0  # salts the split hash
-    source: str = "prompts/example.txt"  # the prompt file dvc.yaml's curate stage reads (.txt, .jsonl, .parquet)
+    source: str = "prompts/example.txt"  # what curate reads: a .txt/.jsonl/.parquet file or a train.txt/test.txt folder
 
     def __post_init__(self):
         _check_path("data.source", self.source)
+        _check_seed("data.seed", self.seed)
         _check(self.min_words >= 0, f"data.min_words must be >= 0, got {self.min_words}")
         _check(self.max_words >= self.min_words,
                f"data.max_words ({self.max_words}) must be >= data.min_words ({self.min_words})")
@@ -319,6 +311,9 @@ class ToyConfig:
 
     def __post_init__(self):
         _check(len(self.colors) >= 2 and len(self.directions) >= 2, "toy.colors and toy.directions need >= 2 entries")
+        _check_positive("toy", self, ("frames", "size", "patch", "layers", "heads", "head_dim", "ffn_dim"))
+        _check_seed("toy.seed", self.seed)
+        _check(self.pretrain_shift > 0, f"toy.pretrain_shift must be > 0, got {self.pretrain_shift}")
         for key, combo in ((k, c) for k in ("held_out", "rl_only") for c in getattr(self, k)):
             _check(len(parts := combo.split()) == 2 and parts[0] in self.colors and parts[1] in self.directions,
                    f"toy.{key} entry {combo!r} must be '<colour> <direction>' from toy.colors and toy.directions")
@@ -355,6 +350,7 @@ class Params:
     def __post_init__(self):
         _check(self.preset in PRESETS, f"preset must be one of {PRESETS}, got {self.preset!r}")
         _check(self.iterations >= 1, "iterations must be >= 1")
+        _check_seed("seed", self.seed)
         rollout, train = self.rollout, self.train
         samples = rollout.prompts_per_iteration * rollout.group_size
         _check(samples % train.minibatches == 0,

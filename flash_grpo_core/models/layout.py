@@ -1,9 +1,10 @@
-"""Wan 2.1 without torch: what a Diffusers-format T2V folder must hold, and the transformer
-configurations of the released 1.3B and 14B models.
+"""Wan 2.1 without torch: what a Diffusers-format T2V folder must hold (checked without loading any
+weights), and the transformer configurations of the released 1.3B and 14B models.
 
-`wan.py` loads such folders and `random_stacks.py` builds the architectures; the preflight
-(`flash_grpo_core/preflight.py`) checks folders and sizes a run from the same facts before any
-weights load, in a process that need not import torch.
+`wan.py` loads such folders and `random_stacks.py` builds the architectures; the pipeline's
+`validate` stage (`flash_grpo_core/inputs.py`) checks the folder before any stage starts, with the
+same message, and the preflight (`flash_grpo_core/preflight.py`) also sizes a run from the configs,
+in processes that need not import torch.
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ WAN_SHARED_CONFIG = {
 }
 
 
+class ModelPathError(FileNotFoundError):
+    """`model.path` does not point at a complete Diffusers-format Wan 2.1 T2V folder, or its weights
+    cannot be read; the message names the folder or file."""
+
+
 def missing_parts(root: Path) -> list[str]:
     """What a Diffusers-format Wan folder at `root` lacks, as human-readable items."""
     missing = [] if (root / "model_index.json").is_file() else ["model_index.json"]
@@ -45,3 +51,16 @@ def missing_parts(root: Path) -> list[str]:
     elif not any((tokenizer_folder / name).is_file() for name in TOKENIZER_FILES):
         missing.append("tokenizer/ vocabulary (tokenizer.json or spiece.model)")
     return missing
+
+
+def check_model_folder(root: Path) -> None:
+    """ModelPathError naming what is missing when `root` is not a complete Wan 2.1 T2V folder."""
+    hint = (
+        "Set `model.path` in params.yaml to a local Diffusers-format Wan 2.1 T2V folder "
+        "(e.g. a download of Wan-AI/Wan2.1-T2V-1.3B-Diffusers)."
+    )
+    if not root.is_dir():
+        raise ModelPathError(f"Wan model folder {root} does not exist. {hint}")
+    missing = missing_parts(root)
+    if missing:
+        raise ModelPathError(f"Wan model folder {root} is incomplete: missing {', '.join(missing)}. {hint}")

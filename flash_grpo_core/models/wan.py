@@ -15,6 +15,7 @@ own module), and the text encoder is loaded in the training dtype, not fixed to 
 
 from __future__ import annotations
 
+import contextlib
 import html
 import os
 import re
@@ -23,10 +24,11 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
+from safetensors import SafetensorError
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, UMT5EncoderModel
 
 from flash_grpo_core.artifacts.atomic import atomic_directory
-from flash_grpo_core.models.layout import missing_parts
+from flash_grpo_core.models.layout import ModelPathError, check_model_folder  # noqa: F401 - ModelPathError re-exported
 
 
 @dataclass
@@ -116,25 +118,11 @@ def save_stack(stack: WanStack, path: str | os.PathLike) -> None:
         pipeline.save_pretrained(staging)
 
 
-class ModelPathError(FileNotFoundError):
-    """`model.path` does not point at a complete Diffusers-format Wan 2.1 T2V folder."""
-
-
-def _check_model_folder(root: Path) -> None:
-    hint = (
-        "Set `model.path` in params.yaml to a local Diffusers-format Wan 2.1 T2V folder "
-        "(e.g. a download of Wan-AI/Wan2.1-T2V-1.3B-Diffusers)."
-    )
-    if not root.is_dir():
-        raise ModelPathError(f"Wan model folder {root} does not exist. {hint}")
-    missing = missing_parts(root)
-    if missing:
-        raise ModelPathError(f"Wan model folder {root} is incomplete: missing {', '.join(missing)}. {hint}")
-
-
 def load_stack(path: str | os.PathLike, dtype: torch.dtype = torch.float32, max_text_len: int = 512,
                text_encoder: bool = True) -> WanStack:
-    """Load a local Diffusers-format Wan 2.1 T2V folder; raises ModelPathError if it is incomplete.
+    """Load a local Diffusers-format Wan 2.1 T2V folder; raises ModelPathError if it is incomplete or
+    a component's files cannot be read (a truncated or foreign file, tensors of other shapes than
+    its config.json gives), naming the component's files and the loader's reason.
 
     The transformer and text encoder are loaded in `dtype` by `from_pretrained` itself, which keeps
     the modules Wan needs in fp32 (`_keep_in_fp32_modules`); a later `.to(dtype)` would not. The
@@ -142,18 +130,36 @@ def load_stack(path: str | os.PathLike, dtype: torch.dtype = torch.float32, max_
     in bfloat16 for Wan 2.1), for callers that get prompt embeddings another way.
     """
     root = Path(path).expanduser().absolute()
-    _check_model_folder(root)
-    transformer = WanTransformer3DModel.from_pretrained(
-        root, subfolder="transformer", torch_dtype=dtype, local_files_only=True
-    )
-    vae = AutoencoderKLWan.from_pretrained(root, subfolder="vae", torch_dtype=torch.float32, local_files_only=True)
-    # transformers 5 names the argument `dtype` (diffusers still uses `torch_dtype`).
-    encoder = UMT5EncoderModel.from_pretrained(root / "text_encoder", dtype=dtype, local_files_only=True) \
-        if text_encoder else None
-    tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
+    check_model_folder(root)
+    with _component(root, "transformer"):
+        transformer = WanTransformer3DModel.from_pretrained(
+            root, subfolder="transformer", torch_dtype=dtype, local_files_only=True
+        )
+    with _component(root, "vae"):
+        vae = AutoencoderKLWan.from_pretrained(root, subfolder="vae", torch_dtype=torch.float32, local_files_only=True)
+    encoder = None
+    if text_encoder:
+        with _component(root, "text_encoder"):  # transformers 5 names the argument `dtype`
+            encoder = UMT5EncoderModel.from_pretrained(root / "text_encoder", dtype=dtype, local_files_only=True)
+    with _component(root, "tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
     stack = WanStack(transformer, vae, encoder, tokenizer, max_text_len)
     freeze(stack)
     return stack
+
+
+@contextlib.contextmanager
+def _component(root: Path, name: str):
+    """ModelPathError naming the component's files for what its loader raises on unreadable files:
+    diffusers raises OSError for a bad safetensors header or a truncated file and ValueError naming
+    the tensor for a shape that its config.json does not give; transformers likewise."""
+    try:
+        yield
+    except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+        files = sorted(file.name for file in (root / name).iterdir() if file.is_file())
+        reason = " ".join(str(error).split())[:400]
+        raise ModelPathError(f"Wan model folder {root}: cannot load {name}/ ({', '.join(files)}): "
+                             f"{type(error).__name__}: {reason}") from error
 
 
 def freeze(stack: WanStack) -> None:

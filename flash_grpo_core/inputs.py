@@ -1,0 +1,118 @@
+"""Checks of a run's inputs before any stage starts, so a bad edit of `params.yaml` fails in a second
+and loses nothing (DVC removes a stage's outputs before it runs the stage's command: a stage that
+found the error itself would already have deleted its previous outputs).
+
+`check_inputs` is what the pipeline's `validate` stage (stages/validate.py), the first in dvc.yaml, and
+the train-loop flow call. It checks, without torch and without loading any weights:
+1. the whole params file (`config.load_params`): unknown keys, types, ranges, combinations;
+2. the effective `data.source` (after the selected preset's overrides): a readable prompt file or
+   train.txt / test.txt folder, and not the toy task's grid for a preset that trains Wan 2.1;
+3. for such a preset, the layout of the `model.path` folder (models/layout.py);
+4. with the curate stage's report of the same source and data settings, that `eval.num_prompts`
+   does not exceed the eval prompts it curated.
+It also warns of the base keys that the selected preset overrides (an edit there would not take
+effect), and returns the effective source's files with their sha256: the curate stage
+depends on that record, so editing the prompts reruns curate and nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from flash_grpo_core.artifacts.prompt_sources import read_prompt_file, source_digests
+from flash_grpo_core.config import ConfigError, Params, load_params, read_yaml
+from flash_grpo_core.models.layout import check_model_folder
+
+TOY_SOURCE = "prompts/toy.jsonl"  # the toy task's colour x direction grid, with its held-out split
+# Mappings that a preset replaces whole (config/loading.py), compared as one value.
+_REPLACED_WHOLE = ("weights", "options")
+_SOURCE_HINT = ("a folder with train.txt (and test.txt for the eval split), one prompt a line, e.g. the authors' "
+                "dataset/video (README, \"Prompts\")")
+
+
+@dataclass(frozen=True)
+class CheckedInputs:
+    params: Params
+    warnings: list[str]  # one line each: what the user may want to know, nothing that stops the run
+    sources: dict  # {"source": data.source, "files": {file: sha256}}
+
+
+def check_inputs(params_path: str | Path = "params.yaml", prompts_report: str | Path | None = None) -> CheckedInputs:
+    """Check everything a run reads before its first stage (see the module docstring); raises
+    ConfigError, PromptFileError or ModelPathError with a one-line message. Paths in the params are
+    relative to the working directory, as in the stages."""
+    params = load_params(params_path)
+    sources = {"source": params.data.source, "files": check_source(params)}
+    if uses_wan_weights(params):
+        check_model_folder(Path(params.model.path).expanduser().absolute())
+    if prompts_report is not None:
+        check_eval_prompts(params, sources["files"], Path(prompts_report))
+    return CheckedInputs(params, shadowed_keys(read_yaml(params_path), params.preset), sources)
+
+
+def uses_wan_weights(params: Params) -> bool:
+    """Whether the preset trains Wan 2.1 from `model.path` (not the random tiny stack or the toy model)."""
+    return params.preset not in ("tiny", "toy")
+
+
+def check_source(params: Params) -> dict[str, str]:
+    """The effective data.source's {file: sha256}, after checking that it can be read (every prompt
+    parsed) and that a Wan preset is not pointed at the toy grid or at nothing."""
+    source, preset = params.data.source, params.preset
+    where = f"data.source (or presets.{preset}.data.source)"
+    if not Path(source).exists():
+        raise ConfigError(f"data.source {source!r} does not exist: set {where} to {_SOURCE_HINT}, or to a "
+                          f".txt / .jsonl / .parquet prompt file")
+    if uses_wan_weights(params) and Path(source).resolve() == Path(TOY_SOURCE).resolve():
+        raise ConfigError(f"data.source is {source!r}, the toy task's prompt grid, but preset {preset} trains Wan "
+                          f"2.1: set {where} to {_SOURCE_HINT}")
+    read_prompt_file(source)  # a PromptFileError names the file and line
+    return source_digests(source)
+
+
+def check_eval_prompts(params: Params, files: dict[str, str], report: Path) -> None:
+    """eval.num_prompts against the eval prompts of the curate stage's `report` when that report
+    was curated from the same files with the same data settings (otherwise curate reruns and checks)."""
+    if not report.is_file():
+        return
+    try:
+        recorded = json.loads(report.read_text(encoding="utf-8"))
+        same = (recorded.get("params") == dataclasses.asdict(params.data)
+                and recorded.get("source_digests") == files)
+        curated = int(recorded["counts"]["eval"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return  # unreadable or older: curate reruns or its own check speaks
+    if same and curated < params.eval.num_prompts:
+        raise ConfigError(f"eval.num_prompts is {params.eval.num_prompts}, but {report} holds {curated} eval prompts "
+                          f"(from {params.data.source}): lower it, raise data.min_eval / data.eval_fraction, or "
+                          f"add prompts")
+
+
+def shadowed_keys(raw: dict, preset: str) -> list[str]:
+    """A warning (one line) naming each key that the base sections set and the selected preset sets
+    to another value, with both places: the base value is not used, so editing it changes nothing."""
+    overrides = ((raw.get("presets") or {}).get(preset) or {}) if isinstance(raw.get("presets"), dict) else {}
+    shadowed = [f"{key} ({base!r} in the base section, {value!r} in presets.{preset}.{key})"
+                for key, base, value in _differing(raw, overrides, "")]
+    if not shadowed:
+        return []
+    return [f"preset {preset} overrides {len(shadowed)} base key(s), whose base values are not used: "
+            f"{'; '.join(shadowed)}"]
+
+
+def _differing(base, overrides, prefix: str):
+    """(dotted key, base value, override value) for each override leaf the base sets differently."""
+    if not isinstance(base, dict) or not isinstance(overrides, dict):
+        return
+    for key, value in overrides.items():
+        dotted = f"{prefix}{key}"
+        if key not in base:
+            continue
+        if isinstance(value, dict) and isinstance(base[key], dict) and key not in _REPLACED_WHOLE:
+            yield from _differing(base[key], value, f"{dotted}.")
+        elif base[key] != value:
+            yield dotted, base[key], value
+
