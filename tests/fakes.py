@@ -96,13 +96,3 @@ def write_prompt_folder(folder: Path, train: list[str], test: list[str]) -> Path
     for name, prompts in (("train.txt", train), ("test.txt", test)):
         (folder / name).write_text("".join(f"{prompt}\n" for prompt in prompts))
     return folder
-
-
-def prompt_folder_as_jsonl(folder: Path, path: Path) -> Path:
-    """The same prompts as one .jsonl with each prompt's split (train.txt -> train, test.txt -> eval),
-    for a curate stage that reads prompt files only."""
-    records = [{"prompt": line, "split": split}
-               for name, split in (("train.txt", "train"), ("test.txt", "eval"))
-               for line in (folder / name).read_text().splitlines() if line.strip()]
-    path.write_text("".join(json.dumps(record) + "\n" for record in records))
-    return path

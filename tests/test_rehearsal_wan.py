@@ -25,7 +25,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from fakes import make_hpsv3_checkpoint, prompt_folder_as_jsonl, save_qwen2vl_base, save_wan_folder, write_prompt_folder
+from fakes import make_hpsv3_checkpoint, save_qwen2vl_base, save_wan_folder, write_prompt_folder
 from flash_grpo_core.config import load_params, read_yaml
 from flash_grpo_core.workspace import copy_project, tool_env
 from flows.params_file import _defines
@@ -41,10 +41,7 @@ TRAIN_PROMPTS = [f"a {colour} {animal} {action} in {place}" for colour, animal i
                                        ("drinking", "a mountain stream"), ("walking", "an empty city street"))]
 TEST_PROMPTS = ["waves crashing on a rocky beach at sunset", "a paper boat drifting down a rainy gutter"]
 PROMPT_FOLDER = "prompts/rehearsal"  # train.txt and test.txt, the authors' dataset/video layout
-# The curate stage reads prompt files only: until it reads a folder of train.txt / test.txt, the same
-# prompts and splits go in as one .jsonl. When test_prompt_folder_is_a_curate_source passes (it is a
-# strict xfail), set DATA_SOURCE = PROMPT_FOLDER and drop the .jsonl.
-DATA_SOURCE = "prompts/rehearsal.jsonl"
+DATA_SOURCE = PROMPT_FOLDER
 
 # Sizes for 2 CPU ranks. The authors' batch arithmetic in shape: several groups (4 prompts x 4, two
 # groups sampled on each rank), two optimizer steps an iteration (minibatches 2), each of several
@@ -93,8 +90,7 @@ def _set_params(project: Path, overrides: dict) -> list[str]:
 def rehearsal(tmp_path_factory, dvc_cache):
     project = copy_project(ROOT, tmp_path_factory.mktemp("rehearsal"), preset="wan1_3b", iterations=1,
                            cache_dir=dvc_cache)
-    folder = write_prompt_folder(project / PROMPT_FOLDER, TRAIN_PROMPTS, TEST_PROMPTS)
-    prompt_folder_as_jsonl(folder, project / "prompts" / "rehearsal.jsonl")  # only while DATA_SOURCE is it
+    write_prompt_folder(project / PROMPT_FOLDER, TRAIN_PROMPTS, TEST_PROMPTS)
     for command in (["config", "user.email", "pipeline@localhost"], ["config", "user.name", "pipeline"],
                     ["add", "-A"], ["commit", "-qm", "prompts"]):
         subprocess.run(["git", *command], cwd=project, check=True, capture_output=True)
@@ -137,20 +133,6 @@ def test_the_curated_splits_are_the_prompt_folders_files(rehearsal):
     splits = {name: set(pq.read_table(project / "runs/prompts" / f"{name}.parquet").column("prompt").to_pylist())
               for name in ("train", "eval")}
     assert splits == {"train": set(TRAIN_PROMPTS), "eval": set(TEST_PROMPTS)}
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="curate reads prompt files only, not yet a folder of train.txt / test.txt")
-def test_prompt_folder_is_a_curate_source(rehearsal, tmp_path):
-    from stages import curate
-
-    project = rehearsal[0]
-    assert curate.main(["--params", str(project / "params.yaml"), "--sources", str(project / PROMPT_FOLDER),
-                        "--out-dir", str(tmp_path)]) == 0
-    for name in ("train", "eval"):  # the same prompts and ids as the run's (in whatever order the folder is read)
-        ours, run = (pq.read_table(folder / f"{name}.parquet", columns=["id", "prompt"]).to_pylist()
-                     for folder in (tmp_path, project / "runs/prompts"))
-        assert sorted(ours, key=str) == sorted(run, key=str)
 
 
 def test_the_reward_is_hpsv3_with_the_authors_frame_settings(rehearsal):
