@@ -42,6 +42,12 @@ def engine_at(params, checkpoint: str, text_encoder: bool = True, optimizer: boo
     return engine, state
 
 
+def warn(name: str, warning: str | None) -> None:
+    """One warning line on stderr (nothing for None), as `validate: warning: ...`."""
+    if warning:
+        print(f"{name}: warning: {warning}", file=sys.stderr, flush=True)
+
+
 def progress_bar(total: int, description: str):
     """A tqdm bar on stderr, quiet when stderr is not a terminal unless FLASH_GRPO_PROGRESS=1."""
     from tqdm import tqdm

@@ -77,6 +77,7 @@ def evaluate_checkpoint(args) -> dict:
     from flash_grpo_core.artifacts.prompts import read_prompts_parquet
     from flash_grpo_core.config import ConfigError
     from flash_grpo_core.engine.distributed import current
+    from flash_grpo_core.engine.ema import unfolded_warning
     from flash_grpo_core.engine.iteration import reward_from_params
     from flash_grpo_core.metrics import summary
 
@@ -92,6 +93,9 @@ def evaluate_checkpoint(args) -> dict:
     engine, state = _common.engine_at(params, args.checkpoint)
     if state["iteration"] != args.iteration:
         raise CheckpointError(f"{args.checkpoint} holds iteration {state['iteration']}, not {args.iteration}")
+    if params.eval.use_ema and current().is_main:
+        _common.warn("eval_checkpoint", unfolded_warning(engine.policy.ema.steps, params.train.ema_every,
+                                                         args.iteration, "eval.use_ema"))
     results, videos = evaluate_units(engine, texts, params, reward)
     means = summary(results)
     if current().is_main:

@@ -58,6 +58,7 @@ def base_transformer_config(params) -> dict:
 
 def export(args) -> dict:
     from flash_grpo_core.artifacts.checkpoint import CheckpointError, check_config, read_weights
+    from flash_grpo_core.engine.ema import unfolded_warning
     from flash_grpo_core.models.export import write_export
 
     params = _common.load_params(args.params)
@@ -65,6 +66,9 @@ def export(args) -> dict:
     if state["iteration"] != args.iteration:
         raise CheckpointError(f"{args.checkpoint} holds iteration {state['iteration']}, not {args.iteration}")
     use_ema, model = params.export.use_ema, params.model
+    if use_ema:
+        _common.warn("export", unfolded_warning(int(state["ema_steps"]), params.train.ema_every, args.iteration,
+                                                "export.use_ema"))
     weights = read_weights(args.checkpoint, ema=use_ema)
     info = {"iteration": args.iteration, "use_ema": use_ema, "finetune": model.finetune, "preset": params.preset,
             "base": model.path if params.preset != "tiny" else f"tiny preset built in code (seed {params.seed})"}

@@ -16,7 +16,6 @@ dependency) lets it check `eval.num_prompts` against the eval prompts already cu
 from __future__ import annotations
 
 import argparse
-import sys
 
 from stages import _common
 
@@ -40,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
 
         checked = check_inputs(args.params, args.prompts_report)
         for warning in checked.warnings:
-            print(f"validate: warning: {warning}", file=sys.stderr)
+            _common.warn("validate", warning)
         write_json(checked.sources, args.sources)
         write_json(MARKER, args.out)
         return {"preset": checked.params.preset, "source": checked.params.data.source,

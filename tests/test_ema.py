@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from flash_grpo_core.artifacts.checkpoint import load_checkpoint, save_checkpoint
-from flash_grpo_core.engine.ema import EMA
+from flash_grpo_core.engine.ema import EMA, folds, unfolded_warning
 from flash_grpo_core.engine.trainer import Policy
 
 
@@ -88,3 +88,23 @@ def test_resuming_from_a_checkpoint_continues_the_warm_up_exactly(tmp_path, stop
     for name in straight.parameters:
         assert torch.equal(resumed.parameters[name], straight.parameters[name]), name
         assert torch.equal(resumed.ema.shadow[name], straight.ema.shadow[name]), name
+
+
+@pytest.mark.parametrize("every", [1, 2, 8])
+def test_folds_counts_what_the_ema_folded_in(every):
+    ema = EMA({"w": torch.nn.Parameter(torch.zeros(2))}, decay=0.9, every=every)
+    folded = 0
+    for steps in range(1, 20):
+        folded += ema.step()
+        assert folds(steps, every) == folded, (steps, every)
+    assert folds(0, every) == 0
+
+
+def test_a_trained_checkpoint_whose_ema_never_folded_is_named():
+    # the authors' cadence: every 8, two optimizer steps an iteration; the first fold is after step 7
+    warning = unfolded_warning(steps=6, every=8, iteration=3, key="export.use_ema")
+    assert "iteration 3 was never folded in" in warning and "after step 7" in warning
+    assert "export.use_ema: false" in warning
+    assert unfolded_warning(steps=8, every=8, iteration=4, key="eval.use_ema") is None
+    assert unfolded_warning(steps=0, every=8, iteration=0, key="eval.use_ema") is None  # the base is the base
+    assert unfolded_warning(steps=1, every=1, iteration=1, key="eval.use_ema") is None

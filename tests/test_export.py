@@ -231,3 +231,10 @@ def test_export_section_is_typed_and_rejects_unknown_keys(tmp_path):
         load_params(scratch_params(tmp_path, export={"iteration": 3}))
     with pytest.raises(ConfigError, match="export.use_ema must be true/false"):
         load_params(scratch_params(tmp_path, export={"use_ema": "yes"}))
+
+
+def test_exporting_an_ema_never_folded_in_warns(tmp_path, capsys):
+    params_path = scratch_params(tmp_path, train={"ema_every": 8})
+    checkpoint = trained_checkpoint(load_params(params_path), tmp_path / "it1" / "checkpoint")  # 0 optimizer steps
+    assert run_export(params_path, checkpoint, tmp_path / "export") == 0
+    assert "export: warning: the EMA of iteration 1 was never folded in" in capsys.readouterr().err

@@ -59,6 +59,23 @@ class EMA:
             _copy_into(self.parameters, saved)
 
 
+def folds(steps: int, every: int) -> int:
+    """How many times the weights were folded in over optimizer steps 1..`steps` (those s with
+    (s + 1) % every == 0): 0 means the EMA still holds the weights it started from."""
+    return (steps + 1) // every - 1 // every
+
+
+def unfolded_warning(steps: int, every: int, iteration: int, key: str) -> str | None:
+    """A one-line warning when a trained checkpoint's EMA was never folded in, so that using it
+    (`key`: eval.use_ema or export.use_ema) means using the untrained starting weights; else None.
+    With the authors' cadence (every 8) and two optimizer steps an iteration, iterations 1-3 are such."""
+    if iteration == 0 or folds(steps, every) > 0:
+        return None
+    return (f"the EMA of iteration {iteration} was never folded in ({steps} optimizer step(s); the first fold is "
+            f"after step {max(every - 1, 1)} with train.ema_every {every}): {key} gives the untrained starting "
+            f"weights; set {key}: false or a smaller train.ema_every for so short a run")
+
+
 @torch.no_grad()
 def _copy_into(parameters: dict[str, torch.nn.Parameter], values: dict[str, torch.Tensor]) -> None:
     for name, param in parameters.items():
