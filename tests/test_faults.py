@@ -4,6 +4,7 @@ shard's write and its rename, SIGKILL of dvc after a rename, Ctrl-C after a cold
 3 corruptions and 8 bad inputs on a scratch copy of the tiny preset, every case clean. The full
 version's record: bench/results/faults.md."""
 
+import json
 import os
 import signal
 import subprocess
@@ -75,3 +76,68 @@ def test_the_small_fault_run_is_clean(importable_bench, dvc_cache, tmp_path):
     assert results["warm_stage_runs"] > 0  # the warm cases did run warm
     table = faults.markdown(results)
     assert "| kill points | 2 | 2 resumed equal to the reference; orphaned processes: 0; artifacts lost: 0 |" in table
+
+
+# A two-stage DVC project with hard links into its cache: `check` runs scripts/verify_cache.py
+# --links and writes a stamp (`persist`: DVC leaves it in place when the check fails) that `make`
+# depends on, so the check runs before any other stage, as a pipeline's first stage would.
+LINKED_DVC_YAML = """\
+stages:
+  check:
+    cmd: python {verify} --links && echo checked > checked.txt
+    always_changed: true
+    outs:
+      - checked.txt:
+          cache: false
+          persist: true
+  make:
+    cmd: python make.py
+    deps: [make.py, checked.txt]
+    outs: [out.bin, folder]
+"""
+MAKE_PY = """\
+from pathlib import Path
+Path("out.bin").write_bytes(bytes(range(256)) * 4)
+Path("folder").mkdir(exist_ok=True)
+Path("folder/a.bin").write_bytes(b"weights" * 100)
+Path("folder/b.txt").write_text("a listing\\n")
+"""
+
+
+def _linked_project(folder: Path) -> Path:
+    from flash_grpo_core.workspace import tool_env
+
+    (folder / "dvc.yaml").write_text(LINKED_DVC_YAML.format(verify=ROOT / "scripts" / "verify_cache.py"))
+    (folder / "make.py").write_text(MAKE_PY)
+    for command in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "config", "cache.type", "hardlink"]):
+        subprocess.run(command, cwd=folder, env=tool_env(), check=True, capture_output=True)
+    return folder
+
+
+@pytest.mark.slow
+def test_a_linked_output_edited_in_place_is_named_before_anything_reruns(tmp_path):
+    from flash_grpo_core.lock_outputs import cache_dir, changed_outputs, read_lock, verify_linked_outputs
+    from flash_grpo_core.workspace import tool_env
+
+    project = _linked_project(tmp_path)
+    dvc = [str(Path(sys.executable).parent / "dvc"), "repro"]
+    first = subprocess.run(dvc, cwd=project, env=tool_env(), capture_output=True, text=True, check=False)
+    assert first.returncode == 0, first.stderr
+    outs = read_lock(project / "dvc.lock")
+    assert changed_outputs(project, outs) == {}  # DVC's md5s, of a file and of a directory, recomputed
+    assert (project / "folder/a.bin").stat().st_nlink == 2 and verify_linked_outputs(project) == []
+    victim = project / "folder/a.bin"
+    victim.chmod(0o644)  # DVC's read-only protection, which root ignores anyway
+    with open(victim, "r+b") as handle:
+        handle.write(b"W")
+    folder_md5 = next(out.md5 for out in outs if out.path == "folder")
+    listing = json.loads((cache_dir(project) / "files/md5" / folder_md5[:2] / folder_md5[2:]).read_text())
+    recorded = next(entry["md5"] for entry in listing if entry["relpath"] == "a.bin")
+    poisoned = cache_dir(project) / "files/md5" / recorded[:2] / recorded[2:]
+    assert poisoned.read_bytes().startswith(b"W")  # the cache object changed with the output
+    second = subprocess.run(dvc, cwd=project, env=tool_env(), capture_output=True, text=True, check=False)
+    first_line = second.stderr.strip().splitlines()[0]
+    assert first_line.startswith("verify_cache: error: folder/a.bin (output of make)") and recorded in first_line
+    assert "exited with 2" in second.stderr and "Running stage 'make'" not in second.stdout
+    assert victim.read_bytes().startswith(b"W") and (project / "checked.txt").is_file()
+    assert changed_outputs(project, outs) == {"folder": "changed"}
