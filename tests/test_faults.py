@@ -1,7 +1,9 @@
 """Fault injection: the fault points stages and writers expose (flash_grpo_core/faults.py), and the
 harness bench/faults.py in its small version: 3 kill points (SIGKILL of a warm stage between a
 shard's write and its rename, SIGKILL of dvc after a rename, Ctrl-C after a cold stage finished),
-3 corruptions and 8 bad inputs on a scratch copy of the tiny preset, every case clean. The full
+3 corruptions and 8 bad inputs on a scratch copy of the tiny preset, every case clean, and 11 bad
+edits through `dvc repro` on the finished workspace, each recorded with the outputs it lost; the
+check of linked outputs (scripts/verify_cache.py --links) in a DVC project with hard links. The full
 version's record: bench/results/faults.md."""
 
 import json
@@ -76,6 +78,25 @@ def test_the_small_fault_run_is_clean(importable_bench, dvc_cache, tmp_path):
     assert results["warm_stage_runs"] > 0  # the warm cases did run warm
     table = faults.markdown(results)
     assert "| kill points | 2 | 2 resumed equal to the reference; orphaned processes: 0; artifacts lost: 0 |" in table
+    _check_repro_record(results, table)
+
+
+def _check_repro_record(results: dict, table: str) -> None:
+    """The repro cases are measured, not all clean: a stage refusing its params after DVC removed its
+    outputs loses them until the params are checked first; the record names those cases. What holds
+    either way: each case ran, DVC failed on every bad edit, the cases that must not lose anything
+    (DVC's own refusal of an unreadable params file, a damaged output DVC restores or reruns) lost nothing."""
+    from bench import faults_repro_cases
+
+    repro, cases = results["repro"], {case["case"]: case for case in results["cases"]["repro"]}
+    assert repro["tried"] == len(cases) == len(faults_repro_cases.SMALL) == 11
+    assert repro["lost"] == len(repro["lost_cases"]) == sum(bool(case["lost"]) for case in cases.values())
+    assert all(case["dvc_exit"] != 0 for case in cases.values() if case["expect"] in ("refused", "dvc"))
+    for name in ("params: unclosed bracket", "params: empty file", "checkpoint safetensors truncated"):
+        assert cases[name]["passed"] and not cases[name]["lost"], cases[name]
+    assert "params.yaml" in cases["params: unclosed bracket"]["first_line"]
+    assert repro["passed"] == sum(case["passed"] for case in cases.values())
+    assert f"| bad inputs through `dvc repro` on a finished workspace | 11 | {repro['passed']} passed" in table
 
 
 # A two-stage DVC project with hard links into its cache: `check` runs scripts/verify_cache.py
