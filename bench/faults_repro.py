@@ -45,7 +45,7 @@ class ReproCase:
     category: str
     expect: str  # one of EXPECTATIONS
     names: str  # what the message line must contain (`repaired`: the output must name the rerun stage)
-    params: dict | None = None  # dotted keys set in the workspace's params.yaml (None: a deleted key)
+    params: dict | None = None  # dotted keys set in the workspace's params.yaml (a value of DELETE: removed)
     edit: Callable[[Path], None] | None = None  # an edit of the project's files, given the project folder
 
 
