@@ -14,11 +14,15 @@ Then three sets of cases, each described in its module:
   header byte flipped, deleted, replaced by a valid file of other content; detected by DVC or by
   the reading stage (exit code 2, the file named), and repaired by `dvc repro`;
 - bad inputs (bench/faults_inputs.py): wrong params, prompt files, model folders, checkpoints,
-  reward server requests; exit code 2 and a first stderr line naming the key or file (HTTP 4xx).
+  reward server requests; exit code 2 and a first stderr line naming the key or file (HTTP 4xx);
+- bad inputs through `dvc repro` (bench/faults_repro.py, corpus bench/faults_repro_cases.py): each
+  bad edit applied to the finished reference workspace, then `dvc repro` as a user runs it; the
+  failing stage's exit code, the first line of its message, and every dvc.lock output no longer in
+  place with its md5 (`repro.lost`: the cases that lost finished outputs, and which).
 `--small` is the version the test suite runs (tests/test_faults.py): the reference ends at
-`update@1`, with 3 kill points, 3 corruptions and 8 bad inputs. Every count is measured: a case
-that fails is recorded as failing, with what happened. Writes bench/results/faults.{json,md}
-(`--small`: faults-small.*).
+`update@1`, with 2 kill points, 3 corruptions, 8 bad inputs and 11 repro cases. Every count is
+measured: a case that fails is recorded as failing, with what happened. Writes
+bench/results/faults.{json,md} (`--small`: faults-small.*).
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench import faults_corrupt, faults_inputs, faults_kills  # importable once the project root is on the path
+# importable once the project root is on the path
+from bench import faults_corrupt, faults_inputs, faults_kills, faults_repro, faults_repro_cases
 from bench.faults_report import markdown
 from bench.faults_workspace import Workspace
 
@@ -73,11 +78,14 @@ def _run_cases(workspace: Workspace, small: bool) -> dict:
     if not small:
         bad_inputs += [_logged(result, "clear") for result in faults_inputs.run_requests(workspace)]
     faults_inputs.cleanup(workspace)
+    repro = [_logged(faults_repro.run_repro_case(workspace, case), "passed")
+             for case in (faults_repro_cases.SMALL if small else faults_repro_cases.FULL)]
     return {"version": "small" if small else "full", "preset": "tiny", "iterations": 2,
             "reference": " ".join(["dvc", *workspace.repro_args()]), "seconds": round(time.perf_counter() - began),
             "cores": os.cpu_count(),
             "warm_stage_runs": workspace.warm_served(), **summary(kills, corruptions, bad_inputs),
-            "cases": {"kill_points": kills, "corruptions": corruptions, "bad_inputs": bad_inputs}}
+            "repro": faults_repro.summary(repro),
+            "cases": {"kill_points": kills, "corruptions": corruptions, "bad_inputs": bad_inputs, "repro": repro}}
 
 
 def summary(kills: list[dict], corruptions: list[dict], bad_inputs: list[dict]) -> dict:
@@ -122,7 +130,8 @@ def main(argv=None) -> None:
     (args.out_dir / f"{name}.md").write_text(markdown(results))
     for key in ("kill_points", "corruptions", "bad_inputs"):
         _say(f"{key}: {json.dumps(results[key])}")
-    _say(f"lost: {results['lost']}")
+    _say(f"repro: {json.dumps(results['repro'])}")
+    _say(f"lost (kill points): {results['lost']}; repro cases that lost outputs: {results['repro']['lost']}")
 
 
 if __name__ == "__main__":

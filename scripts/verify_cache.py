@@ -2,6 +2,7 @@
 
     python scripts/verify_cache.py                 # the checkout's cache (`dvc cache dir`)
     python scripts/verify_cache.py --cache DIR     # another cache (e.g. a shared one)
+    python scripts/verify_cache.py --links         # only the outputs that are links, against dvc.lock
 
 DVC 3 stores an object under `files/md5/<first 2 hex>/<other 30 hex>`: a file's md5 is its name, and
 a directory's listing is a JSON `.dir` object whose md5 is the name without `.dir`. DVC trusts those
@@ -9,12 +10,16 @@ names: an object changed in place (through a hard link or symlink to an output, 
 "Caching") stays "cached" and `dvc checkout` / `dvc repro` link or copy its bad bytes back. This
 finds them; remove each one it names and run `dvc repro` (or `dvc fetch` from a remote) to restore
 it. Directory listings are also checked for entries whose object is missing.
+
+`--links` is the cheap check to run before every `dvc repro` when `cache.type` allows links: it
+re-hashes only the workspace outputs that are hard links or symlinks into the cache against their
+md5 in dvc.lock (flash_grpo_core/lock_outputs.py), so an output edited in place is named before a
+stage reruns and DVC links the damaged object back.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import re
 import shutil
@@ -22,16 +27,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # flash_grpo_core, run as a script
+
+from flash_grpo_core.lock_outputs import file_md5 as md5  # noqa: E402  (after the path above)
+
 OBJECT_NAME = re.compile(r"[0-9a-f]{30}(\.dir)?")
 BAD_EXIT = 2
-
-
-def md5(path: Path) -> str:
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def objects(cache: Path) -> list[Path]:
@@ -82,7 +83,11 @@ def configured_cache() -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python scripts/verify_cache.py", description=__doc__.splitlines()[0])
     parser.add_argument("--cache", type=Path, default=None, help="the DVC cache (default: `dvc cache dir`)")
+    parser.add_argument("--links", action="store_true",
+                        help="check only the workspace outputs that are links into the cache, against dvc.lock")
     args = parser.parse_args(argv)
+    if args.links:
+        return verify_links(args.cache)
     args.cache = args.cache or configured_cache()
     if not args.cache.is_dir():
         print(f"verify_cache: error: {args.cache} is not a directory", file=sys.stderr)
@@ -91,6 +96,17 @@ def main(argv: list[str] | None = None) -> int:
     for path, why in bad:
         print(f"verify_cache: bad object {path}: {why}", file=sys.stderr)
     print(f"verify_cache: {checked} objects checked, {len(bad)} bad")
+    return BAD_EXIT if bad else 0
+
+
+def verify_links(cache: Path | None) -> int:
+    """`--links`: name every linked output of this checkout changed in place; exit code 2 if any."""
+    from flash_grpo_core.lock_outputs import verify_linked_outputs
+
+    bad = verify_linked_outputs(Path.cwd(), cache=cache)
+    for line in bad:
+        print(f"verify_cache: error: {line}", file=sys.stderr)
+    print(f"verify_cache: linked outputs checked against dvc.lock, {len(bad)} changed")
     return BAD_EXIT if bad else 0
 
 

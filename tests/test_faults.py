@@ -1,9 +1,12 @@
 """Fault injection: the fault points stages and writers expose (flash_grpo_core/faults.py), and the
 harness bench/faults.py in its small version: 3 kill points (SIGKILL of a warm stage between a
 shard's write and its rename, SIGKILL of dvc after a rename, Ctrl-C after a cold stage finished),
-3 corruptions and 8 bad inputs on a scratch copy of the tiny preset, every case clean. The full
+3 corruptions and 8 bad inputs on a scratch copy of the tiny preset, every case clean, and 11 bad
+edits through `dvc repro` on the finished workspace, each recorded with the outputs it lost; the
+check of linked outputs (scripts/verify_cache.py --links) in a DVC project with hard links. The full
 version's record: bench/results/faults.md."""
 
+import json
 import os
 import signal
 import subprocess
@@ -75,3 +78,87 @@ def test_the_small_fault_run_is_clean(importable_bench, dvc_cache, tmp_path):
     assert results["warm_stage_runs"] > 0  # the warm cases did run warm
     table = faults.markdown(results)
     assert "| kill points | 2 | 2 resumed equal to the reference; orphaned processes: 0; artifacts lost: 0 |" in table
+    _check_repro_record(results, table)
+
+
+def _check_repro_record(results: dict, table: str) -> None:
+    """The repro cases are measured, not all clean: a stage refusing its params after DVC removed its
+    outputs loses them until the params are checked first; the record names those cases. What holds
+    either way: each case ran, DVC failed on every bad edit, the cases that must not lose anything
+    (DVC's own refusal of an unreadable params file, a damaged output DVC restores or reruns) lost nothing."""
+    from bench import faults_repro_cases
+
+    repro, cases = results["repro"], {case["case"]: case for case in results["cases"]["repro"]}
+    assert repro["tried"] == len(cases) == len(faults_repro_cases.SMALL) == 11
+    assert repro["lost"] == len(repro["lost_cases"]) == sum(bool(case["lost"]) for case in cases.values())
+    assert all(case["dvc_exit"] != 0 for case in cases.values() if case["expect"] in ("refused", "dvc"))
+    for name in ("params: unclosed bracket", "params: empty file", "checkpoint safetensors truncated"):
+        assert cases[name]["passed"] and not cases[name]["lost"], cases[name]
+    assert "params.yaml" in cases["params: unclosed bracket"]["first_line"]
+    assert repro["passed"] == sum(case["passed"] for case in cases.values())
+    assert f"| bad inputs through `dvc repro` on a finished workspace | 11 | {repro['passed']} passed" in table
+
+
+# A two-stage DVC project with hard links into its cache: `check` runs scripts/verify_cache.py
+# --links and writes a stamp (`persist`: DVC leaves it in place when the check fails) that `make`
+# depends on, so the check runs before any other stage, as a pipeline's first stage would.
+LINKED_DVC_YAML = """\
+stages:
+  check:
+    cmd: python {verify} --links && echo checked > checked.txt
+    always_changed: true
+    outs:
+      - checked.txt:
+          cache: false
+          persist: true
+  make:
+    cmd: python make.py
+    deps: [make.py, checked.txt]
+    outs: [out.bin, folder]
+"""
+MAKE_PY = """\
+from pathlib import Path
+Path("out.bin").write_bytes(bytes(range(256)) * 4)
+Path("folder").mkdir(exist_ok=True)
+Path("folder/a.bin").write_bytes(b"weights" * 100)
+Path("folder/b.txt").write_text("a listing\\n")
+"""
+
+
+def _linked_project(folder: Path) -> Path:
+    from flash_grpo_core.workspace import tool_env
+
+    (folder / "dvc.yaml").write_text(LINKED_DVC_YAML.format(verify=ROOT / "scripts" / "verify_cache.py"))
+    (folder / "make.py").write_text(MAKE_PY)
+    for command in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "config", "cache.type", "hardlink"]):
+        subprocess.run(command, cwd=folder, env=tool_env(), check=True, capture_output=True)
+    return folder
+
+
+@pytest.mark.slow
+def test_a_linked_output_edited_in_place_is_named_before_anything_reruns(tmp_path):
+    from flash_grpo_core.lock_outputs import cache_dir, changed_outputs, read_lock, verify_linked_outputs
+    from flash_grpo_core.workspace import tool_env
+
+    project = _linked_project(tmp_path)
+    dvc = [str(Path(sys.executable).parent / "dvc"), "repro"]
+    first = subprocess.run(dvc, cwd=project, env=tool_env(), capture_output=True, text=True, check=False)
+    assert first.returncode == 0, first.stderr
+    outs = read_lock(project / "dvc.lock")
+    assert changed_outputs(project, outs) == {}  # DVC's md5s, of a file and of a directory, recomputed
+    assert (project / "folder/a.bin").stat().st_nlink == 2 and verify_linked_outputs(project) == []
+    victim = project / "folder/a.bin"
+    victim.chmod(0o644)  # DVC's read-only protection, which root ignores anyway
+    with open(victim, "r+b") as handle:
+        handle.write(b"W")
+    folder_md5 = next(out.md5 for out in outs if out.path == "folder")
+    listing = json.loads((cache_dir(project) / "files/md5" / folder_md5[:2] / folder_md5[2:]).read_text())
+    recorded = next(entry["md5"] for entry in listing if entry["relpath"] == "a.bin")
+    poisoned = cache_dir(project) / "files/md5" / recorded[:2] / recorded[2:]
+    assert poisoned.read_bytes().startswith(b"W")  # the cache object changed with the output
+    second = subprocess.run(dvc, cwd=project, env=tool_env(), capture_output=True, text=True, check=False)
+    first_line = second.stderr.strip().splitlines()[0]
+    assert first_line.startswith("verify_cache: error: folder/a.bin (output of make)") and recorded in first_line
+    assert "exited with 2" in second.stderr and "Running stage 'make'" not in second.stdout
+    assert victim.read_bytes().startswith(b"W") and (project / "checked.txt").is_file()
+    assert changed_outputs(project, outs) == {"folder": "changed"}
