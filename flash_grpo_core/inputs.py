@@ -9,7 +9,9 @@ the train-loop flow call. It checks, without torch and without loading any weigh
    train.txt / test.txt folder, and not the toy task's grid for a preset that trains Wan 2.1;
 3. for such a preset, the layout of the `model.path` folder (models/layout.py);
 4. with the curate stage's report of the same source and data settings, that `eval.num_prompts`
-   does not exceed the eval prompts it curated.
+   does not exceed the eval prompts it curated;
+5. with `cache.type` hardlink/symlink opted into, that no output linked into the DVC cache was
+   edited in place (`lock_outputs.verify_linked_outputs`: only links are hashed).
 It also warns of the base keys that the selected preset overrides (an edit there would not take
 effect), and returns the effective source's files with their sha256: the curate stage
 depends on that record, so editing the prompts reruns curate and nothing else.
@@ -24,6 +26,7 @@ from pathlib import Path
 
 from flash_grpo_core.artifacts.prompt_sources import read_prompt_file, source_digests
 from flash_grpo_core.config import ConfigError, Params, load_params, read_yaml
+from flash_grpo_core.lock_outputs import require_intact_links
 from flash_grpo_core.models.layout import check_model_folder
 
 TOY_SOURCE = "prompts/toy.jsonl"  # the toy task's colour x direction grid, with its held-out split
@@ -50,6 +53,7 @@ def check_inputs(params_path: str | Path = "params.yaml", prompts_report: str | 
         check_model_folder(Path(params.model.path).expanduser().absolute())
     if prompts_report is not None:
         check_eval_prompts(params, sources["files"], Path(prompts_report))
+    require_intact_links(Path("."))  # with cache.type hardlink/symlink: an output edited in place
     return CheckedInputs(params, shadowed_keys(read_yaml(params_path), params.preset), sources)
 
 

@@ -25,6 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+class DamagedOutputError(ValueError):
+    """Outputs linked into the DVC cache were changed in place; the message names each, one a line."""
+
+
 @dataclass(frozen=True)
 class LockedOutput:
     """One output of dvc.lock: its path (relative to the project), md5, and the stage writing it."""
@@ -151,3 +155,12 @@ def verify_linked_outputs(root: Path, lock: Path | None = None, cache: Path | No
                        f"(md5 {actual}, {recorded}): the cache object changed with it; remove "
                        f"{object_path or 'the object'} and {relative}, then run `dvc repro`")
     return bad
+
+
+def require_intact_links(root: Path) -> None:
+    """DamagedOutputError naming every linked output changed in place (nothing without a dvc.lock)."""
+    if not (Path(root) / "dvc.lock").is_file():
+        return
+    damaged = verify_linked_outputs(root)
+    if damaged:
+        raise DamagedOutputError("\n".join(damaged))

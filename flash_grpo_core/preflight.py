@@ -34,6 +34,7 @@ from pathlib import Path
 
 from flash_grpo_core import plan
 from flash_grpo_core.config import ConfigError, load_params
+from flash_grpo_core.lock_outputs import verify_linked_outputs
 from flash_grpo_core.models.layout import missing_parts
 
 NPROC_ENV, NNODES_ENV = "FLASH_GRPO_NPROC_PER_NODE", "FLASH_GRPO_NNODES"  # stages/_launch.py's
@@ -262,6 +263,7 @@ def preflight(params, project: Path) -> Report:
     for check in (check_model_folder, check_model_paths):
         report.problems += check(params, project)
     report.problems += check_prompts(params, project) + check_reward_server(params)
+    report.problems += verify_linked_outputs(project) if (project / "dvc.lock").is_file() else []
     nproc, nnodes, problems = world_size()
     gpus, card = visible_gpus()
     device, device_problems = check_devices(params, nproc, gpus)

@@ -60,9 +60,10 @@ def light_errors() -> tuple[type[BaseException], ...]:
     """The known input errors whose modules import no torch: what the params and inputs checks raise."""
     from flash_grpo_core.artifacts.prompt_sources import PromptFileError
     from flash_grpo_core.config import ConfigError
+    from flash_grpo_core.lock_outputs import DamagedOutputError
     from flash_grpo_core.models.layout import ModelPathError
 
-    return ConfigError, ModelPathError, PromptFileError
+    return ConfigError, ModelPathError, PromptFileError, DamagedOutputError
 
 
 def known_errors() -> tuple[type[BaseException], ...]:

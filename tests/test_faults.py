@@ -162,3 +162,8 @@ def test_a_linked_output_edited_in_place_is_named_before_anything_reruns(tmp_pat
     assert "exited with 2" in second.stderr and "Running stage 'make'" not in second.stdout
     assert victim.read_bytes().startswith(b"W") and (project / "checked.txt").is_file()
     assert changed_outputs(project, outs) == {"folder": "changed"}
+    # what the pipeline's validate stage and the preflight (the train-loop flow's first step) call
+    from flash_grpo_core.lock_outputs import DamagedOutputError, require_intact_links
+
+    with pytest.raises(DamagedOutputError, match="folder/a.bin \\(output of make\\)"):
+        require_intact_links(project)
