@@ -47,14 +47,73 @@ def check_inputs(params_path: str | Path = "params.yaml", prompts_report: str | 
     """Check everything a run reads before its first stage (see the module docstring); raises
     ConfigError, PromptFileError or ModelPathError with a one-line message. Paths in the params are
     relative to the working directory, as in the stages."""
-    params = load_params(params_path)
+    params, raw = load_params(params_path), read_yaml(params_path)
+    check_dvc_params(raw)
     sources = {"source": params.data.source, "files": check_source(params)}
+    if prompts_report is not None:  # the curated counts, semantic filter included, when still current
+        check_eval_prompts(params, sources["files"], Path(prompts_report))
+    check_curation(params)
     if uses_wan_weights(params):
         check_model_folder(Path(params.model.path).expanduser().absolute())
-    if prompts_report is not None:
-        check_eval_prompts(params, sources["files"], Path(prompts_report))
+    check_reward_options(params)
     require_intact_links(Path("."))  # with cache.type hardlink/symlink: an output edited in place
-    return CheckedInputs(params, shadowed_keys(read_yaml(params_path), params.preset), sources)
+    return CheckedInputs(params, shadowed_keys(raw, params.preset), sources)
+
+
+def check_dvc_params(raw: dict, dvc_file: Path = Path("dvc.yaml")) -> None:
+    """Every params entry of dvc.yaml's stages is in the params file. A key the dataclasses do not
+    need (they have defaults) but a stage lists would stop DVC with 'Parameters ... are missing'
+    only once it reaches that stage, after it has removed the stage's outputs."""
+    if not dvc_file.is_file():
+        return
+    for name, stage in (read_yaml(dvc_file).get("stages") or {}).items():
+        for entry in stage.get("do", stage).get("params") or []:
+            if not isinstance(entry, str):
+                continue  # a params file of its own
+            key, node = entry.replace("${preset}", str(raw.get("preset"))), raw
+            for part in key.split("."):
+                if not isinstance(node, dict) or part not in node:
+                    raise ConfigError(f"{key} is missing from the params file, and dvc.yaml's {name} stage reads it: "
+                                      f"set it (the repository's params.yaml has every key)")
+                node = node[part]
+
+
+def check_curation(params: Params) -> None:
+    """The effective source, curated with the data section's exact filters (the semantic one left
+    out: it needs a model, and only removes more), leaves a train prompt and `eval.num_prompts`
+    eval prompts: the curate stage's own check (`curated_counts`), before DVC removes its outputs."""
+    from flash_grpo_core.artifacts.prompt_sources import read_prompt_sources
+    from flash_grpo_core.artifacts.prompts import curate
+
+    exact = dataclasses.replace(params.data, semantic_threshold=None)
+    curated_counts(curate(read_prompt_sources([params.data.source]), exact), [params.data.source],
+                   params.eval.num_prompts)
+
+
+def curated_counts(result, sources: list[str], eval_prompts: int | None) -> None:
+    """Enough prompts for what the pipeline will ask of them, or a ConfigError: at least one train
+    prompt, and (given) as many eval prompts as `eval.num_prompts`."""
+    counts = result.report["counts"]
+    where = f"{', '.join(sources)}: {counts['in']} prompts in, dropped {json.dumps(counts['dropped'])}"
+    if not result.train:
+        raise ConfigError(f"no train prompts left ({where}, {counts['eval']} eval); add prompts or loosen the "
+                          f"data section's filters")
+    if eval_prompts is not None and len(result.eval) < eval_prompts:
+        raise ConfigError(f"{len(result.eval)} eval prompts ({where}), but eval.num_prompts is {eval_prompts}: "
+                          f"lower it, raise data.min_eval / data.eval_fraction, or add prompts")
+
+
+def check_reward_options(params: Params) -> None:
+    """The configured rewards build with their options (unknown options, a missing weights path)
+    without loading any model. Rewards import torch: done only when some reward has options."""
+    if not any(params.reward.options.values()):
+        return
+    from flash_grpo_core.engine.iteration import reward_from_params
+
+    try:
+        reward_from_params(params)
+    except TypeError as error:  # an option the reward's constructor does not take
+        raise ConfigError(f"reward.options: {error}") from error
 
 
 def uses_wan_weights(params: Params) -> bool:

@@ -57,20 +57,11 @@ def source_paths(args) -> list[str]:
 
 
 def check_counts(result, sources: list[str], params_path: str | None) -> None:
-    """Enough prompts for what the pipeline will ask of them, or a ConfigError before anything is
-    written: at least one train prompt, and as many eval prompts as `eval.num_prompts`."""
-    from flash_grpo_core.config import ConfigError, load_params
+    """Enough prompts for the run (`inputs.curated_counts`), before anything is written."""
+    from flash_grpo_core.config import load_params
+    from flash_grpo_core.inputs import curated_counts
 
-    counts = result.report["counts"]
-    where = f"{', '.join(sources)}: {counts['in']} prompts in, dropped {json.dumps(counts['dropped'])}"
-    if not result.train:
-        raise ConfigError(f"no train prompts left ({where}, {counts['eval']} eval); add prompts or loosen the "
-                          f"data section's filters")
-    if params_path is not None:
-        wanted = load_params(params_path).eval.num_prompts
-        if len(result.eval) < wanted:
-            raise ConfigError(f"{len(result.eval)} eval prompts ({where}), but eval.num_prompts is {wanted}: "
-                              f"lower it, raise data.min_eval / data.eval_fraction, or add prompts")
+    curated_counts(result, sources, load_params(params_path).eval.num_prompts if params_path else None)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -141,11 +141,11 @@ def test_the_update_stage_reads_the_manifest_before_loading_the_model(tmp_path, 
 
 @pytest.mark.parametrize(("overrides", "message"), [
     ({"model.device": "tpu"}, "model.device must be auto, cpu, cuda or cuda:<index>, got 'tpu'"),
-    ({"rollout.height": 0}, "rollout.height, width and frames must be > 0"),
+    ({"rollout.height": 0}, "rollout.height, rollout.width and rollout.frames must be > 0"),
     ({"rollout.noise_level": -1.0}, "rollout.noise_level must be null"),
     ({"train.weight_decay": -0.1}, "train.weight_decay must be >= 0"),
-    ({"eval.guidance": float("nan")}, "eval.guidance must be >= 1"),
-    ({"rollout.guidance": float("nan")}, "rollout.guidance must be >= 1"),
+    ({"eval.guidance": float("nan")}, "eval.guidance must be a finite number"),
+    ({"rollout.guidance": float("nan")}, "rollout.guidance must be a finite number"),
 ])
 def test_values_that_failed_deep_in_a_stage_are_config_errors(overrides, message):
     from flash_grpo_core.config import params_from_dict

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from ruamel.yaml import YAML
 
-from flash_grpo_core.config import ConfigError
+from flash_grpo_core.config import ConfigError, read_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,8 +98,13 @@ def test_eval_prompts_above_the_curated_eval_set_fail_before_curate(tmp_path, ca
     code, _, err = _validate(_params(tmp_path, presets__tiny__eval__num_prompts=7), tmp_path / "v", capsys, report)
     assert code == 2 and "eval.num_prompts is 7, but" in err[-1] and "holds 6 eval prompts" in err[-1]
     assert _validate(_params(tmp_path, presets__tiny__eval__num_prompts=6), tmp_path / "v", capsys, report)[0] == 0
-    report.write_text(json.dumps({**recorded, "source_digests": {"prompts/toy.jsonl": "0" * 64}}))
-    assert _validate(_params(tmp_path, presets__tiny__eval__num_prompts=7), tmp_path / "v", capsys, report)[0] == 0
+    # a report of other prompt files is not used (it says 4: 5 would fail); the source itself, curated
+    # here with the exact filters, holds 6, so 5 passes and 7 does not
+    report.write_text(json.dumps({**recorded, "source_digests": {"prompts/toy.jsonl": "0" * 64},
+                                  "counts": {"eval": 4}}))
+    assert _validate(_params(tmp_path, presets__tiny__eval__num_prompts=5), tmp_path / "v", capsys, report)[0] == 0
+    code, _, err = _validate(_params(tmp_path, presets__tiny__eval__num_prompts=7), tmp_path / "v", capsys, report)
+    assert code == 2 and err[-1].startswith("validate: error: 6 eval prompts (prompts/toy.jsonl: 24 prompts in")
 
 
 def _prompt_folder(root: Path, train: str = "a cat on a mat\na dog in fog\n", test: str | None = "a fox in a box\n"):
@@ -130,7 +135,7 @@ def test_a_wan_preset_on_the_toy_grid_or_no_prompts_fails_naming_data_source(tmp
     (tmp_path / "prompts" / "toy.jsonl").write_text((ROOT / "prompts" / "toy.jsonl").read_text())
     _wan_folder(tmp_path)
     wan = {"presets__wan1_3b__model__path": "models/wan", "presets__wan1_3b__reward__weights": {"brightness": 1.0},
-           "presets__wan1_3b__reward__options": {}}
+           "presets__wan1_3b__reward__options": {}, "presets__wan1_3b__eval__num_prompts": 1}
     code, _, err = _validate(_params(tmp_path, "wan1_3b", **wan), tmp_path / "v", capsys)
     assert code == 2 and err[-1].startswith("validate: error: data.source is 'prompts/toy.jsonl', the toy task's")
     assert "presets.wan1_3b.data.source" in err[-1] and "train.txt" in err[-1] and "dataset/video" in err[-1]
@@ -210,3 +215,24 @@ def test_shadowed_keys_compare_replaced_mappings_whole():
         from flash_grpo_core.inputs import check_inputs
 
         check_inputs(ROOT / "no-such-params.yaml")
+
+
+def test_prompts_that_curate_would_refuse_and_unknown_reward_options_fail_validate(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "prompts").mkdir()
+    (tmp_path / "prompts" / "short.txt").write_text("red\nblue\n")  # below data.min_words: nothing survives
+    code, _, err = _validate(_params(tmp_path, data__source="prompts/short.txt"), tmp_path / "v", capsys)
+    assert code == 2 and err[-1].startswith("validate: error: no train prompts left (prompts/short.txt: 2 prompts in")
+    (tmp_path / "prompts" / "toy.jsonl").write_text((ROOT / "prompts" / "toy.jsonl").read_text())
+    code, _, err = _validate(_params(tmp_path, reward__options={"brightness": {"bogus": 1}}), tmp_path / "v", capsys)
+    assert code == 2 and "reward.options:" in err[-1] and "'bogus'" in err[-1]
+
+
+def test_a_key_a_dvc_stage_reads_must_be_in_the_params_file():
+    from flash_grpo_core.inputs import check_dvc_params
+
+    raw = read_yaml(ROOT / "params.yaml")
+    check_dvc_params(raw, ROOT / "dvc.yaml")  # the repository's params hold every key its stages list
+    del raw["train"]["learning_rate"]  # the dataclass has a default, DVC's params check does not
+    with pytest.raises(ConfigError, match="train.learning_rate is missing from the params file, and dvc.yaml's init"):
+        check_dvc_params(raw, ROOT / "dvc.yaml")

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import dataclasses
 import types
 import typing
@@ -57,6 +58,7 @@ def _coerce(hint, value: Any, where: str):
     if hint is float:
         _check(isinstance(value, (int, float)) and not isinstance(value, bool),
                f"{where} must be a number, got {value!r}")
+        _check(math.isfinite(value), f"{where} must be a finite number, got {value!r}")
         return float(value)
     if hint is bool or hint is int:
         _check(type(value) is hint, f"{where} must be {'true/false' if hint is bool else 'an integer'}, got {value!r}")

@@ -54,9 +54,9 @@ class ModelConfig:
         _check(self.dtype in ("auto", "float32", "bfloat16", "float16"), f"model.dtype: unknown {self.dtype!r}")
         for key, choices in (("finetune", FINETUNE_KINDS), ("lora_init", LORA_INITS), ("lora_compute", LORA_COMPUTES)):
             _check(getattr(self, key) in choices, f"model.{key} must be one of {choices}, got {getattr(self, key)!r}")
-        _check(self.lora_rank > 0 and self.lora_alpha > 0, "model.lora_rank and lora_alpha must be > 0")
+        _check(self.lora_rank > 0 and self.lora_alpha > 0, f"model.lora_rank and model.lora_alpha must be > 0, got {self.lora_rank} and {self.lora_alpha}")
         _check(all(t.strip() for t in self.lora_targets or [""]), "model.lora_targets must list module-name suffixes")
-        _check(self.text_len > 0 and self.checkpoint_every > 0, "model.text_len and checkpoint_every must be > 0")
+        _check(self.text_len > 0 and self.checkpoint_every > 0, f"model.text_len and model.checkpoint_every must be > 0, got {self.text_len} and {self.checkpoint_every}")
         _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)) is not None,
                f"model.device must be auto, cpu, cuda or cuda:<index>, got {self.device!r}")
 
@@ -103,13 +103,15 @@ class RolloutConfig:
         _check(self.noise_level is None or (math.isfinite(self.noise_level) and self.noise_level > 0),
                f"rollout.noise_level must be null (the noise kind's default) or > 0, got {self.noise_level!r}")
         _check(self.height > 0 and self.width > 0 and self.frames > 0,
-               f"rollout.height, width and frames must be > 0, got {self.height}x{self.width}x{self.frames}")
+               f"rollout.height, rollout.width and rollout.frames must be > 0, got {self.height}x{self.width}x{self.frames}")
         _check(self.prompts_per_iteration >= 1 and self.group_size >= 2,
-               "rollout.prompts_per_iteration must be >= 1 and group_size >= 2 (advantages need a group)")
+               "rollout.prompts_per_iteration must be >= 1 and rollout.group_size >= 2 (advantages need a group)")
         _check(self.batch_size >= 1, "rollout.batch_size must be >= 1")
-        for key in ("head_steps", "tail_steps"):
+        # at most k head steps (k <= K - 1) and N - k - 1 tail steps: a larger count changes nothing
+        for key, most in (("head_steps", self.num_candidates - 1), ("tail_steps", self.num_steps - 1)):
             value = getattr(self, key)
-            _check(value is None or value >= 1, f"rollout.{key} must be >= 1 solver steps, or null (off), got {value}")
+            _check(value is None or 1 <= value <= max(most, 1),
+                   f"rollout.{key} must be between 1 and {max(most, 1)} solver steps, or null (off), got {value}")
         _check(self.guidance_until is None or 0 < self.guidance_until <= 1,
                f"rollout.guidance_until must be a sigma in (0, 1], or null (guidance everywhere), "
                f"got {self.guidance_until}")
@@ -151,13 +153,13 @@ class TrainConfig:
         _check(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
         _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas must be two numbers in [0, 1)")
         _check(self.clip_range > 0 and self.adv_clip > 0 and self.grad_clip > 0,
-               "train.clip_range, adv_clip and grad_clip must be > 0")
+               "train.clip_range, train.adv_clip and train.grad_clip must be > 0")
         _check(self.kl_beta >= 0, "train.kl_beta must be >= 0")
-        _check(self.minibatches >= 1 and self.micro_batch >= 1, "train.minibatches and micro_batch must be >= 1")
-        _check(0 <= self.ema_decay < 1 and self.ema_every >= 1, "train.ema_decay must be in [0, 1), ema_every >= 1")
+        _check(self.minibatches >= 1 and self.micro_batch >= 1, "train.minibatches and train.micro_batch must be >= 1")
+        _check(0 <= self.ema_decay < 1 and self.ema_every >= 1, "train.ema_decay must be in [0, 1) and train.ema_every >= 1")
         _check(0 < self.timestep_fraction <= 1, "train.timestep_fraction must be in (0, 1]")
         _check(self.window_size >= 1 and self.window_stride >= 1 and self.window_every >= 1,
-               "train.window_size, window_stride and window_every must be >= 1")
+               "train.window_size, train.window_stride and train.window_every must be >= 1")
         _check(self.optimizer_state in OPTIMIZER_STATES,
                f"train.optimizer_state must be one of {OPTIMIZER_STATES}, got {self.optimizer_state!r}")
         _check(self.keep_optimizer_states >= 1, "train.keep_optimizer_states must be >= 1")
@@ -209,7 +211,7 @@ class EvalConfig:
     metrics: dict[str, dict] = field(default_factory=dict)
 
     def __post_init__(self):
-        _check(self.num_steps >= 1 and self.num_prompts >= 1, "eval.num_steps and num_prompts must be >= 1")
+        _check(self.num_steps >= 1 and self.num_prompts >= 1, "eval.num_steps and eval.num_prompts must be >= 1")
         _check(self.report_samples >= 0 and self.fps >= 1, "eval.report_samples must be >= 0 and eval.fps >= 1")
         _check(self.samples_per_prompt >= 1, "eval.samples_per_prompt must be >= 1")
         _check_seed("eval.seed", self.seed)
@@ -384,7 +386,7 @@ class Params:
             r = self.rollout
             _check((r.frames - 1) % 4 == 0, f"rollout.frames - 1 must be divisible by 4 (Wan's VAE), got {r.frames}")
             _check(r.height % 16 == 0 and r.width % 16 == 0,
-                   f"rollout.height and width must be multiples of 16, got {r.height}x{r.width}")
+                   f"rollout.height and rollout.width must be multiples of 16, got {r.height}x{r.width}")
         if self.preset not in ("tiny", "toy"):
             _check(bool(self.model.path),
                    f"preset {self.preset} loads Wan 2.1 weights: set presets.{self.preset}.model.path in params.yaml "
