@@ -116,7 +116,7 @@ def replica_checksums(tensors: dict[str, torch.Tensor]) -> list[int]:
         return []
     sums = [t.detach().contiguous().view(_SAME_WIDTH_INTEGER[t.element_size()]).sum(dtype=torch.int64)
             for t in tensors.values()]
-    return torch.stack([value.cpu() for value in sums]).tolist()
+    return torch.stack(sums).cpu().tolist()
 
 
 def check_replicas(tensors: dict[str, torch.Tensor], what: str) -> None:
