@@ -91,3 +91,36 @@ def test_rectification_weights_modes():
     assert torch.allclose(flow.double(), (noise_scales(sigmas) / delta.sqrt())[steps], atol=1e-5)
     with pytest.raises(ValueError, match="unknown rectify mode"):
         rectification_factors(sigmas, "partial")
+
+
+def test_rectification_weights_average_one_in_each_optimizer_step():
+    """SPEC 3: the mean is over the items of the current optimizer step, not over the iteration."""
+    factors = torch.tensor([1.0, 2.0, 4.0, 8.0], dtype=torch.float64)  # c of steps 0..3
+    # step 1 trains steps [0, 1, 1, 3]: c = [1, 2, 2, 8], mean 13/4 -> [4, 8, 8, 32] / 13
+    first = rectification_weights(factors, torch.tensor([0, 1, 1, 3]), "exact")
+    assert torch.allclose(first, torch.tensor([4.0, 8.0, 8.0, 32.0]) / 13)
+    # step 2 trains steps [2, 2, 3]: c = [4, 4, 8], mean 16/3 -> [0.75, 0.75, 1.5]
+    second = rectification_weights(factors, torch.tensor([2, 2, 3]), "exact")
+    assert torch.allclose(second, torch.tensor([0.75, 0.75, 1.5]))
+    assert first.mean().item() == pytest.approx(1.0) and second.mean().item() == pytest.approx(1.0)
+    # one mean over the iteration's 7 items (29 / 7) would give step 1 a mean weight of 3.25 x 7 / 29 = 0.78
+    assert rectification_weights(factors, torch.tensor([0, 1, 1, 3, 2, 2, 3]), "exact")[:4].mean().item() == \
+        pytest.approx(3.25 * 7 / 29)
+    assert torch.equal(rectification_weights(factors * 0 + 1, torch.tensor([2, 2, 3]), "none"), torch.ones(3))
+    assert rectification_weights(factors, torch.tensor([], dtype=torch.long), "exact").numel() == 0
+
+
+def test_step_weights_cover_the_items_the_step_trains():
+    """engine/trainer.py: an optimizer step's weights over its trained items (zero-advantage ones
+    skipped), laid out [S, T], zero for items of other steps."""
+    from types import SimpleNamespace
+
+    from flash_grpo_core.engine.trainer import step_weights
+
+    factors = torch.tensor([1.0, 2.0, 4.0, 8.0], dtype=torch.float64)
+    steps = torch.tensor([[0, 3], [1, 2], [3, 3]])  # [S=3, T=2]
+    ctx = SimpleNamespace(batch=SimpleNamespace(steps=steps))
+    # flat items 0 (step 0), 2 (step 1), 5 (step 3): c = [1, 2, 8], mean 11/3 -> [3, 6, 24] / 11
+    weights = step_weights(ctx, torch.tensor([5, 0, 2]), factors, "exact")
+    expected = torch.tensor([[3.0, 0.0], [6.0, 0.0], [0.0, 24.0]]) / 11
+    assert torch.allclose(weights, expected) and weights.sum().item() == pytest.approx(3.0)

@@ -9,6 +9,10 @@ process and on 96 GPUs.
 Work is split in units that do not depend on the world size (whole shards of prompt groups, whole
 evaluation prompts), so every unit is computed exactly as a 1-process run computes it and the
 outputs are the same bytes whatever the world size: `owned_units` deals the units round-robin.
+
+`check_replicas` is the cluster's guard against ranks that drift apart (a data-parallel wrapper
+that stopped averaging gradients, a rank that skipped a step): an exact checksum per tensor,
+gathered from every rank, and one error line naming the ranks and tensors that differ.
 """
 
 from __future__ import annotations
@@ -95,3 +99,36 @@ def sum_counts(values: dict[str, int]) -> dict[str, int]:
         for key, value in part.items():
             totals[key] = totals.get(key, 0) + value
     return totals
+
+
+class ReplicaMismatch(RuntimeError):
+    """Ranks that should hold identical copies of some tensors hold different ones."""
+
+
+_SAME_WIDTH_INTEGER = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def replica_checksums(tensors: dict[str, torch.Tensor]) -> list[int]:
+    """One exact integer per tensor: the sum of its elements' bit patterns, read as integers of the
+    element's width (a changed bit in one element changes it). Computed where the tensors live, one
+    copy to the host."""
+    if not tensors:
+        return []
+    sums = [t.detach().contiguous().view(_SAME_WIDTH_INTEGER[t.element_size()]).sum(dtype=torch.int64)
+            for t in tensors.values()]
+    return torch.stack(sums).cpu().tolist()
+
+
+def check_replicas(tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Raise ReplicaMismatch on every rank when the ranks' `tensors` (same names everywhere) are not
+    bit for bit the same; one collective, nothing on one process."""
+    if not current().distributed:
+        return
+    gathered = gather_objects(replica_checksums(tensors))  # [world size][number of tensors]
+    apart = [rank for rank, sums in enumerate(gathered) if sums != gathered[0]]
+    if apart:
+        names = list(tensors)
+        differing = [names[i] for i in range(len(names)) if len({sums[i] for sums in gathered}) > 1]
+        raise ReplicaMismatch(f"rank(s) {apart} hold other {what} than rank 0: {len(differing)} of {len(names)} "
+                              f"tensors differ (e.g. {differing[0]}); the ranks did not average their gradients "
+                              "alike, so the update stops here")

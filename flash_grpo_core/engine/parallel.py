@@ -1,8 +1,9 @@
 """Data parallelism for the update: gradients averaged across ranks by torch's own engines.
 
 - `ddp`: DistributedDataParallel. Every rank holds the whole model; DDP averages the trainable
-  weights' gradients in buckets overlapped with the backward pass. The default for LoRA (a few MB
-  of adapter over a frozen base).
+  weights' gradients in buckets overlapped with the backward pass (of the last micro-batch of an
+  optimizer step: the others accumulate under `no_sync`). The default for LoRA (a few MB of
+  adapter over a frozen base). Not `static_graph`, which PyTorch does not support with `no_sync`.
 - `fsdp`: FSDP2 (`fully_shard`), each transformer block sharded on its own, then the root, so a
   rank holds 1/N of the weights, gradients, AdamW moments and EMA; a block's weights are gathered
   just for its forward and backward. The default for full fine-tuning, and the choice for LoRA on
@@ -27,15 +28,17 @@ STRATEGIES = ("ddp", "fsdp")
 
 
 class DDPParallel:
+    replicated = True  # every rank holds every trainable weight: the replicas can be compared
+
     def __init__(self, transformer: torch.nn.Module, device: torch.device):
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [device.index] if device.type == "cuda" else None
-        # Every trained weight takes part in every backward (masked items still run), so DDP need
-        # not search for unused parameters. No static graph: its first backward must synchronise, and
-        # an optimizer step of several micro-batches starts under no_sync (torch 2.13 fails an internal
-        # assert, reducer.cpp "expect_autograd_hooks_"). The checkpointing is non-reentrant
-        # (models/wan.py), which DDP handles without one.
+        # Every trained weight takes part in every backward (masked items still run), so DDP need not
+        # search for unused parameters. No static_graph: with no_sync it fails the first accumulated
+        # backward and, worked around, stops averaging gradients after the first iteration (pytorch
+        # issue 143580; docs/distributed.md). Activation checkpointing is torch's non-reentrant one,
+        # which fires each weight's gradient hook once per backward, as plain DDP expects.
         self.module = DistributedDataParallel(transformer, device_ids=device_ids)
 
     def no_sync(self):
@@ -43,6 +46,8 @@ class DDPParallel:
 
 
 class FSDPParallel:
+    replicated = False  # each weight lives on one rank only (sharded): nothing to compare
+
     def __init__(self, transformer: torch.nn.Module):
         self.module = transformer  # fully_shard changes the module in place
 

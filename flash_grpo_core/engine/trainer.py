@@ -3,16 +3,19 @@
 Trained items are (sample, step) pairs of a `RolloutBatch`. Per iteration the items are shuffled and
 split into `minibatches` optimizer steps (the first is exactly on-policy, later ones slightly off
 it, which is what the ratio clip is for). Each item's loss term is weighted by its rectification
-weight; the loss is the mean over a minibatch's items, that is over its samples and their trained
-steps (SPEC 5, 6: Flow-GRPO and MixGRPO average over the trained steps), and is accumulated over
-micro-batches so memory does not grow with T.
+weight, normalised over the items the optimizer step trains (method/rectify.py, SPEC 3); the loss
+is the mean over a minibatch's items, that is over its samples and their trained steps (SPEC 5, 6:
+Flow-GRPO and MixGRPO average over the trained steps), and is accumulated over micro-batches so
+memory does not grow with T.
 Items whose advantage is exactly zero carry no signal and are skipped (`skip_zero_advantage`).
 
 On several ranks every rank holds the whole batch and draws the same minibatches; each takes every
 world-size-th item of a minibatch, and gradients are averaged across ranks by the data-parallel
 wrapper (DDP or FSDP2, engine/parallel.py) with the last micro-batch. Zero-advantage items are
 skipped by all ranks alike, and a rank with fewer items than the others runs masked ones, so every
-rank makes the same collective calls (ranks that disagree on them deadlock).
+rank makes the same collective calls (ranks that disagree on them deadlock). After every optimizer
+step the ranks compare checksums of their trainable weights (DDP keeps a full copy on each) and the
+update fails at once if they differ (engine/distributed.py `check_replicas`).
 """
 
 from __future__ import annotations
@@ -129,7 +132,7 @@ class StepContext:
     scales: torch.Tensor  # [N]
     guidance: float
     cfg_sequential: bool = False  # the CFG halves one after the other (predict_velocity)
-    weights: torch.Tensor | None = None  # [S, T] rectification weights, set by update_policy
+    weights: torch.Tensor | None = None  # [S, T] rectification weights of the current optimizer step's items
 
 
 def score_items(policy: Policy, ctx: StepContext, items: torch.Tensor, counter: PassCounter,
@@ -171,12 +174,11 @@ def update_policy(policy: Policy, ctx: StepContext, step_factors: torch.Tensor, 
                   generator: torch.Generator, counter: PassCounter, progress=None) -> dict[str, float]:
     """Run the minibatch optimizer steps of one iteration; return averaged training metrics."""
     total, trained = ctx.batch.steps.shape
-    ctx.weights = rectification_weights(step_factors, ctx.batch.steps, train.rectify)  # [S, T]
     order = torch.randperm(total * trained, generator=generator)
     per_minibatch = total * trained // train.minibatches
     history: list[dict[str, float]] = []
     for chunk in order.split(per_minibatch):
-        history.append(_minibatch_step(policy, ctx, chunk, train, counter, items_in_chunk=len(chunk)))
+        history.append(_minibatch_step(policy, ctx, chunk, step_factors, train, counter))
         if progress is not None:
             progress.update(len(chunk))
     summed = {"trained_items"}
@@ -198,14 +200,24 @@ def rank_micro_batches(items: torch.Tensor, micro_batch: int, rank: int, world_s
     return list(zip(padded.split(micro_batch), live.split(micro_batch)))
 
 
-def _minibatch_step(policy: Policy, ctx: StepContext, items: torch.Tensor, train: TrainConfig,
-                    counter: PassCounter, items_in_chunk: int) -> dict[str, float]:
-    from flash_grpo_core.engine.distributed import current, gather_objects
+def step_weights(ctx: StepContext, items: torch.Tensor, step_factors: torch.Tensor, mode: str) -> torch.Tensor:
+    """[S, T] rectification weights of the flat `items` one optimizer step trains (all ranks' items:
+    every rank holds the whole batch), normalised over those items; 0 elsewhere."""
+    steps = ctx.batch.steps.reshape(-1)[items]  # [M]
+    weights = torch.zeros(ctx.batch.steps.numel(), dtype=torch.float32, device=steps.device)
+    weights[items] = rectification_weights(step_factors, steps, mode)
+    return weights.reshape(ctx.batch.steps.shape)
 
-    world = current()
+
+def _minibatch_step(policy: Policy, ctx: StepContext, items: torch.Tensor, step_factors: torch.Tensor,
+                    train: TrainConfig, counter: PassCounter) -> dict[str, float]:
+    from flash_grpo_core.engine.distributed import check_replicas, current, gather_objects
+
+    world, items_in_chunk = current(), len(items)
     signal = ctx.advantages[items // ctx.batch.steps.shape[1]] != 0  # [M], the same on every rank
     if train.skip_zero_advantage:
         items = items[signal]
+    ctx.weights = step_weights(ctx, items, step_factors, train.rectify)  # [S, T]
     policy.optimizer.zero_grad(set_to_none=True)
     micros = rank_micro_batches(items, train.micro_batch, world.rank, world.size)
     loss_sum, new_parts, old_parts = 0.0, [], []
@@ -227,6 +239,8 @@ def _minibatch_step(policy: Policy, ctx: StepContext, items: torch.Tensor, train
             raise NonFiniteError(f"gradient norm is {grad_norm}; the optimizer step was not taken")
         policy.optimizer.step()
     policy.ema.step()
+    if policy.parallel is not None and policy.parallel.replicated:
+        check_replicas(policy.parameters, f"trainable weights after optimizer step {policy.ema.steps}")
     parts = gather_objects((loss_sum, [t.cpu() for t in new_parts], [t.cpu() for t in old_parts]))
     new_all = [t for part in parts for t in part[1]]
     stats = {"clip_fraction": 0.0, "approx_kl": 0.0, "ratio_mean": 1.0}

@@ -1,8 +1,12 @@
 """Temporal gradient rectification (TGR, SPEC section 3): per-item weights of the policy loss.
 
 Each trained item (one sample at one step i) gets a factor from the schedule:
-- `exact`: c(t_i) = 1/g(t_i), normalised by its mean over the global batch so the average weight
-  is 1 and the learning rate keeps its meaning (Flash-GRPO);
+- `exact`: c(t_i) = 1/g(t_i), normalised by its mean over the items of one optimizer step, on all
+  ranks together, so each step's average weight is 1 and the learning rate keeps its meaning
+  (Flash-GRPO; SPEC 3, the authors' `w = 1 / reduce(value.mean())`). The items are those the step
+  actually trains: after zero-advantage items are skipped (`train.skip_zero_advantage`), without
+  the masked copies that pad a rank's share (engine/trainer.py). Every rank holds the whole batch
+  and draws the same minibatches, so the caller passes the step's items and no collective is needed;
 - `none`: 1 (plain GRPO, for ablations);
 - `flow_grpo`: s_i / sqrt(-dt), without normalisation: a partial rectification that cancels the
   first term of g(t_i) = sqrt(-dt)/s_i + s_i sqrt(-dt) (1 - sigma_i) / (2 sigma_i) and keeps the
@@ -18,7 +22,6 @@ from __future__ import annotations
 import torch
 
 from flash_grpo_core.choices import RECTIFY_MODES
-from flash_grpo_core.method.reductions import global_mean
 from flash_grpo_core.method.sde import noise_scales, rectification_coefficients
 
 
@@ -37,12 +40,13 @@ def rectification_factors(
 
 
 def rectification_weights(step_factors: torch.Tensor, steps: torch.Tensor, mode: str) -> torch.Tensor:
-    """Weights of the trained items, float32 shaped like `steps`.
+    """Weights of the items one optimizer step trains, float32 shaped like `steps`.
 
-    `step_factors` is `rectification_factors(...)` [N]; `steps` holds each item's step index.
-    In `exact` mode the weights are divided by their mean over the whole global batch.
+    `step_factors` is `rectification_factors(...)` [N]; `steps` holds the step index of each item
+    the optimizer step trains (all ranks' items, any shape). In `exact` mode the weights are divided
+    by their mean over `steps`, so they average 1 over the optimizer step.
     """
     weights = step_factors.to(steps.device)[steps]
-    if mode == "exact":
-        weights = weights / global_mean(weights)
+    if mode == "exact" and weights.numel():
+        weights = weights / weights.mean()
     return weights.float()

@@ -1,7 +1,8 @@
 """Reductions over the global batch (all ranks) that degrade to local ones without torch.distributed.
 
-Rectification weights and the advantage std are defined over the whole global batch (SPEC 3, 5);
-these helpers make that true on many GPUs and trivially true on one process.
+The advantage std is defined over the whole global batch (SPEC 5); these helpers make that true
+on many GPUs and trivially true on one process. (The rectification mean, SPEC 3, covers one
+optimizer step's items, which every rank holds: method/rectify.py needs no reduction.)
 """
 
 from __future__ import annotations
