@@ -33,7 +33,7 @@ from pathlib import Path
 from bench.faults_workspace import BIN, Result, Workspace, run_command
 from flash_grpo_core.lock_outputs import changed_outputs, locked_outputs
 
-MESSAGE_LINE = re.compile(r"(: error:|^ERROR:|warning)", re.IGNORECASE)
+MESSAGE_LINE = re.compile(r"(: error:|^ERROR:)")
 STAGE_EXIT = re.compile(r"failed to reproduce '([^']+)'.*exited with (-?\d+)")
 EXPECTATIONS = ("refused", "dvc", "warned", "repaired")
 DELETE = object()  # a `params` value: remove the key
@@ -75,14 +75,25 @@ def reset_project(workspace: Workspace) -> None:
     workspace.restore()
 
 
-def message_line(result: Result, expect: str) -> str:
-    """The line a user reads: a warning for `warned`, else the first stderr line that carries an
-    error (the failing stage's `<stage>: error: ...`, or DVC's `ERROR: ...`), else the first one."""
+def message_line(result: Result, expect: str, names: str) -> str:
+    """The line a user reads: for `warned`, the warning line that names `names` (else the first
+    warning); else the first stderr line that carries an error (the failing stage's
+    `<stage>: error: ...`, or DVC's `ERROR: ...`), else the first one. Warnings before an error
+    (the validate stage's, of preset-shadowed keys) are not the message."""
     if expect == "warned":
-        lines = (result.stderr + "\n" + result.stdout).splitlines()
-        return next((line for line in lines if "warning" in line.lower()), "")
+        warnings = [line for line in (result.stderr + "\n" + result.stdout).splitlines() if "warning" in line.lower()]
+        return next((line for line in warnings if names in line), warnings[0] if warnings else "")
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     return next((line for line in lines if MESSAGE_LINE.search(line)), lines[0] if lines else "")
+
+
+def _excerpt(line: str, names: str, width: int = 300) -> str:
+    """`line` cut to `width` characters around where it names `names` (a warning may list many keys)."""
+    at = line.find(names)
+    if len(line) <= width or at < width - len(names) - 20:
+        return line[:width]
+    start = max(0, at - width // 2)
+    return "..." + line[start:start + width]
 
 
 def stage_last_line(result: Result) -> str:
@@ -108,10 +119,11 @@ def run_repro_case(workspace: Workspace, case: ReproCase, timeout: float = 300) 
         reset_project(workspace)
     failed = STAGE_EXIT.search(result.stderr)
     ran = re.findall(r"Running stage '([^']+)'", result.stdout)
-    line = workspace.scrub(message_line(result, case.expect))
+    line = workspace.scrub(message_line(result, case.expect, case.names))
     record = {"case": case.name, "category": case.category, "expect": case.expect, "names": case.names,
               "dvc_exit": result.code, "failed_stage": failed.group(1) if failed else None,
-              "stage_exit": int(failed.group(2)) if failed else None, "ran": ran, "first_line": line[:300],
+              "stage_exit": int(failed.group(2)) if failed else None, "ran": ran, "first_line": _excerpt(line, case.names),
+              "named": case.names in line,
               "traceback": "Traceback" in result.stderr,
               "stage_last_line": workspace.scrub(stage_last_line(result))[:300],
               "lost": [f"{path} ({state})" for path, state in lost.items()],
@@ -123,7 +135,7 @@ def run_repro_case(workspace: Workspace, case: ReproCase, timeout: float = 300) 
 
 def passed(record: dict, result: Result) -> bool:
     """Whether the case met its expectation (module docstring) and lost nothing."""
-    expect, named = record["expect"], record["names"] in record["first_line"]
+    expect, named = record["expect"], record["named"]
     if record["lost"] or record["traceback"] or record["orphans"]:
         return False
     if expect == "refused":
@@ -138,7 +150,7 @@ def passed(record: dict, result: Result) -> bool:
 def summary(cases: list[dict]) -> dict:
     lost = [case for case in cases if case["lost"]]
     return {"tried": len(cases), "passed": sum(case["passed"] for case in cases),
-            "exit2_named": sum(case["stage_exit"] == 2 and case["names"] in case["first_line"] for case in cases),
+            "exit2_named": sum(case["stage_exit"] == 2 and case["named"] for case in cases),
             "lost": len(lost), "lost_outputs": sum(len(case["lost"]) for case in lost),
             "lost_cases": [case["case"] for case in lost],
             "by_expectation": {kind: sum(case["expect"] == kind for case in cases) for kind in EXPECTATIONS
