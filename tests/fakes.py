@@ -96,3 +96,22 @@ def write_prompt_folder(folder: Path, train: list[str], test: list[str]) -> Path
     for name, prompts in (("train.txt", train), ("test.txt", test)):
         (folder / name).write_text("".join(f"{prompt}\n" for prompt in prompts))
     return folder
+
+
+def params_file(tmp_path: Path, preset: str = "tiny", **keys) -> Path:
+    """The repository's params.yaml with `preset` selected and dotted keys (`a__b`) set, written to
+    `tmp_path`."""
+    from ruamel.yaml import YAML
+
+    yaml = YAML(typ="safe", pure=True)
+    data = yaml.load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    data["preset"] = preset
+    for dotted, value in keys.items():
+        *parents, leaf = dotted.split("__")
+        node = data
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    path = tmp_path / "params.yaml"
+    yaml.dump(data, path)
+    return path

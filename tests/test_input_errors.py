@@ -9,26 +9,12 @@ from pathlib import Path
 import pytest
 from ruamel.yaml import YAML
 
+from fakes import params_file
 from flash_grpo_core.config import ConfigError
 from flash_grpo_core.workspace import tool_env
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _params_file(tmp_path: Path, preset: str = "tiny", **sections) -> Path:
-    """The repository's params.yaml with `preset` selected and some base keys changed."""
-    yaml = YAML(typ="safe", pure=True)
-    data = yaml.load((ROOT / "params.yaml").read_text())
-    data["preset"] = preset
-    for dotted, value in sections.items():
-        *parents, leaf = dotted.split("__")
-        node = data
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    path = tmp_path / "params.yaml"
-    yaml.dump(data, path)
-    return path
+_params_file = params_file
 
 
 def _module(*args, cwd=ROOT):

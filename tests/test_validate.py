@@ -6,27 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
-from ruamel.yaml import YAML
 
+from fakes import params_file
 from flash_grpo_core.config import ConfigError, read_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _params(tmp_path: Path, preset: str = "tiny", **keys) -> Path:
-    """The repository's params.yaml with `preset` selected and dotted keys (`a__b`) set."""
-    yaml = YAML(typ="safe", pure=True)
-    data = yaml.load((ROOT / "params.yaml").read_text())
-    data["preset"] = preset
-    for dotted, value in keys.items():
-        *parents, leaf = dotted.split("__")
-        node = data
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    path = tmp_path / "params.yaml"
-    yaml.dump(data, path)
-    return path
+_params = params_file
 
 
 def _validate(params: Path, out: Path, capsys, report: Path | None = None) -> tuple[int, list[str], list[str]]:
