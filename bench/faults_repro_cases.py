@@ -253,7 +253,8 @@ MODELS = [
     ReproCase("toy preset, model.path missing", "model", "refused", "models/no-such-toy",
               params={"preset": "toy", "presets.toy.model.path": "models/no-such-toy"}),
     ReproCase("wan preset, model.path missing", "model", "refused", "models/no-such-wan",
-              params={"preset": "wan1_3b", "presets.wan1_3b.model.path": "models/no-such-wan"}),
+              params={"preset": "wan1_3b", "presets.wan1_3b.model.path": "models/no-such-wan",
+                      "data.source": "prompts/example.txt"}),  # real prompts: the toy grid is refused first
 ]
 OUTPUTS = [  # damaged finished outputs: DVC's hash sees them and reruns the stage that wrote them
     ReproCase("checkpoint safetensors truncated", "outputs", "repaired", "'init'",

@@ -49,9 +49,9 @@ def check_inputs(params_path: str | Path = "params.yaml", prompts_report: str | 
     relative to the working directory, as in the stages."""
     params, raw = load_params(params_path), read_yaml(params_path)
     check_dvc_params(raw)
+    sources = {"source": params.data.source, "files": check_source(params)}
     if uses_wan_weights(params):
         check_model_folder(Path(params.model.path).expanduser().absolute())
-    sources = {"source": params.data.source, "files": check_source(params)}
     if prompts_report is not None:  # the curated counts, semantic filter included, when still current
         check_eval_prompts(params, sources["files"], Path(prompts_report))
     check_curation(params)
