@@ -108,8 +108,11 @@ def test_every_sample_keeps_its_noise_whatever_the_batch(tiny_params):
 @pytest.mark.parametrize("overrides,message", [
     ({"train__mode": "full", "rollout__tail_steps": 3}, "flash rollouts .* only; .*train.mode 'full'"),
     ({"train__mode": "window", "rollout__guidance_until": 0.5}, "train.mode 'window'"),
-    ({"rollout__tail_steps": 0}, "rollout.tail_steps must be >= 1"),
-    ({"rollout__head_steps": -2}, "rollout.head_steps must be >= 1"),
+    ({"rollout__tail_steps": 0}, "rollout.tail_steps must be between 1 and 19 solver steps"),
+    ({"rollout__head_steps": -2}, "rollout.head_steps must be between 1 and 9 solver steps"),
+    # at most k <= K - 1 head steps and N - 1 tail steps: more would change nothing
+    ({"rollout__head_steps": 10}, r"rollout.head_steps must be between 1 and 9 solver steps.* got 10"),
+    ({"rollout__tail_steps": 20}, r"rollout.tail_steps must be between 1 and 19 solver steps.* got 20"),
     ({"rollout__guidance_until": 0.0}, r"rollout.guidance_until must be a sigma in \(0, 1\]"),
 ])
 def test_cheaper_rollout_options_are_validated(tiny_params, overrides, message):
