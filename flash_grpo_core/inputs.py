@@ -33,7 +33,7 @@ TOY_SOURCE = "prompts/toy.jsonl"  # the toy task's colour x direction grid, with
 # Mappings that a preset replaces whole (config/loading.py), compared as one value.
 _REPLACED_WHOLE = ("weights", "options")
 _SOURCE_HINT = ("a folder with train.txt (and test.txt for the eval split), one prompt a line, e.g. the authors' "
-                "dataset/video (README, \"Prompts\")")
+                "dataset/video (README, \"First real run\")")
 
 
 @dataclass(frozen=True)
