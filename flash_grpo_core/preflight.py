@@ -95,14 +95,15 @@ def _shown(path: Path, project: Path) -> str:
 
 def check_prompts(params, project: Path) -> list[str]:
     """The effective prompt source (the selected preset's `data.source`, else the base one): readable,
-    and not the toy grid for a preset that trains Wan 2.1; the validate stage's own check
-    (`inputs.check_source`), with paths relative to the checkout."""
+    not the toy grid for a preset that trains Wan 2.1, and enough prompts once curated; the validate
+    stage's own checks (`inputs.check_source`, `check_curation`), with paths relative to the checkout."""
     from flash_grpo_core.artifacts.prompt_sources import PromptFileError
-    from flash_grpo_core.inputs import check_source
+    from flash_grpo_core.inputs import check_curation, check_source
 
     try:
         with contextlib.chdir(project):
             check_source(params)
+            check_curation(params)
     except (ConfigError, PromptFileError) as error:
         return [str(error)]
     return []

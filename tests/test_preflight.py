@@ -48,7 +48,8 @@ def _complete_layout(root: Path, folder: str = "Wan2.1-T2V-1.3B-Diffusers", arch
     _touch(root / "models" / "HPSv3" / "HPSv3.safetensors")
     _touch(root / "models" / "Qwen2-VL-7B-Instruct" / "config.json", "{}")
     _touch(root / "prompts" / "video" / "train.txt", "A cat walks on the grass\n")
-    _touch(root / "prompts" / "video" / "test.txt", "A dog runs on the beach\n")
+    # as many eval prompts as the wan presets' eval.num_prompts (8)
+    _touch(root / "prompts" / "video" / "test.txt", "".join(f"A dog runs on beach number {i}\n" for i in range(8)))
     text = (root / "params.yaml").read_text().replace("  source: prompts/toy.jsonl", "  source: prompts/video")
     (root / "params.yaml").write_text(text)
 
@@ -213,3 +214,12 @@ def test_the_preflight_imports_no_torch():
     code = ("import sys; from flash_grpo_core import preflight; preflight.main(['--preset', 'wan1_3b']); "
             "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, check=False).returncode == 0
+
+
+def test_a_prompt_source_that_curation_would_empty_is_a_problem(checkout):
+    (checkout / "prompts").mkdir(exist_ok=True)
+    (checkout / "prompts" / "short.txt").write_text("red\nblue\n")  # below data.min_words: nothing survives
+    text = (checkout / "params.yaml").read_text().replace("  source: prompts/toy.jsonl", "  source: prompts/short.txt")
+    (checkout / "params.yaml").write_text(text)
+    problems = preflight.preflight(load_params(checkout / "params.yaml", preset="tiny"), checkout).problems
+    assert [p for p in problems if p.startswith("no train prompts left (prompts/short.txt: 2 prompts in")], problems
