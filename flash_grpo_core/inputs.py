@@ -26,12 +26,11 @@ from pathlib import Path
 
 from flash_grpo_core.artifacts.prompt_sources import read_prompt_file, source_digests
 from flash_grpo_core.config import ConfigError, Params, load_params, read_yaml
+from flash_grpo_core.config.loading import REPLACED_WHOLE  # mappings a preset replaces whole: compared as one value
 from flash_grpo_core.lock_outputs import require_intact_links
 from flash_grpo_core.models.layout import check_model_folder
 
 TOY_SOURCE = "prompts/toy.jsonl"  # the toy task's colour x direction grid, with its held-out split
-# Mappings that a preset replaces whole (config/loading.py), compared as one value.
-_REPLACED_WHOLE = ("weights", "options")
 _SOURCE_HINT = ("a folder with train.txt (and test.txt for the eval split), one prompt a line, e.g. the authors' "
                 "dataset/video (README, \"First real run\")")
 
@@ -50,7 +49,7 @@ def check_inputs(params_path: str | Path = "params.yaml", prompts_report: str | 
     params, raw = load_params(params_path), read_yaml(params_path)
     check_dvc_params(raw)
     sources = {"source": params.data.source, "files": check_source(params)}
-    if uses_wan_weights(params):
+    if params.uses_wan_weights:
         check_model_folder(Path(params.model.path).expanduser().absolute())
     if prompts_report is not None:  # the curated counts, semantic filter included, when still current
         check_eval_prompts(params, sources["files"], Path(prompts_report))
@@ -116,11 +115,6 @@ def check_reward_options(params: Params) -> None:
         raise ConfigError(f"reward.options: {error}") from error
 
 
-def uses_wan_weights(params: Params) -> bool:
-    """Whether the preset trains Wan 2.1 from `model.path` (not the random tiny stack or the toy model)."""
-    return params.preset not in ("tiny", "toy")
-
-
 def check_source(params: Params) -> dict[str, str]:
     """The effective data.source's {file: sha256}, after checking that it can be read (every prompt
     parsed) and that a Wan preset is not pointed at the toy grid or at nothing."""
@@ -129,7 +123,7 @@ def check_source(params: Params) -> dict[str, str]:
     if not Path(source).exists():
         raise ConfigError(f"data.source {source!r} does not exist: set {where} to {_SOURCE_HINT}, or to a "
                           f".txt / .jsonl / .parquet prompt file")
-    if uses_wan_weights(params) and Path(source).resolve() == Path(TOY_SOURCE).resolve():
+    if params.uses_wan_weights and Path(source).resolve() == Path(TOY_SOURCE).resolve():
         raise ConfigError(f"data.source is {source!r}, the toy task's prompt grid, but preset {preset} trains Wan "
                           f"2.1: set {where} to {_SOURCE_HINT}")
     read_prompt_file(source)  # a PromptFileError names the file and line
@@ -174,7 +168,7 @@ def _differing(base, overrides, prefix: str):
         dotted = f"{prefix}{key}"
         if key not in base:
             continue
-        if isinstance(value, dict) and isinstance(base[key], dict) and key not in _REPLACED_WHOLE:
+        if isinstance(value, dict) and isinstance(base[key], dict) and key not in REPLACED_WHOLE:
             yield from _differing(base[key], value, f"{dotted}.")
         elif base[key] != value:
             yield dotted, base[key], value

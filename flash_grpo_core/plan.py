@@ -105,7 +105,7 @@ def known_arch(preset: str) -> str | None:
 def model_arch(params, project: Path) -> tuple[Arch | None, str]:
     """The transformer's shape and where it came from: the model folder's transformer/config.json when
     present, else the released configuration the preset names; None for the CPU presets."""
-    if params.preset in ("tiny", "toy"):
+    if not params.uses_wan_weights:
         return None, "a CPU-sized model built in code"
     config = Path(params.model.path) / "transformer" / "config.json"
     if (project / config).is_file():

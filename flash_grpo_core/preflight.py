@@ -54,7 +54,7 @@ class Report:
 
 def check_model_folder(params, project: Path) -> list[str]:
     """A wan preset's model.path: a complete Diffusers-format Wan 2.1 T2V folder, one line per part missing."""
-    if params.preset in ("tiny", "toy") or not params.model.path:
+    if not params.uses_wan_weights or not params.model.path:
         return []
     folder = project / params.model.path
     if not folder.is_dir():
@@ -168,7 +168,7 @@ def check_devices(params, nproc: int, gpus: int) -> tuple[str, list[str]]:
     device = params.model.device
     on_gpu = device.startswith("cuda") or (device == "auto" and gpus > 0)
     if not on_gpu:
-        if params.preset not in ("tiny", "toy"):
+        if params.uses_wan_weights:
             return "cpu", [f"preset {params.preset} runs Wan 2.1 on GPUs, but the device resolves to cpu "
                            f"(model.device {device}, {gpus} GPU(s) visible)"]
         return "cpu", []

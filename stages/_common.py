@@ -67,17 +67,14 @@ def light_errors() -> tuple[type[BaseException], ...]:
 
 
 def known_errors() -> tuple[type[BaseException], ...]:
+    """Every known input error: the light ones and those of modules that import torch."""
     from flash_grpo_core.artifacts.checkpoint import CheckpointError
-    from flash_grpo_core.artifacts.prompt_sources import PromptFileError
     from flash_grpo_core.artifacts.scores import ScoresError
     from flash_grpo_core.artifacts.tar_io import ShardError
-    from flash_grpo_core.config import ConfigError
     from flash_grpo_core.method.advantages import NonFiniteError
-    from flash_grpo_core.models.wan import ModelPathError
     from flash_grpo_core.rewards import RewardError
 
-    return (ConfigError, ModelPathError, PromptFileError, ShardError, CheckpointError, RewardError, ScoresError,
-            NonFiniteError, FileNotFoundError)
+    return (*light_errors(), ShardError, CheckpointError, RewardError, ScoresError, NonFiniteError, FileNotFoundError)
 
 
 INPUT_ERROR_EXIT = 2  # a known, deterministic input error: rerunning cannot help

@@ -40,7 +40,7 @@ def base_transformer_config(params) -> dict:
     the tiny and toy presets, read from `model.path` otherwise (no weights are loaded)."""
     from pathlib import Path
 
-    if params.preset in ("tiny", "toy"):
+    if not params.uses_wan_weights:
         import torch
 
         from flash_grpo_core.engine.iteration import build_stack

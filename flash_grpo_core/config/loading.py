@@ -70,13 +70,13 @@ def _coerce(hint, value: Any, where: str):
 
 # Mappings that an override replaces whole instead of merging into: a preset that names its reward
 # weights means exactly those rewards, not those added to the base's.
-_REPLACED_WHOLE = ("weights", "options")
+REPLACED_WHOLE = ("weights", "options")
 
 
 def _merge(base: dict, overrides: dict) -> dict:
     merged = copy.deepcopy(base)
     for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key not in _REPLACED_WHOLE:
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key not in REPLACED_WHOLE:
             merged[key] = _merge(merged[key], value)
         else:
             merged[key] = copy.deepcopy(value)

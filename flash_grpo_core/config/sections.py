@@ -155,14 +155,12 @@ class TrainConfig:
         _check(self.clip_range > 0 and self.adv_clip > 0 and self.grad_clip > 0,
                "train.clip_range, train.adv_clip and train.grad_clip must be > 0")
         _check(self.kl_beta >= 0, "train.kl_beta must be >= 0")
-        _check(self.minibatches >= 1 and self.micro_batch >= 1, "train.minibatches and train.micro_batch must be >= 1")
         _check(0 <= self.ema_decay < 1 and self.ema_every >= 1, "train.ema_decay must be in [0, 1) and train.ema_every >= 1")
         _check(0 < self.timestep_fraction <= 1, "train.timestep_fraction must be in (0, 1]")
-        _check(self.window_size >= 1 and self.window_stride >= 1 and self.window_every >= 1,
-               "train.window_size, train.window_stride and train.window_every must be >= 1")
         _check(self.optimizer_state in OPTIMIZER_STATES,
                f"train.optimizer_state must be one of {OPTIMIZER_STATES}, got {self.optimizer_state!r}")
-        _check(self.keep_optimizer_states >= 1, "train.keep_optimizer_states must be >= 1")
+        _check_positive("train", self, ("minibatches", "micro_batch", "window_size", "window_stride", "window_every",
+                                        "keep_optimizer_states"))
 
 
 # Options without which a weighted reward cannot run: checked when params load, before any stage
@@ -387,10 +385,15 @@ class Params:
             _check((r.frames - 1) % 4 == 0, f"rollout.frames - 1 must be divisible by 4 (Wan's VAE), got {r.frames}")
             _check(r.height % 16 == 0 and r.width % 16 == 0,
                    f"rollout.height and rollout.width must be multiples of 16, got {r.height}x{r.width}")
-        if self.preset not in ("tiny", "toy"):
+        if self.uses_wan_weights:
             _check(bool(self.model.path),
                    f"preset {self.preset} loads Wan 2.1 weights: set presets.{self.preset}.model.path in params.yaml "
                    f"to a local Diffusers-format folder")
+
+    @property
+    def uses_wan_weights(self) -> bool:
+        """Whether the preset loads Wan 2.1 from `model.path` (not the tiny random stack or the toy model)."""
+        return self.preset not in ("tiny", "toy")
 
     @property
     def is_tiny(self) -> bool:
