@@ -114,11 +114,12 @@ def tail_from(engine, batch, embeds, fine: bool):
     import torch
 
     from flash_grpo_core.engine.fast_rollout import FastRolloutOptions, RolloutSolver, segment_sigmas
+    from flash_grpo_core.engine.iteration import sampling_spec
     from flash_grpo_core.method.schedule import interval_sigmas
 
     r, sigmas = engine.params.rollout, engine.sigmas
-    solver = RolloutSolver(engine.policy.transformer, embeds[1], r.guidance, sigmas, engine.scales,
-                           FastRolloutOptions(shift=r.shift), None, engine.params.model.cfg_sequential)
+    spec = sampling_spec(engine, sigmas, engine.scales, r.guidance, seed=0)  # the tail draws no noise
+    solver = RolloutSolver(engine.policy.transformer, embeds[1], spec, FastRolloutOptions(shift=r.shift), None)
     finals = torch.empty_like(batch.final_latents)
     with torch.no_grad():
         for k in sorted(set(batch.steps[:, 0].tolist())):

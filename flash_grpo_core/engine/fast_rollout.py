@@ -53,7 +53,7 @@ import numpy as np
 import torch
 
 from flash_grpo_core.config import RolloutConfig
-from flash_grpo_core.engine.sampler import _draw, _initial, predict_velocity, sample_generators
+from flash_grpo_core.engine.sampler import SamplingSpec, _draw, _initial, predict_velocity, sample_generators
 from flash_grpo_core.method.batch import PassCounter, RolloutBatch
 from flash_grpo_core.method.schedule import interval_sigmas
 from flash_grpo_core.method.sde import ode_step, sde_step
@@ -111,16 +111,13 @@ class RolloutSolver:
 
     transformer: torch.nn.Module
     uncond: torch.Tensor | None
-    guidance: float
-    sigmas: torch.Tensor  # [N + 1] float64
-    scales: torch.Tensor  # [N]
+    spec: SamplingSpec
     options: FastRolloutOptions
     counter: PassCounter | None
-    cfg_sequential: bool
 
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor, guided: bool = True) -> torch.Tensor:
         return predict_velocity(self.transformer, x, sigma.expand(len(x)), cond, self.uncond if guided else None,
-                                self.guidance, self.counter, self.cfg_sequential)
+                                self.spec.guidance, self.counter, self.spec.cfg_sequential)
 
     def integrate(self, x: torch.Tensor, cond: torch.Tensor, segment: torch.Tensor, solver: bool,
                   guided_down_to: float | None = None) -> torch.Tensor:
@@ -150,12 +147,12 @@ class RolloutSolver:
     def trajectory(self, x: torch.Tensor, cond: torch.Tensor, k: int, generators: list[torch.Generator]):
         """One k group: head, the SDE step at k (noise from each sample's generator), tail.
         Returns (x_k, the SDE step, the final latents)."""
-        o, last = self.options, len(self.sigmas) - 1
-        x = self.integrate(x, cond, segment_sigmas(self.sigmas, 0, k, o.head_steps, o.shift), o.head_steps is not None)
-        v = self.velocity(x, self.sigmas[k], cond)
+        o, sigmas = self.options, self.spec.sigmas
+        x = self.integrate(x, cond, segment_sigmas(sigmas, 0, k, o.head_steps, o.shift), o.head_steps is not None)
+        v = self.velocity(x, sigmas[k], cond)
         noise = _draw(generators, tuple(x.shape[1:])).to(x.device)  # [b, C, F, H, W]
-        step = sde_step(x, v, self.sigmas[k], self.sigmas[k + 1], self.scales[k], noise=noise)
-        tail = segment_sigmas(self.sigmas, k + 1, last, o.tail_steps, TAIL_SHIFT)
+        step = sde_step(x, v, sigmas[k], sigmas[k + 1], self.spec.scales[k], noise=noise)
+        tail = segment_sigmas(sigmas, k + 1, len(sigmas) - 1, o.tail_steps, TAIL_SHIFT)
         final = self.integrate(step.prev_sample, cond, tail, o.tail_steps is not None, o.guidance_until)
         return x, step, final
 
@@ -163,29 +160,28 @@ class RolloutSolver:
 @torch.no_grad()
 def fast_rollout(
     transformer, cond_embeds: torch.Tensor, uncond_embed: torch.Tensor | None, train_steps: torch.Tensor,
-    sigmas: torch.Tensor, scales: torch.Tensor, guidance: float, latent_shape: tuple[int, int, int, int],
-    seed: int, batch_size: int, counter: PassCounter | None = None, progress=None, first_sample: int = 0,
-    cfg_sequential: bool = False, sde_steps: torch.Tensor | None = None, same_initial: bool = False, *,
-    options: FastRolloutOptions,
+    spec: SamplingSpec, counter: PassCounter | None = None, progress=None, first_sample: int = 0,
+    sde_steps: torch.Tensor | None = None, *, options: FastRolloutOptions,
 ) -> RolloutBatch:
     """`sampler.rollout` for flash rollouts (train_steps [B, G, 1]) with the cheaper ODE parts of
     `options`; the same arguments, and `sde_steps`, if given, must be the trained steps."""
+    latent_shape = spec.latent_shape
     num_prompts, group, trained = train_steps.shape
-    num_steps, total = len(sigmas) - 1, num_prompts * group
+    num_steps, total = len(spec.sigmas) - 1, num_prompts * group
     if trained != 1 or (sde_steps is not None and not torch.equal(
             sde_steps.reshape(total, num_steps), sde_mask(train_steps, num_steps))):
         raise ValueError("cheaper rollouts take exactly one SDE step per sample, the trained one (train.mode flash)")
-    run = RolloutSolver(transformer, uncond_embed, guidance, sigmas, scales, options, counter, cfg_sequential)
+    run = RolloutSolver(transformer, uncond_embed, spec, options, counter)
     steps = train_steps.reshape(total, 1)  # [S, 1]
     prompt_index = torch.arange(num_prompts).repeat_interleave(group)  # [S]
     latents = torch.empty(total, 1, *latent_shape, dtype=torch.float32)  # [S, 1, C, F, H, W]
     next_latents, log_probs = torch.empty_like(latents), torch.empty(total, 1)
     finals = torch.empty(total, *latent_shape, dtype=torch.float32)  # [S, C, F, H, W]
-    for start in range(0, total, batch_size):
-        ids = torch.arange(start, min(start + batch_size, total))
+    for start in range(0, total, spec.batch_size):
+        ids = torch.arange(start, min(start + spec.batch_size, total))
         sample_ids = [first_sample + i for i in ids.tolist()]
-        generators = sample_generators(seed, sample_ids)
-        x = _initial(seed, generators, sample_ids, group if same_initial else None,
+        generators = sample_generators(spec.seed, sample_ids)
+        x = _initial(spec.seed, generators, sample_ids, group if spec.same_initial else None,
                      latent_shape).to(cond_embeds.device)  # [b, C, F, H, W]
         for k in sorted(set(steps[ids, 0].tolist())):
             rows = (steps[ids, 0] == k).nonzero().flatten()  # positions in the chunk

@@ -19,7 +19,7 @@ from flash_grpo_core.config import ConfigError, Params
 from flash_grpo_core.engine.distributed import current as current_world
 from flash_grpo_core.engine.ema import EMA
 from flash_grpo_core.engine.fast_rollout import FastRolloutOptions, fast_rollout
-from flash_grpo_core.engine.sampler import rollout
+from flash_grpo_core.engine.sampler import SamplingSpec, rollout
 from flash_grpo_core.engine.seeding import derive_seed
 from flash_grpo_core.engine.trainer import Policy, StepContext, make_optimizer, update_policy
 from flash_grpo_core.method.advantages import group_advantages
@@ -254,15 +254,13 @@ def sample_rollouts(engine: Engine, prompts: list[str], iteration: int, counter:
         train_steps = plan_steps(engine.params, len(prompts), iteration)  # [B, G, T]
     cond, uncond = embeds if embeds is not None else encode(engine, prompts)
     groups = range(len(prompts)) if groups is None else groups
-    shape = engine.stack.latent_shape(r.frames, r.height, r.width)
     mine = train_steps[groups.start:groups.stop]  # [b, G, T]
     fast = FastRolloutOptions.from_config(r)  # rollout.head_steps, tail_steps, guidance_until
     sample = partial(fast_rollout, options=fast) if fast.active else rollout
-    batch = sample(engine.policy.transformer, cond[groups.start:groups.stop], uncond, mine, engine.sigmas,
-                   engine.scales, r.guidance, shape, derive_seed(engine.params.seed, iteration, "noise"),
-                   r.batch_size, counter, progress, first_sample=groups.start * r.group_size,
-                   cfg_sequential=engine.params.model.cfg_sequential,
-                   sde_steps=plan_stochastic_steps(engine.params, mine), same_initial=r.same_initial_noise)
+    spec = sampling_spec(engine, engine.sigmas, engine.scales, r.guidance,
+                         derive_seed(engine.params.seed, iteration, "noise"), same_initial=r.same_initial_noise)
+    batch = sample(engine.policy.transformer, cond[groups.start:groups.stop], uncond, mine, spec, counter, progress,
+                   first_sample=groups.start * r.group_size, sde_steps=plan_stochastic_steps(engine.params, mine))
     batch.prompt_index += groups.start
     return batch
 
@@ -290,11 +288,18 @@ def sample_ode(engine: Engine, prompts: list[str], num_steps: int, guidance: flo
     groups = range(len(prompts)) if groups is None else groups
     no_sde = torch.zeros(len(groups), 1, 0, dtype=torch.long)  # [B, G=1, T=0]: no stochastic step
     cond, uncond = embeds if embeds is not None else encode(engine, prompts)
-    shape = engine.stack.latent_shape(r.frames, r.height, r.width)
+    spec = sampling_spec(engine, sigmas, torch.zeros(num_steps), guidance, seed)
     batch = rollout(engine.policy.transformer, cond[groups.start:groups.stop], uncond if guidance != 1.0 else None,
-                    no_sde, sigmas, torch.zeros(num_steps), guidance, shape, seed, r.batch_size,
-                    first_sample=groups.start, cfg_sequential=engine.params.model.cfg_sequential)
+                    no_sde, spec, first_sample=groups.start)
     return decode(engine, batch.final_latents)
+
+
+def sampling_spec(engine: Engine, sigmas: torch.Tensor, scales: torch.Tensor, guidance: float, seed: int,
+                  same_initial: bool = False) -> SamplingSpec:
+    """The sampler's settings for `engine`'s video size, sampling batch and CFG order."""
+    r = engine.params.rollout
+    return SamplingSpec(sigmas, scales, guidance, engine.stack.latent_shape(r.frames, r.height, r.width), seed,
+                        r.batch_size, engine.params.model.cfg_sequential, same_initial)
 
 
 def reward_from_params(params: Params, scale_guard: bool = False):

@@ -14,6 +14,8 @@ only by their SDE noise.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from flash_grpo_core.engine.seeding import derive_seed
@@ -78,12 +80,27 @@ def _initial(seed: int, generators: list[torch.Generator], sample_ids: list[int]
     return _draw(prompts, shape)
 
 
+@dataclass(frozen=True)
+class SamplingSpec:
+    """How a rollout call samples, the same for all its prompts: the schedule, the guidance, the
+    latent shape, the noise and the batching (`engine/iteration.py: sampling_spec` reads it from
+    the params)."""
+
+    sigmas: torch.Tensor  # [N + 1] float64
+    scales: torch.Tensor  # [N] the SDE steps' noise scales (unused where no step is stochastic)
+    guidance: float  # classifier-free guidance; 1.0 or no uncond embedding: none
+    latent_shape: tuple[int, int, int, int]  # [C, F, H, W]
+    seed: int  # each sample's noise comes from (seed, its iteration-wide id)
+    batch_size: int  # samples per transformer call
+    cfg_sequential: bool = False  # the CFG halves one after the other (`predict_velocity`)
+    same_initial: bool = False  # a group's samples share their initial latent (module docstring)
+
+
 @torch.no_grad()
 def rollout(
     transformer, cond_embeds: torch.Tensor, uncond_embed: torch.Tensor | None, train_steps: torch.Tensor,
-    sigmas: torch.Tensor, scales: torch.Tensor, guidance: float, latent_shape: tuple[int, int, int, int],
-    seed: int, batch_size: int, counter: PassCounter | None = None, progress=None, first_sample: int = 0,
-    cfg_sequential: bool = False, sde_steps: torch.Tensor | None = None, same_initial: bool = False,
+    spec: SamplingSpec, counter: PassCounter | None = None, progress=None, first_sample: int = 0,
+    sde_steps: torch.Tensor | None = None,
 ) -> RolloutBatch:
     """Sample B x G videos' latents; cond_embeds [B, L, D], uncond_embed [1, L, D], train_steps [B, G, T].
 
@@ -92,9 +109,9 @@ def rollout(
 
     `progress`, if given, is told `update(n)` after each step of n samples (a tqdm bar, say).
     `first_sample`: the iteration-wide id of the first sample here, when these prompts are a slice
-    of the iteration's (each sample's noise comes from its iteration-wide id). `cfg_sequential`: see
-    `predict_velocity`. `same_initial`: a group's samples share their initial latent (module docstring).
+    of the iteration's (each sample's noise comes from its iteration-wide id).
     """
+    sigmas, scales, seed, latent_shape = spec.sigmas, spec.scales, spec.seed, spec.latent_shape
     num_prompts, group, trained = train_steps.shape
     num_steps, total = len(sigmas) - 1, num_prompts * group
     device = cond_embeds.device
@@ -110,15 +127,15 @@ def rollout(
     latents = torch.empty(total, trained, *latent_shape, dtype=torch.float32)  # [S, T, C, F, H, W] as sampled
     next_latents, log_probs = torch.empty_like(latents), torch.empty(total, trained)
     finals = []
-    for start in range(0, total, batch_size):
-        ids = list(range(start, min(start + batch_size, total)))
+    for start in range(0, total, spec.batch_size):
+        ids = list(range(start, min(start + spec.batch_size, total)))
         generators = sample_generators(seed, [first_sample + i for i in ids])
-        x = _initial(seed, generators, [first_sample + i for i in ids], group if same_initial else None,
+        x = _initial(seed, generators, [first_sample + i for i in ids], group if spec.same_initial else None,
                      latent_shape).to(device)  # [b, C, F, H, W] float32 state; the model gets it cast
         cond = cond_embeds[prompt_index[ids]]
         for i in range(num_steps):
             sigma = sigmas[i].expand(len(ids))
-            v = predict_velocity(transformer, x, sigma, cond, uncond_embed, guidance, counter, cfg_sequential)
+            v = predict_velocity(transformer, x, sigma, cond, uncond_embed, spec.guidance, counter, spec.cfg_sequential)
             x_next = ode_step(x, v, sigmas[i], sigmas[i + 1])
             stochastic = mask[ids, i]
             if stochastic.any():
