@@ -159,14 +159,6 @@ def test_fsdp_update_of_full_fine_tuning_matches_one_process(workspace):
     assert any(not torch.equal(trained[key], initial[key]) for key in trained)
 
 
-def test_fsdp_update_of_lora_matches_one_process(workspace):
-    """`train.parallel: fsdp` under LoRA (80 GB cards) against the 1-process LoRA update above (one
-    process ignores the strategy, so that run is the reference; tests run in file order)."""
-    params = _params_variant(workspace, "lora-fsdp.yaml", train={"parallel": "fsdp"})
-    _update(workspace, "two/lora-fsdp", IT1 / "scores.parquet", nproc=2, params=params)
-    _checkpoints_close(workspace / "one/update/checkpoint", workspace / "two/lora-fsdp/checkpoint")
-
-
 # update@1 then update@2 from its checkpoint, for each `params:folder` argument, in one process (or one
 # torchrun) to spare the start-ups: the stage's own main, the process group kept between its runs.
 TWO_ITERATIONS = """
