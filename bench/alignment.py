@@ -94,7 +94,7 @@ def train_variant(variant: str, seed: int, base: str, budget: int, evals: int, e
                   extra: dict | None = None) -> dict:
     """One variant, one seed: train to the compute budget, evaluating at `evals` equal fractions;
     `extra`: params overrides for every variant (--quick's faster EMA)."""
-    from flash_grpo_core import toy
+    from flash_grpo_core.tasks import toy
     from flash_grpo_core.config import load_params
     from flash_grpo_core.engine.iteration import build_engine, iteration_prompts, reward_from_params, run_iteration
 
@@ -129,7 +129,7 @@ def gradient_spread(base: str, seed: int = 0, overrides: dict | None = None) -> 
     run's `overrides` (its grid and group size)."""
     import torch
 
-    from flash_grpo_core import toy
+    from flash_grpo_core.tasks import toy
     from flash_grpo_core.config import load_params
     from flash_grpo_core.engine.iteration import build_engine, encode, generate
     from flash_grpo_core.engine.trainer import StepContext, score_items
@@ -214,7 +214,7 @@ def shipped_base() -> str:
 def pretrained_base(out: Path, steps: int | None) -> str:
     """The base model directory: the shipped base, or with `steps` a base of its own pre-trained
     for that many steps (under `out`, reused when there)."""
-    from flash_grpo_core.workspace import tool_env
+    from flash_grpo_core.pipeline.workspace import tool_env
 
     if steps is None:
         return shipped_base()

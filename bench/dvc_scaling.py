@@ -33,7 +33,7 @@ _SUMMARY = re.compile(r"^(rollout|score|update): iteration=(\d+) .*seconds=([0-9
 
 
 def measure(iterations: int) -> dict:
-    from flash_grpo_core.workspace import copy_project, tool_env
+    from flash_grpo_core.pipeline.workspace import copy_project, tool_env
 
     dvc = str(Path(sys.executable).parent / "dvc")
     with tempfile.TemporaryDirectory() as scratch:

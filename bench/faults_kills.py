@@ -2,7 +2,7 @@
 
 Each case starts from the reference state with the dvc.lock entries of the stages it runs removed
 (their first run: DVC has nothing recorded for them) and runs `dvc repro --force --single-item
-<stage>` (or `--downstream`) with FLASH_GRPO_FAULT naming a fault point (flash_grpo_core/faults.py):
+<stage>` (or `--downstream`) with FLASH_GRPO_FAULT naming a fault point (flash_grpo_core/artifacts/faults.py):
 - `written:<file>`: the output is complete under its temporary name, before the rename;
 - `renamed:<file>`: right after the rename, before the stage's next output;
 - `finished`: every output in place, before the process exits and DVC updates dvc.lock;

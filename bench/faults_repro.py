@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.faults_workspace import BIN, Result, Workspace, run_command
-from flash_grpo_core.lock_outputs import changed_outputs, locked_outputs
+from flash_grpo_core.pipeline.lock_outputs import changed_outputs, locked_outputs
 
 MESSAGE_LINE = re.compile(r"(: error:|^ERROR:)")
 STAGE_EXIT = re.compile(r"failed to reproduce '([^']+)'.*exited with (-?\d+)")

@@ -86,7 +86,7 @@ class Workspace:
     """A scratch project copy, its warm runner and its reference run (see the module docstring)."""
 
     def __init__(self, scratch: Path, cache_dir: Path | None = None, target: str | None = None):
-        from flash_grpo_core.workspace import copy_project
+        from flash_grpo_core.pipeline.workspace import copy_project
 
         self.scratch, self.target = scratch, target  # target: the stage `dvc repro` ends at (None: all)
         self.project = copy_project(ROOT, scratch / "project", preset="tiny",
@@ -102,7 +102,7 @@ class Workspace:
     # -- processes ---------------------------------------------------------------------------
 
     def env(self, warm: bool, **extra: str) -> dict[str, str]:
-        from flash_grpo_core.workspace import tool_env
+        from flash_grpo_core.pipeline.workspace import tool_env
 
         return tool_env(OMP_NUM_THREADS="1", FLASH_GRPO_WARM_SOCKET=str(self.sockets / "warm.sock"),
                         FLASH_GRPO_WARM="1" if warm else "0", **extra)

@@ -40,7 +40,7 @@ STAGES = ("curate", "init", "rollout@1", "score@1", "update@1", "eval_checkpoint
 
 
 def _timed(args, cwd, env=None) -> float:
-    from flash_grpo_core.workspace import tool_env
+    from flash_grpo_core.pipeline.workspace import tool_env
 
     began = time.perf_counter()
     result = subprocess.run(args, cwd=cwd, env=env or tool_env(), capture_output=True, text=True)
@@ -128,7 +128,7 @@ def _rows(walls: dict[str, float], compute: dict[str, float], dvc_after: dict[st
 
 
 def measure(size: str, warm: bool) -> dict:
-    from flash_grpo_core.workspace import copy_project, tool_env
+    from flash_grpo_core.pipeline.workspace import copy_project, tool_env
 
     dvc = str(Path(sys.executable).parent / "dvc")
     with tempfile.TemporaryDirectory() as scratch:

@@ -53,7 +53,7 @@ def parse_args(argv=None):
 
 def stage_env(processes: int, threads: int) -> dict[str, str]:
     """The environment of one stage run: its process count, threads, no warm runner."""
-    from flash_grpo_core.workspace import tool_env
+    from flash_grpo_core.pipeline.workspace import tool_env
 
     return tool_env(FLASH_GRPO_NPROC_PER_NODE=str(processes), OMP_NUM_THREADS=str(threads), FLASH_GRPO_WARM="0",
                     FLASH_GRPO_DIST_TIMEOUT="300")
@@ -140,7 +140,7 @@ def markdown(result: dict) -> str:
 def measure(size: str, repeats: int, threads: int) -> dict:
     from flash_grpo_core.artifacts.prompts import read_prompts_parquet
     from flash_grpo_core.config import load_params
-    from flash_grpo_core.workspace import copy_project
+    from flash_grpo_core.pipeline.workspace import copy_project
 
     with tempfile.TemporaryDirectory() as scratch:
         project = copy_project(ROOT, Path(scratch), preset="tiny")

@@ -74,7 +74,7 @@ def build(preset: str):
     """The preset's engine (options off), its prompts (K of them) and their steps [K, G, 1]: prompt k trains k."""
     import torch
 
-    from flash_grpo_core import toy
+    from flash_grpo_core.tasks import toy
     from flash_grpo_core.config import load_params
     from flash_grpo_core.engine.iteration import build_engine, encode
 

@@ -5,7 +5,7 @@
         --set 'reward.options={"toy_following": {"square": 8, "speed": 1}}'
 
 For the train prompts the base was pre-trained on, those it was not (`toy.rl_only`: GRPO's reward
-alone teaches them) and the held-out prompts of the toy task (flash_grpo_core/toy.py), --samples
+alone teaches them) and the held-out prompts of the toy task (flash_grpo_core/tasks/toy/), --samples
 videos per prompt:
 - `noise`: the evaluation's ODE samples (eval.num_steps, eval.guidance, eval.seed), what the
   alignment benchmark scores;
@@ -52,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def from_clips(engine, prompts: list[str], sigma: float, generator: torch.Generator) -> torch.Tensor:
     """Videos uint8 [B, F, H, W, 3]: each prompt's clip noised to `sigma`, integrated back to 0."""
-    from flash_grpo_core import toy
+    from flash_grpo_core.tasks import toy
     from flash_grpo_core.engine.iteration import decode, encode
     from flash_grpo_core.engine.sampler import predict_velocity
     from flash_grpo_core.method.schedule import interval_sigmas
@@ -71,7 +71,7 @@ def from_clips(engine, prompts: list[str], sigma: float, generator: torch.Genera
 
 
 def probe(args) -> list[dict]:
-    from flash_grpo_core import toy
+    from flash_grpo_core.tasks import toy
     from flash_grpo_core.config import load_params
     from flash_grpo_core.engine.iteration import build_engine, reward_from_params
 

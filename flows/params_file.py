@@ -51,7 +51,7 @@ def _defines(mapping: Any, keys: list[str]) -> bool:
 def validate(path: Path, preset: str, iterations: int | None, overrides: dict[str, Any] | None):
     """The typed `Params` this run would use; raises ConfigError naming the bad key."""
     from flash_grpo_core.config import ConfigError, params_from_dict, read_yaml
-    from flash_grpo_core.dvc_layout import dvc_layout
+    from flash_grpo_core.config.dvc_layout import dvc_layout
 
     overrides = _leaves(overrides or {})
     for key in overrides:
@@ -78,7 +78,7 @@ def write(path: Path, preset: str, iterations: int | None, overrides: dict[str, 
 
     from flash_grpo_core.artifacts.atomic import atomic_path
     from flash_grpo_core.config import ConfigError, load_params
-    from flash_grpo_core.dvc_layout import set_dvc_layout
+    from flash_grpo_core.config.dvc_layout import set_dvc_layout
 
     params = validate(path, preset, iterations, overrides)
     yaml = YAML()  # round-trip: comments, quotes and layout stay

@@ -69,9 +69,9 @@ def check_project(project: Path) -> None:
 
 @task(name="prepare-params", cache_policy=NO_CACHE, persist_result=False)
 def prepare_params(project: str, preset: str, iterations: int | None, overrides: dict[str, Any] | None) -> dict:
-    """Validate the run's parameters, run the preflight (flash_grpo_core/preflight.py: paths, GPUs,
+    """Validate the run's parameters, run the preflight (flash_grpo_core/pipeline/preflight.py: paths, GPUs,
     memory, disk; every problem fails the run, none is retried), write them into params.yaml."""
-    from flash_grpo_core import preflight
+    from flash_grpo_core.pipeline import preflight
     from stages.prune import pruned_iterations
 
     path = Path(project) / "params.yaml"

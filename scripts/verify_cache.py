@@ -13,7 +13,7 @@ it. Directory listings are also checked for entries whose object is missing.
 
 `--links` is the cheap check to run before every `dvc repro` when `cache.type` allows links: it
 re-hashes only the workspace outputs that are hard links or symlinks into the cache against their
-md5 in dvc.lock (flash_grpo_core/lock_outputs.py), so an output edited in place is named before a
+md5 in dvc.lock (flash_grpo_core/pipeline/lock_outputs.py), so an output edited in place is named before a
 stage reruns and DVC links the damaged object back.
 """
 
@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # flash_grpo_core, run as a script
 
-from flash_grpo_core.lock_outputs import file_md5 as md5  # noqa: E402  (after the path above)
+from flash_grpo_core.pipeline.lock_outputs import file_md5 as md5  # noqa: E402  (after the path above)
 
 OBJECT_NAME = re.compile(r"[0-9a-f]{30}(\.dir)?")
 BAD_EXIT = 2
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def verify_links(cache: Path | None) -> int:
     """`--links`: name every linked output of this checkout changed in place; exit code 2 if any."""
-    from flash_grpo_core.lock_outputs import verify_linked_outputs
+    from flash_grpo_core.pipeline.lock_outputs import verify_linked_outputs
 
     bad = verify_linked_outputs(Path.cwd(), cache=cache)
     for line in bad:

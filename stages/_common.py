@@ -13,7 +13,7 @@ import sys
 import time
 from typing import NoReturn
 
-from flash_grpo_core.faults import FAULT_ENV, fault_point  # noqa: F401 - re-exported for the stages
+from flash_grpo_core.artifacts.faults import FAULT_ENV, fault_point  # noqa: F401 - re-exported for the stages
 from stages import _launch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights come from local paths only
@@ -60,7 +60,7 @@ def light_errors() -> tuple[type[BaseException], ...]:
     """The known input errors whose modules import no torch: what the params and inputs checks raise."""
     from flash_grpo_core.artifacts.prompt_sources import PromptFileError
     from flash_grpo_core.config import ConfigError
-    from flash_grpo_core.lock_outputs import DamagedOutputError
+    from flash_grpo_core.pipeline.lock_outputs import DamagedOutputError
     from flash_grpo_core.models.layout import ModelPathError
 
     return ConfigError, ModelPathError, PromptFileError, DamagedOutputError

@@ -45,7 +45,7 @@ def load_config(params_path: str | None):
 def source_paths(args) -> list[str]:
     """--sources, or the params' effective data.source after the validate stage's checks of it."""
     from flash_grpo_core.config import ConfigError, load_params
-    from flash_grpo_core.inputs import check_source
+    from flash_grpo_core.pipeline.inputs import check_source
 
     if args.sources:
         return args.sources
@@ -59,7 +59,7 @@ def source_paths(args) -> list[str]:
 def check_counts(result, sources: list[str], params_path: str | None) -> None:
     """Enough prompts for the run (`inputs.curated_counts`), before anything is written."""
     from flash_grpo_core.config import load_params
-    from flash_grpo_core.inputs import curated_counts
+    from flash_grpo_core.pipeline.inputs import curated_counts
 
     curated_counts(result, sources, load_params(params_path).eval.num_prompts if params_path else None)
 

@@ -116,8 +116,8 @@ def metric_record(base: dict, trained: dict, margin: dict | None) -> dict:
 def evaluate(args) -> dict:
     from flash_grpo_core.artifacts.atomic import write_json
     from flash_grpo_core.artifacts.checkpoint import CheckpointError, read_state
-    from flash_grpo_core.dvc_layout import eval_points
-    from flash_grpo_core.report import write_report
+    from flash_grpo_core.config.dvc_layout import eval_points
+    from flash_grpo_core.pipeline.report import write_report
 
     params = _common.load_params(args.params)
     iterations = params.pipeline.eval_at or eval_points(params.iterations, params.pipeline.eval_every)

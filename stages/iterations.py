@@ -20,7 +20,7 @@ def set_iterations(path: Path, iterations: int) -> None:
 
     from flash_grpo_core.artifacts.atomic import atomic_path
     from flash_grpo_core.config import ConfigError, load_params
-    from flash_grpo_core.dvc_layout import set_dvc_layout
+    from flash_grpo_core.config.dvc_layout import set_dvc_layout
 
     yaml = YAML()  # round-trip: comments and layout stay
     try:

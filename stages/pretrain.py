@@ -3,7 +3,7 @@
     python -m stages.pretrain --out bench/toy/base
 
 Flow-matching pre-training of the pixel-space Wan transformer on coloured squares moving in a
-direction (flash_grpo_core/toy.py), `toy.pretrain_steps` steps. Writes transformer.safetensors
+direction (flash_grpo_core/tasks/toy/), `toy.pretrain_steps` steps. Writes transformer.safetensors
 and pretrain.json (loss curve summary, time).
 """
 
@@ -22,7 +22,7 @@ def main(argv=None) -> int:
         import dataclasses
         import time
 
-        from flash_grpo_core import toy
+        from flash_grpo_core.tasks import toy
 
         params = _common.load_params(args.params)
         cfg = params.toy

@@ -1,5 +1,5 @@
 """`validate` stage: the first of dvc.yaml, which every other stage depends on. It checks the whole
-params file, the prompt source and (Wan presets) the model folder (`flash_grpo_core.inputs`), so
+params file, the prompt source and (Wan presets) the model folder (`flash_grpo_core.pipeline.inputs`), so
 a bad edit of params.yaml fails here with exit code 2 and one line, before DVC reaches a stage whose
 outputs it would delete.
 
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body():
         from flash_grpo_core.artifacts.atomic import write_json
-        from flash_grpo_core.inputs import check_inputs
+        from flash_grpo_core.pipeline.inputs import check_inputs
 
         checked = check_inputs(args.params, args.prompts_report)
         for warning in checked.warnings:

@@ -60,7 +60,7 @@ PROJECT_MODULES = ("flash_grpo_core.models.wan", "flash_grpo_core.models.lora", 
                    "flash_grpo_core.artifacts.checkpoint", "flash_grpo_core.artifacts.rollout_records",
                    "flash_grpo_core.artifacts.shards", "flash_grpo_core.artifacts.scores",
                    "flash_grpo_core.artifacts.prompts", "flash_grpo_core.rewards", "flash_grpo_core.metrics",
-                   "flash_grpo_core.report")
+                   "flash_grpo_core.pipeline.report")
 LIBRARIES = ("pyarrow", "pyarrow.parquet", "pyarrow.dataset",  # pq.read_table imports pyarrow.dataset on first use
              "ruamel.yaml", "ruamel.yaml.comments", "cv2", "PIL", "PIL.Image",
              "imageio_ffmpeg", "numpy", "tqdm", "safetensors", "safetensors.torch", "accelerate", "transformers",
@@ -88,7 +88,7 @@ def warm_up() -> tuple[dict[str, str], dict[str, str]]:
         importlib.import_module(module)
     import matplotlib
 
-    matplotlib.use("Agg", force=True)  # as flash_grpo_core/report.py does before importing pyplot
+    matplotlib.use("Agg", force=True)  # as flash_grpo_core/pipeline/report.py does before importing pyplot
     importlib.import_module("matplotlib.pyplot")
 
     for name in list(sys.modules):

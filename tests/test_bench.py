@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flash_grpo_core.workspace import copy_project, tool_env
+from flash_grpo_core.pipeline.workspace import copy_project, tool_env
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""Fault injection: the fault points stages and writers expose (flash_grpo_core/faults.py), and the
+"""Fault injection: the fault points stages and writers expose (flash_grpo_core/artifacts/faults.py), and the
 harness bench/faults.py in its small version: 3 kill points (SIGKILL of a warm stage between a
 shard's write and its rename, SIGKILL of dvc after a rename, Ctrl-C after a cold stage finished),
 3 corruptions and 8 bad inputs on a scratch copy of the tiny preset, every case clean, and 11 bad
@@ -22,7 +22,7 @@ def _call(spec: str, *call, rank_env: str | None = None, timeout: float = 30) ->
     """fault_point(*call) in a fresh interpreter with FLASH_GRPO_FAULT=spec."""
     env = {key: value for key, value in os.environ.items() if key not in ("FLASH_GRPO_FAULT", "RANK")}
     env.update(FLASH_GRPO_FAULT=spec, **({"RANK": rank_env} if rank_env else {}))
-    code = f"from flash_grpo_core.faults import fault_point; fault_point{call!r}; print('passed')"
+    code = f"from flash_grpo_core.artifacts.faults import fault_point; fault_point{call!r}; print('passed')"
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout, check=False)
 
@@ -124,7 +124,7 @@ Path("folder/b.txt").write_text("a listing\\n")
 
 
 def _linked_project(folder: Path) -> Path:
-    from flash_grpo_core.workspace import tool_env
+    from flash_grpo_core.pipeline.workspace import tool_env
 
     (folder / "dvc.yaml").write_text(LINKED_DVC_YAML.format(verify=ROOT / "scripts" / "verify_cache.py"))
     (folder / "make.py").write_text(MAKE_PY)
@@ -135,8 +135,8 @@ def _linked_project(folder: Path) -> Path:
 
 @pytest.mark.slow
 def test_a_linked_output_edited_in_place_is_named_before_anything_reruns(tmp_path):
-    from flash_grpo_core.lock_outputs import cache_dir, changed_outputs, read_lock, verify_linked_outputs
-    from flash_grpo_core.workspace import tool_env
+    from flash_grpo_core.pipeline.lock_outputs import cache_dir, changed_outputs, read_lock, verify_linked_outputs
+    from flash_grpo_core.pipeline.workspace import tool_env
 
     project = _linked_project(tmp_path)
     dvc = [str(Path(sys.executable).parent / "dvc"), "repro"]
@@ -161,7 +161,7 @@ def test_a_linked_output_edited_in_place_is_named_before_anything_reruns(tmp_pat
     assert victim.read_bytes().startswith(b"W") and (project / "checked.txt").is_file()
     assert changed_outputs(project, outs) == {"folder": "changed"}
     # what the pipeline's validate stage and the preflight (the train-loop flow's first step) call
-    from flash_grpo_core.lock_outputs import DamagedOutputError, require_intact_links
+    from flash_grpo_core.pipeline.lock_outputs import DamagedOutputError, require_intact_links
 
     with pytest.raises(DamagedOutputError, match="folder/a.bin \\(output of make\\)"):
         require_intact_links(project)

@@ -281,7 +281,7 @@ def test_bad_parameters_fail_before_any_stage(train_loop, dvc, project, paramete
 
 
 def test_the_preflight_runs_once_before_dvc_and_lists_every_problem(train_loop, dvc, project, monkeypatch):
-    from flash_grpo_core import preflight
+    from flash_grpo_core.pipeline import preflight
 
     calls = []
 

@@ -11,7 +11,7 @@ from ruamel.yaml import YAML
 
 from fakes import params_file
 from flash_grpo_core.config import ConfigError
-from flash_grpo_core.workspace import tool_env
+from flash_grpo_core.pipeline.workspace import tool_env
 
 ROOT = Path(__file__).resolve().parents[1]
 _params_file = params_file
@@ -31,7 +31,7 @@ def _one_line(result, prefix: str) -> str:
 def test_a_video_larger_than_the_models_positions_is_refused_before_sampling(tmp_path):
     """rollout.frames 161 on the tiny model: 41 latent frames, its rope table has 32 positions."""
     params = _params_file(tmp_path, presets__tiny__rollout__frames=161)
-    line = _one_line(_module("flash_grpo_core.run", "--params", params, "--iterations", "1",
+    line = _one_line(_module("flash_grpo_core.__main__", "--params", params, "--iterations", "1",
                              "--prompts", ROOT / "prompts" / "toy.jsonl"), "run: error: ")
     assert "rollout.frames 161 gives 41 patches" in line and "rope_max_seq_len" in line
 

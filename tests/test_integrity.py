@@ -27,7 +27,7 @@ from flash_grpo_core.artifacts.prompt_embeds import load_prompt_embeds, save_pro
 from flash_grpo_core.artifacts.scores import ScoresError, read_scores, write_scores
 from flash_grpo_core.artifacts.tar_io import ShardError
 from flash_grpo_core.config import load_params
-from flash_grpo_core.workspace import copy_project, tool_env
+from flash_grpo_core.pipeline.workspace import copy_project, tool_env
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -357,4 +357,4 @@ def test_the_toy_base_stage_is_not_reported_changed_on_a_fresh_copy(workspace):
     try:
         assert "pretrain:" not in _run([BIN / "dvc", "status"], workspace).stdout
     finally:
-        _run(["git", "checkout", "flash_grpo_core/toy.py"], workspace)
+        _run(["git", "checkout", "flash_grpo_core/tasks/toy/"], workspace)

@@ -36,7 +36,7 @@ class Stack:
     """The processes and settings of one Prefect server + worker, all stopped by `stop`."""
 
     def __init__(self, project: Path, home: Path):
-        from flash_grpo_core.workspace import tool_env
+        from flash_grpo_core.pipeline.workspace import tool_env
 
         self.project, self.home, self.port = project, home, _free_port()
         self.api = f"http://127.0.0.1:{self.port}/api"
@@ -102,7 +102,7 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, dvc_cache):
-    from flash_grpo_core.workspace import copy_project
+    from flash_grpo_core.pipeline.workspace import copy_project
 
     project = copy_project(ROOT, tmp_path_factory.mktemp("project"), preset="tiny", cache_dir=dvc_cache)
     stack = Stack(project, tmp_path_factory.mktemp("prefect-home"))

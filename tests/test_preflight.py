@@ -1,4 +1,4 @@
-"""The preflight (flash_grpo_core/preflight.py) and the run sizes it prints (flash_grpo_core/plan.py):
+"""The preflight (flash_grpo_core/pipeline/preflight.py) and the run sizes it prints (flash_grpo_core/pipeline/plan.py):
 on checkouts built in a temporary folder, without weights, GPUs or torch."""
 
 import http.server
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from flash_grpo_core import plan, preflight
+from flash_grpo_core.pipeline import plan, preflight
 from flash_grpo_core.config import load_params
 from flash_grpo_core.models.layout import WAN_TRANSFORMER_CONFIGS
 
@@ -211,7 +211,7 @@ def test_a_gpu_step_record_replaces_the_notes_step_costs(tmp_path):
 
 
 def test_the_preflight_imports_no_torch():
-    code = ("import sys; from flash_grpo_core import preflight; preflight.main(['--preset', 'wan1_3b']); "
+    code = ("import sys; from flash_grpo_core.pipeline import preflight; preflight.main(['--preset', 'wan1_3b']); "
             "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, check=False).returncode == 0
 

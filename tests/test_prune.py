@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from flash_grpo_core.workspace import tool_env
+from flash_grpo_core.pipeline.workspace import tool_env
 from stages import prune
 
 BIN = Path(sys.executable).parent

@@ -27,7 +27,7 @@ from safetensors import safe_open
 
 from fakes import make_hpsv3_checkpoint, save_qwen2vl_base, save_wan_folder, write_prompt_folder
 from flash_grpo_core.config import load_params, read_yaml
-from flash_grpo_core.workspace import copy_project, tool_env
+from flash_grpo_core.pipeline.workspace import copy_project, tool_env
 from flows.params_file import _defines
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flash_grpo_core.report import is_flat, metric_rows, safe_id, write_mp4, write_report
+from flash_grpo_core.pipeline.report import is_flat, metric_rows, safe_id, write_mp4, write_report
 
 CHROMIUM = Path("/usr/bin/chromium")
 
@@ -141,7 +141,7 @@ def test_every_video_has_its_prompt_under_it_and_the_margin_is_stated(report):
 def test_curves_use_integer_ticks_and_say_when_they_are_flat(tmp_path, monkeypatch):
     import matplotlib.pyplot as plt
 
-    from flash_grpo_core import report as report_module
+    from flash_grpo_core.pipeline import report as report_module
 
     figures = []
     monkeypatch.setattr(plt, "close", figures.append)  # keep each figure to read its axes

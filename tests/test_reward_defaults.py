@@ -7,6 +7,7 @@ import pytest
 from ruamel.yaml import YAML
 
 from flash_grpo_core.config import ConfigError, load_params, params_from_dict
+from flash_grpo_core.rewards import check_reward_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,12 +33,13 @@ def _raw():
 ])
 def test_hpsv3_without_its_paths_is_a_config_error(options, missing):
     with pytest.raises(ConfigError, match=rf"needs {missing} in params.yaml .*flash_grpo_core.rewards.server"):
-        params_from_dict(_raw(), "wan1_3b", {"reward.options": options})
+        check_reward_params(params_from_dict(_raw(), "wan1_3b", {"reward.options": options}).reward)
 
 
 def test_a_remote_reward_without_its_url_is_a_config_error():
     with pytest.raises(ConfigError, match=r"needs reward.options.remote.url in params.yaml \(the reward server"):
-        params_from_dict(_raw(), "tiny", {"reward.weights": {"remote": 1.0}, "reward.options": {"remote": {"name": "x"}}})
+        check_reward_params(params_from_dict(_raw(), "tiny", {"reward.weights": {"remote": 1.0},
+                                                              "reward.options": {"remote": {"name": "x"}}}).reward)
 
 
 def test_rollout_names_a_missing_reward_model_before_loading_anything(tmp_path, monkeypatch, capsys):

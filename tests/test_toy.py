@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from flash_grpo_core import toy
+from flash_grpo_core.tasks import toy
 from flash_grpo_core.config import ToyConfig
 from flash_grpo_core.models.wan import to_uint8_video
 
@@ -134,7 +134,7 @@ def test_alignment_benchmark_quick_runs_end_to_end(tmp_path):
     import sys
     from pathlib import Path
 
-    from flash_grpo_core.workspace import tool_env
+    from flash_grpo_core.pipeline.workspace import tool_env
 
     root = Path(__file__).resolve().parents[1]
     subprocess.run([sys.executable, "bench/alignment.py", "--quick", "--evals", "1", "--iterations", "3",

@@ -1,4 +1,4 @@
-"""The validate stage and `flash_grpo_core.inputs`: what a bad edit of params.yaml, a bad prompt
+"""The validate stage and `flash_grpo_core.pipeline.inputs`: what a bad edit of params.yaml, a bad prompt
 source or a bad model folder gives before any other stage runs (exit code 2, one line), and what
 it writes when everything is valid. Through `dvc repro` on a finished workspace: test_pipeline.py."""
 
@@ -188,7 +188,7 @@ def test_config_errors_are_caught_without_importing_torch():
 
 
 def test_shadowed_keys_compare_replaced_mappings_whole():
-    from flash_grpo_core.inputs import shadowed_keys
+    from flash_grpo_core.pipeline.inputs import shadowed_keys
 
     raw = {"reward": {"weights": {"brightness": 1.0}}, "rollout": {"height": 480},
            "presets": {"toy": {"reward": {"weights": {"brightness": 1.0}}, "rollout": {"height": 16, "width": 16}}}}
@@ -197,7 +197,7 @@ def test_shadowed_keys_compare_replaced_mappings_whole():
     assert "rollout.height (480 in the base section, 16 in presets.toy.rollout.height)" in warning
     assert shadowed_keys(raw, "tiny") == []
     with pytest.raises(ConfigError):
-        from flash_grpo_core.inputs import check_inputs
+        from flash_grpo_core.pipeline.inputs import check_inputs
 
         check_inputs(ROOT / "no-such-params.yaml")
 
@@ -214,7 +214,7 @@ def test_prompts_that_curate_would_refuse_and_unknown_reward_options_fail_valida
 
 
 def test_a_key_a_dvc_stage_reads_must_be_in_the_params_file():
-    from flash_grpo_core.inputs import check_dvc_params
+    from flash_grpo_core.pipeline.inputs import check_dvc_params
 
     raw = read_yaml(ROOT / "params.yaml")
     check_dvc_params(raw, ROOT / "dvc.yaml")  # the repository's params hold every key its stages list

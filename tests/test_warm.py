@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from flash_grpo_core.workspace import copy_project, tool_env
+from flash_grpo_core.pipeline.workspace import copy_project, tool_env
 from stages import warm_client
 from stages.warm import Server
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from flash_grpo_core.workspace import tool_env
+from flash_grpo_core.pipeline.workspace import tool_env
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKE_DVC = """

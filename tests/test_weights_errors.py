@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from flash_grpo_core import toy
+from flash_grpo_core.tasks import toy
 from flash_grpo_core.config import ToyConfig
 from flash_grpo_core.models.layout import ModelPathError
 

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from flash_grpo_core.faults import fault_point
+from flash_grpo_core.artifacts.faults import fault_point
 
 
 def _temporary(path: Path, suffix: str = "tmp") -> Path:

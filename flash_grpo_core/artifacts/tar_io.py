@@ -16,7 +16,7 @@ import tarfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from flash_grpo_core.faults import fault_point
+from flash_grpo_core.artifacts.faults import fault_point
 
 TEMP_PREFIX = ".tmp-"  # unfinished files in an output directory; removed before the next write
 TAR_USER = "flash-grpo"

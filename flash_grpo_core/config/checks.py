@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from flash_grpo_core.choices import SAFE_PATH
+from flash_grpo_core.config.choices import SAFE_PATH
 
 
 class ConfigError(ValueError):

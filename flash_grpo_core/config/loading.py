@@ -2,7 +2,7 @@
 1. reads YAML with a YAML 1.2 loader (so `3e-05` is a float, as DVC writes it);
 2. deep-merges `presets[preset]`, then any caller overrides (`{"train.learning_rate": 3e-5}`);
 3. resolves per-mode defaults: `train.rectify: auto` (or unset) becomes the mode's own
-   (`choices.RECTIFY_BY_MODE`: exact for flash, none for the baselines), so every reader sees
+   (each training mode's `rectify`, method/modes: exact for flash, none for the baselines), so every reader sees
    exact | none | flow_grpo;
 4. builds the section dataclasses (`sections.py`), rejecting unknown keys and wrong types with the
    offending key path; the dataclasses then check their values and `Params` the combinations.
@@ -11,61 +11,14 @@
 from __future__ import annotations
 
 import copy
-import math
 import dataclasses
-import types
-import typing
 from pathlib import Path
 from typing import Any
 
-from flash_grpo_core.choices import PRESETS, RECTIFY_BY_MODE
+from flash_grpo_core.config.choices import PRESETS
+from flash_grpo_core.method.modes import MODES
+from flash_grpo_core.config.building import build_section
 from flash_grpo_core.config.sections import ConfigError, Params, _check
-
-
-def build_section(cls, data: Any, where: str):
-    """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types."""
-    _check(isinstance(data, dict), f"{where or 'params'} must be a mapping, got {type(data).__name__}")
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(names))
-    _check(not unknown, f"unknown key(s) {', '.join(f'{where}.{k}'.lstrip('.') for k in unknown)}; "
-                        f"known keys{' of ' + where if where else ''}: {', '.join(sorted(names))}")
-    hints = typing.get_type_hints(cls)
-    kwargs = {name: _coerce(hints[name], value, f"{where}.{name}".lstrip(".")) for name, value in data.items()}
-    try:
-        return cls(**kwargs)
-    except TypeError as error:
-        raise ConfigError(f"{where or 'params'}: {error}") from error
-
-
-def _coerce(hint, value: Any, where: str):
-    if dataclasses.is_dataclass(hint):
-        return build_section(hint, value, where)
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        return _coerce(next(a for a in args if a is not type(None)), value, where)
-    if origin is tuple and args[-1] is Ellipsis:
-        _check(isinstance(value, (list, tuple)), f"{where} must be a list, got {value!r}")
-        return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
-    if origin is tuple:
-        _check(isinstance(value, (list, tuple)) and len(value) == len(args),
-               f"{where} must be a list of {len(args)} values, got {value!r}")
-        return tuple(_coerce(a, v, where) for a, v in zip(args, value))
-    if origin is dict:
-        _check(isinstance(value, dict), f"{where} must be a mapping, got {value!r}")
-        return {str(k): _coerce(args[1], v, f"{where}.{k}") for k, v in value.items()}
-    if hint is float:
-        _check(isinstance(value, (int, float)) and not isinstance(value, bool),
-               f"{where} must be a number, got {value!r}")
-        _check(math.isfinite(value), f"{where} must be a finite number, got {value!r}")
-        return float(value)
-    if hint is bool or hint is int:
-        _check(type(value) is hint, f"{where} must be {'true/false' if hint is bool else 'an integer'}, got {value!r}")
-        return value
-    if hint is str:
-        _check(isinstance(value, str), f"{where} must be a string, got {value!r}")
-    return value
 
 
 # Mappings that an override replaces whole instead of merging into: a preset that names its reward
@@ -130,9 +83,9 @@ def _resolved_rectify(merged: dict) -> dict:
     if not isinstance(train, dict) or train.get("rectify", "auto") != "auto":
         return merged
     mode = train.get("mode", "flash")
-    if not isinstance(mode, str) or mode not in RECTIFY_BY_MODE:
+    if not isinstance(mode, str) or mode not in MODES:
         return merged
-    return {**merged, "train": {**train, "rectify": RECTIFY_BY_MODE[mode]}}
+    return {**merged, "train": {**train, "rectify": MODES[mode].rectify}}
 
 
 def load_params(path: str | Path = "params.yaml", preset: str | None = None,

@@ -8,21 +8,17 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from flash_grpo_core.choices import (
+from flash_grpo_core.config.choices import (
     DEFAULT_LORA_TARGETS,
     FINETUNE_KINDS,
     LORA_COMPUTES,
     LORA_INITS,
-    NOISE_KINDS,
     OPTIMIZER_STATES,
     PARALLEL_STRATEGIES,
     PRESETS,
-    RECTIFY_MODES,
-    REWARD_NAMES,
-    SCHEDULE_KINDS,
-    STD_SCOPES,
-    TRAIN_MODES,
 )
+from flash_grpo_core.method.choices import NOISE_KINDS, RECTIFY_MODES, SCHEDULE_KINDS, STD_SCOPES
+from flash_grpo_core.method.modes import get_mode, mode_names
 from flash_grpo_core.config.checks import (  # noqa: F401 - ConfigError re-exported
     ConfigError,
     _check,
@@ -30,7 +26,9 @@ from flash_grpo_core.config.checks import (  # noqa: F401 - ConfigError re-expor
     _check_positive,
     _check_seed,
 )
-from flash_grpo_core.dvc_layout import dvc_loop, eval_points
+from flash_grpo_core.config.building import build_section
+from flash_grpo_core.config.dvc_layout import dvc_loop, eval_points
+from flash_grpo_core.config.plugins import load_plugins
 
 
 @dataclass(frozen=True)
@@ -146,7 +144,9 @@ class TrainConfig:
     def __post_init__(self):
         _check(self.parallel in PARALLEL_STRATEGIES,
                f"train.parallel must be one of {PARALLEL_STRATEGIES}, got {self.parallel!r}")
-        _check(self.mode in TRAIN_MODES, f"train.mode must be one of {TRAIN_MODES}, got {self.mode!r}")
+        if self.mode not in mode_names():  # a plugin's mode (config/plugins.py) registers when imported
+            load_plugins()
+        _check(self.mode in mode_names(), f"train.mode must be one of {mode_names()}, got {self.mode!r}")
         _check(self.rectify in RECTIFY_MODES, f"train.rectify must be one of {RECTIFY_MODES}, got {self.rectify!r}")
         _check(self.std_scope in STD_SCOPES, f"train.std_scope must be one of {STD_SCOPES}, got {self.std_scope!r}")
         _check(self.learning_rate > 0, "train.learning_rate must be > 0")
@@ -163,33 +163,23 @@ class TrainConfig:
                                         "keep_optimizer_states"))
 
 
-# Options without which a weighted reward cannot run: checked when params load, before any stage
-# starts (that the paths exist is checked when the reward is built, before the model loads).
-_REQUIRED_REWARD_OPTIONS = {"hpsv3": ("path", "base_path"), "videoalign": ("path",), "remote": ("url", "name")}
-
-
 @dataclass(frozen=True)
 class RewardConfig:
+    """That the names are registered rewards with their required options is checked against the
+    reward registry (`rewards.check_reward_params`): by the validate stage, and whenever one is built."""
+
     weights: dict[str, float] = field(default_factory=lambda: {"brightness": 1.0})
     options: dict[str, dict] = field(default_factory=dict)  # per-reward keyword arguments
     frame_stride: int = 1
 
     def __post_init__(self):
         _check(len(self.weights) > 0, "reward.weights must name at least one reward")
-        unknown = sorted(set(self.weights) - set(REWARD_NAMES))
-        _check(not unknown, f"reward.weights names unknown reward(s) {unknown}; known: {', '.join(REWARD_NAMES)}")
         for name, weight in self.weights.items():
             _check(isinstance(weight, (int, float)) and not isinstance(weight, bool) and math.isfinite(weight),
                    f"reward.weights.{name} must be a finite number, got {weight!r}")
         _check(all(name in self.weights for name in self.options),
                f"reward.options names rewards not in reward.weights: {sorted(set(self.options) - set(self.weights))}")
         _check(self.frame_stride >= 1, "reward.frame_stride must be >= 1")
-        for name, keys in _REQUIRED_REWARD_OPTIONS.items():
-            for key in keys if name in self.weights else ():
-                _check(bool((self.options.get(name) or {}).get(key)),
-                       f"reward {name} needs reward.options.{name}.{key} in params.yaml"
-                       + (" (a local path; or serve it with flash_grpo_core.rewards.server and weight `remote`)"
-                          if name != "remote" else " (the reward server's address)"))
 
 
 @dataclass(frozen=True)
@@ -252,8 +242,6 @@ class DataConfig:
     @classmethod
     def from_mapping(cls, mapping: dict | None, section: str = "data") -> DataConfig:
         """Build from a parsed params section, rejecting unknown keys and wrong types by key path."""
-        from flash_grpo_core.config.loading import build_section  # loading builds every section
-
         return build_section(cls, dict(mapping or {}), section)
 
 
@@ -285,7 +273,7 @@ class PipelineConfig:
 
 @dataclass(frozen=True)
 class ToyConfig:
-    """The alignment benchmark's synthetic task and pixel-space model (see flash_grpo_core/toy.py)."""
+    """The alignment benchmark's synthetic task and pixel-space model (see flash_grpo_core/tasks/toy/)."""
 
     colors: tuple[str, ...] = ("red", "green", "blue", "yellow", "magenta", "cyan")
     directions: tuple[str, ...] = ("left", "right", "up", "down")
@@ -356,21 +344,12 @@ class Params:
         _check(samples % train.minibatches == 0,
                f"train.minibatches ({train.minibatches}) must divide the {samples} samples of an iteration "
                f"(rollout.prompts_per_iteration x group_size)")
-        _check(not rollout.cheaper or train.mode == "flash",
-               f"rollout.head_steps, tail_steps and guidance_until apply to flash rollouts (one SDE step per "
-               f"sample) only; set them to null for train.mode {train.mode!r}")
-        if train.mode == "window":
-            _check(train.window_size <= rollout.num_steps - 1,
-                   f"train.window_size ({train.window_size}) must be <= rollout.num_steps - 1 "
-                   f"({rollout.num_steps - 1}): the window slides over steps 0..N-2")
-        if train.mode == "window_k":
-            _check(train.window_size <= rollout.num_candidates,
-                   f"train.window_size ({train.window_size}) must be <= rollout.num_candidates "
-                   f"({rollout.num_candidates}): the window_k window slides over the first K steps")
-        if train.mode == "full":
-            _check(int(rollout.num_steps * train.timestep_fraction) >= 1,
-                   f"train.timestep_fraction ({train.timestep_fraction}) trains int({rollout.num_steps} x "
-                   f"{train.timestep_fraction}) = 0 steps; raise it")
+        mode = get_mode(train.mode)
+        _check(not rollout.cheaper or mode.one_sde_step,
+               f"rollout.head_steps, tail_steps and guidance_until apply to rollouts with one SDE step per "
+               f"sample (train.mode flash) only; set them to null for train.mode {train.mode!r}")
+        for problem in mode.problems(rollout, train):
+            _check(False, problem)
         if self.pipeline.loop:
             _check(self.pipeline.loop == dvc_loop(self.iterations),
                    f"pipeline.loop must map iterations 1..{self.iterations} to their predecessors to match "

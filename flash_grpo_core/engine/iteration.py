@@ -27,14 +27,7 @@ from flash_grpo_core.method.batch import PassCounter, RolloutBatch
 from flash_grpo_core.method.rectify import rectification_factors
 from flash_grpo_core.method.schedule import flow_sigmas
 from flash_grpo_core.method.sde import noise_scales
-from flash_grpo_core.method.steps import (
-    full_steps,
-    iso_temporal_steps,
-    mixgrpo_window,
-    stochastic_steps,
-    window_start,
-    window_steps,
-)
+from flash_grpo_core.method.modes import get_mode
 
 
 def resolve_device(name: str) -> torch.device:
@@ -57,20 +50,18 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def build_stack(params: Params, dtype: torch.dtype, text_encoder: bool = True):
-    """The preset's Wan stack: a seeded tiny random model, the pixel-space toy model (pre-trained
-    weights from `model.path` when set), or Wan 2.1 from `model.path`. Without `text_encoder` the
-    stack has none (Wan 2.1 skips loading it; the random models drop theirs, their transformer
-    unchanged): for callers that get the prompt embeddings the rollout stored."""
+    """The preset's Wan stack: a seeded tiny random model, the model of the task the preset trains
+    (config/tasks.py; the toy's pixel-space model), or Wan 2.1 from `model.path`. Without
+    `text_encoder` the stack has none (Wan 2.1 skips loading it; the models built in code drop
+    theirs, their transformer unchanged): for callers that get the prompt embeddings the rollout stored."""
+    from flash_grpo_core.config.tasks import load_target, task_for_preset
     from flash_grpo_core.models import random_stacks, wan
 
+    task = None if params.is_tiny else task_for_preset(params.preset)
     if params.is_tiny:
         stack = random_stacks.build_tiny_stack(seed=params.seed, dtype=dtype, text_len=params.model.text_len)
-    elif params.preset == "toy":
-        from flash_grpo_core import toy
-
-        stack = toy.build_toy_stack(params.toy, dtype=dtype, text_len=params.model.text_len)
-        if params.model.path:
-            toy.load_base(stack, params.model.path)
+    elif task is not None and task.model is not None:
+        stack = load_target(task.model)(params, dtype)
     else:
         return wan.load_stack(params.model.path, dtype=dtype, max_text_len=params.model.text_len,
                                  text_encoder=text_encoder)
@@ -200,24 +191,15 @@ def iteration_prompts(items: list, count: int, iteration: int, seed: int) -> lis
 
 
 def plan_steps(params: Params, num_prompts: int, iteration: int) -> torch.Tensor:
-    """Trained steps [B, G, T] of `iteration` for the configured mode (`method/steps.py`)."""
-    r, t = params.rollout, params.train
-    if t.mode == "flash":
-        generator = torch.Generator().manual_seed(derive_seed(params.seed, iteration, "steps"))
-        return iso_temporal_steps(num_prompts, r.group_size, r.num_candidates, generator, r.iso_temporal)
-    if t.mode == "window":
-        window = mixgrpo_window(iteration, r.num_steps, t.window_size, t.window_stride, t.window_every)
-        return window_steps(num_prompts, r.group_size, window[0], len(window))
-    if t.mode == "window_k":
-        start = window_start(iteration, r.num_candidates, t.window_size, t.window_stride, t.window_every)
-        return window_steps(num_prompts, r.group_size, start, t.window_size)
-    return full_steps(num_prompts, r.group_size, r.num_steps, t.timestep_fraction)
+    """Trained steps [B, G, T] of `iteration` for the configured mode (`method/modes`)."""
+    generator = torch.Generator().manual_seed(derive_seed(params.seed, iteration, "steps"))
+    return get_mode(params.train.mode).plan(params.rollout, params.train, num_prompts, iteration, generator)
 
 
 def plan_stochastic_steps(params: Params, train_steps: torch.Tensor) -> torch.Tensor:
     """Where the rollout takes SDE steps, BoolTensor [B, G, N]: every step in `full` (Flow-GRPO
     samples the whole trajectory with the SDE and trains its first steps), else the trained steps."""
-    return stochastic_steps(train_steps, params.rollout.num_steps, every_step=params.train.mode == "full")
+    return get_mode(params.train.mode).stochastic(train_steps, params.rollout.num_steps)
 
 
 def encode(engine: Engine, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -305,10 +287,9 @@ def sampling_spec(engine: Engine, sigmas: torch.Tensor, scales: torch.Tensor, gu
 def reward_from_params(params: Params, scale_guard: bool = False):
     """The configured weighted reward; `reward.frame_stride` applies to every component. With
     `scale_guard`, each component's batch mean is checked against its history (see ScaleGuard)."""
-    from flash_grpo_core.rewards import build_weighted_reward
+    from flash_grpo_core.rewards import build_weighted_reward, check_reward_params
 
-    if params.preset == "toy":
-        import flash_grpo_core.toy  # noqa: F401 - registers the toy task's reward
+    check_reward_params(params.reward)  # a task's reward (a plugin) is loaded here when named
     options = {name: {"frame_stride": params.reward.frame_stride, **params.reward.options.get(name, {})}
                for name in params.reward.weights}
     return build_weighted_reward(dict(params.reward.weights), options, scale_guard=scale_guard)

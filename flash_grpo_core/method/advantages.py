@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from flash_grpo_core.choices import STD_SCOPES
+from flash_grpo_core.method.choices import STD_SCOPES
 from flash_grpo_core.method.reductions import global_std
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from flash_grpo_core.choices import RECTIFY_MODES
+from flash_grpo_core.method.choices import RECTIFY_MODES
 from flash_grpo_core.method.sde import noise_scales, rectification_coefficients
 
 

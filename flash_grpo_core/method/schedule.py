@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from flash_grpo_core.choices import SCHEDULE_KINDS
+from flash_grpo_core.method.choices import SCHEDULE_KINDS
 
 NUM_TRAIN_TIMESTEPS = 1000
 

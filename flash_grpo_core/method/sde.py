@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from flash_grpo_core.choices import NOISE_KINDS
+from flash_grpo_core.method.choices import NOISE_KINDS
 
 _DEFAULT_LEVEL = {"flow_grpo": 0.7, "dance": 0.3}
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)

@@ -2,8 +2,8 @@
 weights), and the transformer configurations of the released 1.3B and 14B models.
 
 `wan.py` loads such folders and `random_stacks.py` builds the architectures; the pipeline's
-`validate` stage (`flash_grpo_core/inputs.py`) checks the folder before any stage starts, with the
-same message, and the preflight (`flash_grpo_core/preflight.py`) also sizes a run from the configs,
+`validate` stage (`flash_grpo_core/pipeline/inputs.py`) checks the folder before any stage starts, with the
+same message, and the preflight (`flash_grpo_core/pipeline/preflight.py`) also sizes a run from the configs,
 in processes that need not import torch.
 """
 

@@ -11,7 +11,7 @@ from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from flash_grpo_core.choices import DEFAULT_LORA_TARGETS, LORA_COMPUTES, LORA_INITS
+from flash_grpo_core.config.choices import DEFAULT_LORA_TARGETS, LORA_COMPUTES, LORA_INITS
 
 
 def lora_config(rank: int = 16, alpha: int = 32, target_modules: Sequence[str] = DEFAULT_LORA_TARGETS,

@@ -122,23 +122,44 @@ def validate_output(name: str, output: RewardOutput, batch_size: int) -> RewardO
 # Registry
 
 _FACTORIES: dict[str, Callable[..., Reward]] = {}
+# Options a reward cannot run without, per reward: checked with the params (check_reward_params),
+# before any stage loads a model; `hint` says where the value comes from.
+_REQUIRED: dict[str, tuple[tuple[str, ...], str]] = {}
+MODEL_PATH_HINT = "a local path; or serve it with flash_grpo_core.rewards.server and weight `remote`"
 
 
-def register(name: str) -> Callable[[Callable[..., Reward]], Callable[..., Reward]]:
-    """Decorator registering a reward factory (a class or function) under ``name``."""
+def register(name: str, required: tuple[str, ...] = (), hint: str = MODEL_PATH_HINT
+             ) -> Callable[[Callable[..., Reward]], Callable[..., Reward]]:
+    """Decorator registering a reward factory (a class or function) under ``name``; ``required``:
+    the options `reward.options.<name>` must set."""
 
     def decorator(factory: Callable[..., Reward]) -> Callable[..., Reward]:
         if name in _FACTORIES and _FACTORIES[name] is not factory:
             raise ValueError(f"a reward named {name!r} is already registered")
         _FACTORIES[name] = factory
+        _REQUIRED[name] = (tuple(required), hint)
         return factory
 
     return decorator
 
 
+def _known(name: str) -> bool:
+    """Whether ``name`` is registered; a reward a task declares (config/tasks.py: the installed
+    plugins' tasks) is imported, and so registered, on first use."""
+    if name not in _FACTORIES:
+        from flash_grpo_core.config.tasks import all_tasks, load_target
+
+        for task in all_tasks():
+            if name in task.rewards:
+                load_target(task.rewards[name])
+    return name in _FACTORIES
+
+
 def available_rewards() -> list[str]:
-    """Sorted names of all registered rewards."""
-    return sorted(_FACTORIES)
+    """Sorted names of all registered rewards and of those the registered tasks declare."""
+    from flash_grpo_core.config.tasks import all_tasks
+
+    return sorted({*_FACTORIES, *(name for task in all_tasks() for name in task.rewards)})
 
 
 def build_reward(name: str, /, **kwargs: Any) -> Reward:
@@ -146,11 +167,26 @@ def build_reward(name: str, /, **kwargs: Any) -> Reward:
 
     ``name`` is positional-only so that a factory may itself take a ``name`` option (``remote``).
     """
-    if name not in _FACTORIES:
+    if not _known(name):
         raise KeyError(
             f"unknown reward {name!r}; available rewards: {', '.join(available_rewards())}"
         )
     return _FACTORIES[name](**kwargs)
+
+
+def check_reward_params(reward) -> None:
+    """ConfigError unless every reward `reward.weights` (a RewardConfig) names is registered and its
+    required options are set; the first check of the params that needs the registry."""
+    from flash_grpo_core.config import ConfigError
+
+    unknown = sorted(name for name in reward.weights if not _known(name))
+    if unknown:
+        raise ConfigError(f"reward.weights names unknown reward(s) {unknown}; known: {', '.join(available_rewards())}")
+    for name in reward.weights:
+        keys, hint = _REQUIRED[name]
+        for key in keys:
+            if not (reward.options.get(name) or {}).get(key):
+                raise ConfigError(f"reward {name} needs reward.options.{name}.{key} in params.yaml ({hint})")
 
 
 # ---------------------------------------------------------------------------------------------

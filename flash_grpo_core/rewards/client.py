@@ -47,7 +47,7 @@ class TransientError(Exception):
     """A failure worth retrying (connection, timeout, 5xx)."""
 
 
-@register("remote")
+@register("remote", required=("url", "name"), hint="the reward server's address")
 class RemoteReward:
     """A reward computed by a reward server at ``url`` (see the module docstring)."""
 

@@ -40,7 +40,7 @@ from flash_grpo_core.rewards.vlm import (
 DIMENSIONS = ("VQ", "MQ", "TA")
 
 
-@register("videoalign")
+@register("videoalign", required=("path",))
 class VideoAlignReward(ModelReward):
     """w_VQ * VQ + w_MQ * MQ + w_TA * TA (normalised as released); info holds the three parts."""
 

@@ -97,7 +97,7 @@ def jpeg_round_trip(frames: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.stack(decoded))  # [N, H, W, 3] uint8
 
 
-@register("hpsv3")
+@register("hpsv3", required=("path", "base_path"))
 class HPSv3Reward(FrameModelReward):
     """HPSv3 mu per frame, aggregated over frames (default top 30%)."""
 

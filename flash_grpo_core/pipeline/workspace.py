@@ -39,7 +39,7 @@ def select_preset(params: Path, preset: str, iterations: int) -> None:
     """Set `preset`, `iterations` and the pipeline keys spelling them out in a params.yaml (comments kept)."""
     from ruamel.yaml import YAML
 
-    from flash_grpo_core.dvc_layout import set_dvc_layout
+    from flash_grpo_core.config.dvc_layout import set_dvc_layout
 
     yaml = YAML()  # round-trip
     yaml.preserve_quotes = True

@@ -3,10 +3,11 @@ and loses nothing (DVC removes a stage's outputs before it runs the stage's comm
 found the error itself would already have deleted its previous outputs).
 
 `check_inputs` is what the pipeline's `validate` stage (stages/validate.py), the first in dvc.yaml, and
-the train-loop flow call. It checks, without torch and without loading any weights:
-1. the whole params file (`config.load_params`): unknown keys, types, ranges, combinations;
+the train-loop flow call. It checks, without loading any weights:
+1. the whole params file (`config.load_params`): unknown keys, types, ranges, combinations; the
+   rewards against the reward registry (names, required options, options their constructors take);
 2. the effective `data.source` (after the selected preset's overrides): a readable prompt file or
-   train.txt / test.txt folder, and not the toy task's grid for a preset that trains Wan 2.1;
+   train.txt / test.txt folder, and not a task's own prompts (the toy grid) for a preset that trains Wan 2.1;
 3. for such a preset, the layout of the `model.path` folder (models/layout.py);
 4. with the curate stage's report of the same source and data settings, that `eval.num_prompts`
    does not exceed the eval prompts it curated;
@@ -27,10 +28,9 @@ from pathlib import Path
 from flash_grpo_core.artifacts.prompt_sources import read_prompt_file, source_digests
 from flash_grpo_core.config import ConfigError, Params, load_params, read_yaml
 from flash_grpo_core.config.loading import REPLACED_WHOLE  # mappings a preset replaces whole: compared as one value
-from flash_grpo_core.lock_outputs import require_intact_links
+from flash_grpo_core.pipeline.lock_outputs import require_intact_links
 from flash_grpo_core.models.layout import check_model_folder
 
-TOY_SOURCE = "prompts/toy.jsonl"  # the toy task's colour x direction grid, with its held-out split
 _SOURCE_HINT = ("a folder with train.txt (and test.txt for the eval split), one prompt a line, e.g. the authors' "
                 "dataset/video (README, \"First real run\")")
 
@@ -54,7 +54,7 @@ def check_inputs(params_path: str | Path = "params.yaml", prompts_report: str | 
     if prompts_report is not None:  # the curated counts, semantic filter included, when still current
         check_eval_prompts(params, sources["files"], Path(prompts_report))
     check_curation(params)
-    check_reward_options(params)
+    check_rewards(params)
     require_intact_links(Path("."))  # with cache.type hardlink/symlink: an output edited in place
     return CheckedInputs(params, shadowed_keys(raw, params.preset), sources)
 
@@ -102,11 +102,9 @@ def curated_counts(result, sources: list[str], eval_prompts: int | None) -> None
                           f"lower it, raise data.min_eval / data.eval_fraction, or add prompts")
 
 
-def check_reward_options(params: Params) -> None:
-    """The configured rewards build with their options (unknown options, a missing weights path)
-    without loading any model. Rewards import torch: done only when some reward has options."""
-    if not any(params.reward.options.values()):
-        return
+def check_rewards(params: Params) -> None:
+    """The configured rewards are registered and build with their options (unknown options, a
+    missing weights path) without loading any model."""
     from flash_grpo_core.engine.iteration import reward_from_params
 
     try:
@@ -123,9 +121,13 @@ def check_source(params: Params) -> dict[str, str]:
     if not Path(source).exists():
         raise ConfigError(f"data.source {source!r} does not exist: set {where} to {_SOURCE_HINT}, or to a "
                           f".txt / .jsonl / .parquet prompt file")
-    if params.uses_wan_weights and Path(source).resolve() == Path(TOY_SOURCE).resolve():
-        raise ConfigError(f"data.source is {source!r}, the toy task's prompt grid, but preset {preset} trains Wan "
-                          f"2.1: set {where} to {_SOURCE_HINT}")
+    if params.uses_wan_weights:
+        from flash_grpo_core.config.tasks import all_tasks
+
+        for task in all_tasks():
+            if task.prompt_source and Path(source).resolve() == Path(task.prompt_source).resolve():
+                raise ConfigError(f"data.source is {source!r}, the {task.name} task's prompts, but preset {preset} "
+                                  f"trains Wan 2.1: set {where} to {_SOURCE_HINT}")
     read_prompt_file(source)  # a PromptFileError names the file and line
     return source_digests(source)
 

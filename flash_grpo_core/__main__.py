@@ -1,6 +1,6 @@
 """Run a few Flash-GRPO iterations in one process and print their metrics.
 
-    python -m flash_grpo_core.run [--params params.yaml] [--preset tiny] [--iterations N] [--prompts FILE]
+    python -m flash_grpo_core [--params params.yaml] [--preset tiny] [--iterations N] [--prompts FILE]
 
 The smallest end-to-end use of the core: the prompts of a prompt source (default: the params'
 `data.source`, the file the pipeline's curate stage reads; .txt, .jsonl or .parquet), the

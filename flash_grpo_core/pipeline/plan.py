@@ -1,6 +1,6 @@
 """What a run will cost, from its params and the model's configuration alone (no torch, no weights):
 the batch per rank, the transformer's size, peak memory per GPU, time per iteration and disk.
-`flash_grpo_core/preflight.py` prints these numbers before any GPU work.
+`flash_grpo_core/pipeline/preflight.py` prints these numbers before any GPU work.
 
 Every figure is an estimate; docs/decisions.md ("Preflight") gives the models and their sources:
 - parameters: counted from the diffusers `WanTransformer3DModel` layout (1.419 B and 14.288 B for
@@ -130,13 +130,10 @@ def tokens(arch: Arch, rollout) -> int:
 
 
 def trained_steps(params) -> int:
-    """Trained steps per sample: flash 1, full int(N x timestep_fraction), window modes at most W."""
-    train = params.train
-    if train.mode == "flash":
-        return 1
-    if train.mode == "full":
-        return int(params.rollout.num_steps * train.timestep_fraction)
-    return train.window_size
+    """Trained steps per sample (the mode's: flash 1, full int(N x timestep_fraction), windows at most W)."""
+    from flash_grpo_core.method.modes import get_mode
+
+    return get_mode(params.train.mode).trained_steps(params.rollout, params.train)
 
 
 def branches(params) -> int:

@@ -1,6 +1,6 @@
 """Preflight: what a run needs that can be checked before any GPU work, and the run's plan.
 
-    python -m flash_grpo_core.preflight [--preset NAME] [--params params.yaml]
+    python -m flash_grpo_core.pipeline.preflight [--preset NAME] [--params params.yaml]
 
 Checks, for the preset's effective parameters (after the preset merge), with paths relative to the
 folder of the params file (the checkout):
@@ -11,7 +11,7 @@ folder of the params file (the checkout):
 - a reward server's /health when the `remote` reward is weighted (a short timeout);
 - the processes asked for (FLASH_GRPO_NPROC_PER_NODE x FLASH_GRPO_NNODES, as stages/_launch.py reads
   them) against the GPUs visible, and the estimated peak memory per GPU against the card's;
-- free disk under pipeline.root against the run's checkpoints and shards (flash_grpo_core/plan.py).
+- free disk under pipeline.root against the run's checkpoints and shards (flash_grpo_core/pipeline/plan.py).
 
 Each problem is one line; any problem exits 2. The plan (world size, batch per rank, optimizer
 steps, model size, memory, time and disk estimates) is printed either way. No weights are loaded
@@ -32,9 +32,9 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flash_grpo_core import plan
+from flash_grpo_core.pipeline import plan
 from flash_grpo_core.config import ConfigError, load_params
-from flash_grpo_core.lock_outputs import verify_linked_outputs
+from flash_grpo_core.pipeline.lock_outputs import verify_linked_outputs
 from flash_grpo_core.models.layout import missing_parts
 
 NPROC_ENV, NNODES_ENV = "FLASH_GRPO_NPROC_PER_NODE", "FLASH_GRPO_NNODES"  # stages/_launch.py's
@@ -98,7 +98,7 @@ def check_prompts(params, project: Path) -> list[str]:
     not the toy grid for a preset that trains Wan 2.1, and enough prompts once curated; the validate
     stage's own checks (`inputs.check_source`, `check_curation`), with paths relative to the checkout."""
     from flash_grpo_core.artifacts.prompt_sources import PromptFileError
-    from flash_grpo_core.inputs import check_curation, check_source
+    from flash_grpo_core.pipeline.inputs import check_curation, check_source
 
     try:
         with contextlib.chdir(project):
@@ -295,7 +295,7 @@ def require(params, project: Path) -> Report:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flash_grpo_core.preflight", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m flash_grpo_core.pipeline.preflight", description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default=None, help="the preset to check (default: params.yaml's `preset`)")
     parser.add_argument("--params", default="params.yaml", help="the params file; paths are relative to its folder")
     args = parser.parse_args(argv)

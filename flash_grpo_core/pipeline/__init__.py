@@ -1,0 +1,5 @@
+"""What the staged pipeline needs above the engine: the checks of a run's inputs (`inputs`, the
+validate stage's) and before any GPU work (`preflight`, sized by `plan`), the lock's outputs
+(`lock_outputs`), scratch workspaces (`workspace`), checkpoint pruning (`prune`) and the HTML report
+(`report`). Stages, flows and benchmarks call these; nothing in the core below imports them.
+"""
