@@ -65,7 +65,7 @@ def evaluate_units(engine, texts: list[str], params, reward) -> tuple[dict, list
 
 
 def write_videos(videos, prompts, path: str) -> None:
-    from flash_grpo_core.artifacts.atomic import write_safetensors
+    from flash_grpo_core.artifacts.safetensors_io import write_safetensors
 
     write_safetensors({"videos": videos[: len(prompts)]}, path,
                       {"prompt_ids": [p.id for p in prompts], "prompts": [p.prompt for p in prompts]})

@@ -51,7 +51,7 @@ def read_point(points: Path, iteration: int) -> dict:
 
 def read_videos(points: Path, iteration: int) -> tuple[list[str], list[str], list]:
     """(prompt ids, prompts, uint8 videos [F, H, W, 3]) stored for the report at one point."""
-    from flash_grpo_core.artifacts.atomic import read_safetensors
+    from flash_grpo_core.artifacts.safetensors_io import read_safetensors
     from flash_grpo_core.artifacts.checkpoint import CheckpointError
 
     path = points / f"it{iteration}" / "videos.safetensors"

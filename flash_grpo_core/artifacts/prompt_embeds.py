@@ -30,7 +30,7 @@ FORMAT = "flash-grpo-prompt-embeds/1"
 def save_prompt_embeds(directory: str | os.PathLike, prompts: list[str], cond: torch.Tensor,
                        uncond: torch.Tensor | None) -> Path:
     """Write `cond` [B, L, D] for `prompts` and `uncond` [1, L, D] (or None) atomically; returns the path."""
-    from flash_grpo_core.artifacts.atomic import write_safetensors
+    from flash_grpo_core.artifacts.safetensors_io import write_safetensors
 
     if cond.ndim != 3 or cond.shape[0] != len(prompts):
         raise ValueError(f"cond {list(cond.shape)}: expected [B={len(prompts)}, L, D]")
@@ -50,7 +50,7 @@ def load_prompt_embeds(directory: str | os.PathLike, prompts: list[str], device:
 
     Raises ShardError naming the file when it is missing, unreadable, or holds other prompts.
     """
-    from flash_grpo_core.artifacts.atomic import read_safetensors
+    from flash_grpo_core.artifacts.safetensors_io import read_safetensors
 
     path = Path(directory) / FILE_NAME
     if not path.is_file():
