@@ -83,3 +83,20 @@ def test_the_registries_check_what_the_new_pieces_declare(registered, tiny_param
 def test_an_unregistered_mode_is_refused_naming_the_registered_ones(tiny_params):
     with pytest.raises(ConfigError, match="train.mode must be one of .*'flash'.*'full'.*got 'last_candidate'"):
         tiny_params(train__mode="last_candidate")
+
+
+def test_the_validate_stage_reads_every_reward_declaration_without_importing_one():
+    """The declarations the validate stage reads from the source (no torch) are the registry's."""
+    import subprocess
+    import sys
+
+    from flash_grpo_core.pipeline.inputs import declared_rewards
+    from flash_grpo_core.rewards.base import available_rewards
+
+    declared = declared_rewards()
+    assert set(declared) == set(available_rewards())
+    assert declared == {**{name: ((), "") for name in declared if name not in _REQUIRED}, **{
+        name: _REQUIRED[name] for name in declared if name in _REQUIRED}}
+    code = ("import sys; from flash_grpo_core.pipeline.inputs import declared_rewards; declared_rewards(); "
+            "sys.exit('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

@@ -13,3 +13,5 @@ PARALLEL_STRATEGIES = ("auto", "ddp", "fsdp")  # data parallelism of the update 
 OPTIMIZER_STATES = ("checkpoint", "beside")  # where a checkpoint's AdamW moments are stored
 # Paths that dvc.yaml puts into a stage's command line, which DVC runs through a shell.
 SAFE_PATH = r"[A-Za-z0-9_][A-Za-z0-9_./-]*"
+# Where a reward's required model path comes from (`rewards.register`'s default hint).
+MODEL_PATH_HINT = "a local path; or serve it with flash_grpo_core.rewards.server and weight `remote`"

@@ -181,6 +181,18 @@ class RewardConfig:
                f"reward.options names rewards not in reward.weights: {sorted(set(self.options) - set(self.weights))}")
         _check(self.frame_stride >= 1, "reward.frame_stride must be >= 1")
 
+    def check_known(self, known: dict[str, tuple[tuple[str, ...], str]]) -> None:
+        """ConfigError unless every weighted reward is in `known` ({name: (required options, hint)}:
+        the reward registry's, or the declarations the validate stage reads without importing them)
+        with its required options set."""
+        unknown = sorted(set(self.weights) - set(known))
+        _check(not unknown, f"reward.weights names unknown reward(s) {unknown}; known: {', '.join(sorted(known))}")
+        for name in self.weights:
+            keys, hint = known[name]
+            for key in keys:
+                _check(bool((self.options.get(name) or {}).get(key)),
+                       f"reward {name} needs reward.options.{name}.{key} in params.yaml ({hint})")
+
 
 @dataclass(frozen=True)
 class EvalConfig:

@@ -102,9 +102,33 @@ def curated_counts(result, sources: list[str], eval_prompts: int | None) -> None
                           f"lower it, raise data.min_eval / data.eval_fraction, or add prompts")
 
 
+def declared_rewards() -> dict[str, tuple[tuple[str, ...], str]]:
+    """{name: (required options, hint)} of every reward, read without importing one (rewards import
+    torch): the `@register(...)` declarations in the rewards package's source, and the rewards that
+    the registered tasks declare (their required options are checked when they are built)."""
+    import ast
+    import importlib.util
+
+    from flash_grpo_core.config.choices import MODEL_PATH_HINT
+    from flash_grpo_core.config.tasks import all_tasks
+
+    known = {name: ((), "") for task in all_tasks() for name in task.rewards}
+    for path in sorted(Path(importlib.util.find_spec("flash_grpo_core.rewards").origin).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "register" and node.args:
+                options = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
+                known[ast.literal_eval(node.args[0])] = (tuple(options.get("required", ())),
+                                                         options.get("hint", MODEL_PATH_HINT))
+    return known
+
+
 def check_rewards(params: Params) -> None:
-    """The configured rewards are registered and build with their options (unknown options, a
-    missing weights path) without loading any model."""
+    """The configured rewards are declared, with their required options, and build with their
+    options (unknown options, a missing weights path) without loading any model. Building imports
+    torch: done only when some reward has options."""
+    params.reward.check_known(declared_rewards())
+    if not any(params.reward.options.values()):
+        return
     from flash_grpo_core.engine.iteration import reward_from_params
 
     try:

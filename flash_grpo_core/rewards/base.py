@@ -33,6 +33,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from flash_grpo_core.config.choices import MODEL_PATH_HINT
+
 AGGREGATIONS = ("mean", "min", "top_mean")
 
 
@@ -125,7 +127,6 @@ _FACTORIES: dict[str, Callable[..., Reward]] = {}
 # Options a reward cannot run without, per reward: checked with the params (check_reward_params),
 # before any stage loads a model; `hint` says where the value comes from.
 _REQUIRED: dict[str, tuple[tuple[str, ...], str]] = {}
-MODEL_PATH_HINT = "a local path; or serve it with flash_grpo_core.rewards.server and weight `remote`"
 
 
 def register(name: str, required: tuple[str, ...] = (), hint: str = MODEL_PATH_HINT
@@ -177,16 +178,9 @@ def build_reward(name: str, /, **kwargs: Any) -> Reward:
 def check_reward_params(reward) -> None:
     """ConfigError unless every reward `reward.weights` (a RewardConfig) names is registered and its
     required options are set; the first check of the params that needs the registry."""
-    from flash_grpo_core.config import ConfigError
-
-    unknown = sorted(name for name in reward.weights if not _known(name))
-    if unknown:
-        raise ConfigError(f"reward.weights names unknown reward(s) {unknown}; known: {', '.join(available_rewards())}")
     for name in reward.weights:
-        keys, hint = _REQUIRED[name]
-        for key in keys:
-            if not (reward.options.get(name) or {}).get(key):
-                raise ConfigError(f"reward {name} needs reward.options.{name}.{key} in params.yaml ({hint})")
+        _known(name)  # a task's reward registers on first use
+    reward.check_known({**{name: ((), "") for name in available_rewards()}, **_REQUIRED})
 
 
 # ---------------------------------------------------------------------------------------------
