@@ -39,7 +39,7 @@ def _build(params):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m flash_grpo_core", description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--preset", default=None)
     parser.add_argument("--iterations", type=positive, default=None, help="default: the params' iterations")
