@@ -1,14 +1,14 @@
 """Where a LoRA update's time goes: one CFG pair's forward+backward under each way of training.
 
-    python bench/lora_cost.py                                               # tiny shape, CPU (tested)
-    python bench/lora_cost.py --arch wan1_3b --height 480 --width 832 --frames 81   # one GPU
-    python bench/lora_cost.py --arch wan1_3b --layers 2 --height 256 --width 512 --frames 13 \
-        --dtype bfloat16                                                    # 2 blocks at Wan's width, CPU
+    python -m bench.costs.lora_cost                                                       # tiny shape, CPU (tested)
+    python -m bench.costs.lora_cost --arch wan1_3b --height 480 --width 832 --frames 81   # one GPU
+    python -m bench.costs.lora_cost --arch wan1_3b --layers 2 --height 256 --width 512 --frames 13 \
+        --dtype bfloat16                                                                  # 2 blocks at Wan's width, CPU
 
 A LoRA r16 update measured 26% slower than a full-weight backward on an H200 (1.3B at 480x832x81:
 3.31 s against 2.63 s per sample), although it computes no weight gradient of the base. On the
-transformer of bench/iteration_cost.py (random weights, Wan 2.1's architecture on a GPU), one
-video's CFG pair (as bench/gpu_step.py's raw update) is run forward and backward under:
+transformer of bench/costs/iteration_cost.py (random weights, Wan 2.1's architecture on a GPU), one
+video's CFG pair (as bench/costs/gpu_step.py's raw update) is run forward and backward under:
 
 - `full`: every weight trainable (the full-weight backward the LoRA update was compared with);
 - `lora`: peft's LoRA as the measurement above ran it (adapters in float32 over the base's
@@ -41,16 +41,16 @@ import statistics
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from bench import gpu_step, iteration_cost  # importable once the project root is on the path
+from bench.costs import gpu_step, iteration_cost  # importable once the project root is on the path
 
 WAYS = ("full", "lora", "lora-compute-input", "lora-base-dtype", "no-weight-grads")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.costs.lora_cost", description=__doc__.splitlines()[0])
     iteration_cost.add_model_arguments(parser)
     parser.add_argument("--ways", nargs="+", default=list(WAYS), choices=WAYS)
     parser.add_argument("--checkpointing", nargs="+", default=["off", "on"], type=_checkpointing, metavar="off|on|N",
@@ -82,7 +82,7 @@ def _label(every: int) -> str:
 
 
 def engine_for(args, way: str, checkpointing: int):
-    """The bench engine of one way of training (bench/iteration_cost.py's model at this shape)."""
+    """The bench engine of one way of training (bench/costs/iteration_cost.py's model at this shape)."""
     bench_args = iteration_cost.parse_args(gpu_step.iteration_argv(argparse.Namespace(
         arch=args.arch, device=args.device, group=2, steps=20, micro_batch=1, repeats=args.repeats,
         height=args.height, width=args.width, frames=args.frames)))

@@ -1,8 +1,11 @@
 """Alignment benchmark: does one-step GRPO beat full-trajectory GRPO at equal compute? (toy task)
 
-    python bench/alignment.py            # full run: 6 variants x 3 seeds (about 45 min on 2 quiet cores)
-    python bench/alignment.py --quick    # smoke size: 2 variants x 1 seed, the shipped base (a few minutes)
-    python bench/alignment.py --jobs 2   # two runs at a time, one thread each (29 min on 2 cores)
+    python -m bench.alignment            # full run: 6 variants x 3 seeds (about 45 min on 2 quiet cores)
+    python -m bench.alignment --quick    # smoke size: 2 variants x 1 seed, the shipped base (a few minutes)
+    python -m bench.alignment --jobs 2   # two runs at a time, one thread each (29 min on 2 cores)
+
+(from the repository root; bench/alignment/__main__.py calls this module's `main`, so
+`python -m bench.alignment.alignment` is the same.)
 
 From one pre-trained pixel-space Wan base (the one shipped in bench/toy/base/, the frozen output
 of `bench/toy/dvc.yaml:pretrain`; or with `--pretrain-steps N` a base of its own), every variant
@@ -39,7 +42,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 VARIANTS = {
     "flash": {"train.mode": "flash"},
@@ -335,7 +338,7 @@ def _overrides(parser: argparse.ArgumentParser, pairs: list[str]) -> dict:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.alignment", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS))

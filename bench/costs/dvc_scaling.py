@@ -1,6 +1,6 @@
 """How DVC's per-iteration bookkeeping grows with the number of iterations in one dvc.yaml.
 
-    python bench/dvc_scaling.py [--iterations 40]
+    python -m bench.costs.dvc_scaling [--iterations 40]
 
 In a scratch git + DVC copy of the project (the tiny preset, evaluation of the base and the last
 checkpoint only), with `python -m stages.warm` running, one `dvc repro` runs every iteration. Per
@@ -23,10 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from bench.pipeline_overhead import _start_warm, _timed
+from bench.costs.pipeline_overhead import _start_warm, _timed
 
 _STARTED = re.compile(r"Running stage '(\w+)@(\d+)'")
 _SUMMARY = re.compile(r"^(rollout|score|update): iteration=(\d+) .*seconds=([0-9.]+)$")
@@ -103,7 +103,7 @@ def _table(result: dict) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.costs.dvc_scaling", description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=40)
     args = parser.parse_args(argv)
     result = measure(args.iterations)
