@@ -9,7 +9,7 @@
   (`python -m bench.alignment`), and where a toy base fails (`python -m bench.alignment.toy_probe`).
 
 Each benchmark prints its figures and records them under bench/results/ as `<name>.json` and
-`<name>.md`. Also here and not code: bench/results/ (the recorded results, kept as they were
-measured) and bench/toy/ (the frozen DVC stage that pre-trained the toy base, and the base itself,
-bench/toy/base/).
+`<name>.md`, written by one function, `bench.results_io.write_results`. Also here and not code:
+bench/results/ (the recorded results, kept as they were measured) and bench/toy/ (the frozen DVC
+stage that pre-trained the toy base, and the base itself, bench/toy/base/).
 """

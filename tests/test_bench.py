@@ -1,7 +1,7 @@
 """The benchmarks bench/costs/gpu_step.py, bench/costs/lora_cost.py and bench/costs/gpu_check.sh (smoke
 runs at the tiny shape), bench/alignment/toy_probe.py (a smoke run on the shipped toy base), the helpers
 only of bench/costs/process_scaling.py and bench/costs/rollout_cost.py (their measurements run for
-minutes), and the `--help` of every benchmark module."""
+minutes), the results writer bench/results_io.py, and the `--help` of every benchmark module."""
 
 import json
 import math
@@ -224,6 +224,46 @@ def test_the_gpu_check_script_runs_its_steps_at_the_tiny_shape(tmp_path):
     assert [row["way"] for row in json.loads((tmp_path / "lora_cost-tiny-cpu-core.json").read_text())["rows"]] == [
         "full", "lora", "lora-compute-input"]
     assert sorted((ROOT / "bench" / "results").iterdir()) == before
+
+
+# Each benchmark's record, by file-name prefix, and the JSON format it has always been written in.
+RECORD_FORMATS = {"faults": {"indent": 1}, "toy_probe": {"sort_keys": True, "ensure_ascii": False}}
+
+
+def test_the_results_writer_gives_the_recorded_bytes_back(tmp_path, importable_bench, capsys):
+    """Every committed record, read and written again with its benchmark's format, is the same bytes:
+    the one writer changed no benchmark's output."""
+    from bench.results_io import RESULTS, json_text, write_results
+
+    records = sorted(RESULTS.glob("*.json"))
+    assert len(records) > 15
+    for record in records:
+        kwargs = RECORD_FORMATS.get(record.stem.split("-")[0], {})
+        markdown = record.with_suffix(".md").read_text()
+        json_path, md_path = write_results(record.stem, json.loads(record.read_text()), markdown, tmp_path, **kwargs)
+        assert json_path.read_bytes() == record.read_bytes(), record.name
+        assert md_path.read_bytes() == record.with_suffix(".md").read_bytes(), record.name
+    summary = RESULTS / "alignment" / "summary.json"
+    assert json_text(json.loads(summary.read_text())) == summary.read_text()
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(  # no temporaries left beside them
+        [path.name for path in records] + [path.with_suffix(".md").name for path in records])
+    assert f"wrote {tmp_path / 'dvc_scaling.json'} and {tmp_path / 'dvc_scaling.md'}" in capsys.readouterr().out
+
+
+def test_the_results_writer_ends_a_table_with_one_newline_and_keeps_the_old_file_on_failure(tmp_path,
+                                                                                          importable_bench):
+    from bench.results_io import write_results
+
+    write_results("x", {"b": 1, "a": "é"}, "| table |", tmp_path / "new")  # creates the folder
+    assert (tmp_path / "new" / "x.md").read_text() == "| table |\n"
+    assert (tmp_path / "new" / "x.json").read_text() == '{\n  "b": 1,\n  "a": "\\u00e9"\n}\n'
+    write_results("x", {"b": 1, "a": "é"}, "| table |\n", tmp_path / "new", sort_keys=True, ensure_ascii=False)
+    assert (tmp_path / "new" / "x.md").read_text() == "| table |\n"
+    assert (tmp_path / "new" / "x.json").read_text(encoding="utf-8") == '{\n  "a": "é",\n  "b": 1\n}\n'
+    with pytest.raises(UnicodeEncodeError):  # a table that cannot be written: the old one stays whole
+        write_results("x", {"c": 2}, "| \ud800 |", tmp_path / "new")
+    assert (tmp_path / "new" / "x.md").read_text() == "| table |\n"
+    assert sorted(path.name for path in (tmp_path / "new").iterdir()) == ["x.json", "x.md"]
 
 
 BENCHMARKS = ["bench.faults.run", "bench.alignment.alignment", "bench.alignment.toy_probe",

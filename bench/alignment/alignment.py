@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import statistics
 import subprocess
@@ -44,6 +45,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+
+from bench.results_io import json_text, shown, write_text  # importable once the project root is on the path
+
 VARIANTS = {
     "flash": {"train.mode": "flash"},
     "flash-no-iso": {"train.mode": "flash", "rollout.iso_temporal": False},
@@ -257,26 +261,26 @@ def summarise(runs: list[dict]) -> dict:
 
 def write_outputs(out: Path, runs: list[dict], summary: dict, spread: dict, config: dict) -> str:
     """runs.csv (training), evals.csv (held-out), summary.json, alignment.png, alignment.md."""
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "evals.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["variant", "seed", "compute", "wall_s", "reward", *COMPONENTS])
-        for run in runs:
-            for row in run["evals"]:
-                writer.writerow([run["variant"], run["seed"], row["compute"], round(row["wall_s"], 2),
-                                 *(round(row[k], 5) for k in ("reward", *COMPONENTS))])
-    with open(out / "runs.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["variant", "seed", "iteration", "compute", "train_reward", "clip_fraction", "grad_norm"])
-        for run in runs:
-            for row in run["train"]:
-                writer.writerow([run["variant"], run["seed"], *(row[k] for k in ("iteration", "compute")),
-                                 *(round(row[k], 6) for k in ("train_reward", "clip_fraction", "grad_norm"))])
-    (out / "summary.json").write_text(json.dumps({"config": config, "variants": summary,
-                                                  "gradient_spread": spread}, indent=2) + "\n")
+    evals, train = io.StringIO(newline=""), io.StringIO(newline="")
+    writer = csv.writer(evals)
+    writer.writerow(["variant", "seed", "compute", "wall_s", "reward", *COMPONENTS])
+    for run in runs:
+        for row in run["evals"]:
+            writer.writerow([run["variant"], run["seed"], row["compute"], round(row["wall_s"], 2),
+                             *(round(row[k], 5) for k in ("reward", *COMPONENTS))])
+    writer = csv.writer(train)
+    writer.writerow(["variant", "seed", "iteration", "compute", "train_reward", "clip_fraction", "grad_norm"])
+    for run in runs:
+        for row in run["train"]:
+            writer.writerow([run["variant"], run["seed"], *(row[k] for k in ("iteration", "compute")),
+                             *(round(row[k], 6) for k in ("train_reward", "clip_fraction", "grad_norm"))])
+    write_text(out / "evals.csv", evals.getvalue())
+    write_text(out / "runs.csv", train.getvalue())
+    write_text(out / "summary.json", json_text({"config": config, "variants": summary, "gradient_spread": spread}))
     _plot(out / "alignment.png", summary)
     table = _markdown(summary, spread, config)
-    (out / "alignment.md").write_text(table)
+    write_text(out / "alignment.md", table)
+    print(f"wrote runs.csv, evals.csv, summary.json, alignment.png and alignment.md to {shown(out)}", flush=True)
     return table
 
 

@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 # importable once the project root is on the path
 from bench.alignment.alignment import COMPONENTS, SHIPPED_BASE, _overrides, evaluate, scored
+from bench.results_io import RESULTS, write_results
 
 SIGMAS = (0.9, 0.8, 0.6, 0.4)
 
@@ -43,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a params.yaml key (dotted, YAML value), as bench/alignment/alignment.py does")
     parser.add_argument("--name", default=None, help="suffix of the result files")
-    parser.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--out-dir", default=str(RESULTS))
     args = parser.parse_args(argv)
     args.overrides = _overrides(parser, args.set)
     if args.samples < 1 or not all(0 < s <= 1 for s in args.sigmas):
@@ -112,19 +113,16 @@ def markdown(rows: list[dict], base: str, args) -> str:
 
 
 def main(argv=None) -> None:
-    from flash_grpo_core.artifacts.atomic import atomic_path, write_json
-
     args = parse_args(argv)
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     rows = probe(args)
     base = Path(args.base).resolve()
     base = base.relative_to(ROOT).as_posix() if base.is_relative_to(ROOT) else base.name  # no machine paths
-    out = Path(args.out_dir) / f"toy_probe{'-' + args.name if args.name else ''}"
-    write_json({"base": base, "samples": args.samples, "overrides": args.overrides, "rows": rows},
-               out.with_suffix(".json"))
     text = markdown(rows, base, args)
-    with atomic_path(out.with_suffix(".md")) as temporary:
-        temporary.write_text(text)
+    # key-sorted, non-ASCII kept: the format of flash_grpo_core.artifacts.atomic.write_json it had
+    write_results(f"toy_probe{'-' + args.name if args.name else ''}",
+                  {"base": base, "samples": args.samples, "overrides": args.overrides, "rows": rows}, text,
+                  args.out_dir, sort_keys=True, ensure_ascii=False)
     print(text)
 
 

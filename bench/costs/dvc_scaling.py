@@ -14,7 +14,6 @@ stage (DVC parses and dumps the whole lock file, which gains every stage's entry
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import statistics
 import subprocess
@@ -27,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from bench.costs.pipeline_overhead import _start_warm, _timed
+from bench.results_io import write_results
 
 _STARTED = re.compile(r"Running stage '(\w+)@(\d+)'")
 _SUMMARY = re.compile(r"^(rollout|score|update): iteration=(\d+) .*seconds=([0-9.]+)$")
@@ -108,11 +108,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     result = measure(args.iterations)
     result["growth_s_per_iteration"] = round(_slope(result["rows"]), 4)
-    out = ROOT / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "dvc_scaling.json").write_text(json.dumps(result, indent=2) + "\n")
     table = _table(result)
-    (out / "dvc_scaling.md").write_text(table + "\n")
+    write_results("dvc_scaling", result, table + "\n")
     print(table)
 
 

@@ -44,7 +44,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from bench.costs import iteration_cost  # importable once the project root is on the path
+# importable once the project root is on the path
+from bench.costs import iteration_cost
+from bench.results_io import RESULTS, write_results
 
 PARTS = ("rollout", "update", "iteration")
 # ratio name -> (bound, limit): "max" means the ratio should be at most the limit, "min" at least
@@ -61,7 +63,7 @@ def parse_args(argv=None):
     parser.add_argument("--micro-batch", type=int, default=1, help="trained items per forward+backward")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
-    parser.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS)
     parser.add_argument("--tag", default=None, help="suffix of the output files (default: arch and device)")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -377,10 +379,8 @@ def main(argv=None):
     results["targets"] = {name: {"bound": bound, "limit": limit} for name, (bound, limit) in TARGETS.items()}
     on_gpu = results.get("memory_kind") == "cuda_allocated"
     tag = args.tag or f"{args.arch}-{'cuda' if on_gpu else 'cpu'}"
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / f"gpu_step-{tag}.json").write_text(json.dumps(results, indent=2) + "\n")
     table = markdown(results)
-    (args.out_dir / f"gpu_step-{tag}.md").write_text(table)
+    write_results(f"gpu_step-{tag}", results, table, args.out_dir)
     print(table)
 
 

@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench.results_io import RESULTS, write_results
+
 ROOT = Path(__file__).resolve().parents[2]
 MODULE = "bench.costs.iteration_cost"  # each mode runs as `python -m MODULE` from ROOT
 MODES = ("flash", "window", "full")
@@ -48,7 +50,7 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--tag", default=None, help="suffix of the output files (default: arch and device)")
-    parser.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS)
     for key in ("head-steps", "tail-steps"):  # cheaper flash rollouts (engine/fast_rollout.py), flash mode only
         parser.add_argument(f"--{key}", type=int, default=None, help=f"flash mode: rollout.{key.replace('-', '_')}")
     parser.add_argument("--guidance-until", type=float, default=None, help="flash mode: rollout.guidance_until")
@@ -169,10 +171,8 @@ def main(argv=None):
     results = {"arch": args.arch, "device": device, "config": config, "modes": modes, "ratios": ratios}
     on_gpu = bool(modes) and modes[0]["peak_memory_kind"] == "cuda_allocated"
     tag = args.tag or f"{args.arch}-{'cuda' if on_gpu else 'cpu'}"
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / f"iteration_cost-{tag}.json").write_text(json.dumps(results, indent=2) + "\n")
     table = f"# Iteration cost, {args.arch} on {device}\n\n{_table(results)}\n"
-    (args.out_dir / f"iteration_cost-{tag}.md").write_text(table)
+    write_results(f"iteration_cost-{tag}", results, table, args.out_dir)
     print(table)
 
 

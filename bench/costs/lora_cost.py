@@ -44,7 +44,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from bench.costs import gpu_step, iteration_cost  # importable once the project root is on the path
+# importable once the project root is on the path
+from bench.costs import gpu_step, iteration_cost
+from bench.results_io import RESULTS, write_results
 
 WAYS = ("full", "lora", "lora-compute-input", "lora-base-dtype", "no-weight-grads")
 
@@ -61,7 +63,7 @@ def parse_args(argv=None):
                         help="the base's dtype (auto: bfloat16 on a GPU, float32 on a CPU)")
     parser.add_argument("--tag", default=None, help="suffix of the output files")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.layers is not None and (args.arch == "tiny" or args.layers < 1):
         parser.error("--layers takes a whole number of at least 1 and applies to the Wan architectures")
@@ -173,12 +175,9 @@ def main(argv=None) -> None:
             rows.append(measure(args, way, every))
             print(json.dumps(rows[-1]), flush=True)  # a run cut short by its time limit keeps what it measured
     device = "cuda" if rows[0]["memory_kind"] == "cuda_allocated" else "cpu"
-    stem = args.out_dir / f"lora_cost-{args.arch}-{device}{'-' + args.tag if args.tag else ''}"
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps({"arch": args.arch, "layers": args.layers, "rows": rows},
-                                                    indent=2) + "\n")
+    name = f"lora_cost-{args.arch}-{device}{'-' + args.tag if args.tag else ''}"
     text = markdown(args, rows)
-    stem.with_suffix(".md").write_text(text)
+    write_results(name, {"arch": args.arch, "layers": args.layers, "rows": rows}, text, args.out_dir)
     print(text)
 
 

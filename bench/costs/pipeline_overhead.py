@@ -30,6 +30,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+
+from bench.results_io import write_results  # importable once the project root is on the path
+
 SIZES = {  # rollout overrides of the tiny preset
     "default": {},
     "realistic": {"prompts_per_iteration": 8, "group_size": 8, "frames": 17, "height": 64, "width": 64, "batch_size": 16},
@@ -197,11 +200,8 @@ def main(argv=None) -> None:
     parser.add_argument("--size", choices=list(SIZES), default="realistic")
     args = parser.parse_args(argv)
     results = [measure(args.size, warm=False), measure(args.size, warm=True)]
-    out = ROOT / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"pipeline_overhead-{args.size}.json").write_text(json.dumps(results, indent=2) + "\n")
     table = _table(results)
-    (out / f"pipeline_overhead-{args.size}.md").write_text(table + "\n")
+    write_results(f"pipeline_overhead-{args.size}", results, table + "\n")
     print(table)
 
 

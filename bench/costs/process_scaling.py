@@ -35,7 +35,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from bench.costs import pipeline_overhead  # importable once the project root is on the path
+# importable once the project root is on the path
+from bench.costs import pipeline_overhead
+from bench.results_io import RESULTS, write_results
 
 STAGES = ("rollout@1", "score@1", "update@1", "eval_checkpoint@1")
 PROCESSES = (1, 2)
@@ -47,7 +49,7 @@ def parse_args(argv=None):
     parser.add_argument("--size", choices=list(pipeline_overhead.SIZES), default="default")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every process")
-    parser.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS)
     return parser.parse_args(argv)
 
 
@@ -172,10 +174,8 @@ def measure(size: str, repeats: int, threads: int) -> dict:
 def main(argv=None) -> None:
     args = parse_args(argv)
     result = measure(args.size, args.repeats, args.threads)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / f"process_scaling-{args.size}.json").write_text(json.dumps(result, indent=2) + "\n")
     table = markdown(result)
-    (args.out_dir / f"process_scaling-{args.size}.md").write_text(table)
+    write_results(f"process_scaling-{args.size}", result, table, args.out_dir)
     print(table)
 
 

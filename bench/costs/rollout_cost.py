@@ -47,6 +47,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+
+from bench.results_io import RESULTS, write_results  # importable once the project root is on the path
+
 OPTION_SETS = {  # rollout.* keys; `flash` (all off) is the reference
     "flash": {},
     "tail2": {"tail_steps": 2},
@@ -301,7 +304,7 @@ def main(argv=None) -> None:
                         help="bench/alignment/alignment.py's summary.json file(s), for the held-out rewards")
     parser.add_argument("--heldout-only", action="store_true",
                         help="measure nothing: fill the held-out rewards of --alignment into --out's rollout_cost.json")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     out = Path(args.out)
     if args.heldout_only:
@@ -313,10 +316,8 @@ def main(argv=None) -> None:
             print(f"{preset}: " + json.dumps({name: {k: round(v, 4) for k, v in f.items()}
                                                for name, f in results[preset].items()}), flush=True)
         rows = entries(results, heldout(args.alignment))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "rollout_cost.json").write_text(json.dumps(rows, indent=2) + "\n")
     table = markdown(rows)
-    (out / "rollout_cost.md").write_text(table)
+    write_results("rollout_cost", rows, table, out)
     print(table)
 
 

@@ -44,12 +44,13 @@ sys.path.insert(0, str(ROOT))
 from bench.faults import corrupt, inputs, kills, repro, repro_cases
 from bench.faults.report import markdown
 from bench.faults.workspace import Workspace
+from bench.results_io import RESULTS, write_results
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.faults", description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="the test suite's version: a few cases of each kind")
-    parser.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS)
     return parser.parse_args(argv)
 
 
@@ -129,9 +130,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     results = run(small=args.small)
     name = "faults-small" if args.small else "faults"
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / f"{name}.json").write_text(json.dumps(results, indent=1) + "\n")
-    (args.out_dir / f"{name}.md").write_text(markdown(results))
+    write_results(name, results, markdown(results), args.out_dir, indent=1)
     for key in ("kill_points", "corruptions", "bad_inputs"):
         _say(f"{key}: {json.dumps(results[key])}")
     _say(f"repro: {json.dumps(results['repro'])}")
