@@ -1,6 +1,7 @@
-"""The benchmarks bench/gpu_step.py, bench/lora_cost.py and bench/gpu_check.sh (smoke runs at the tiny shape),
-bench/toy_probe.py (a smoke run on the shipped toy base), and the helpers only of
-bench/process_scaling.py and bench/rollout_cost.py (their measurements run for minutes)."""
+"""The benchmarks bench/costs/gpu_step.py, bench/costs/lora_cost.py and bench/costs/gpu_check.sh (smoke
+runs at the tiny shape), bench/alignment/toy_probe.py (a smoke run on the shipped toy base), the helpers
+only of bench/costs/process_scaling.py and bench/costs/rollout_cost.py (their measurements run for
+minutes), the results writer bench/results_io.py, and the `--help` of every benchmark module."""
 
 import json
 import math
@@ -18,12 +19,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def importable_bench(monkeypatch):
-    """`from bench import ...` works: the scripts live outside the package."""
+    """`from bench... import ...` works: bench is a package of the repository, outside the installed one."""
     monkeypatch.syspath_prepend(str(ROOT))
 
 
 def test_lora_cost_runs_every_way_of_training_at_the_tiny_shape(tmp_path, importable_bench):
-    from bench import lora_cost
+    from bench.costs import lora_cost
 
     args = lora_cost.parse_args(["--out-dir", str(tmp_path)])
     full, lora, frozen = (lora_cost.engine_for(args, way, 0) for way in ("full", "lora", "no-weight-grads"))
@@ -46,7 +47,7 @@ def test_lora_cost_runs_every_way_of_training_at_the_tiny_shape(tmp_path, import
 
 
 def test_lora_cost_runs_the_base_in_the_asked_dtype_on_the_asked_blocks(importable_bench, monkeypatch):
-    from bench import lora_cost
+    from bench.costs import lora_cost
     from flash_grpo_core.engine.sampler import compute_dtype
     from flash_grpo_core.models import random_stacks
 
@@ -76,7 +77,7 @@ def test_lora_cost_runs_the_base_in_the_asked_dtype_on_the_asked_blocks(importab
 
 def test_lora_cost_reports_a_way_that_runs_out_of_memory_and_measures_the_rest(tmp_path, importable_bench,
                                                                                  monkeypatch):
-    from bench import lora_cost
+    from bench.costs import lora_cost
 
     def out_of_memory(engine, inputs, input_grad):
         raise torch.OutOfMemoryError("CUDA out of memory")
@@ -91,10 +92,10 @@ def test_lora_cost_reports_a_way_that_runs_out_of_memory_and_measures_the_rest(t
 
 
 def test_gpu_step_writes_every_figure_at_the_tiny_shape(tmp_path, importable_bench):
-    from bench import gpu_step
+    from bench.costs import gpu_step
 
-    # rollout and update only: the iteration part runs bench/iteration_cost.py twice more (13 s)
-    subprocess.run([sys.executable, "bench/gpu_step.py", "--repeats", "1", "--group", "2", "--steps", "4",
+    # rollout and update only: the iteration part runs bench/costs/iteration_cost.py twice more (13 s)
+    subprocess.run([sys.executable, "-m", "bench.costs.gpu_step", "--repeats", "1", "--group", "2", "--steps", "4",
                     "--parts", "rollout", "update", "--out-dir", str(tmp_path)], cwd=ROOT, env=tool_env(OMP_NUM_THREADS="1"), check=True,
                    capture_output=True, text=True, timeout=300)
     results = json.loads((tmp_path / "gpu_step-tiny-cpu.json").read_text())
@@ -118,7 +119,7 @@ def test_gpu_step_writes_every_figure_at_the_tiny_shape(tmp_path, importable_ben
 
 
 def test_gpu_step_judges_each_ratio_by_its_own_bound(importable_bench):
-    from bench import gpu_step
+    from bench.costs import gpu_step
 
     verdicts = gpu_step.verdicts({"update/raw": 1.2, "rollout/raw (sampling)": 1.1, "full/flash iteration": 4.9,
                                   "full/flash update": 20.0})
@@ -126,7 +127,7 @@ def test_gpu_step_judges_each_ratio_by_its_own_bound(importable_bench):
 
 
 def test_process_scaling_builds_stage_runs_from_dvc_yaml(tmp_path, importable_bench):
-    from bench import process_scaling
+    from bench.costs import process_scaling
 
     commands = process_scaling.stage_commands(copy_project(ROOT, tmp_path, preset="tiny"))
     assert list(commands) == list(process_scaling.STAGES)
@@ -142,7 +143,7 @@ def test_process_scaling_builds_stage_runs_from_dvc_yaml(tmp_path, importable_be
 
 
 def test_process_scaling_units_rows_and_table(importable_bench, tiny_params):
-    from bench import process_scaling
+    from bench.costs import process_scaling
 
     # tiny preset: 2 prompts, 1 group per shard -> 2 shards; 2 eval prompts in batches of 8 -> 1 unit
     units = process_scaling.work_units(tiny_params(), eval_prompts=4, trained_items=8)
@@ -160,7 +161,7 @@ def test_process_scaling_units_rows_and_table(importable_bench, tiny_params):
 
 
 def test_toy_probe_scores_each_start_of_the_shipped_base(tmp_path, importable_bench):
-    from bench import toy_probe
+    from bench.alignment import toy_probe
 
     # with toy.rl_only (train prompts kept out of pre-training) those are scored as a split of their own
     toy_probe.main(["--samples", "1", "--sigmas", "0.5", "--name", "smoke", "--out-dir", str(tmp_path),
@@ -176,7 +177,7 @@ def test_toy_probe_scores_each_start_of_the_shipped_base(tmp_path, importable_be
 
 
 def test_rollout_cost_files_each_alignment_record_under_the_toy_preset_of_its_grid(tmp_path, importable_bench):
-    from bench import rollout_cost
+    from bench.costs import rollout_cost
 
     def summary(name: str, overrides: dict, rewards: dict) -> str:
         variants = {v: {"final_reward": mean, "final_reward_std": std} for v, (mean, std) in rewards.items()}
@@ -206,11 +207,11 @@ def test_rollout_cost_files_each_alignment_record_under_the_toy_preset_of_its_gr
 
 
 def test_the_gpu_check_script_runs_its_steps_at_the_tiny_shape(tmp_path):
-    """bench/gpu_check.sh with SMOKE=1 (its CPU form; here two of its steps): each benchmark's record
+    """bench/costs/gpu_check.sh with SMOKE=1 (its CPU form; here two of its steps): each benchmark's record
     lands in $OUT, nothing in the checkout, and $OUT holds a handful of files, not one per table."""
     before = sorted((ROOT / "bench" / "results").iterdir())
     env = tool_env(SMOKE="1", STEPS="lora iteration", OUT=str(tmp_path), PYTHON=sys.executable, OMP_NUM_THREADS="1")
-    done = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], env=env, capture_output=True, text=True,
+    done = subprocess.run(["bash", str(ROOT / "bench" / "costs" / "gpu_check.sh")], env=env, capture_output=True, text=True,
                           timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     assert sorted(path.name for path in tmp_path.iterdir()) == [
@@ -223,3 +224,73 @@ def test_the_gpu_check_script_runs_its_steps_at_the_tiny_shape(tmp_path):
     assert [row["way"] for row in json.loads((tmp_path / "lora_cost-tiny-cpu-core.json").read_text())["rows"]] == [
         "full", "lora", "lora-compute-input"]
     assert sorted((ROOT / "bench" / "results").iterdir()) == before
+
+
+# Each benchmark's record, by file-name prefix, and the JSON format it has always been written in.
+RECORD_FORMATS = {"faults": {"indent": 1}, "toy_probe": {"sort_keys": True, "ensure_ascii": False}}
+
+
+def test_the_results_writer_gives_the_recorded_bytes_back(tmp_path, importable_bench, capsys):
+    """Every committed record, read and written again with its benchmark's format, is the same bytes:
+    the one writer changed no benchmark's output."""
+    from bench.results_io import RESULTS, json_text, write_results
+
+    records = sorted(RESULTS.glob("*.json"))
+    assert len(records) > 15
+    for record in records:
+        kwargs = RECORD_FORMATS.get(record.stem.split("-")[0], {})
+        markdown = record.with_suffix(".md").read_text()
+        json_path, md_path = write_results(record.stem, json.loads(record.read_text()), markdown, tmp_path, **kwargs)
+        assert json_path.read_bytes() == record.read_bytes(), record.name
+        assert md_path.read_bytes() == record.with_suffix(".md").read_bytes(), record.name
+    summary = RESULTS / "alignment" / "summary.json"
+    assert json_text(json.loads(summary.read_text())) == summary.read_text()
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(  # no temporaries left beside them
+        [path.name for path in records] + [path.with_suffix(".md").name for path in records])
+    assert f"wrote {tmp_path / 'dvc_scaling.json'} and {tmp_path / 'dvc_scaling.md'}" in capsys.readouterr().out
+
+
+def test_the_results_writer_ends_a_table_with_one_newline_and_keeps_the_old_file_on_failure(tmp_path,
+                                                                                          importable_bench):
+    from bench.results_io import write_results
+
+    write_results("x", {"b": 1, "a": "é"}, "| table |", tmp_path / "new")  # creates the folder
+    assert (tmp_path / "new" / "x.md").read_text() == "| table |\n"
+    assert (tmp_path / "new" / "x.json").read_text() == '{\n  "b": 1,\n  "a": "\\u00e9"\n}\n'
+    write_results("x", {"b": 1, "a": "é"}, "| table |\n", tmp_path / "new", sort_keys=True, ensure_ascii=False)
+    assert (tmp_path / "new" / "x.md").read_text() == "| table |\n"
+    assert (tmp_path / "new" / "x.json").read_text(encoding="utf-8") == '{\n  "a": "é",\n  "b": 1\n}\n'
+    with pytest.raises(UnicodeEncodeError):  # a table that cannot be written: the old one stays whole
+        write_results("x", {"c": 2}, "| \ud800 |", tmp_path / "new")
+    assert (tmp_path / "new" / "x.md").read_text() == "| table |\n"
+    assert sorted(path.name for path in (tmp_path / "new").iterdir()) == ["x.json", "x.md"]
+
+
+BENCHMARKS = ["bench.faults.run", "bench.alignment.alignment", "bench.alignment.toy_probe",
+              *(f"bench.costs.{name}" for name in ("dvc_scaling", "gpu_step", "iteration_cost", "lora_cost",
+                                                   "pipeline_overhead", "process_scaling", "rollout_cost"))]
+
+
+@pytest.mark.parametrize("module", BENCHMARKS)
+def test_every_benchmark_module_answers_help(module, importable_bench, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as done:
+        importlib.import_module(module).main(["--help"])
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("usage: ")
+
+
+def test_the_family_packages_run_as_modules_from_the_repository_root():
+    """`python -m bench.faults` and `python -m bench.alignment` (their __main__), as a user runs them."""
+    code = ("import runpy, sys\n"
+            "for name in ('bench.faults', 'bench.alignment'):\n"
+            "    sys.argv = [name, '--help']\n"
+            "    try:\n"
+            "        runpy.run_module(name, run_name='__main__', alter_sys=True)\n"
+            "    except SystemExit as done:\n"
+            "        assert done.code == 0, (name, done.code)\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=tool_env(), capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "usage: python -m bench.faults [-h] [--small]" in done.stdout
+    assert "usage: python -m bench.alignment [-h] [--quick]" in done.stdout

@@ -1,10 +1,10 @@
 """Fault injection: the fault points stages and writers expose (flash_grpo_core/artifacts/faults.py), and the
-harness bench/faults.py in its small version: 3 kill points (SIGKILL of a warm stage between a
-shard's write and its rename, SIGKILL of dvc after a rename, Ctrl-C after a cold stage finished),
-3 corruptions and 8 bad inputs on a scratch copy of the tiny preset, every case clean, and 11 bad
-edits through `dvc repro` on the finished workspace, each recorded with the outputs it lost; the
-check of linked outputs (scripts/verify_cache.py --links) in a DVC project with hard links. The full
-version's record: bench/results/faults.md."""
+harness bench/faults/ (`python -m bench.faults --small`) in its small version: 2 kill points
+(SIGKILL of a warm stage between a shard's write and its rename, Ctrl-C after a cold stage
+finished), 3 corruptions and 8 bad inputs on a scratch copy of the tiny preset, every case clean,
+and 4 bad edits through `dvc repro` on the finished workspace, each recorded with the outputs it
+lost; the check of linked outputs (scripts/verify_cache.py --links) in a DVC project with hard
+links. The full version's record: bench/results/faults.md."""
 
 import json
 import os
@@ -55,15 +55,15 @@ def test_a_hanging_fault_point_says_where_it_hangs():
 
 @pytest.fixture
 def importable_bench(monkeypatch):
-    """`from bench import ...` works: the scripts live outside the package."""
+    """`from bench... import ...` works: bench is a package of the repository, outside the installed one."""
     monkeypatch.syspath_prepend(str(ROOT))
 
 
 @pytest.mark.slow
 def test_the_small_fault_run_is_clean(importable_bench, dvc_cache, tmp_path):
-    from bench import faults
+    from bench.faults import report, run
 
-    results = faults.run(small=True, cache_dir=dvc_cache, scratch=tmp_path)
+    results = run.run(small=True, cache_dir=dvc_cache, scratch=tmp_path)
     kills, corruptions, inputs = results["kill_points"], results["corruptions"], results["bad_inputs"]
     cases = results["cases"]
     failing = ([case for case in cases["kill_points"] if not case["resumed_equal"]]
@@ -76,7 +76,7 @@ def test_the_small_fault_run_is_clean(importable_bench, dvc_cache, tmp_path):
     assert inputs["tried"] == inputs["clear_exit2"] == 8
     assert results["lost"] == 0
     assert results["warm_stage_runs"] > 0  # the warm cases did run warm
-    table = faults.markdown(results)
+    table = report.markdown(results)
     assert "| kill points | 2 | 2 resumed equal to the reference; orphaned processes: 0; artifacts lost: 0 |" in table
     _check_repro_record(results, table)
 
@@ -85,10 +85,10 @@ def _check_repro_record(results: dict, table: str) -> None:
     """Bad edits through `dvc repro` on the finished workspace: each refused (exit 2 naming the key
     or file), refused by DVC itself or warned of as expected, and no finished output lost: the
     validate stage checks the inputs before DVC removes any stage's outputs."""
-    from bench import faults_repro_cases
+    from bench.faults import repro_cases
 
     repro, cases = results["repro"], {case["case"]: case for case in results["cases"]["repro"]}
-    assert repro["tried"] == len(cases) == len(faults_repro_cases.SMALL) == 4
+    assert repro["tried"] == len(cases) == len(repro_cases.SMALL) == 4
     assert repro["lost"] == 0 and repro["lost_cases"] == [] and not any(case["lost"] for case in cases.values())
     assert repro["passed"] == 4, [case for case in cases.values() if not case["passed"]]
     assert all(case["dvc_exit"] != 0 for case in cases.values() if case["expect"] in ("refused", "dvc"))

@@ -128,7 +128,7 @@ def _md5(path: Path) -> str:
 # the validate stage gives for each: those that involve the workspace (its curated prompts, DVC's
 # loop, the shell command line) and one plain params error. Every other message, e.g. a wrong type,
 # K > N, a group of one, a misspelt reward, a negative seed: tests/test_validate.py in-process, and
-# through `dvc repro` the 146 cases of bench/faults.py's record.
+# through `dvc repro` the 146 cases of the fault harness's record (`python -m bench.faults`).
 BAD_EDITS = [
     ("  group_size: 8\n", "  group_sise: 8\n", "unknown key(s) rollout.group_sise"),
     ("      num_prompts: 2\n", "      num_prompts: 7\n", "eval.num_prompts is 7, but runs/prompts/report.json holds 6"),

@@ -198,7 +198,7 @@ def test_iteration_time_and_disk_scale_with_the_run():
 
 
 def test_a_gpu_step_record_replaces_the_notes_step_costs(tmp_path):
-    # bench/gpu_step.py's record: 20 CFG steps = 40 forwards of a video, one CFG pair's forward+backward
+    # bench/costs/gpu_step.py's record: 20 CFG steps = 40 forwards of a video, one CFG pair's forward+backward
     # per item, at latents 16x5x30x52 (5 x 15 x 26 = 1,950 tokens)
     record = {"guidance": 4.5, "latent_shape": [16, 5, 30, 52], "update": {"raw_s_per_item": 1.0},
               "rollout": {"raw_s_per_video": 8.0, "raw_forward_passes_per_video": 40}}

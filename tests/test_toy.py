@@ -137,7 +137,7 @@ def test_alignment_benchmark_quick_runs_end_to_end(tmp_path):
     from flash_grpo_core.pipeline.workspace import tool_env
 
     root = Path(__file__).resolve().parents[1]
-    subprocess.run([sys.executable, "bench/alignment.py", "--quick", "--evals", "1", "--iterations", "3",
+    subprocess.run([sys.executable, "-m", "bench.alignment", "--quick", "--evals", "1", "--iterations", "3",
                     "--eval-samples", "4", "--out", str(tmp_path)],
                    cwd=root, env=tool_env(), check=True, capture_output=True, text=True)
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -163,8 +163,8 @@ def test_quick_benchmark_refuses_a_shipped_base_of_other_toy_settings(tmp_path, 
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    monkeypatch.syspath_prepend(str(root / "bench"))
-    import alignment
+    monkeypatch.syspath_prepend(str(root))
+    from bench.alignment import alignment
 
     shipped = json.loads((alignment.SHIPPED_BASE / "pretrain.json").read_text())
     assert "data_speeds" not in shipped["toy"]  # pre-trained before the setting: it counts at its default
@@ -182,8 +182,8 @@ def test_benchmark_overrides_parse_yaml_values_and_reject_malformed_pairs(monkey
     import argparse
     from pathlib import Path
 
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
-    import alignment
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    from bench.alignment import alignment
 
     parser = argparse.ArgumentParser()
     assert alignment._overrides(parser, ["train.ema_decay=0.95", "rollout.iso_temporal=false", "x.y=[1, 2]"]) == {

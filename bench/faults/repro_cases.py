@@ -1,4 +1,4 @@
-"""The corpus of bench/faults_repro.py: bad edits of a finished tiny-preset workspace, each followed
+"""The corpus of bench/faults/repro.py: bad edits of a finished tiny-preset workspace, each followed
 by `dvc repro`, with what each one is expected to give (see that module for the expectations).
 
 `params` cases set dotted keys in the workspace's params.yaml (the tiny preset selected, 2
@@ -14,7 +14,7 @@ import json
 import math
 from pathlib import Path
 
-from bench.faults_repro import DELETE, ReproCase
+from bench.faults.repro import DELETE, ReproCase
 
 INF, NAN = math.inf, math.nan
 SOURCE = "prompts/toy.jsonl"  # the workspace's data.source
@@ -59,7 +59,7 @@ def params_text(change):
 def with_params(params: dict, edit):
     """An edit plus params overrides (applied after the edit)."""
     def both(project: Path) -> None:
-        from bench.faults_repro import set_params
+        from bench.faults.repro import set_params
 
         edit(project)
         set_params(project / "params.yaml", params)

@@ -1,4 +1,4 @@
-"""Kill points of bench/faults.py: a stage interrupted at an exact place, then `dvc repro`.
+"""Kill points of bench/faults/run.py: a stage interrupted at an exact place, then `dvc repro`.
 
 Each case starts from the reference state with the dvc.lock entries of the stages it runs removed
 (their first run: DVC has nothing recorded for them) and runs `dvc repro --force --single-item
@@ -31,7 +31,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 
-from bench.faults_workspace import Workspace, read_lock
+from bench.faults.workspace import Workspace, read_lock
 
 
 @dataclass(frozen=True)

@@ -6,16 +6,16 @@
 #   lora       where a LoRA update's time goes at Wan 2.1 1.3B's full size (480x832x81): the
 #              full-weight pass, peft's LoRA path and model.lora_compute: input, checkpointing on
 #   step       the pipeline's rollout and update against raw transformer calls at that size
-#              (bench/gpu_step.py; G = 2, one timed repeat)
+#              (bench/costs/gpu_step.py; G = 2, one timed repeat)
 #   iteration  one flash iteration, and one with the cheaper rollout (head 1 + tail 3), on 1.3B's
-#              architecture at 240x416x17 (bench/iteration_cost.py)
+#              architecture at 240x416x17 (bench/costs/iteration_cost.py)
 # STEPS="lora step" reruns a subset. SMOKE=1 runs the same steps at the tiny shape on a CPU: it
 # checks this script, it measures nothing of interest. Results go to $OUT (default
 # bench/results/gpu): device.txt, log.txt (everything printed) and each benchmark's JSON record,
 # six files in all. Needs the project's dependencies importable
 # (PYTHONPATH or an environment).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."  # the repository root: each benchmark runs as `python -m bench.costs.NAME`
 OUT=${OUT:-bench/results/gpu}
 STEPS=${STEPS:-tests lora step iteration}
 mkdir -p "$OUT"
@@ -41,18 +41,18 @@ if wanted tests; then  # tests/test_metrics.py: MUSIQ (imaging_quality) runs whe
   timeout "${TESTS_TIMEOUT:-90}" "$PY" -m pytest -q -rA -s "${TESTS[@]}" -p no:cacheprovider 2>&1 | tee -a "$OUT/log.txt"
 fi
 if wanted lora; then
-  timeout "${LORA_TIMEOUT:-150}" "$PY" bench/lora_cost.py "${FULL[@]}" --ways full lora lora-compute-input \
+  timeout "${LORA_TIMEOUT:-150}" "$PY" -m bench.costs.lora_cost "${FULL[@]}" --ways full lora lora-compute-input \
     --checkpointing on --repeats 2 --tag core --out-dir "$OUT" 2>&1 | tee -a "$OUT/log.txt"
 fi
 if wanted step; then
-  timeout "${STEP_TIMEOUT:-240}" "$PY" bench/gpu_step.py "${FULL[@]}" --group 2 --repeats 1 --parts rollout update \
+  timeout "${STEP_TIMEOUT:-240}" "$PY" -m bench.costs.gpu_step "${FULL[@]}" --group 2 --repeats 1 --parts rollout update \
     --out-dir "$OUT" 2>&1 | tee -a "$OUT/log.txt"
 fi
 if wanted iteration; then
   for options in "" "--head-steps 1 --tail-steps 3"; do
     tag="check-flash${options:+-fast3}"
     # shellcheck disable=SC2086  # the options are words
-    timeout "${ITERATION_TIMEOUT:-60}" "$PY" bench/iteration_cost.py "${SMALL[@]}" --prompts 2 --group 4 --micro-batch 4 \
+    timeout "${ITERATION_TIMEOUT:-60}" "$PY" -m bench.costs.iteration_cost "${SMALL[@]}" --prompts 2 --group 4 --micro-batch 4 \
       --repeats 1 --modes flash $options --tag "$tag" --out-dir "$OUT" 2>&1 | tee -a "$OUT/log.txt"
   done
 fi

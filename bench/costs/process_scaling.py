@@ -1,6 +1,6 @@
 """Wall time of the GPU stages of iteration 1 on 1 against 2 processes (the tiny preset, on CPU).
 
-    python bench/process_scaling.py [--size default|realistic|clip|large] [--repeats 3]
+    python -m bench.costs.process_scaling [--size default|realistic|clip|large] [--repeats 3]
 
 In a scratch git + DVC copy of the project, `dvc repro score@1` (one process) makes the inputs;
 then `rollout@1`, `score@1`, `update@1` and `eval_checkpoint@1` run in that order, each as its
@@ -12,7 +12,7 @@ counts write the same outputs (docs/distributed.md), so every run of a stage fin
 expects. Reports per stage the medians over `--repeats` of the wall time (start-up, imports and
 torchrun included) and of the seconds the stage's summary line reports (from the start of its
 body on rank 0), their 1-process / 2-process ratio, the stage's units of work that ranks split,
-and the machine's core count. Sizes are bench/pipeline_overhead.py's workloads of the tiny model
+and the machine's core count. Sizes are bench/costs/pipeline_overhead.py's workloads of the tiny model
 (`default`: 2 prompts x 4 samples of 9 frames at 32x32). Writes
 bench/results/process_scaling-<size>.{json,md}.
 """
@@ -32,10 +32,12 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from bench import pipeline_overhead  # importable once the project root is on the path
+# importable once the project root is on the path
+from bench.costs import pipeline_overhead
+from bench.results_io import RESULTS, write_results
 
 STAGES = ("rollout@1", "score@1", "update@1", "eval_checkpoint@1")
 PROCESSES = (1, 2)
@@ -43,11 +45,11 @@ SUMMARY_SECONDS = re.compile(r"processes=(\d+) seconds=([0-9.]+)")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.costs.process_scaling", description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=list(pipeline_overhead.SIZES), default="default")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every process")
-    parser.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS)
     return parser.parse_args(argv)
 
 
@@ -172,10 +174,8 @@ def measure(size: str, repeats: int, threads: int) -> dict:
 def main(argv=None) -> None:
     args = parse_args(argv)
     result = measure(args.size, args.repeats, args.threads)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / f"process_scaling-{args.size}.json").write_text(json.dumps(result, indent=2) + "\n")
     table = markdown(result)
-    (args.out_dir / f"process_scaling-{args.size}.md").write_text(table)
+    write_results(f"process_scaling-{args.size}", result, table, args.out_dir)
     print(table)
 
 

@@ -1,4 +1,4 @@
-"""Bad inputs of bench/faults.py: a corpus of wrong params, prompt files, model folders, checkpoints
+"""Bad inputs of bench/faults/run.py: a corpus of wrong params, prompt files, model folders, checkpoints
 and reward server requests, each run once, with what is expected and what happened.
 
 A stage or CLI is expected to exit with code 2 and a first stderr line that names the key or file
@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.faults_workspace import Result, Workspace, run_command
+from bench.faults.workspace import Result, Workspace, run_command
 
 NAN = math.nan
 

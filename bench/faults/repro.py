@@ -1,9 +1,9 @@
-"""Bad inputs through `dvc repro` on a finished workspace, as a user meets them (bench/faults.py).
+"""Bad inputs through `dvc repro` on a finished workspace, as a user meets them (bench/faults/run.py).
 
-The bad-input set of bench/faults_inputs.py runs each stage directly with its outputs moved aside;
+The bad-input set of bench/faults/inputs.py runs each stage directly with its outputs moved aside;
 it cannot see what DVC does around a stage that refuses its input. Here every case starts from the
 finished reference run (`Workspace.restore`: runs/ and dvc.lock put back, the project's files back
-to their committed state), applies one bad edit (bench/faults_repro_cases.py: a params override or
+to their committed state), applies one bad edit (bench/faults/repro_cases.py: a params override or
 an edit of a prompt file, model folder or output) and runs `dvc repro` as a user would. Recorded:
 DVC's exit code, the exit code of the stage that failed (DVC's "exited with N"; none when DVC
 itself refused before running a stage), the first stderr line that carries the message, and which
@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.faults_workspace import BIN, Result, Workspace, run_command
+from bench.faults.workspace import BIN, Result, Workspace, run_command
 from flash_grpo_core.pipeline.lock_outputs import changed_outputs, locked_outputs
 
 MESSAGE_LINE = re.compile(r"(: error:|^ERROR:)")

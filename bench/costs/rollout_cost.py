@@ -1,7 +1,7 @@
 """Cost and accuracy of the cheaper flash rollouts (rollout.head_steps, tail_steps, guidance_until).
 
-    python bench/rollout_cost.py                                          # toy, tiny and toy-n20, CPU
-    python bench/rollout_cost.py --heldout-only --alignment bench/results/alignment/summary.json \
+    python -m bench.costs.rollout_cost                                     # toy, tiny and toy-n20, CPU
+    python -m bench.costs.rollout_cost --heldout-only --alignment bench/results/alignment/summary.json \
         bench/results/alignment-fast/summary.json bench/results/alignment-n20/summary.json  # + held-out rewards
 
 For every option set (OPTION_SETS; `flash`, Euler on the training grid with guidance everywhere, is
@@ -25,7 +25,7 @@ in training. Measured:
   advantages up to the batch std) with the Euler tail's and the fine solve's: whether the cheaper
   rollout ranks a group's samples as the reference would.
 
-The held-out rewards come from the alignment benchmark at equal compute (bench/alignment.py;
+The held-out rewards come from the alignment benchmark at equal compute (bench/alignment/alignment.py;
 `--alignment`: its summary.json files, each filed under the toy preset of its grid):
 `heldout_reward(_std)` of the variant that runs the option set (ALIGNMENT_VARIANTS) and
 `flash_heldout_reward(_std)` of its `flash` variant, the toy grid's at the top level and toy-n20's
@@ -45,8 +45,11 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+
+from bench.results_io import RESULTS, write_results  # importable once the project root is on the path
+
 OPTION_SETS = {  # rollout.* keys; `flash` (all off) is the reference
     "flash": {},
     "tail2": {"tail_steps": 2},
@@ -60,7 +63,7 @@ OPTION_SETS = {  # rollout.* keys; `flash` (all off) is the reference
     "guide0.5": {"guidance_until": 0.5},
     "head1-tail3-guide0.5": {"head_steps": 1, "tail_steps": 3, "guidance_until": 0.5},
 }
-# The option sets bench/alignment.py trains (its VARIANTS), for the held-out rewards.
+# The option sets bench/alignment/alignment.py trains (its VARIANTS), for the held-out rewards.
 ALIGNMENT_VARIANTS = {"flash": "flash", "head1-tail2": "flash-fast", "head1-tail3": "flash-fast3",
                       "head1-tail3-guide0.5": "flash-fast-guide"}
 FINE_STEPS = 50
@@ -282,7 +285,8 @@ def markdown(rows: list[dict]) -> str:
         measured = [(row, f) for row, f in zip(rows, measured) if f["heldout_reward"] is not None]
         if not measured:
             continue
-        lines += [f"## Held-out reward at equal compute ({preset}, bench/alignment.py; mean ± std over seeds)", "",
+        lines += [f"## Held-out reward at equal compute ({preset}, bench/alignment/alignment.py; "
+                  "mean ± std over seeds)", "",
                   "| option | alignment variant | held-out reward | flash's |", "| --- | --- | ---: | ---: |"]
         for row, f in measured:
             lines.append(f"| {row['option']} | {f['alignment_variant']} | {f['heldout_reward']:.4f} ± "
@@ -293,14 +297,14 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.costs.rollout_cost", description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=list(PRESETS))
     parser.add_argument("--repeats", type=int, default=3, help="timing rounds (median)")
     parser.add_argument("--alignment", nargs="*", default=[],
-                        help="bench/alignment.py's summary.json file(s), for the held-out rewards")
+                        help="bench/alignment/alignment.py's summary.json file(s), for the held-out rewards")
     parser.add_argument("--heldout-only", action="store_true",
                         help="measure nothing: fill the held-out rewards of --alignment into --out's rollout_cost.json")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     out = Path(args.out)
     if args.heldout_only:
@@ -312,10 +316,8 @@ def main(argv=None) -> None:
             print(f"{preset}: " + json.dumps({name: {k: round(v, 4) for k, v in f.items()}
                                                for name, f in results[preset].items()}), flush=True)
         rows = entries(results, heldout(args.alignment))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "rollout_cost.json").write_text(json.dumps(rows, indent=2) + "\n")
     table = markdown(rows)
-    (out / "rollout_cost.md").write_text(table)
+    write_results("rollout_cost", rows, table, out)
     print(table)
 
 

@@ -1,4 +1,4 @@
-"""bench/results/faults.md: the fault-injection results of bench/faults.py as tables to read.
+"""bench/results/faults.md: the fault-injection results of bench/faults/run.py as tables to read.
 
 A summary per set of cases, what failed (and how), then every case; the JSON holds the same records.
 """
@@ -9,11 +9,11 @@ VERDICTS = ("fired", "resumed_equal", "detected_named", "clear", "passed")  # a 
 
 
 def markdown(results: dict) -> str:
-    command = f"python bench/faults.py{' --small' if results['version'] == 'small' else ''}"
+    command = f"python -m bench.faults{' --small' if results['version'] == 'small' else ''}"
     intro = (f"`{command}`: the tiny preset, {results['iterations']} iterations, reference `{results['reference']}`; "
              f"{results['seconds']} s on {results['cores']} CPU cores, {results['warm_stage_runs']} stage runs warm. "
-             "Cases and definitions: bench/faults_kills.py, bench/faults_corrupt.py, bench/faults_inputs.py, "
-             "bench/faults_repro.py (corpus: bench/faults_repro_cases.py).")
+             "Cases and definitions: bench/faults/kills.py, bench/faults/corrupt.py, bench/faults/inputs.py, "
+             "bench/faults/repro.py (corpus: bench/faults/repro_cases.py).")
     cases = results["cases"]
     lines = [f"# Fault injection ({results['version']} version)", "", intro, "", *_summary_rows(results), "",
              *_failures(cases)]

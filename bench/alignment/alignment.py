@@ -1,8 +1,11 @@
 """Alignment benchmark: does one-step GRPO beat full-trajectory GRPO at equal compute? (toy task)
 
-    python bench/alignment.py            # full run: 6 variants x 3 seeds (about 45 min on 2 quiet cores)
-    python bench/alignment.py --quick    # smoke size: 2 variants x 1 seed, the shipped base (a few minutes)
-    python bench/alignment.py --jobs 2   # two runs at a time, one thread each (29 min on 2 cores)
+    python -m bench.alignment            # full run: 6 variants x 3 seeds (about 45 min on 2 quiet cores)
+    python -m bench.alignment --quick    # smoke size: 2 variants x 1 seed, the shipped base (a few minutes)
+    python -m bench.alignment --jobs 2   # two runs at a time, one thread each (29 min on 2 cores)
+
+(from the repository root; bench/alignment/__main__.py calls this module's `main`, so
+`python -m bench.alignment.alignment` is the same.)
 
 From one pre-trained pixel-space Wan base (the one shipped in bench/toy/base/, the frozen output
 of `bench/toy/dvc.yaml:pretrain`; or with `--pretrain-steps N` a base of its own), every variant
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import statistics
 import subprocess
@@ -39,8 +43,11 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+
+from bench.results_io import json_text, shown, write_text  # importable once the project root is on the path
+
 VARIANTS = {
     "flash": {"train.mode": "flash"},
     "flash-no-iso": {"train.mode": "flash", "rollout.iso_temporal": False},
@@ -254,26 +261,26 @@ def summarise(runs: list[dict]) -> dict:
 
 def write_outputs(out: Path, runs: list[dict], summary: dict, spread: dict, config: dict) -> str:
     """runs.csv (training), evals.csv (held-out), summary.json, alignment.png, alignment.md."""
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "evals.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["variant", "seed", "compute", "wall_s", "reward", *COMPONENTS])
-        for run in runs:
-            for row in run["evals"]:
-                writer.writerow([run["variant"], run["seed"], row["compute"], round(row["wall_s"], 2),
-                                 *(round(row[k], 5) for k in ("reward", *COMPONENTS))])
-    with open(out / "runs.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["variant", "seed", "iteration", "compute", "train_reward", "clip_fraction", "grad_norm"])
-        for run in runs:
-            for row in run["train"]:
-                writer.writerow([run["variant"], run["seed"], *(row[k] for k in ("iteration", "compute")),
-                                 *(round(row[k], 6) for k in ("train_reward", "clip_fraction", "grad_norm"))])
-    (out / "summary.json").write_text(json.dumps({"config": config, "variants": summary,
-                                                  "gradient_spread": spread}, indent=2) + "\n")
+    evals, train = io.StringIO(newline=""), io.StringIO(newline="")
+    writer = csv.writer(evals)
+    writer.writerow(["variant", "seed", "compute", "wall_s", "reward", *COMPONENTS])
+    for run in runs:
+        for row in run["evals"]:
+            writer.writerow([run["variant"], run["seed"], row["compute"], round(row["wall_s"], 2),
+                             *(round(row[k], 5) for k in ("reward", *COMPONENTS))])
+    writer = csv.writer(train)
+    writer.writerow(["variant", "seed", "iteration", "compute", "train_reward", "clip_fraction", "grad_norm"])
+    for run in runs:
+        for row in run["train"]:
+            writer.writerow([run["variant"], run["seed"], *(row[k] for k in ("iteration", "compute")),
+                             *(round(row[k], 6) for k in ("train_reward", "clip_fraction", "grad_norm"))])
+    write_text(out / "evals.csv", evals.getvalue())
+    write_text(out / "runs.csv", train.getvalue())
+    write_text(out / "summary.json", json_text({"config": config, "variants": summary, "gradient_spread": spread}))
     _plot(out / "alignment.png", summary)
     table = _markdown(summary, spread, config)
-    (out / "alignment.md").write_text(table)
+    write_text(out / "alignment.md", table)
+    print(f"wrote runs.csv, evals.csv, summary.json, alignment.png and alignment.md to {shown(out)}", flush=True)
     return table
 
 
@@ -335,7 +342,7 @@ def _overrides(parser: argparse.ArgumentParser, pairs: list[str]) -> dict:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.alignment", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS))

@@ -1,6 +1,6 @@
 """How DVC's per-iteration bookkeeping grows with the number of iterations in one dvc.yaml.
 
-    python bench/dvc_scaling.py [--iterations 40]
+    python -m bench.costs.dvc_scaling [--iterations 40]
 
 In a scratch git + DVC copy of the project (the tiny preset, evaluation of the base and the last
 checkpoint only), with `python -m stages.warm` running, one `dvc repro` runs every iteration. Per
@@ -14,7 +14,6 @@ stage (DVC parses and dumps the whole lock file, which gains every stage's entry
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import statistics
 import subprocess
@@ -23,10 +22,11 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from bench.pipeline_overhead import _start_warm, _timed
+from bench.costs.pipeline_overhead import _start_warm, _timed
+from bench.results_io import write_results
 
 _STARTED = re.compile(r"Running stage '(\w+)@(\d+)'")
 _SUMMARY = re.compile(r"^(rollout|score|update): iteration=(\d+) .*seconds=([0-9.]+)$")
@@ -103,16 +103,13 @@ def _table(result: dict) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.costs.dvc_scaling", description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=40)
     args = parser.parse_args(argv)
     result = measure(args.iterations)
     result["growth_s_per_iteration"] = round(_slope(result["rows"]), 4)
-    out = ROOT / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "dvc_scaling.json").write_text(json.dumps(result, indent=2) + "\n")
     table = _table(result)
-    (out / "dvc_scaling.md").write_text(table + "\n")
+    write_results("dvc_scaling", result, table + "\n")
     print(table)
 
 

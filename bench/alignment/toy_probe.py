@@ -1,7 +1,7 @@
 """Where a toy base fails: its reward components from pure noise and from real clips noised to sigma.
 
-    python bench/toy_probe.py                          # the shipped base (bench/toy/base), params.yaml's toy preset
-    python bench/toy_probe.py --base DIR --name sq8 --set toy.square=8 \\
+    python -m bench.alignment.toy_probe        # the shipped base (bench/toy/base), params.yaml's toy preset
+    python -m bench.alignment.toy_probe --base DIR --name sq8 --set toy.square=8 \\
         --set 'reward.options={"toy_following": {"square": 8, "speed": 1}}'
 
 For the train prompts the base was pre-trained on, those it was not (`toy.rl_only`: GRPO's reward
@@ -26,23 +26,25 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from bench.alignment import COMPONENTS, SHIPPED_BASE, _overrides, evaluate, scored  # once the root is on the path
+# importable once the project root is on the path
+from bench.alignment.alignment import COMPONENTS, SHIPPED_BASE, _overrides, evaluate, scored
+from bench.results_io import RESULTS, write_results
 
 SIGMAS = (0.9, 0.8, 0.6, 0.4)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.alignment.toy_probe", description=__doc__.splitlines()[0])
     parser.add_argument("--base", default=str(SHIPPED_BASE), help="toy base directory (transformer.safetensors)")
     parser.add_argument("--samples", type=int, default=8, help="videos per prompt and start")
     parser.add_argument("--sigmas", type=float, nargs="+", default=list(SIGMAS))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a params.yaml key (dotted, YAML value), as bench/alignment.py does")
+                        help="override a params.yaml key (dotted, YAML value), as bench/alignment/alignment.py does")
     parser.add_argument("--name", default=None, help="suffix of the result files")
-    parser.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--out-dir", default=str(RESULTS))
     args = parser.parse_args(argv)
     args.overrides = _overrides(parser, args.set)
     if args.samples < 1 or not all(0 < s <= 1 for s in args.sigmas):
@@ -111,19 +113,16 @@ def markdown(rows: list[dict], base: str, args) -> str:
 
 
 def main(argv=None) -> None:
-    from flash_grpo_core.artifacts.atomic import atomic_path, write_json
-
     args = parse_args(argv)
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     rows = probe(args)
     base = Path(args.base).resolve()
     base = base.relative_to(ROOT).as_posix() if base.is_relative_to(ROOT) else base.name  # no machine paths
-    out = Path(args.out_dir) / f"toy_probe{'-' + args.name if args.name else ''}"
-    write_json({"base": base, "samples": args.samples, "overrides": args.overrides, "rows": rows},
-               out.with_suffix(".json"))
     text = markdown(rows, base, args)
-    with atomic_path(out.with_suffix(".md")) as temporary:
-        temporary.write_text(text)
+    # key-sorted, non-ASCII kept: the format of flash_grpo_core.artifacts.atomic.write_json it had
+    write_results(f"toy_probe{'-' + args.name if args.name else ''}",
+                  {"base": base, "samples": args.samples, "overrides": args.overrides, "rows": rows}, text,
+                  args.out_dir, sort_keys=True, ensure_ascii=False)
     print(text)
 
 

@@ -1,14 +1,14 @@
 """Where a LoRA update's time goes: one CFG pair's forward+backward under each way of training.
 
-    python bench/lora_cost.py                                               # tiny shape, CPU (tested)
-    python bench/lora_cost.py --arch wan1_3b --height 480 --width 832 --frames 81   # one GPU
-    python bench/lora_cost.py --arch wan1_3b --layers 2 --height 256 --width 512 --frames 13 \
-        --dtype bfloat16                                                    # 2 blocks at Wan's width, CPU
+    python -m bench.costs.lora_cost                                                       # tiny shape, CPU (tested)
+    python -m bench.costs.lora_cost --arch wan1_3b --height 480 --width 832 --frames 81   # one GPU
+    python -m bench.costs.lora_cost --arch wan1_3b --layers 2 --height 256 --width 512 --frames 13 \
+        --dtype bfloat16                                                                  # 2 blocks at Wan's width, CPU
 
 A LoRA r16 update measured 26% slower than a full-weight backward on an H200 (1.3B at 480x832x81:
 3.31 s against 2.63 s per sample), although it computes no weight gradient of the base. On the
-transformer of bench/iteration_cost.py (random weights, Wan 2.1's architecture on a GPU), one
-video's CFG pair (as bench/gpu_step.py's raw update) is run forward and backward under:
+transformer of bench/costs/iteration_cost.py (random weights, Wan 2.1's architecture on a GPU), one
+video's CFG pair (as bench/costs/gpu_step.py's raw update) is run forward and backward under:
 
 - `full`: every weight trainable (the full-weight backward the LoRA update was compared with);
 - `lora`: peft's LoRA as the measurement above ran it (adapters in float32 over the base's
@@ -41,16 +41,18 @@ import statistics
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from bench import gpu_step, iteration_cost  # importable once the project root is on the path
+# importable once the project root is on the path
+from bench.costs import gpu_step, iteration_cost
+from bench.results_io import RESULTS, write_results
 
 WAYS = ("full", "lora", "lora-compute-input", "lora-base-dtype", "no-weight-grads")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.costs.lora_cost", description=__doc__.splitlines()[0])
     iteration_cost.add_model_arguments(parser)
     parser.add_argument("--ways", nargs="+", default=list(WAYS), choices=WAYS)
     parser.add_argument("--checkpointing", nargs="+", default=["off", "on"], type=_checkpointing, metavar="off|on|N",
@@ -61,7 +63,7 @@ def parse_args(argv=None):
                         help="the base's dtype (auto: bfloat16 on a GPU, float32 on a CPU)")
     parser.add_argument("--tag", default=None, help="suffix of the output files")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.layers is not None and (args.arch == "tiny" or args.layers < 1):
         parser.error("--layers takes a whole number of at least 1 and applies to the Wan architectures")
@@ -82,7 +84,7 @@ def _label(every: int) -> str:
 
 
 def engine_for(args, way: str, checkpointing: int):
-    """The bench engine of one way of training (bench/iteration_cost.py's model at this shape)."""
+    """The bench engine of one way of training (bench/costs/iteration_cost.py's model at this shape)."""
     bench_args = iteration_cost.parse_args(gpu_step.iteration_argv(argparse.Namespace(
         arch=args.arch, device=args.device, group=2, steps=20, micro_batch=1, repeats=args.repeats,
         height=args.height, width=args.width, frames=args.frames)))
@@ -173,12 +175,9 @@ def main(argv=None) -> None:
             rows.append(measure(args, way, every))
             print(json.dumps(rows[-1]), flush=True)  # a run cut short by its time limit keeps what it measured
     device = "cuda" if rows[0]["memory_kind"] == "cuda_allocated" else "cpu"
-    stem = args.out_dir / f"lora_cost-{args.arch}-{device}{'-' + args.tag if args.tag else ''}"
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps({"arch": args.arch, "layers": args.layers, "rows": rows},
-                                                    indent=2) + "\n")
+    name = f"lora_cost-{args.arch}-{device}{'-' + args.tag if args.tag else ''}"
     text = markdown(args, rows)
-    stem.with_suffix(".md").write_text(text)
+    write_results(name, {"arch": args.arch, "layers": args.layers, "rows": rows}, text, args.out_dir)
     print(text)
 
 

@@ -1,4 +1,4 @@
-"""The scratch workspace of bench/faults.py: a git + DVC copy of the project on the tiny preset, its
+"""The scratch workspace of bench/faults/run.py: a git + DVC copy of the project on the tiny preset, its
 uninterrupted reference run, and what every fault case needs around it.
 
 - `Workspace.reference` runs `dvc repro` once and keeps a copy of `runs/` and of `dvc.lock`;
@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 UNTRACKED_SUFFIX = ".timings.json"  # wall times: no DVC output, different on every run
 

@@ -1,10 +1,10 @@
 """The pipeline's rollout and update against raw transformer calls on one device, and flash vs full.
 
-    python bench/gpu_step.py                                   # tiny shape, CPU (what the test runs)
-    python bench/gpu_step.py --arch wan1_3b --height 480 --width 832 --frames 81   # one GPU
-    python bench/gpu_step.py --arch wan14b --height 480 --width 832 --frames 81
+    python -m bench.costs.gpu_step                                 # tiny shape, CPU (what the test runs)
+    python -m bench.costs.gpu_step --arch wan1_3b --height 480 --width 832 --frames 81   # one GPU
+    python -m bench.costs.gpu_step --arch wan14b --height 480 --width 832 --frames 81
 
-On the engine of bench/iteration_cost.py (the tiny model, or Wan 2.1's real transformer and VAE
+On the engine of bench/costs/iteration_cost.py (the tiny model, or Wan 2.1's real transformer and VAE
 architectures with random weights and LoRA as configured), for one prompt x G videos at N steps
 with classifier-free guidance, after one warm-up and as medians over `--repeats`:
 
@@ -17,7 +17,7 @@ with classifier-free guidance, after one warm-up and as medians over `--repeats`
   checkpointing) on the same CFG pair;
 - peak memory of each (CUDA allocator peak on GPU; on CPU the process's peak RSS during it, reset
   through /proc/self/clear_refs);
-- one iteration of `flash` against `full` at N steps, measured by bench/iteration_cost.py.
+- one iteration of `flash` against `full` at N steps, measured by bench/costs/iteration_cost.py.
 
 The prompt embeddings are computed once outside the timings (the random stacks' text encoder is a
 small stand-in for UMT5-XXL). `--rollout-batch` and `--micro-batch` (default 1: one video's, one
@@ -41,10 +41,12 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from bench import iteration_cost  # importable once the project root is on the path
+# importable once the project root is on the path
+from bench.costs import iteration_cost
+from bench.results_io import RESULTS, write_results
 
 PARTS = ("rollout", "update", "iteration")
 # ratio name -> (bound, limit): "max" means the ratio should be at most the limit, "min" at least
@@ -53,7 +55,7 @@ TARGETS = {"rollout/raw (sampling)": ("max", 1.10), "rollout/raw (with decode)":
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.costs.gpu_step", description=__doc__.splitlines()[0])
     iteration_cost.add_model_arguments(parser)
     parser.add_argument("--group", type=int, default=4, help="G videos of the one prompt")
     parser.add_argument("--steps", type=int, default=20, help="N sampling steps")
@@ -61,14 +63,14 @@ def parse_args(argv=None):
     parser.add_argument("--micro-batch", type=int, default=1, help="trained items per forward+backward")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
-    parser.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS)
     parser.add_argument("--tag", default=None, help="suffix of the output files (default: arch and device)")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
 def iteration_argv(args) -> list[str]:
-    """bench/iteration_cost.py's arguments for the same shape, one prompt x G, N steps."""
+    """bench/costs/iteration_cost.py's arguments for the same shape, one prompt x G, N steps."""
     argv = ["--arch", args.arch, "--device", args.device, "--prompts", "1", "--group", str(args.group),
             "--steps", str(args.steps), "--micro-batch", str(args.micro_batch), "--repeats", str(args.repeats)]
     for key in ("height", "width", "frames"):
@@ -268,11 +270,12 @@ def measure_steps(args) -> dict:
     return result
 
 
-def child(script: Path, argv: list[str]) -> dict:
-    """Run a measurement in a fresh process (its peak memory its own); returns its JSON line."""
-    out = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True, cwd=ROOT, check=False)
+def child(module: str, argv: list[str]) -> dict:
+    """Run a measurement in a fresh process (its peak memory its own), `python -m module` from the
+    repository root; returns its JSON line."""
+    out = subprocess.run([sys.executable, "-m", module, *argv], capture_output=True, text=True, cwd=ROOT, check=False)
     if out.returncode:
-        sys.exit(f"{script.name} {' '.join(argv)} failed:\n{out.stderr[-4000:]}")
+        sys.exit(f"{module} {' '.join(argv)} failed:\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -338,7 +341,7 @@ def markdown(results: dict) -> str:
     lines = [f"# Pipeline step against raw transformer calls, {results['arch']} on {results['device']}", "",
              _setup_line(results), "", *_step_rows(results)]
     if "iteration" in results:
-        lines += ["Per iteration (bench/iteration_cost.py):", "",
+        lines += ["Per iteration (bench/costs/iteration_cost.py):", "",
                   "| mode | rollout s | update s | total s | peak GiB |", "| --- | ---: | ---: | ---: | ---: |"]
         lines += [f"| {mode} | {it['rollout_s']:.3f} | {it['update_s']:.3f} | {it['total_s']:.3f} | "
                   f"{it['peak_memory_gib']:.2f} |" for mode, it in results["iteration"].items()]
@@ -361,11 +364,11 @@ def main(argv=None):
     passthrough = list(argv if argv is not None else sys.argv[1:])
     results = {"arch": args.arch}
     if "rollout" in args.parts or "update" in args.parts:
-        results.update(child(Path(__file__), [*passthrough, "--one"]))
+        results.update(child("bench.costs.gpu_step", [*passthrough, "--one"]))
         print(f"rollout and update measured on {results['device']}", flush=True)
     if "iteration" in args.parts:
-        script = Path(iteration_cost.__file__)
-        modes = {mode: child(script, [*iteration_argv(args), "--one-mode", mode]) for mode in ("flash", "full")}
+        modes = {mode: child(iteration_cost.MODULE, [*iteration_argv(args), "--one-mode", mode])
+                 for mode in ("flash", "full")}
         results["iteration"] = modes
         results.setdefault("device", modes["flash"]["device"])
         results.setdefault("memory_kind", modes["flash"]["peak_memory_kind"])
@@ -376,10 +379,8 @@ def main(argv=None):
     results["targets"] = {name: {"bound": bound, "limit": limit} for name, (bound, limit) in TARGETS.items()}
     on_gpu = results.get("memory_kind") == "cuda_allocated"
     tag = args.tag or f"{args.arch}-{'cuda' if on_gpu else 'cpu'}"
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / f"gpu_step-{tag}.json").write_text(json.dumps(results, indent=2) + "\n")
     table = markdown(results)
-    (args.out_dir / f"gpu_step-{tag}.md").write_text(table)
+    write_results(f"gpu_step-{tag}", results, table, args.out_dir)
     print(table)
 
 

@@ -1,8 +1,9 @@
 """Cost of one training iteration per mode (flash, window, full) at the same N, G and batch.
 
-    python bench/iteration_cost.py                       # tiny preset, CPU
-    python bench/iteration_cost.py --arch wan1_3b --height 240 --width 416 --frames 17   # GPU
-    python bench/iteration_cost.py --modes flash --head-steps 2 --tail-steps 3 --tag tiny-cpu-fast  # cheaper rollouts
+    python -m bench.costs.iteration_cost                                                   # tiny preset, CPU
+    python -m bench.costs.iteration_cost --arch wan1_3b --height 240 --width 416 --frames 17   # GPU
+    python -m bench.costs.iteration_cost --modes flash --head-steps 2 --tail-steps 3 \\
+        --tag tiny-cpu-fast                                                                # cheaper rollouts
 
 For each mode, in a fresh subprocess (so peak memory is the mode's own): one warm-up iteration,
 then `--repeats` timed ones. Reports the median wall time (rollout and update apart), transformer
@@ -23,12 +24,15 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench.results_io import RESULTS, write_results
+
+ROOT = Path(__file__).resolve().parents[2]
+MODULE = "bench.costs.iteration_cost"  # each mode runs as `python -m MODULE` from ROOT
 MODES = ("flash", "window", "full")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """The model and clip shape options shared with bench/gpu_step.py."""
+    """The model and clip shape options shared with bench/costs/gpu_step.py."""
     parser.add_argument("--arch", default="tiny", choices=["tiny", "wan1_3b", "wan14b"])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--height", type=int, default=None)
@@ -37,7 +41,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.costs.iteration_cost", description=__doc__.splitlines()[0])
     add_model_arguments(parser)
     parser.add_argument("--prompts", type=int, default=2, help="B prompts per iteration")
     parser.add_argument("--group", type=int, default=4, help="G samples per prompt")
@@ -46,7 +50,7 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--tag", default=None, help="suffix of the output files (default: arch and device)")
-    parser.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS)
     for key in ("head-steps", "tail-steps"):  # cheaper flash rollouts (engine/fast_rollout.py), flash mode only
         parser.add_argument(f"--{key}", type=int, default=None, help=f"flash mode: rollout.{key.replace('-', '_')}")
     parser.add_argument("--guidance-until", type=float, default=None, help="flash mode: rollout.guidance_until")
@@ -145,7 +149,7 @@ def main(argv=None):
     passthrough = list(argv if argv is not None else sys.argv[1:])
     modes = []
     for mode in args.modes:
-        out = subprocess.run([sys.executable, __file__, *passthrough, "--one-mode", mode],
+        out = subprocess.run([sys.executable, "-m", MODULE, *passthrough, "--one-mode", mode],
                              check=False, capture_output=True, text=True, cwd=ROOT)
         if out.returncode:
             sys.exit(f"mode {mode} failed:\n{out.stderr[-4000:]}")
@@ -167,10 +171,8 @@ def main(argv=None):
     results = {"arch": args.arch, "device": device, "config": config, "modes": modes, "ratios": ratios}
     on_gpu = bool(modes) and modes[0]["peak_memory_kind"] == "cuda_allocated"
     tag = args.tag or f"{args.arch}-{'cuda' if on_gpu else 'cpu'}"
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / f"iteration_cost-{tag}.json").write_text(json.dumps(results, indent=2) + "\n")
     table = f"# Iteration cost, {args.arch} on {device}\n\n{_table(results)}\n"
-    (args.out_dir / f"iteration_cost-{tag}.md").write_text(table)
+    write_results(f"iteration_cost-{tag}", results, table, args.out_dir)
     print(table)
 
 

@@ -1,4 +1,4 @@
-"""Corruptions of bench/faults.py: every artifact type damaged five ways, then detected and repaired.
+"""Corruptions of bench/faults/run.py: every artifact type damaged five ways, then detected and repaired.
 
 Each case starts from the reference state and damages one output file:
 - `truncate`: its first half kept;
@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.faults_workspace import Workspace
+from bench.faults.workspace import Workspace
 
 IT1, IT2, EVAL = "runs/tiny/it1", "runs/tiny/it2", "runs/tiny/eval"
 

@@ -1,6 +1,6 @@
 """Pipeline overhead per stage: model compute vs everything else (interpreter, imports, I/O, DVC).
 
-    python bench/pipeline_overhead.py [--size default|realistic|clip|large]
+    python -m bench.costs.pipeline_overhead [--size default|realistic|clip|large]
 
 In a scratch git + DVC copy of the project (one iteration), times every stage two ways: each alone
 with `dvc repro --single-item <stage>` (DVC starts once per stage, as when reproducing one stage),
@@ -28,8 +28,11 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+
+from bench.results_io import write_results  # importable once the project root is on the path
+
 SIZES = {  # rollout overrides of the tiny preset
     "default": {},
     "realistic": {"prompts_per_iteration": 8, "group_size": 8, "frames": 17, "height": 64, "width": 64, "batch_size": 16},
@@ -192,15 +195,13 @@ def _table(results: list[dict]) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.costs.pipeline_overhead",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=list(SIZES), default="realistic")
     args = parser.parse_args(argv)
     results = [measure(args.size, warm=False), measure(args.size, warm=True)]
-    out = ROOT / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"pipeline_overhead-{args.size}.json").write_text(json.dumps(results, indent=2) + "\n")
     table = _table(results)
-    (out / f"pipeline_overhead-{args.size}.md").write_text(table + "\n")
+    write_results(f"pipeline_overhead-{args.size}", results, table + "\n")
     print(table)
 
 
