@@ -1,4 +1,4 @@
-"""Fault points: named places where a test or bench/faults.py takes a process down on purpose.
+"""Fault points: named places where a test or the fault harness (bench/faults) takes a process down on purpose.
 
 Stages and the atomic writers call `fault_point` at a few places; it does nothing unless the
 environment variable FLASH_GRPO_FAULT names that place, so the tests can stop a stage exactly

@@ -3,7 +3,7 @@
 - `build_tiny_stack`: a miniature of the real architecture (transformer, VAE, UMT5 encoder, the
   code-built tokenizer) for the `tiny` preset and the tests;
 - `build_random_stack`: Wan 2.1's real transformer and VAE architectures with random weights, for
-  measuring compute and memory without the weights (bench/iteration_cost.py).
+  measuring compute and memory without the weights (bench/costs/iteration_cost.py).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Two uses:
 - `changed_outputs`: every recorded output (cached or `cache: false` metrics and plots) that is
-  missing or whose bytes differ from its lock entry: what a run lost (bench/faults_repro.py).
+  missing or whose bytes differ from its lock entry: what a run lost (bench/faults/repro.py).
 - `verify_linked_outputs`: only the workspace files that are hard links or symlinks into the DVC
   cache (`cache.type` hardlink/symlink, README "Caching"), re-hashed against their recorded md5.
   Such a file edited in place has changed its cache object under the old name too, and the next

@@ -11,7 +11,7 @@ Every figure is an estimate; docs/decisions.md ("Preflight") gives the models an
   11.6 GiB, 14B 55.1 GiB, LoRA on attention and FFN through peft); the measured CFG pairs (20.4
   and 83.3 GiB) then come out within 1%. The pipeline's default LoRA (attention only, bf16 adapter
   products) needs less, so the estimate is an upper one;
-- step times: bench/gpu_step.py's GPU record of the architecture when there is one, else the
+- step times: bench/costs/gpu_step.py's GPU record of the architecture when there is one, else the
   notes' H200 measurements at 32,760 tokens, scaled linearly by tokens;
 - the rollout's block without autograd: (8 x width + 2 x ffn) x tokens x 2 B per row, assumed from
   the block's structure (INFERENCE_WORK), not measured;
@@ -196,7 +196,7 @@ def memory_bytes(params, arch: Arch, world: int, on_gpu: bool = True) -> dict[st
 
 
 def recorded_steps(project: Path, name: str) -> tuple[float, float, int, str] | None:
-    """(forward, forward+backward) seconds of one row at a record's tokens, from bench/gpu_step.py's
+    """(forward, forward+backward) seconds of one row at a record's tokens, from bench/costs/gpu_step.py's
     GPU record of architecture `name` (bench/results/gpu_step-<name>-cuda.json) when there is one."""
     path = project / "bench" / "results" / f"gpu_step-{name}-cuda.json"
     try:
