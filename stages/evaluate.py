@@ -117,7 +117,7 @@ def evaluate(args) -> dict:
     from flash_grpo_core.artifacts.atomic import write_json
     from flash_grpo_core.artifacts.checkpoint import CheckpointError, read_state
     from flash_grpo_core.config.dvc_layout import eval_points
-    from flash_grpo_core.pipeline.report import write_report
+    from flash_grpo_core.pipeline.report import ReportInputs, write_report
 
     params = _common.load_params(args.params)
     iterations = params.pipeline.eval_at or eval_points(params.iterations, params.pipeline.eval_every)
@@ -135,9 +135,10 @@ def evaluate(args) -> dict:
                for i, t, b, v in zip(ids, texts, base_videos, trained_videos)]
     history = state.get("history", [])
     margin = reward_margin(base, trained)
-    write_report(args.report, as_entries(base), as_entries(trained), history, samples,
-                 title=f"Flash-GRPO evaluation: {params.preset}, iteration {state['iteration']}",
-                 fps=params.eval.fps, eval_curves=curves, margin=margin)
+    write_report(args.report, ReportInputs(
+        as_entries(base), as_entries(trained), history, samples,
+        title=f"Flash-GRPO evaluation: {params.preset}, iteration {state['iteration']}",
+        fps=params.eval.fps, eval_curves=curves, margin=margin))
     write_curves(curves, args.curves)
     common = [name for name in base["metrics"] if name in trained["metrics"]]
     write_json({"iteration": state["iteration"], "prompts": trained["prompts"], "use_ema": trained["use_ema"],

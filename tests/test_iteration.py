@@ -151,7 +151,7 @@ def test_window_mode_follows_mixgrpo_schedule(tiny_params):
 
 def test_full_mode_takes_sde_steps_after_its_trained_steps(tiny_params):
     from flash_grpo_core.engine.iteration import sampling_spec
-    from flash_grpo_core.engine.sampler import rollout
+    from flash_grpo_core.engine.sampler import RolloutInputs, rollout
     from flash_grpo_core.engine.seeding import derive_seed
 
     engine = build_engine(tiny_params(train__mode="full", train__timestep_fraction=0.5))
@@ -161,7 +161,8 @@ def test_full_mode_takes_sde_steps_after_its_trained_steps(tiny_params):
     cond, uncond = encode(engine, PROMPTS)
     r = engine.params.rollout
     spec = sampling_spec(engine, engine.sigmas, engine.scales, r.guidance, derive_seed(engine.params.seed, 0, "noise"))
-    trained_only = rollout(engine.policy.transformer, cond, uncond, plan_steps(engine.params, 2, 0), spec)
+    inputs = RolloutInputs(cond, uncond, plan_steps(engine.params, 2, 0))
+    trained_only = rollout(engine.policy.transformer, inputs, spec)
     # the trained steps see the same noise; steps 10..19 are SDE steps too, so the videos differ
     assert torch.equal(batch.latents, trained_only.latents) and torch.equal(batch.log_probs, trained_only.log_probs)
     assert (batch.final_latents - trained_only.final_latents).abs().amax(dim=(1, 2, 3, 4)).min() > 1e-3

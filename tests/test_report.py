@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flash_grpo_core.pipeline.report import is_flat, metric_rows, safe_id, write_mp4, write_report
+from flash_grpo_core.pipeline.report import ReportInputs, is_flat, metric_rows, safe_id, write_mp4, write_report
 
 CHROMIUM = Path("/usr/bin/chromium")
 
@@ -76,8 +76,8 @@ def report(tmp_path_factory):
                 "trained": moving_square(2)},
                {"prompt_id": "p 2/odd", "prompt": "odd sizes", "base": moving_square(1)[:, :31, :29],
                 "trained": moving_square(1)[:, :31, :29]}]
-    path = write_report(out, BASE, TRAINED, HISTORY, samples, title="Tiny <run>", eval_curves=EVAL_CURVES,
-                        margin=MARGIN)
+    path = write_report(out, ReportInputs(BASE, TRAINED, HISTORY, samples, title="Tiny <run>", eval_curves=EVAL_CURVES,
+                                          margin=MARGIN))
     page = Page()
     page.feed(path.read_text(encoding="utf-8"))
     return path, page
@@ -154,18 +154,19 @@ def test_curves_use_integer_ticks_and_say_when_they_are_flat(tmp_path, monkeypat
     assert high - low > 0.04  # +-5% of 0.46, not a 1e-5 wiggle stretched over the axis
     assert any(text.get_text().startswith("flat: 0.4629 (range 1e-05)") for text in axes.texts)
     assert is_flat(np.array([0.0, 0.0])) and not is_flat(np.array([1e-7, 3e-7]))
-    page = write_report(tmp_path, {"reward": 1.0}, {"reward": 1.0}, flat, [])
+    page = write_report(tmp_path, ReportInputs({"reward": 1.0}, {"reward": 1.0}, flat, []))
     assert 'data-metric="reward_mean" data-flat="1" alt="reward_mean over iterations (flat)"' in page.read_text()
     assert 'data-metric="loss" data-flat="1"' in page.read_text()
 
 
 def test_empty_history_and_duplicate_ids(tmp_path):
-    path = write_report(tmp_path, {"reward": 1.0}, {"reward": 1.0}, [], [])
+    path = write_report(tmp_path, ReportInputs({"reward": 1.0}, {"reward": 1.0}, [], []))
     assert "No training history" in path.read_text() and "No samples" in path.read_text()
     video = moving_square(1)
     with pytest.raises(ValueError, match="unique"):
-        write_report(tmp_path, {}, {}, [], [{"prompt_id": "a/b", "prompt": "", "base": video, "trained": video},
-                                            {"prompt_id": "a b", "prompt": "", "base": video, "trained": video}])
+        write_report(tmp_path, ReportInputs({}, {}, [], [
+            {"prompt_id": "a/b", "prompt": "", "base": video, "trained": video},
+            {"prompt_id": "a b", "prompt": "", "base": video, "trained": video}]))
     with pytest.raises(ValueError, match="uint8 video"):
         write_mp4(video.astype(np.float32), tmp_path / "x.mp4")
     assert safe_id("../x y") == "x_y"

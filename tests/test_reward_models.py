@@ -192,6 +192,19 @@ def test_missing_weights_name_the_path_and_the_params_key(name, options, key):
         assert options["path"] in str(caught.value) and "does not exist" in str(caught.value)
 
 
+def test_videoalign_options_are_checked_and_an_unknown_one_refused(tmp_path):
+    """reward.options.videoalign: VideoAlignOptions' keys and ModelReward's; any other is a TypeError
+    (validate: "reward.options: ..."); the options' own checks need no files."""
+    with pytest.raises(TypeError, match="'bogus'"):
+        build_reward("videoalign", path=str(tmp_path), bogus=1)
+    with pytest.raises(RewardError, match="frame_stride must be a positive integer"):
+        build_reward("videoalign", path=str(tmp_path), frame_stride=0)
+    with pytest.raises(RewardError, match="set fps or num_frames, not both"):
+        build_reward("videoalign", path=str(tmp_path), fps=2.0, num_frames=8)
+    with pytest.raises(RewardError, match=r"unknown weights \['overall'\]"):
+        build_reward("videoalign", path=str(tmp_path), weights={"overall": 1.0})
+
+
 def test_every_model_reward_is_registered():
     assert {"clip_score", "pickscore", "hpsv2", "hpsv3", "videoalign", "ocr", "brisque", "remote"} <= set(
         available_rewards()

@@ -141,6 +141,20 @@ def test_client_applies_the_pipelines_frame_stride_before_sending(serve):
     torch.testing.assert_close(out.scores, videos[:, ::2].float().mean(dim=(1, 2, 3, 4)))
 
 
+def test_remote_options_keep_their_names_defaults_and_checks():
+    remote = build_reward("remote", url="http://127.0.0.1:1/", name="stub", token="s3cret")
+    assert (remote.url, remote.name, remote.timeout, remote.retries, remote.backoff, remote.max_backoff,
+            remote.max_batch, remote.encoding, remote.frame_stride, remote.token) == (
+        "http://127.0.0.1:1", "stub", 120.0, 3, 1.0, 30.0, 16, "safetensors-base64", 1, "s3cret")
+    assert "s3cret" not in repr(remote.options)
+    with pytest.raises(TypeError, match="'bogus'"):  # validate turns it into "reward.options: ..."
+        build_reward("remote", url="http://127.0.0.1:1", name="stub", bogus=1)
+    with pytest.raises(RewardError, match="max_batch must be a positive integer, got 0"):
+        build_reward("remote", url="http://127.0.0.1:1", name="stub", max_batch=0)
+    with pytest.raises(RewardError, match="url must start with http:// or https://"):
+        build_reward("remote", url="127.0.0.1:1", name="stub")
+
+
 def test_wire_round_trip_is_exact_and_never_pickles():
     videos = videos_of(2, frames=2, size=5)
     for encoding in ("safetensors-base64", "png-base64"):

@@ -1,6 +1,8 @@
 """What the sampler gives the transformer, as the Wan pipeline does: integer timesteps truncated from
 1000 * sigma, and a float32 latent state cast to the model's dtype only at the transformer input."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -91,7 +93,7 @@ def test_bf16_ode_sampling_equals_a_float32_reference_loop(tiny_params):
     shape = engine.stack.latent_shape(9, 32, 32)
     no_sde = torch.zeros(2, 4, 0, dtype=torch.long)  # [B, G, T = 0]: ODE steps only
     spec = sampler.SamplingSpec(sigmas, torch.zeros(20), 4.5, shape, seed=7, batch_size=8)
-    batch = sampler.rollout(transformer, cond, uncond, no_sde, spec)
+    batch = sampler.rollout(transformer, sampler.RolloutInputs(cond, uncond, no_sde), spec)
 
     x = sampler._draw(sampler.sample_generators(7, list(range(8))), shape)  # [8, C, F, H, W] float32
     embeds = torch.cat([cond.repeat_interleave(4, dim=0), uncond.expand(8, -1, -1)])  # [16, L, D]
@@ -138,14 +140,16 @@ def test_stochastic_steps_beyond_the_trained_ones_draw_noise_but_are_not_recorde
     trained = torch.arange(2).expand(2, 4, 2).clone()  # [B=2, G=4, T=2]: steps 0 and 1
     every = torch.ones(2, 4, 20, dtype=torch.bool)  # [B, G, N]
     spec = sampler.SamplingSpec(sigmas, engine.scales.float(), 4.5, shape, seed=7, batch_size=8)
-    args = (engine.policy.transformer, cond, uncond, trained, spec)
-    only_trained, everywhere = sampler.rollout(*args), sampler.rollout(*args, sde_steps=every)
+    inputs = sampler.RolloutInputs(cond, uncond, trained)
+    only_trained = sampler.rollout(engine.policy.transformer, inputs, spec)
+    everywhere = sampler.rollout(engine.policy.transformer, replace(inputs, sde_steps=every), spec)
     assert everywhere.steps.shape == (8, 2) and everywhere.log_probs.shape == (8, 2)  # one log p per trained step
     assert torch.equal(everywhere.latents, only_trained.latents)  # the same noise up to the trained steps
     assert torch.equal(everywhere.log_probs, only_trained.log_probs)
     assert not torch.equal(everywhere.final_latents, only_trained.final_latents)  # SDE noise on steps 2..19
     with pytest.raises(ValueError, match="every trained step must be a stochastic"):
-        sampler.rollout(*args, sde_steps=torch.zeros(2, 4, 20, dtype=torch.bool))
+        sampler.rollout(engine.policy.transformer, replace(inputs, sde_steps=torch.zeros(2, 4, 20, dtype=torch.bool)),
+                        spec)
 
 
 def test_a_group_can_share_its_initial_noise(tiny_params):
@@ -155,7 +159,7 @@ def test_a_group_can_share_its_initial_noise(tiny_params):
     cond, uncond = encode(engine, PROMPTS)
     shape, sigmas = engine.stack.latent_shape(9, 32, 32), engine.sigmas
     trained = torch.zeros(2, 4, 1, dtype=torch.long)  # [B=2, G=4, T=1]: step 0, x_0 is the initial latent
-    args = (engine.policy.transformer, cond, uncond, trained)
+    args = (engine.policy.transformer, sampler.RolloutInputs(cond, uncond, trained))
 
     def spec(batch_size, same_initial=False):
         return sampler.SamplingSpec(sigmas, engine.scales.float(), 4.5, shape, 7, batch_size, same_initial=same_initial)
@@ -168,6 +172,7 @@ def test_a_group_can_share_its_initial_noise(tiny_params):
     # the same noise in batches of 3 (the numbers then differ only by the batch's float rounding)
     assert torch.allclose(sampler.rollout(*args, spec(3, same_initial=True)).final_latents, shared.final_latents,
                           atol=1e-5)
-    second_prompt = sampler.rollout(engine.policy.transformer, cond[1:], uncond, trained[1:],
-                                    spec(8, same_initial=True), first_sample=4)
+    second_prompt = sampler.rollout(engine.policy.transformer,
+                                    sampler.RolloutInputs(cond[1:], uncond, trained[1:], first_sample=4),
+                                    spec(8, same_initial=True))
     assert torch.allclose(second_prompt.final_latents, shared.final_latents[4:], atol=1e-5)  # another rank's share

@@ -53,7 +53,14 @@ import numpy as np
 import torch
 
 from flash_grpo_core.config import RolloutConfig
-from flash_grpo_core.engine.sampler import SamplingSpec, _draw, _initial, predict_velocity, sample_generators
+from flash_grpo_core.engine.sampler import (
+    RolloutInputs,
+    SamplingSpec,
+    _draw,
+    _initial,
+    predict_velocity,
+    sample_generators,
+)
 from flash_grpo_core.method.batch import PassCounter, RolloutBatch
 from flash_grpo_core.method.schedule import interval_sigmas
 from flash_grpo_core.method.sde import ode_step, sde_step
@@ -158,20 +165,18 @@ class RolloutSolver:
 
 
 @torch.no_grad()
-def fast_rollout(
-    transformer, cond_embeds: torch.Tensor, uncond_embed: torch.Tensor | None, train_steps: torch.Tensor,
-    spec: SamplingSpec, counter: PassCounter | None = None, progress=None, first_sample: int = 0,
-    sde_steps: torch.Tensor | None = None, *, options: FastRolloutOptions,
-) -> RolloutBatch:
-    """`sampler.rollout` for flash rollouts (train_steps [B, G, 1]) with the cheaper ODE parts of
-    `options`; the same arguments, and `sde_steps`, if given, must be the trained steps."""
+def fast_rollout(transformer, inputs: RolloutInputs, spec: SamplingSpec, counter: PassCounter | None = None,
+                 progress=None, *, options: FastRolloutOptions) -> RolloutBatch:
+    """`sampler.rollout` for flash rollouts (`inputs.train_steps` [B, G, 1]) with the cheaper ODE
+    parts of `options`; the same arguments, and `inputs.sde_steps`, if given, must be the trained steps."""
+    cond_embeds, train_steps, sde_steps = inputs.cond_embeds, inputs.train_steps, inputs.sde_steps
     latent_shape = spec.latent_shape
     num_prompts, group, trained = train_steps.shape
     num_steps, total = len(spec.sigmas) - 1, num_prompts * group
     if trained != 1 or (sde_steps is not None and not torch.equal(
             sde_steps.reshape(total, num_steps), sde_mask(train_steps, num_steps))):
         raise ValueError("cheaper rollouts take exactly one SDE step per sample, the trained one (train.mode flash)")
-    run = RolloutSolver(transformer, uncond_embed, spec, options, counter)
+    run = RolloutSolver(transformer, inputs.uncond_embed, spec, options, counter)
     steps = train_steps.reshape(total, 1)  # [S, 1]
     prompt_index = torch.arange(num_prompts).repeat_interleave(group)  # [S]
     latents = torch.empty(total, 1, *latent_shape, dtype=torch.float32)  # [S, 1, C, F, H, W]
@@ -179,7 +184,7 @@ def fast_rollout(
     finals = torch.empty(total, *latent_shape, dtype=torch.float32)  # [S, C, F, H, W]
     for start in range(0, total, spec.batch_size):
         ids = torch.arange(start, min(start + spec.batch_size, total))
-        sample_ids = [first_sample + i for i in ids.tolist()]
+        sample_ids = [inputs.first_sample + i for i in ids.tolist()]
         generators = sample_generators(spec.seed, sample_ids)
         x = _initial(spec.seed, generators, sample_ids, group if spec.same_initial else None,
                      latent_shape).to(cond_embeds.device)  # [b, C, F, H, W]

@@ -19,7 +19,7 @@ from flash_grpo_core.config import ConfigError, Params
 from flash_grpo_core.engine.distributed import current as current_world
 from flash_grpo_core.engine.ema import EMA
 from flash_grpo_core.engine.fast_rollout import FastRolloutOptions, fast_rollout
-from flash_grpo_core.engine.sampler import SamplingSpec, rollout
+from flash_grpo_core.engine.sampler import RolloutInputs, SamplingSpec, rollout
 from flash_grpo_core.engine.seeding import derive_seed
 from flash_grpo_core.engine.trainer import Policy, StepContext, make_optimizer, update_policy
 from flash_grpo_core.method.advantages import group_advantages
@@ -241,8 +241,9 @@ def sample_rollouts(engine: Engine, prompts: list[str], iteration: int, counter:
     sample = partial(fast_rollout, options=fast) if fast.active else rollout
     spec = sampling_spec(engine, engine.sigmas, engine.scales, r.guidance,
                          derive_seed(engine.params.seed, iteration, "noise"), same_initial=r.same_initial_noise)
-    batch = sample(engine.policy.transformer, cond[groups.start:groups.stop], uncond, mine, spec, counter, progress,
-                   first_sample=groups.start * r.group_size, sde_steps=plan_stochastic_steps(engine.params, mine))
+    inputs = RolloutInputs(cond[groups.start:groups.stop], uncond, mine, plan_stochastic_steps(engine.params, mine),
+                           first_sample=groups.start * r.group_size)
+    batch = sample(engine.policy.transformer, inputs, spec, counter, progress)
     batch.prompt_index += groups.start
     return batch
 
@@ -271,8 +272,9 @@ def sample_ode(engine: Engine, prompts: list[str], num_steps: int, guidance: flo
     no_sde = torch.zeros(len(groups), 1, 0, dtype=torch.long)  # [B, G=1, T=0]: no stochastic step
     cond, uncond = embeds if embeds is not None else encode(engine, prompts)
     spec = sampling_spec(engine, sigmas, torch.zeros(num_steps), guidance, seed)
-    batch = rollout(engine.policy.transformer, cond[groups.start:groups.stop], uncond if guidance != 1.0 else None,
-                    no_sde, spec, first_sample=groups.start)
+    inputs = RolloutInputs(cond[groups.start:groups.stop], uncond if guidance != 1.0 else None, no_sde,
+                           first_sample=groups.start)
+    batch = rollout(engine.policy.transformer, inputs, spec)
     return decode(engine, batch.final_latents)
 
 

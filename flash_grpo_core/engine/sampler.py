@@ -96,21 +96,32 @@ class SamplingSpec:
     same_initial: bool = False  # a group's samples share their initial latent (module docstring)
 
 
-@torch.no_grad()
-def rollout(
-    transformer, cond_embeds: torch.Tensor, uncond_embed: torch.Tensor | None, train_steps: torch.Tensor,
-    spec: SamplingSpec, counter: PassCounter | None = None, progress=None, first_sample: int = 0,
-    sde_steps: torch.Tensor | None = None,
-) -> RolloutBatch:
-    """Sample B x G videos' latents; cond_embeds [B, L, D], uncond_embed [1, L, D], train_steps [B, G, T].
+@dataclass(frozen=True)
+class RolloutInputs:
+    """What a rollout call samples from: its prompts' embeddings, their samples' trained (and
+    stochastic) steps, and where its samples sit in the iteration."""
 
-    `sde_steps`: BoolTensor [B, G, N], where each sample takes the SDE step (default: its trained
-    steps, which it must include; `method/steps.py: stochastic_steps`).
+    cond_embeds: torch.Tensor  # [B, L, D]
+    uncond_embed: torch.Tensor | None  # [1, L, D]; None: no guidance
+    train_steps: torch.Tensor  # [B, G, T]
+    # BoolTensor [B, G, N], where each sample takes the SDE step (None: its trained steps, which it
+    # must include; `method/steps.py: stochastic_steps`)
+    sde_steps: torch.Tensor | None = None
+    # the iteration-wide id of the first sample here, when these prompts are a slice of the
+    # iteration's (each sample's noise comes from its iteration-wide id)
+    first_sample: int = 0
+
+
+@torch.no_grad()
+def rollout(transformer, inputs: RolloutInputs, spec: SamplingSpec, counter: PassCounter | None = None,
+            progress=None) -> RolloutBatch:
+    """Sample B x G videos' latents from `inputs` (prompt embeddings, trained and stochastic steps)
+    as `spec` says.
 
     `progress`, if given, is told `update(n)` after each step of n samples (a tqdm bar, say).
-    `first_sample`: the iteration-wide id of the first sample here, when these prompts are a slice
-    of the iteration's (each sample's noise comes from its iteration-wide id).
     """
+    cond_embeds, uncond_embed, train_steps = inputs.cond_embeds, inputs.uncond_embed, inputs.train_steps
+    sde_steps, first_sample = inputs.sde_steps, inputs.first_sample
     sigmas, scales, seed, latent_shape = spec.sigmas, spec.scales, spec.seed, spec.latent_shape
     num_prompts, group, trained = train_steps.shape
     num_steps, total = len(sigmas) - 1, num_prompts * group

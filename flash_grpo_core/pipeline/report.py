@@ -1,6 +1,6 @@
 """The evaluation report: one self-contained HTML page with the videos as files beside it.
 
-    write_report(out_dir, metrics_base, metrics_trained, history, samples, title) -> out_dir/report.html
+    write_report(out_dir, ReportInputs(metrics_base, metrics_trained, history, samples, title)) -> out_dir/report.html
 
 - a metrics table: base, trained and trained - base per metric, the delta marked better / worse
   by the metric's direction; "not configured" dimensions are listed with their reason;
@@ -29,6 +29,7 @@ import math
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -319,10 +320,9 @@ def margin_html(margin: dict | None) -> str:
             f'<b>{verdict}</b>.</p>')
 
 
-def write_report(out_dir: str | os.PathLike, metrics_base: dict, metrics_trained: dict, history: list[dict],
-                 samples: list[dict], title: str = "Flash-GRPO evaluation", fps: int = 8,
-                 eval_curves: dict[str, list[dict]] | None = None, margin: dict | None = None) -> Path:
-    """Write ``out_dir/report.html`` and the sample videos beside it; return the page's path.
+@dataclass(frozen=True)
+class ReportInputs:
+    """What one report is made from.
 
     metrics_base / metrics_trained: {name: float | evaluate_videos entry}; history: one dict per
     iteration (``iteration`` plus numeric metrics); samples: dicts with ``prompt_id``, ``prompt``
@@ -330,23 +330,36 @@ def write_report(out_dir: str | os.PathLike, metrics_base: dict, metrics_trained
     "value"}]} of the evaluated checkpoints (a section of its own when given); margin: the reward's
     paired difference (flash_grpo_core.metrics.paired.paired_delta), stated above the table.
     """
+
+    metrics_base: dict
+    metrics_trained: dict
+    history: list[dict]
+    samples: list[dict]
+    title: str = "Flash-GRPO evaluation"
+    fps: int = 8
+    eval_curves: dict[str, list[dict]] | None = None
+    margin: dict | None = None
+
+
+def write_report(out_dir: str | os.PathLike, report: ReportInputs) -> Path:
+    """Write ``out_dir/report.html`` and the sample videos beside it from ``report``; return the page's path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    idents = [safe_id(sample["prompt_id"]) for sample in samples]
+    idents = [safe_id(sample["prompt_id"]) for sample in report.samples]
     if len(set(idents)) != len(idents):
         raise ValueError(f"sample prompt ids must be unique as file names, got {idents}")
-    sections = [sample_html(out_dir, sample, fps) for sample in samples]
+    sections = [sample_html(out_dir, sample, report.fps) for sample in report.samples]
     page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(report.title)}</title>
 <style>{STYLE}</style></head>
-<body><h1>{html.escape(title)}</h1>
+<body><h1>{html.escape(report.title)}</h1>
 <h2>Metrics: trained vs base</h2>
-{margin_html(margin)}
+{margin_html(report.margin)}
 <p class="note">delta = trained &minus; base; green is an improvement in the metric's direction.</p>
-{table_html(metric_rows(metrics_base, metrics_trained))}
+{table_html(metric_rows(report.metrics_base, report.metrics_trained))}
 <h2>Training curves</h2>
-<div class="plots">{curves_html(history)}</div>
-{eval_curves_html(eval_curves)}
+<div class="plots">{curves_html(report.history)}</div>
+{eval_curves_html(report.eval_curves)}
 <h2>Samples (same prompt, same noise)</h2>
 {"".join(sections) or '<p class="note">No samples.</p>'}
 <script>{SCRIPT}</script>

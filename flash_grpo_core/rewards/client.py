@@ -24,6 +24,7 @@ import os
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -47,41 +48,49 @@ class TransientError(Exception):
     """A failure worth retrying (connection, timeout, 5xx)."""
 
 
+@dataclass(frozen=True)
+class RemoteOptions:
+    """``reward.options.remote``, checked (see the module docstring); an unknown option is a TypeError."""
+
+    url: str
+    name: str
+    timeout: float = 120.0
+    retries: int = 3
+    backoff: float = 1.0
+    max_backoff: float = 30.0
+    max_batch: int = 16
+    encoding: str = "safetensors-base64"
+    frame_stride: int = 1
+    token: str | None = field(default=None, repr=False)  # a secret: kept out of the repr
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.url, str) or not self.url.startswith(("http://", "https://")):
+            raise RewardError(f"reward 'remote': url must start with http:// or https://, got {self.url!r}")
+        if not isinstance(self.max_batch, int) or self.max_batch < 1:
+            raise RewardError(f"reward 'remote': max_batch must be a positive integer, got {self.max_batch!r}")
+        if not isinstance(self.retries, int) or self.retries < 0 or self.timeout <= 0 or self.backoff < 0:
+            raise RewardError("reward 'remote': need retries >= 0, timeout > 0 and backoff >= 0")
+        if self.encoding not in ENCODINGS:
+            raise RewardError(f"reward 'remote': encoding must be one of {ENCODINGS}, got {self.encoding!r}")
+
+
 @register("remote", required=("url", "name"), hint="the reward server's address")
 class RemoteReward:
-    """A reward computed by a reward server at ``url`` (see the module docstring)."""
+    """A reward computed by a reward server at ``url`` (see the module docstring), built from
+    ``RemoteOptions``' keywords."""
 
-    def __init__(
-        self,
-        url: str,
-        name: str,
-        timeout: float = 120.0,
-        retries: int = 3,
-        backoff: float = 1.0,
-        max_backoff: float = 30.0,
-        max_batch: int = 16,
-        encoding: str = "safetensors-base64",
-        frame_stride: int = 1,
-        token: str | None = None,
-    ) -> None:
-        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-            raise RewardError(f"reward 'remote': url must start with http:// or https://, got {url!r}")
-        if not isinstance(max_batch, int) or max_batch < 1:
-            raise RewardError(f"reward 'remote': max_batch must be a positive integer, got {max_batch!r}")
-        if not isinstance(retries, int) or retries < 0 or timeout <= 0 or backoff < 0:
-            raise RewardError("reward 'remote': need retries >= 0, timeout > 0 and backoff >= 0")
-        if encoding not in ENCODINGS:
-            raise RewardError(f"reward 'remote': encoding must be one of {ENCODINGS}, got {encoding!r}")
-        self.url = url.rstrip("/")
-        self.name = name
-        self.timeout = float(timeout)
-        self.retries = retries
-        self.backoff = float(backoff)
-        self.max_backoff = float(max_backoff)
-        self.max_batch = max_batch
-        self.encoding = encoding
-        self.frame_stride = frame_stride
-        self.token = token or os.environ.get(TOKEN_ENV) or None
+    def __init__(self, **options: Any) -> None:
+        o = self.options = RemoteOptions(**options)
+        self.url = o.url.rstrip("/")
+        self.name = o.name
+        self.timeout = float(o.timeout)
+        self.retries = o.retries
+        self.backoff = float(o.backoff)
+        self.max_backoff = float(o.max_backoff)
+        self.max_batch = o.max_batch
+        self.encoding = o.encoding
+        self.frame_stride = o.frame_stride
+        self.token = o.token or os.environ.get(TOKEN_ENV) or None
 
     def __call__(self, videos: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None) -> RewardOutput:
         check_videos(videos, prompts)

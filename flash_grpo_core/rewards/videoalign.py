@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -40,55 +41,68 @@ from flash_grpo_core.rewards.vlm import (
 DIMENSIONS = ("VQ", "MQ", "TA")
 
 
+@dataclass(frozen=True)
+class VideoAlignOptions:
+    """``reward.options.videoalign`` beyond ModelReward's keywords (device, dtype, frame_stride): the
+    released directory ``path``, its base model and checkpoint step, the dimensions' weights and
+    normalisation, and the frame sampling (None: the released ``data_config``'s), checked as far as
+    they can be without reading the files."""
+
+    path: str | None = None
+    base_path: str | None = None
+    checkpoint_step: int = -1
+    weights: dict[str, float] | None = None
+    use_norm: bool = True
+    fps: float | None = None
+    num_frames: int | None = None
+    video_fps: float = 16.0
+    max_pixels: int | None = None
+    min_pixels: int = VIDEO_MIN_PIXELS
+    batch_size: int = 2
+
+    def __post_init__(self) -> None:
+        if self.fps is not None and self.num_frames is not None:
+            raise RewardError("reward 'videoalign': set fps or num_frames, not both")
+        stray = set(self.weights or {}) - set(DIMENSIONS)
+        if stray:
+            raise RewardError(f"reward 'videoalign': unknown weights {sorted(stray)}; use {DIMENSIONS}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise RewardError("reward 'videoalign': batch_size must be a positive integer")
+
+
 @register("videoalign", required=("path",))
 class VideoAlignReward(ModelReward):
-    """w_VQ * VQ + w_MQ * MQ + w_TA * TA (normalised as released); info holds the three parts."""
+    """w_VQ * VQ + w_MQ * MQ + w_TA * TA (normalised as released); info holds the three parts.
+
+    Options: ``VideoAlignOptions``' and ModelReward's keywords; any other is a TypeError."""
 
     name = "videoalign"
 
-    def __init__(
-        self,
-        path: str | None = None,
-        base_path: str | None = None,
-        checkpoint_step: int = -1,
-        weights: dict[str, float] | None = None,
-        use_norm: bool = True,
-        fps: float | None = None,
-        num_frames: int | None = None,
-        video_fps: float = 16.0,
-        max_pixels: int | None = None,
-        min_pixels: int = VIDEO_MIN_PIXELS,
-        batch_size: int = 2,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**kwargs)
-        self.path = require_path(self.name, path, "path", kind="dir")
+    def __init__(self, **options: Any) -> None:
+        own = {option.name for option in fields(VideoAlignOptions)}
+        super().__init__(**{key: value for key, value in options.items() if key not in own})
+        o = self.options = VideoAlignOptions(**{key: value for key, value in options.items() if key in own})
+        self.path = require_path(self.name, o.path, "path", kind="dir")
         config_file = require_path(self.name, str(self.path / "model_config.json"), "path", kind="file")
         released = json.loads(config_file.read_text())
         self.model_config = released.get("model_config", {})
         self.lora_config = released.get("peft_lora_config", {})
-        self.norm = released.get("inference_config") if use_norm else None
+        self.norm = released.get("inference_config") if o.use_norm else None
         data = released.get("data_config", {})
         if data.get("prompt_template_type", "detailed_special") != "detailed_special":
             raise RewardError("reward 'videoalign' supports the released prompt_template_type 'detailed_special'")
-        if fps is not None and num_frames is not None:
-            raise RewardError("reward 'videoalign': set fps or num_frames, not both")
+        fps, num_frames = o.fps, o.num_frames
         if fps is None and num_frames is None:
             fps, num_frames = data.get("fps", 2.0), data.get("num_frames")
             fps = None if num_frames is not None else fps
-        self.fps, self.num_frames, self.video_fps = fps, num_frames, float(video_fps)
-        self.max_pixels = max_pixels or data.get("max_frame_pixels")
-        self.min_pixels = min_pixels
-        base = base_path or self.model_config.get("model_name_or_path")
+        self.fps, self.num_frames, self.video_fps = fps, num_frames, float(o.video_fps)
+        self.max_pixels = o.max_pixels or data.get("max_frame_pixels")
+        self.min_pixels = o.min_pixels
+        base = o.base_path or self.model_config.get("model_name_or_path")
         self.base_path = require_path(self.name, base, "base_path", kind="dir")
-        self.checkpoint_step = checkpoint_step
-        self.weights = {name: float((weights or {}).get(name, 1.0)) for name in DIMENSIONS}
-        stray = set(weights or {}) - set(DIMENSIONS)
-        if stray:
-            raise RewardError(f"reward 'videoalign': unknown weights {sorted(stray)}; use {DIMENSIONS}")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise RewardError("reward 'videoalign': batch_size must be a positive integer")
-        self.batch_size = batch_size
+        self.checkpoint_step = o.checkpoint_step
+        self.weights = {name: float((o.weights or {}).get(name, 1.0)) for name in DIMENSIONS}
+        self.batch_size = o.batch_size
 
     def load(self) -> None:
         from transformers import Qwen2VLForConditionalGeneration
