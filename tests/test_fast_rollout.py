@@ -106,7 +106,7 @@ def test_every_sample_keeps_its_noise_whatever_the_batch(tiny_params):
 
 
 @pytest.mark.parametrize("overrides,message", [
-    ({"train__mode": "full", "rollout__tail_steps": 3}, "flash rollouts .* only; .*train.mode 'full'"),
+    ({"train__mode": "full", "rollout__tail_steps": 3}, "one SDE step per sample .train.mode flash. only; .*train.mode 'full'"),
     ({"train__mode": "window", "rollout__guidance_until": 0.5}, "train.mode 'window'"),
     ({"rollout__tail_steps": 0}, "rollout.tail_steps must be between 1 and 19 solver steps"),
     ({"rollout__head_steps": -2}, "rollout.head_steps must be between 1 and 9 solver steps"),

@@ -24,7 +24,7 @@ grid steps are the grid's own sigmas (`authors`). The tail takes a shift of 0.5 
 crowds its steps towards sigma 0: under the training shift the tail's last step is its largest
 (sigma 0.48 -> 0 of 3 steps from 0.87 at shift 3), and a final step is UniPC's x0 estimate, coarse
 from that high. Measured on 40 toy videos from the same x_{k+1} (an exploratory run of
-bench/rollout_cost.py's mean abs pixel error against a 50-step solve, M = 2 / 3 / 4): shift 3:
+bench/costs/rollout_cost.py's mean abs pixel error against a 50-step solve, M = 2 / 3 / 4): shift 3:
 8.5 / 7.2 / -, uniform in sigma (shift 1): 8.1 / 5.4 / 3.9, shift 0.5: 7.5 / 4.7 / 3.6 (the Euler
 tail on the grid: 3.7). A segment never takes more steps than the grid has there; at that cap it
 steps through the grid's sigmas. The UniPC scheduler is given them with `flow_shift=1` (they are
