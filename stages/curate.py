@@ -8,7 +8,8 @@ CurateConfig's defaults apply. Without --sources it reads the effective `data.so
 train.txt / test.txt folder), after the checks of the validate stage (`inputs.check_source`: a
 Wan preset refuses the toy grid). The report records each source file's sha256. The work is in
 `flash_grpo_core/artifacts/prompts.py` (sources: `prompt_sources.py`); this module reads arguments, calls it
-through `_common.run` (errors, summary line, watchdog) and checks the counts before anything is written.
+through `stages.runtime.common.run` (errors, summary line, watchdog) and checks the counts before anything
+is written.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import argparse
 import json
 import sys
 
-from stages import _common
+from stages.runtime import common
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -83,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         return {"sources": len(sources), "prompts_in": counts["in"], "train": counts["train"],
                 "eval": counts["eval"], "dropped": json.dumps(counts["dropped"], separators=(",", ":"))}
 
-    return _common.run("curate", body)
+    return common.run("curate", body)
 
 
 if __name__ == "__main__":
-    _common.finish(main())
+    common.finish(main())

@@ -9,11 +9,11 @@ Also the reward scale guards' empty history, which each score stage extends.
 
 from __future__ import annotations
 
-from stages import _common
+from stages.runtime import common
 
 
 def main(argv=None) -> int:
-    parser = _common.parser("init", __doc__.splitlines()[0])
+    parser = common.parser("init", __doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="checkpoint directory to write")
     parser.add_argument("--reward-state", required=True,
                         help="reward_state.json to write: the reward scale guards' empty history")
@@ -24,15 +24,15 @@ def main(argv=None) -> int:
         from flash_grpo_core.artifacts.checkpoint import config_record, save_checkpoint
         from flash_grpo_core.engine.iteration import build_engine
 
-        params = _common.load_params(args.params)
+        params = common.load_params(args.params)
         engine = build_engine(params, text_encoder=False)  # writes the untrained adapter only
         save_checkpoint(engine.policy, args.out, {"iteration": 0, "preset": params.preset,
                                                   "config": config_record(params), "history": []})
         write_json({}, args.reward_state)
         return {"preset": params.preset, "trainable": sum(p.numel() for p in engine.policy.parameters.values())}
 
-    return _common.run("init", body)
+    return common.run("init", body)
 
 
 if __name__ == "__main__":
-    _common.finish(main())
+    common.finish(main())

@@ -9,7 +9,7 @@ the update stage (`prompt_embeds.safetensors`, flash_grpo_core/artifacts/prompt_
 `--timings`, a file DVC does not track: in the manifest they would change the rollout's hash on
 every run.
 
-On several processes (stages/_launch.py) every rank plans the same steps from the shared seed and
+On several processes (stages/runtime/launch.py) every rank plans the same steps from the shared seed and
 encodes every prompt, then samples, decodes and writes whole shards of its own; rank 0 writes the
 embeddings, and `shards.json` and the manifest last. Shards are sampled one at a time on one
 process too, so the bytes do not depend on the number of processes.
@@ -19,11 +19,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stages import _common
+from stages.runtime import common
 
 
 def main(argv=None) -> int:
-    parser = _common.parser("rollout", __doc__.splitlines()[0])
+    parser = common.parser("rollout", __doc__.splitlines()[0])
     parser.add_argument("--iteration", type=int, required=True)
     parser.add_argument("--prompts", required=True, help="train.parquet from the curate stage")
     parser.add_argument("--checkpoint", required=True, help="the previous iteration's checkpoint")
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
         from flash_grpo_core.engine.iteration import encode, iteration_prompts, plan_steps, reward_from_params
         from flash_grpo_core.method.batch import PassCounter
 
-        params = _common.load_params(args.params)
+        params = common.load_params(args.params)
         r = params.rollout
         check_config(args.checkpoint, params)  # before the model loads: a checkpoint of other params
         reward_from_params(params)  # the score stage's reward, built (not loaded) now: a missing model path
@@ -48,11 +48,11 @@ def main(argv=None) -> int:
         chosen = iteration_prompts(read_prompts_parquet(args.prompts), r.prompts_per_iteration, args.iteration,
                                    params.seed)
         timings, counter = {}, PassCounter()
-        with _common.timer(timings, "load_seconds"):
-            engine, _ = _common.engine_at(params, args.checkpoint)
+        with common.timer(timings, "load_seconds"):
+            engine, _ = common.engine_at(params, args.checkpoint)
         texts = [p.prompt for p in chosen]
         steps = plan_steps(params, len(texts), args.iteration)  # [B, G, T], the same on every rank
-        with _common.timer(timings, "sample_seconds"):
+        with common.timer(timings, "sample_seconds"):
             embeds = encode(engine, texts)  # every prompt on every rank: the same numbers as one process
             entries = sample_shards(engine, params, args, chosen, steps, embeds, counter)
         passes = dist.sum_counts(counter.as_dict())
@@ -68,7 +68,7 @@ def main(argv=None) -> int:
         return {"iteration": args.iteration, "samples": len(chosen) * r.group_size, "shards": len(entries),
                 **passes, **timings}
 
-    return _common.run("rollout", body, argv, distributed=True)
+    return common.run("rollout", body, argv, distributed=True)
 
 
 def sample_shards(engine, params, args, chosen, steps, embeds, counter) -> list[dict]:
@@ -89,7 +89,7 @@ def sample_shards(engine, params, args, chosen, steps, embeds, counter) -> list[
     dist.barrier()  # no rank writes a shard into a folder that is still being cleared
     owned = dist.owned_units(-(-len(chosen) // per_shard), world)
     texts, ids, entries = [p.prompt for p in chosen], [p.id for p in chosen], []
-    with _common.progress_bar(len(owned) * per_shard * r.group_size * r.num_steps, "rollout") as bar:
+    with common.progress_bar(len(owned) * per_shard * r.group_size * r.num_steps, "rollout") as bar:
         for number in owned:
             groups = range(number * per_shard, min((number + 1) * per_shard, len(chosen)))
             batch, videos = generate(engine, texts, args.iteration, counter, steps, bar, embeds, groups)
@@ -99,4 +99,4 @@ def sample_shards(engine, params, args, chosen, steps, embeds, counter) -> list[
 
 
 if __name__ == "__main__":
-    _common.finish(main())
+    common.finish(main())

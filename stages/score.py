@@ -16,11 +16,11 @@ the global advantages, so the guards' state stays the same everywhere; rank 0 wr
 
 from __future__ import annotations
 
-from stages import _common
+from stages.runtime import common
 
 
 def main(argv=None) -> int:
-    parser = _common.parser("score", __doc__.splitlines()[0])
+    parser = common.parser("score", __doc__.splitlines()[0])
     parser.add_argument("--iteration", type=int, required=True)
     parser.add_argument("--rollout", required=True, help="the rollout stage's shard directory")
     parser.add_argument("--out", required=True, help="scores.parquet to write")
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
         from flash_grpo_core.rewards import RewardError
         from flash_grpo_core.rewards.combined import concat_outputs
 
-        params = _common.load_params(args.params)
+        params = common.load_params(args.params)
         reward = reward_from_params(params, scale_guard=True)
         reward.load_state_dict(read_json_object(args.reward_state_in, RewardError,
                                                 "rerun the stage that wrote it: init or the previous score"))
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
             write_json(reward.state_dict(), args.reward_state_out)
         return {key: round(value, 4) if isinstance(value, float) else value for key, value in summary.items()}
 
-    return _common.run("score", body, argv, distributed=True)
+    return common.run("score", body, argv, distributed=True)
 
 
 def score_shards(reward, rollout: str) -> dict:
@@ -81,4 +81,4 @@ def score_shards(reward, rollout: str) -> dict:
 
 
 if __name__ == "__main__":
-    _common.finish(main())
+    common.finish(main())

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stages import _common
+from stages.runtime import common
 
 
 def read_manifest(rollout: str) -> dict:
@@ -34,7 +34,7 @@ def read_manifest(rollout: str) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = _common.parser("update", __doc__.splitlines()[0])
+    parser = common.parser("update", __doc__.splitlines()[0])
     parser.add_argument("--iteration", type=int, required=True)
     parser.add_argument("--checkpoint", required=True, help="the previous iteration's checkpoint")
     parser.add_argument("--rollout", required=True, help="this iteration's shard directory")
@@ -55,18 +55,18 @@ def main(argv=None) -> int:
         from flash_grpo_core.engine.iteration import update
         from flash_grpo_core.method.batch import PassCounter
 
-        params = _common.load_params(args.params)
+        params = common.load_params(args.params)
         check_config(args.checkpoint, params)  # before the model loads: a checkpoint of other params
         rollout = read_manifest(args.rollout)  # before the model loads too
         timings, counter = {}, PassCounter()
-        with _common.timer(timings, "load_seconds"):
+        with common.timer(timings, "load_seconds"):
             # no text encoder: the prompts come as the embeddings the rollout sampled with
-            engine, previous = _common.engine_at(params, args.checkpoint, text_encoder=False, optimizer=True)
+            engine, previous = common.engine_at(params, args.checkpoint, text_encoder=False, optimizer=True)
             records = read_shards(args.rollout)
             batch, prompts, _ = batch_from_records(records)
             embeds = load_prompt_embeds(args.rollout, prompts, engine.device)
             advantages = read_advantages(args.scores, [r.key for r in records])
-        with _common.timer(timings, "train_seconds"), _common.progress_bar(batch.steps.numel(), "update") as bar:
+        with common.timer(timings, "train_seconds"), common.progress_bar(batch.steps.numel(), "update") as bar:
             metrics = update(engine, prompts, batch, advantages, args.iteration, counter, progress=bar, embeds=embeds)
         passes = sum_counts(counter.as_dict())  # every rank's share of the passes
         rewards = _reward_stats(args.scores)
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
                 for k in ("iteration", "reward_mean", "reward_std", "loss", "clip_fraction", "train_forward_passes",
                           "train_backward_passes")}
 
-    return _common.run("update", body, argv, distributed=True)
+    return common.run("update", body, argv, distributed=True)
 
 
 def _reward_stats(scores_path: str) -> dict[str, float]:
@@ -100,4 +100,4 @@ def _reward_stats(scores_path: str) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    _common.finish(main())
+    common.finish(main())

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 
-from stages import _common
+from stages.runtime import common
 
 MARKER = {"valid": True}  # constant: see the module docstring
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = _common.parser("validate", __doc__.splitlines()[0])
+    parser = common.parser("validate", __doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="the constant marker every other stage depends on")
     parser.add_argument("--sources", required=True, help="where the effective prompt source's sha256 goes")
     parser.add_argument("--prompts-report", default=None, help="the curate stage's report.json, when it exists")
@@ -39,14 +39,14 @@ def main(argv: list[str] | None = None) -> int:
 
         checked = check_inputs(args.params, args.prompts_report)
         for warning in checked.warnings:
-            _common.warn("validate", warning)
+            common.warn("validate", warning)
         write_json(checked.sources, args.sources)
         write_json(MARKER, args.out)
         return {"preset": checked.params.preset, "source": checked.params.data.source,
                 "files": len(checked.sources["files"]), "warnings": len(checked.warnings)}
 
-    return _common.run("validate", body)
+    return common.run("validate", body)
 
 
 if __name__ == "__main__":
-    _common.finish(main())
+    common.finish(main())

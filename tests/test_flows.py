@@ -235,7 +235,7 @@ def test_prefect_yaml_declares_one_limited_deployment_per_preset():
         assert deployment["entrypoint"] == "flows/train_loop.py:train_loop"
         assert deployment["parameters"]["preset"] == name and deployment["concurrency_limit"] == 1
         assert deployment["work_pool"]["name"] == "flash-grpo"
-        # the GPU presets run every GPU stage on the node's 8 GPUs (stages/_launch.py), the tiny one on 1
+        # the GPU presets run every GPU stage on the node's 8 GPUs (stages/runtime/launch.py), the tiny one on 1
         env = deployment["work_pool"].get("job_variables", {}).get("env", {})
         assert env.get("FLASH_GRPO_NPROC_PER_NODE") == (None if name == "tiny" else "8")
     assert "set_working_directory" in str(spec["pull"])

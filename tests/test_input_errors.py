@@ -111,13 +111,14 @@ def test_a_missing_or_wrong_rollout_manifest_is_named(tmp_path, content):
 
 def test_the_update_stage_reads_the_manifest_before_loading_the_model(tmp_path, monkeypatch, capsys):
     from flash_grpo_core.artifacts import checkpoint
-    from stages import _common, update
+    from stages import update
+    from stages.runtime import common
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the manifest was read")
 
     monkeypatch.setattr(checkpoint, "check_config", lambda *args: None)
-    monkeypatch.setattr(_common, "engine_at", no_model)
+    monkeypatch.setattr(common, "engine_at", no_model)
     code = update.main(["--params", str(_params_file(tmp_path)), "--iteration", "1", "--checkpoint", "ckpt",
                         "--rollout", str(tmp_path / "rollout"), "--scores", "s.parquet", "--out", str(tmp_path / "o"),
                         "--metrics", str(tmp_path / "m.json")])

@@ -181,7 +181,7 @@ def test_the_export_loads_into_wan_pipeline_from_the_saved_folder(rehearsal):
     transformer's velocity moves off the base and equals the engine's with the checkpoint's EMA."""
     from diffusers import WanPipeline
 
-    from stages import _common
+    from stages.runtime import common
     from test_export import velocity
 
     project, overrides, _ = rehearsal
@@ -190,7 +190,7 @@ def test_the_export_loads_into_wan_pipeline_from_the_saved_folder(rehearsal):
     pipe.load_lora_weights(str(project / RUN / "export"))
     adapted = velocity(pipe.transformer)
     params = load_params(project / "params.yaml")
-    engine, _ = _common.engine_at(params, str(project / RUN / "it1" / "checkpoint"), text_encoder=False)
+    engine, _ = common.engine_at(params, str(project / RUN / "it1" / "checkpoint"), text_encoder=False)
     with engine.policy.ema.applied():
         ours = velocity(engine.policy.transformer)
     torch.testing.assert_close(adapted, ours, rtol=1e-4, atol=1e-6)

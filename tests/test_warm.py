@@ -1,4 +1,4 @@
-"""The warm stage runner (stages/warm.py): same outputs as a cold stage, exit codes and streams passed
+"""The warm stage runner (stages/runtime/warm.py): same outputs as a cold stage, exit codes and streams passed
 through, current code on disk, cold runs where the warm one could differ, a dead client's stage stopped,
 and a client that hands nothing to a socket that is not its own user's server's."""
 
@@ -18,8 +18,8 @@ from types import SimpleNamespace
 import pytest
 
 from flash_grpo_core.pipeline.workspace import copy_project, tool_env
-from stages import warm_client
-from stages.warm import Server
+from stages.runtime import warm_client
+from stages.runtime.warm import Server
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,7 +36,7 @@ def warm(tmp_path_factory):
     env = tool_env(FLASH_GRPO_WARM_SOCKET=str(socket_path))
     log = project / "warm.log"
     with open(log, "w") as handle:
-        server = subprocess.Popen([sys.executable, "-m", "stages.warm"], cwd=project, env=env, stdout=handle,
+        server = subprocess.Popen([sys.executable, "-m", "stages.runtime.warm"], cwd=project, env=env, stdout=handle,
                                   stderr=subprocess.STDOUT, start_new_session=True,
                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     deadline = time.monotonic() + 120
@@ -168,11 +168,11 @@ def _lazy_third_party_imports() -> set[str]:
 
 
 def test_the_server_imports_what_the_stages_import_lazily():
-    from stages.warm import OPTIONAL_LIBRARIES
+    from stages.runtime.warm import OPTIONAL_LIBRARIES
 
     lazy = _lazy_third_party_imports()
     assert {"pyarrow.parquet", "cv2", "ruamel.yaml"} <= lazy  # the scan sees imports inside functions
-    probe = ("import json, sys\nfrom stages import warm\nwarm.warm_up()\n"
+    probe = ("import json, sys\nfrom stages.runtime import warm\nwarm.warm_up()\n"
              "print(json.dumps(sorted(sys.modules)))")
     result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=tool_env(), capture_output=True, text=True,
                             timeout=300)

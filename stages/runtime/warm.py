@@ -1,6 +1,6 @@
 """A warm stage runner: stage processes that start with torch, diffusers and the rest already imported.
 
-    python -m stages.warm            # in the project checkout; Ctrl-C stops it
+    python -m stages.runtime.warm    # in the project checkout; Ctrl-C stops it
     dvc repro                        # in another shell: every stage now starts warm
 
 Importing the core's dependencies costs a stage process about 5 s on 2 CPU cores (diffusers alone
@@ -25,7 +25,7 @@ Correctness before speed:
 - The socket is a Unix socket (no network) in a folder private to the user (`$XDG_RUNTIME_DIR`, or
   `/tmp/flash-grpo-warm-<uid>/` created with mode 0700; the server refuses a folder that is anyone
   else's or open to group or others). Each side checks the other's uid: the client verifies the
-  folder, the socket and the listening process before it sends anything (stages/warm_client.py).
+  folder, the socket and the listening process before it sends anything (stages/runtime/warm_client.py).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import sys
 import time
 from pathlib import Path
 
-from stages.warm_client import (
+from stages.runtime.warm_client import (
     CHILD_FLAG,
     MAX_MESSAGE,
     PROJECT_PACKAGES,
@@ -80,7 +80,7 @@ def warm_up() -> tuple[dict[str, str], dict[str, str]]:
     the libraries were imported under, and the variables the imports set (torch sets some)."""
     import importlib
 
-    import stages._common  # noqa: F401 - sets HF_HUB_OFFLINE before the libraries read it
+    import stages.runtime.common  # noqa: F401 - sets HF_HUB_OFFLINE before the libraries read it
 
     before = dict(os.environ)
 
@@ -321,7 +321,7 @@ def prepare_folder(folder: Path) -> None:
 def main(argv=None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m stages.warm", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m stages.runtime.warm", description=__doc__.splitlines()[0])
     parser.add_argument("--socket", default=None, help="socket path, in a folder private to this user (default: "
                         "per checkout, in $XDG_RUNTIME_DIR or /tmp/flash-grpo-warm-<uid>/)")
     args = parser.parse_args(argv)
