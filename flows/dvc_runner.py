@@ -94,7 +94,8 @@ def spawn(args: list[str], cwd: Path, on_line: Callable[[str], None]) -> int:
 def repro(stage: str, project: Path, on_line: Callable[[str], None] = lambda line: None,
           allow_missing: bool = False) -> StageRun:
     """`dvc repro <stage>` (upstream stages are checked, and skipped when up to date); raises on failure.
-    `allow_missing`: skip stages whose only change is missing data (checkpoints removed by stages.prune)."""
+    `allow_missing`: skip stages whose only change is missing data (checkpoints removed by
+    flash_grpo_core.pipeline.prune)."""
     dvc = str(Path(sys.executable).parent / "dvc")
     lines: list[str] = []
 

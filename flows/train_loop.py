@@ -72,7 +72,7 @@ def prepare_params(project: str, preset: str, iterations: int | None, overrides:
     """Validate the run's parameters, run the preflight (flash_grpo_core/pipeline/preflight.py: paths, GPUs,
     memory, disk; every problem fails the run, none is retried), write them into params.yaml."""
     from flash_grpo_core.pipeline import preflight
-    from stages.prune import pruned_iterations
+    from flash_grpo_core.pipeline.prune import pruned_iterations
 
     path = Path(project) / "params.yaml"
     preflight.require(params_file.validate(path, preset, iterations, overrides), Path(project))
@@ -105,10 +105,10 @@ def run_stage(stage: str, project: str, allow_missing: bool = False) -> dict:
 
 @task(name="prune", cache_policy=NO_CACHE, persist_result=False)
 def prune_checkpoints(project: str) -> bool:
-    """Remove the checkpoints pipeline.keep_checkpoints_every gives up (stages/prune.py); returns
-    whether any checkpoint of the run is pruned now."""
+    """Remove the checkpoints pipeline.keep_checkpoints_every gives up (flash_grpo_core/pipeline/prune.py);
+    returns whether any checkpoint of the run is pruned now."""
     from flash_grpo_core.config import load_params
-    from stages import prune
+    from flash_grpo_core.pipeline import prune
 
     params = load_params(Path(project) / "params.yaml")
     result = prune.prune(Path(project), params)

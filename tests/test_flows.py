@@ -336,8 +336,8 @@ def test_deterministic_failure_fails_the_run_without_retry_and_a_rerun_resumes(t
 
 def test_pruning_after_updates_lets_the_later_stages_skip_the_removed_checkpoints(train_loop, dvc, monkeypatch):
     """pipeline.keep_checkpoints_every > 0: the flow prunes after each update and evaluation; once a
-    checkpoint is gone, every later `dvc repro` passes --allow-missing (stages/prune.py)."""
-    from stages import prune
+    checkpoint is gone, every later `dvc repro` passes --allow-missing (flash_grpo_core/pipeline/prune.py)."""
+    from flash_grpo_core.pipeline import prune
 
     pruned, calls = {}, []
 

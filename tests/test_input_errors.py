@@ -67,10 +67,10 @@ def test_iterations_out_of_step_with_the_loop_shows_the_hint_at_the_first_stage(
     params = _params_file(tmp_path, iterations=9)
     line = _one_line(_module("stages.validate", "--params", params, "--out", tmp_path / "v" / "valid.json",
                              "--sources", tmp_path / "v" / "sources.json"), "validate: error: ")
-    assert "python -m stages.iterations 9" in line and not (tmp_path / "v").exists()
+    assert "python -m flash_grpo_core.pipeline.iterations 9" in line and not (tmp_path / "v").exists()
     line = _one_line(_module("stages.curate", "--sources", ROOT / "prompts" / "toy.jsonl", "--out-dir", tmp_path / "o",
                              "--params", params), "curate: error: ")
-    assert "python -m stages.iterations 9" in line
+    assert "python -m flash_grpo_core.pipeline.iterations 9" in line
     stages = YAML(typ="safe", pure=True).load((ROOT / "dvc.yaml").read_text())["stages"]
     assert "params.yaml" in stages["validate"]["deps"] and "eval.num_prompts" in stages["curate"]["params"]
 
@@ -78,7 +78,7 @@ def test_iterations_out_of_step_with_the_loop_shows_the_hint_at_the_first_stage(
 def test_setting_iterations_on_a_broken_params_file_names_it_and_leaves_it(tmp_path):
     params = _params_file(tmp_path, train__learning_rate=-1)
     before = params.read_bytes()
-    line = _one_line(_module("stages.iterations", "3", "--params", params), "iterations: error: ")
+    line = _one_line(_module("flash_grpo_core.pipeline.iterations", "3", "--params", params), "iterations: error: ")
     assert line.startswith(f"iterations: error: {params}: train.learning_rate must be > 0")
     assert params.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
 
