@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     parser.add_argument("--metrics", required=True, help="metrics.json to write")
     parser.add_argument("--videos", required=True, help="videos.safetensors (report samples) to write")
     args = parser.parse_args(argv)
-    return common.run("eval_checkpoint", lambda: evaluate_checkpoint(args), argv, distributed=True)
+    return common.run("eval_checkpoint", work, args, argv, distributed=True)
 
 
 def evaluate_units(engine, texts: list[str], params, reward) -> tuple[dict, list]:
@@ -71,7 +71,8 @@ def write_videos(videos, prompts, path: str) -> None:
                       {"prompt_ids": [p.id for p in prompts], "prompts": [p.prompt for p in prompts]})
 
 
-def evaluate_checkpoint(args) -> dict:
+def work(args) -> dict:
+    """Sample and score the eval prompts with the checkpoint; rank 0 writes metrics.json and the videos."""
     from flash_grpo_core.artifacts.atomic import write_json
     from flash_grpo_core.artifacts.checkpoint import CheckpointError, check_config
     from flash_grpo_core.artifacts.prompts import read_prompts_parquet

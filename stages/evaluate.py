@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     parser.add_argument("--history", required=True, help="history.json (training curves) to write")
     parser.add_argument("--curves", required=True, help="directory for one <metric>.json curve per metric")
     args = parser.parse_args(argv)
-    return common.run("evaluate", lambda: evaluate(args))
+    return common.run("evaluate", work, args)
 
 
 def read_point(points: Path, iteration: int) -> dict:
@@ -113,7 +113,8 @@ def metric_record(base: dict, trained: dict, margin: dict | None) -> dict:
     return record
 
 
-def evaluate(args) -> dict:
+def work(args) -> dict:
+    """The last checkpoint against the base from the evaluated points: report, metrics, curves, history."""
     from flash_grpo_core.artifacts.atomic import write_json
     from flash_grpo_core.artifacts.checkpoint import CheckpointError, read_state
     from flash_grpo_core.config.dvc_layout import eval_points

@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", required=True, help="the checkpoint to export")
     parser.add_argument("--out", required=True, help="the export folder to write")
     args = parser.parse_args(argv)
-    return common.run("export", lambda: export(args), argv)
+    return common.run("export", work, args, argv)
 
 
 def base_transformer_config(params) -> dict:
@@ -56,7 +56,8 @@ def base_transformer_config(params) -> dict:
     return dict(WanTransformer3DModel.load_config(folder))
 
 
-def export(args) -> dict:
+def work(args) -> dict:
+    """Write the checkpoint's (EMA or raw) weights as diffusers loads them."""
     from flash_grpo_core.artifacts.checkpoint import CheckpointError, check_config, read_weights
     from flash_grpo_core.engine.ema import unfolded_warning
     from flash_grpo_core.models.export import write_export

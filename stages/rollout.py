@@ -30,45 +30,46 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="directory for the shards and manifest.json")
     parser.add_argument("--timings", help="JSON file for the stage's timings (untracked; optional)")
     args = parser.parse_args(argv)
+    return common.run("rollout", work, args, argv, distributed=True)
 
-    def body():
-        from flash_grpo_core.artifacts.atomic import write_json
-        from flash_grpo_core.artifacts.checkpoint import check_config
-        from flash_grpo_core.artifacts.prompts import read_prompts_parquet
-        from flash_grpo_core.artifacts.shards import ShardWriter
-        from flash_grpo_core.engine import distributed as dist
-        from flash_grpo_core.engine.iteration import encode, iteration_prompts, plan_steps, reward_from_params
-        from flash_grpo_core.method.batch import PassCounter
 
-        params = common.load_params(args.params)
-        r = params.rollout
-        check_config(args.checkpoint, params)  # before the model loads: a checkpoint of other params
-        reward_from_params(params)  # the score stage's reward, built (not loaded) now: a missing model path
-        # fails here, before any sampling, instead of after the rollout
-        chosen = iteration_prompts(read_prompts_parquet(args.prompts), r.prompts_per_iteration, args.iteration,
-                                   params.seed)
-        timings, counter = {}, PassCounter()
-        with common.timer(timings, "load_seconds"):
-            engine, _ = common.engine_at(params, args.checkpoint)
-        texts = [p.prompt for p in chosen]
-        steps = plan_steps(params, len(texts), args.iteration)  # [B, G, T], the same on every rank
-        with common.timer(timings, "sample_seconds"):
-            embeds = encode(engine, texts)  # every prompt on every rank: the same numbers as one process
-            entries = sample_shards(engine, params, args, chosen, steps, embeds, counter)
-        passes = dist.sum_counts(counter.as_dict())
-        if dist.current().is_main:
-            ShardWriter(args.out, r.group_size).finish(entries)  # shards.json: the folder is complete
-            write_json({"iteration": args.iteration, "seed": params.seed, "mode": params.train.mode,
-                        "samples": len(chosen) * r.group_size, "shards": len(entries), "group_size": r.group_size,
-                        "prompts": [{"id": p.id, "prompt": p.prompt, "steps": steps[i].tolist()}
-                                    for i, p in enumerate(chosen)],
-                        **passes}, Path(args.out) / "manifest.json")
-            if args.timings:
-                write_json(timings, args.timings)
-        return {"iteration": args.iteration, "samples": len(chosen) * r.group_size, "shards": len(entries),
-                **passes, **timings}
+def work(args) -> dict:
+    """Sample this iteration's rollouts into shards; rank 0 writes the listing and the manifest last."""
+    from flash_grpo_core.artifacts.atomic import write_json
+    from flash_grpo_core.artifacts.checkpoint import check_config
+    from flash_grpo_core.artifacts.prompts import read_prompts_parquet
+    from flash_grpo_core.artifacts.shards import ShardWriter
+    from flash_grpo_core.engine import distributed as dist
+    from flash_grpo_core.engine.iteration import encode, iteration_prompts, plan_steps, reward_from_params
+    from flash_grpo_core.method.batch import PassCounter
 
-    return common.run("rollout", body, argv, distributed=True)
+    params = common.load_params(args.params)
+    r = params.rollout
+    check_config(args.checkpoint, params)  # before the model loads: a checkpoint of other params
+    reward_from_params(params)  # the score stage's reward, built (not loaded) now: a missing model path
+    # fails here, before any sampling, instead of after the rollout
+    chosen = iteration_prompts(read_prompts_parquet(args.prompts), r.prompts_per_iteration, args.iteration,
+                               params.seed)
+    timings, counter = {}, PassCounter()
+    with common.timer(timings, "load_seconds"):
+        engine, _ = common.engine_at(params, args.checkpoint)
+    texts = [p.prompt for p in chosen]
+    steps = plan_steps(params, len(texts), args.iteration)  # [B, G, T], the same on every rank
+    with common.timer(timings, "sample_seconds"):
+        embeds = encode(engine, texts)  # every prompt on every rank: the same numbers as one process
+        entries = sample_shards(engine, params, args, chosen, steps, embeds, counter)
+    passes = dist.sum_counts(counter.as_dict())
+    if dist.current().is_main:
+        ShardWriter(args.out, r.group_size).finish(entries)  # shards.json: the folder is complete
+        write_json({"iteration": args.iteration, "seed": params.seed, "mode": params.train.mode,
+                    "samples": len(chosen) * r.group_size, "shards": len(entries), "group_size": r.group_size,
+                    "prompts": [{"id": p.id, "prompt": p.prompt, "steps": steps[i].tolist()}
+                                for i, p in enumerate(chosen)],
+                    **passes}, Path(args.out) / "manifest.json")
+        if args.timings:
+            write_json(timings, args.timings)
+    return {"iteration": args.iteration, "samples": len(chosen) * r.group_size, "shards": len(entries),
+            **passes, **timings}
 
 
 def sample_shards(engine, params, args, chosen, steps, embeds, counter) -> list[dict]:

@@ -32,20 +32,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    return common.run("validate", work, args)
 
-    def body():
-        from flash_grpo_core.artifacts.atomic import write_json
-        from flash_grpo_core.pipeline.inputs import check_inputs
 
-        checked = check_inputs(args.params, args.prompts_report)
-        for warning in checked.warnings:
-            common.warn("validate", warning)
-        write_json(checked.sources, args.sources)
-        write_json(MARKER, args.out)
-        return {"preset": checked.params.preset, "source": checked.params.data.source,
-                "files": len(checked.sources["files"]), "warnings": len(checked.warnings)}
+def work(args) -> dict:
+    """Check the params, the prompt source and the model folder; write the sources record, then the marker."""
+    from flash_grpo_core.artifacts.atomic import write_json
+    from flash_grpo_core.pipeline.inputs import check_inputs
 
-    return common.run("validate", body)
+    checked = check_inputs(args.params, args.prompts_report)
+    for warning in checked.warnings:
+        common.warn("validate", warning)
+    write_json(checked.sources, args.sources)
+    write_json(MARKER, args.out)
+    return {"preset": checked.params.preset, "source": checked.params.data.source,
+            "files": len(checked.sources["files"]), "warnings": len(checked.warnings)}
 
 
 if __name__ == "__main__":

@@ -6,24 +6,25 @@ from stages.runtime import common
 
 
 def _raising(error):
-    def body():
+    def work(args):
         raise error
 
-    return body
+    return work
 
 
 def test_known_input_error_exits_2_with_one_line(capsys):
-    assert common.run("score", _raising(ConfigError("train.learning_rate must be > 0"))) == 2
+    assert common.run("score", _raising(ConfigError("train.learning_rate must be > 0")), None) == 2
     assert capsys.readouterr().err.strip() == "score: error: train.learning_rate must be > 0"
 
 
 def test_unreachable_reward_exits_75(capsys):
-    code = common.run("score", _raising(RewardUnavailable("reward 'hpsv3' at http://127.0.0.1:9/score failed")))
+    code = common.run("score", _raising(RewardUnavailable("reward 'hpsv3' at http://127.0.0.1:9/score failed")),
+                      None)
     assert code == 75 and "transient" in capsys.readouterr().err
 
 
 def test_success_prints_one_summary_line(capsys):
-    assert common.run("score", lambda: {"iteration": 1, "reward_mean": 0.5}) == 0
+    assert common.run("score", lambda args: {"iteration": args, "reward_mean": 0.5}, 1) == 0
     assert capsys.readouterr().out.startswith("score: iteration=1 reward_mean=0.5 seconds=")
 
 

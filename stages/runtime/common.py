@@ -81,13 +81,14 @@ INPUT_ERROR_EXIT = 2  # a known, deterministic input error: rerunning cannot hel
 TRANSIENT_EXIT = 75  # EX_TEMPFAIL: an unreachable reward server; a retry may succeed
 
 
-def run(name: str, body, argv: list[str] | None = None, distributed: bool = False) -> int:
-    """Run a stage body; known input errors become a one-line message and exit code 2, an
-    unreachable reward exit code 75.
+def run(name: str, work, args, argv: list[str] | None = None, distributed: bool = False) -> int:
+    """Run a stage's work, `work(args)` (a top-level function of the stage module, `args` its parsed
+    command line), which returns the fields of the stage's summary line. Known input errors become a
+    one-line message and exit code 2, an unreachable reward exit code 75.
 
     `distributed` stages run on as many processes as the environment asks for (stages/runtime/launch.py):
     this process then starts torchrun and returns the worst rank's exit code, and each rank joins
-    the process group before its body runs. Otherwise, with a warm runner listening
+    the process group before its work runs. Otherwise, with a warm runner listening
     (stages/runtime/warm.py), a stage started as `python -m stages.<name>` runs there instead and this
     returns its exit code."""
     from stages.runtime import warm_client, watchdog
@@ -107,13 +108,13 @@ def run(name: str, body, argv: list[str] | None = None, distributed: bool = Fals
             return delegated
     code = 1  # an unexpected exception propagates; the rank's record says it failed
     try:
-        code = _run_body(name, body, distributed)
+        code = _run_work(name, work, args, distributed)
     finally:
         launch.record_exit(code)
     return code
 
 
-def _run_body(name: str, body, distributed: bool) -> int:
+def _run_work(name: str, work, args, distributed: bool) -> int:
     began = time.perf_counter()
     world = None
     if distributed and launch.inside():
@@ -122,7 +123,7 @@ def _run_body(name: str, body, distributed: bool) -> int:
         world = init_from_env()
         fault_point("joined", world.rank)
     try:
-        summary = body()
+        summary = work(args)
     except Exception as error:  # noqa: BLE001 - filtered right below
         rank = f" (rank {world.rank})" if world is not None else ""
         if isinstance(error, light_errors()):  # before the imports below, which load torch (seconds)
