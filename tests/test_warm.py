@@ -182,6 +182,30 @@ def test_the_server_imports_what_the_stages_import_lazily():
                if not any(name == optional or name.startswith(optional + ".") for optional in OPTIONAL_LIBRARIES)}
     assert not missing, f"every warm stage would import these again: {sorted(missing)}"
     assert not any(name.split(".")[0] == "flash_grpo_core" for name in imported)  # the project's code is dropped
+    extras = {name for name in imported if any(name == optional or name.startswith(optional + ".")
+                                               for optional in OPTIONAL_LIBRARIES)}
+    assert not extras, f"warming up imported optional extras: {sorted(extras)}"
+
+
+def test_the_pre_imported_modules_are_those_the_stages_import(tmp_path):
+    """PROJECT_MODULES is read from the stages' source: a new stage's imports (inside its functions
+    too, a submodule named in `from ... import`) are pre-imported without a list to edit."""
+    from stages.runtime.warm import PROJECT_MODULES, project_modules
+
+    assert {"flash_grpo_core.engine.iteration", "flash_grpo_core.models.wan", "flash_grpo_core.artifacts.shards",
+            "flash_grpo_core.pipeline.report", "flash_grpo_core.engine.distributed"} <= set(PROJECT_MODULES)
+    assert all(name.startswith("flash_grpo_core.") or name == "flash_grpo_core" for name in PROJECT_MODULES)
+    stages = tmp_path / "stages"
+    shutil.copytree(ROOT / "stages", stages, ignore=shutil.ignore_patterns("__pycache__"))
+    assert project_modules(stages, ROOT) == PROJECT_MODULES
+    (stages / "probe.py").write_text(
+        "import json\n\nfrom stages.runtime import common\n\n\ndef work(args):\n"
+        "    import flash_grpo_core.method.sde\n"
+        "    from flash_grpo_core.artifacts import checksums\n"
+        "    from flash_grpo_core.method.schedule import flow_sigmas\n"
+        "    from . import validate\n")
+    new = {"flash_grpo_core.method.sde", "flash_grpo_core.artifacts.checksums", "flash_grpo_core.method.schedule"}
+    assert set(project_modules(stages, ROOT)) == set(PROJECT_MODULES) | new
 
 
 # ------------------------------------------------------------------------------------------------
