@@ -5,7 +5,7 @@ earlier run is restored from the run cache, anything else runs. This module only
 relays its lines, reads what happened from them, and classifies failures:
 
 - the stage command exited 2: a known, deterministic input error (config, missing model path,
-  corrupt shard, NaN; see `stages/_common.py`): `StageError`, never retried;
+  corrupt shard, NaN; see `stages/runtime/common.py`): `StageError`, never retried;
 - anything else (another exit code, a signal, DVC failing before the command, e.g. on its lock):
   `TransientStageError`, which the flow retries a bounded number of times.
 """
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 TELEMETRY_OFF = {"DVC_NO_ANALYTICS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1"}
-DETERMINISTIC_EXIT = 2  # stages/_common.py: known input errors
+DETERMINISTIC_EXIT = 2  # stages/runtime/common.py: known input errors
 
 _RAN = re.compile(r"^Running stage '([^']+)'")
 _SKIPPED = re.compile(r"^Stage '([^']+)' didn't change, skipping")
@@ -94,7 +94,8 @@ def spawn(args: list[str], cwd: Path, on_line: Callable[[str], None]) -> int:
 def repro(stage: str, project: Path, on_line: Callable[[str], None] = lambda line: None,
           allow_missing: bool = False) -> StageRun:
     """`dvc repro <stage>` (upstream stages are checked, and skipped when up to date); raises on failure.
-    `allow_missing`: skip stages whose only change is missing data (checkpoints removed by stages.prune)."""
+    `allow_missing`: skip stages whose only change is missing data (checkpoints removed by
+    flash_grpo_core.pipeline.prune)."""
     dvc = str(Path(sys.executable).parent / "dvc")
     lines: list[str] = []
 

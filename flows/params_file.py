@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 RESERVED = ("preset", "iterations", "presets", "pipeline")  # set by their own flow parameters, or structural
-# ... except the retention of old checkpoints, which no stage reads (stages/prune.py)
+# ... except the retention of old checkpoints, which no stage reads (flash_grpo_core/pipeline/prune.py)
 UNRESERVED = ("pipeline.keep_checkpoints_every",)
 
 

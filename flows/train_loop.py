@@ -37,15 +37,25 @@ LOGGED_METRICS = ("reward_mean", "reward_std", "loss", "clip_fraction", "approx_
                   "train_forward_passes", "train_backward_passes", "rollout_seconds", "train_seconds")
 
 
-def stage_names(iterations: int, eval_at: list[int] | tuple[int, ...] = ()) -> list[str]:
-    """The DVC stages of a run, in the order the flow reproduces them; `eval_at`: the evaluated
-    checkpoints (pipeline.eval_at), each evaluated as soon as it exists."""
-    def evaluated(it: int) -> list[str]:
-        return [f"eval_checkpoint@{it}"] if it in eval_at else []
+def stage_names(iterations: int, eval_at: list[int] | tuple[int, ...] = (),
+                dvc_file: str | Path = "dvc.yaml") -> list[str]:
+    """The DVC stages of a run, in the order the flow reproduces them: dvc.yaml's order
+    (`stages.stage_order`), its `foreach` stages expanded iteration by iteration. The stages before
+    the first `foreach` stage come first; then, for each iteration 0..`iterations`, the `foreach`
+    stages that run for it (over pipeline.loop: iterations 1..N; over pipeline.eval_at: `eval_at`,
+    the evaluated checkpoints, each evaluated as soon as it exists), in dvc.yaml's order; then the
+    other stages."""
+    from stages import foreach_items, stage_order
 
-    loop = [stage for it in range(1, iterations + 1)
-            for stage in (f"rollout@{it}", f"score@{it}", f"update@{it}", *evaluated(it))]
-    return ["validate", "curate", "init", *evaluated(0), *loop, "evaluate", "export"]
+    order, foreach = stage_order(dvc_file), foreach_items(dvc_file)
+    runs_for = {"${pipeline.loop}": range(1, iterations + 1), "${pipeline.eval_at}": tuple(eval_at)}
+    unknown = {name: items for name, items in foreach.items() if items not in runs_for}
+    if unknown:
+        raise ValueError(f"{dvc_file}: the flow cannot expand foreach {unknown}: only pipeline.loop and eval_at")
+    looped = [name for name in order if name in foreach]
+    first = order.index(looped[0]) if looped else len(order)
+    loop = [f"{name}@{it}" for it in range(iterations + 1) for name in looped if it in runs_for[foreach[name]]]
+    return [*order[:first], *loop, *(name for name in order[first:] if name not in foreach)]
 
 
 def is_transient(task, task_run, state) -> bool:
@@ -72,7 +82,7 @@ def prepare_params(project: str, preset: str, iterations: int | None, overrides:
     """Validate the run's parameters, run the preflight (flash_grpo_core/pipeline/preflight.py: paths, GPUs,
     memory, disk; every problem fails the run, none is retried), write them into params.yaml."""
     from flash_grpo_core.pipeline import preflight
-    from stages.prune import pruned_iterations
+    from flash_grpo_core.pipeline.prune import pruned_iterations
 
     path = Path(project) / "params.yaml"
     preflight.require(params_file.validate(path, preset, iterations, overrides), Path(project))
@@ -105,10 +115,10 @@ def run_stage(stage: str, project: str, allow_missing: bool = False) -> dict:
 
 @task(name="prune", cache_policy=NO_CACHE, persist_result=False)
 def prune_checkpoints(project: str) -> bool:
-    """Remove the checkpoints pipeline.keep_checkpoints_every gives up (stages/prune.py); returns
-    whether any checkpoint of the run is pruned now."""
+    """Remove the checkpoints pipeline.keep_checkpoints_every gives up (flash_grpo_core/pipeline/prune.py);
+    returns whether any checkpoint of the run is pruned now."""
     from flash_grpo_core.config import load_params
-    from stages import prune
+    from flash_grpo_core.pipeline import prune
 
     params = load_params(Path(project) / "params.yaml")
     result = prune.prune(Path(project), params)
@@ -183,7 +193,7 @@ def train_loop(preset: Preset = "tiny",
         stages: list[dict] = []
         rows: list[dict] = []
         pruned = run.pop("pruned")
-        for stage in stage_names(run["iterations"], run["eval_at"]):
+        for stage in stage_names(run["iterations"], run["eval_at"], project / "dvc.yaml"):
             stages.append(run_stage(stage, str(project), allow_missing=pruned))
             if stage.startswith("update@"):
                 rows.append(log_iteration(logger, run, int(stage.split("@")[1]), stages))

@@ -8,7 +8,8 @@ CurateConfig's defaults apply. Without --sources it reads the effective `data.so
 train.txt / test.txt folder), after the checks of the validate stage (`inputs.check_source`: a
 Wan preset refuses the toy grid). The report records each source file's sha256. The work is in
 `flash_grpo_core/artifacts/prompts.py` (sources: `prompt_sources.py`); this module reads arguments, calls it
-through `_common.run` (errors, summary line, watchdog) and checks the counts before anything is written.
+through `stages.runtime.common.run` (errors, summary line, watchdog) and checks the counts before anything
+is written.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import argparse
 import json
 import sys
 
-from stages import _common
+from stages.runtime import common
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,25 +67,26 @@ def check_counts(result, sources: list[str], params_path: str | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    return common.run("curate", work, args)
 
-    def body():
-        from flash_grpo_core.artifacts.prompt_sources import read_prompt_sources, source_digests
-        from flash_grpo_core.artifacts.prompts import SEMANTIC_UNAVAILABLE, curate, write_curation
 
-        config, sources = load_config(args.params), source_paths(args)
-        digests = {file: digest for source in sources for file, digest in source_digests(source).items()}
-        result = curate(read_prompt_sources(sources), config)
-        result.report["source_digests"] = digests  # what the validate stage compares eval.num_prompts against
-        check_counts(result, sources, args.params)  # before anything is written
-        write_curation(result, args.out_dir)
-        if result.report["semantic_dedupe"] == SEMANTIC_UNAVAILABLE:
-            print(f"curate: warning: semantic dedupe {SEMANTIC_UNAVAILABLE}", file=sys.stderr)
-        counts = result.report["counts"]
-        return {"sources": len(sources), "prompts_in": counts["in"], "train": counts["train"],
-                "eval": counts["eval"], "dropped": json.dumps(counts["dropped"], separators=(",", ":"))}
+def work(args) -> dict:
+    """Curate the prompt sources into train.parquet, eval.parquet and report.json."""
+    from flash_grpo_core.artifacts.prompt_sources import read_prompt_sources, source_digests
+    from flash_grpo_core.artifacts.prompts import SEMANTIC_UNAVAILABLE, curate, write_curation
 
-    return _common.run("curate", body)
+    config, sources = load_config(args.params), source_paths(args)
+    digests = {file: digest for source in sources for file, digest in source_digests(source).items()}
+    result = curate(read_prompt_sources(sources), config)
+    result.report["source_digests"] = digests  # what the validate stage compares eval.num_prompts against
+    check_counts(result, sources, args.params)  # before anything is written
+    write_curation(result, args.out_dir)
+    if result.report["semantic_dedupe"] == SEMANTIC_UNAVAILABLE:
+        print(f"curate: warning: semantic dedupe {SEMANTIC_UNAVAILABLE}", file=sys.stderr)
+    counts = result.report["counts"]
+    return {"sources": len(sources), "prompts_in": counts["in"], "train": counts["train"],
+            "eval": counts["eval"], "dropped": json.dumps(counts["dropped"], separators=(",", ":"))}
 
 
 if __name__ == "__main__":
-    _common.finish(main())
+    common.finish(main())

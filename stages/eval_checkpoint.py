@@ -20,18 +20,18 @@ from __future__ import annotations
 
 import contextlib
 
-from stages import _common
+from stages.runtime import common
 
 
 def main(argv=None) -> int:
-    parser = _common.parser("eval_checkpoint", __doc__.splitlines()[0])
+    parser = common.parser("eval_checkpoint", __doc__.splitlines()[0])
     parser.add_argument("--iteration", type=int, required=True, help="the checkpoint's iteration (0: the base)")
     parser.add_argument("--prompts", required=True, help="eval.parquet from the curate stage")
     parser.add_argument("--checkpoint", required=True, help="the checkpoint to evaluate")
     parser.add_argument("--metrics", required=True, help="metrics.json to write")
     parser.add_argument("--videos", required=True, help="videos.safetensors (report samples) to write")
     args = parser.parse_args(argv)
-    return _common.run("eval_checkpoint", lambda: evaluate_checkpoint(args), argv, distributed=True)
+    return common.run("eval_checkpoint", work, args, argv, distributed=True)
 
 
 def evaluate_units(engine, texts: list[str], params, reward) -> tuple[dict, list]:
@@ -71,7 +71,8 @@ def write_videos(videos, prompts, path: str) -> None:
                       {"prompt_ids": [p.id for p in prompts], "prompts": [p.prompt for p in prompts]})
 
 
-def evaluate_checkpoint(args) -> dict:
+def work(args) -> dict:
+    """Sample and score the eval prompts with the checkpoint; rank 0 writes metrics.json and the videos."""
     from flash_grpo_core.artifacts.atomic import write_json
     from flash_grpo_core.artifacts.checkpoint import CheckpointError, check_config
     from flash_grpo_core.artifacts.prompts import read_prompts_parquet
@@ -81,7 +82,7 @@ def evaluate_checkpoint(args) -> dict:
     from flash_grpo_core.engine.iteration import reward_from_params
     from flash_grpo_core.metrics import summary
 
-    params = _common.load_params(args.params)
+    params = common.load_params(args.params)
     available = read_prompts_parquet(args.prompts)
     if params.eval.num_prompts > len(available):
         raise ConfigError(f"eval.num_prompts: {params.eval.num_prompts}, but {args.prompts} holds only "
@@ -90,11 +91,11 @@ def evaluate_checkpoint(args) -> dict:
     texts = [p.prompt for _ in range(params.eval.samples_per_prompt) for p in prompts]  # [S * P]
     check_config(args.checkpoint, params)  # before the model loads: a checkpoint of other params
     reward = reward_from_params(params)  # before the model loads too: a missing reward model's path
-    engine, state = _common.engine_at(params, args.checkpoint)
+    engine, state = common.engine_at(params, args.checkpoint)
     if state["iteration"] != args.iteration:
         raise CheckpointError(f"{args.checkpoint} holds iteration {state['iteration']}, not {args.iteration}")
     if params.eval.use_ema and current().is_main:
-        _common.warn("eval_checkpoint", unfolded_warning(engine.policy.ema.steps, params.train.ema_every,
+        common.warn("eval_checkpoint", unfolded_warning(engine.policy.ema.steps, params.train.ema_every,
                                                          args.iteration, "eval.use_ema"))
     results, videos = evaluate_units(engine, texts, params, reward)
     means = summary(results)
@@ -111,4 +112,4 @@ def evaluate_checkpoint(args) -> dict:
 
 
 if __name__ == "__main__":
-    _common.finish(main())
+    common.finish(main())

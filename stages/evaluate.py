@@ -20,11 +20,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from stages import _common
+from stages.runtime import common
 
 
 def main(argv=None) -> int:
-    parser = _common.parser("evaluate", __doc__.splitlines()[0])
+    parser = common.parser("evaluate", __doc__.splitlines()[0])
     parser.add_argument("--points", required=True, help="directory of the eval_checkpoint stages' it<k>/ outputs")
     parser.add_argument("--checkpoint", required=True, help="the last checkpoint (for its training history)")
     parser.add_argument("--report", required=True, help="directory for report.html and its videos")
@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     parser.add_argument("--history", required=True, help="history.json (training curves) to write")
     parser.add_argument("--curves", required=True, help="directory for one <metric>.json curve per metric")
     args = parser.parse_args(argv)
-    return _common.run("evaluate", lambda: evaluate(args))
+    return common.run("evaluate", work, args)
 
 
 def read_point(points: Path, iteration: int) -> dict:
@@ -113,13 +113,14 @@ def metric_record(base: dict, trained: dict, margin: dict | None) -> dict:
     return record
 
 
-def evaluate(args) -> dict:
+def work(args) -> dict:
+    """The last checkpoint against the base from the evaluated points: report, metrics, curves, history."""
     from flash_grpo_core.artifacts.atomic import write_json
     from flash_grpo_core.artifacts.checkpoint import CheckpointError, read_state
     from flash_grpo_core.config.dvc_layout import eval_points
     from flash_grpo_core.pipeline.report import ReportInputs, write_report
 
-    params = _common.load_params(args.params)
+    params = common.load_params(args.params)
     iterations = params.pipeline.eval_at or eval_points(params.iterations, params.pipeline.eval_every)
     state = read_state(args.checkpoint)
     if state["iteration"] != iterations[-1]:
@@ -140,12 +141,12 @@ def evaluate(args) -> dict:
         title=f"Flash-GRPO evaluation: {params.preset}, iteration {state['iteration']}",
         fps=params.eval.fps, eval_curves=curves, margin=margin))
     write_curves(curves, args.curves)
-    common = [name for name in base["metrics"] if name in trained["metrics"]]
+    shared = [name for name in base["metrics"] if name in trained["metrics"]]
     write_json({"iteration": state["iteration"], "prompts": trained["prompts"], "use_ema": trained["use_ema"],
                 "samples_per_prompt": trained.get("samples_per_prompt", 1),
                 "num_steps": trained["num_steps"], "evaluated": list(iterations),
                 "base": base["metrics"], "trained": trained["metrics"],
-                "delta": {name: trained["metrics"][name] - base["metrics"][name] for name in common},
+                "delta": {name: trained["metrics"][name] - base["metrics"][name] for name in shared},
                 "reward_margin": margin, "not_configured": trained["not_configured"]},
                Path(args.report) / "evaluation.json")
     write_json(metric_record(base, trained, margin), args.metrics)
@@ -157,4 +158,4 @@ def evaluate(args) -> dict:
 
 
 if __name__ == "__main__":
-    _common.finish(main())
+    common.finish(main())

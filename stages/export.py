@@ -23,16 +23,16 @@ The base model is not copied. The conversion is flash_grpo_core/models/export.py
 
 from __future__ import annotations
 
-from stages import _common
+from stages.runtime import common
 
 
 def main(argv=None) -> int:
-    parser = _common.parser("export", __doc__.splitlines()[0])
+    parser = common.parser("export", __doc__.splitlines()[0])
     parser.add_argument("--iteration", type=int, required=True, help="the checkpoint's iteration")
     parser.add_argument("--checkpoint", required=True, help="the checkpoint to export")
     parser.add_argument("--out", required=True, help="the export folder to write")
     args = parser.parse_args(argv)
-    return _common.run("export", lambda: export(args), argv)
+    return common.run("export", work, args, argv)
 
 
 def base_transformer_config(params) -> dict:
@@ -56,18 +56,19 @@ def base_transformer_config(params) -> dict:
     return dict(WanTransformer3DModel.load_config(folder))
 
 
-def export(args) -> dict:
+def work(args) -> dict:
+    """Write the checkpoint's (EMA or raw) weights as diffusers loads them."""
     from flash_grpo_core.artifacts.checkpoint import CheckpointError, check_config, read_weights
     from flash_grpo_core.engine.ema import unfolded_warning
     from flash_grpo_core.models.export import write_export
 
-    params = _common.load_params(args.params)
+    params = common.load_params(args.params)
     state = check_config(args.checkpoint, params)  # the weights must fit the model and LoRA settings
     if state["iteration"] != args.iteration:
         raise CheckpointError(f"{args.checkpoint} holds iteration {state['iteration']}, not {args.iteration}")
     use_ema, model = params.export.use_ema, params.model
     if use_ema:
-        _common.warn("export", unfolded_warning(int(state["ema_steps"]), params.train.ema_every, args.iteration,
+        common.warn("export", unfolded_warning(int(state["ema_steps"]), params.train.ema_every, args.iteration,
                                                 "export.use_ema"))
     weights = read_weights(args.checkpoint, ema=use_ema)
     info = {"iteration": args.iteration, "use_ema": use_ema, "finetune": model.finetune, "preset": params.preset,
@@ -83,4 +84,4 @@ def export(args) -> dict:
 
 
 if __name__ == "__main__":
-    _common.finish(main())
+    common.finish(main())

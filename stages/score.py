@@ -16,11 +16,11 @@ the global advantages, so the guards' state stays the same everywhere; rank 0 wr
 
 from __future__ import annotations
 
-from stages import _common
+from stages.runtime import common
 
 
 def main(argv=None) -> int:
-    parser = _common.parser("score", __doc__.splitlines()[0])
+    parser = common.parser("score", __doc__.splitlines()[0])
     parser.add_argument("--iteration", type=int, required=True)
     parser.add_argument("--rollout", required=True, help="the rollout stage's shard directory")
     parser.add_argument("--out", required=True, help="scores.parquet to write")
@@ -28,36 +28,37 @@ def main(argv=None) -> int:
     parser.add_argument("--reward-state-in", required=True, help="the previous iteration's reward_state.json")
     parser.add_argument("--reward-state-out", required=True, help="this iteration's reward_state.json")
     args = parser.parse_args(argv)
+    return common.run("score", work, args, argv, distributed=True)
 
-    def body():
-        from flash_grpo_core.artifacts.atomic import read_json_object, write_json
-        from flash_grpo_core.artifacts.scores import write_scores
-        from flash_grpo_core.engine import distributed as dist
-        from flash_grpo_core.engine.iteration import advantages_for, reward_from_params
-        from flash_grpo_core.rewards import RewardError
-        from flash_grpo_core.rewards.combined import concat_outputs
 
-        params = _common.load_params(args.params)
-        reward = reward_from_params(params, scale_guard=True)
-        reward.load_state_dict(read_json_object(args.reward_state_in, RewardError,
-                                                "rerun the stage that wrote it: init or the previous score"))
-        parts = dict(pair for part in dist.gather_objects(score_shards(reward, args.rollout)) for pair in part.items())
-        samples = [sample for number in sorted(parts) for sample in parts[number][0]]
-        output = reward.combine(concat_outputs([parts[number][1] for number in sorted(parts)]))  # every rank
-        rewards, advantages = output.scores, advantages_for(params, output.scores)
-        components = {name: output.info[name] for name in params.reward.weights}
-        summary = {"iteration": args.iteration, "reward_mean": float(rewards.double().mean()),  # as update's
-                   "reward_std": float(rewards.double().std(unbiased=False)),
-                   # each reward's own mean only where several are combined (one would repeat reward_mean)
-                   **{f"{name}_mean": float(values.float().mean()) for name, values in components.items()
-                      if len(components) > 1}}
-        if dist.current().is_main:
-            write_scores(args.out, samples, rewards, advantages, components)
-            write_json(summary, args.summary)
-            write_json(reward.state_dict(), args.reward_state_out)
-        return {key: round(value, 4) if isinstance(value, float) else value for key, value in summary.items()}
+def work(args) -> dict:
+    """Score the rollouts and compute the advantages; rank 0 writes scores.parquet and the reward state."""
+    from flash_grpo_core.artifacts.atomic import read_json_object, write_json
+    from flash_grpo_core.artifacts.scores import write_scores
+    from flash_grpo_core.engine import distributed as dist
+    from flash_grpo_core.engine.iteration import advantages_for, reward_from_params
+    from flash_grpo_core.rewards import RewardError
+    from flash_grpo_core.rewards.combined import concat_outputs
 
-    return _common.run("score", body, argv, distributed=True)
+    params = common.load_params(args.params)
+    reward = reward_from_params(params, scale_guard=True)
+    reward.load_state_dict(read_json_object(args.reward_state_in, RewardError,
+                                            "rerun the stage that wrote it: init or the previous score"))
+    parts = dict(pair for part in dist.gather_objects(score_shards(reward, args.rollout)) for pair in part.items())
+    samples = [sample for number in sorted(parts) for sample in parts[number][0]]
+    output = reward.combine(concat_outputs([parts[number][1] for number in sorted(parts)]))  # every rank
+    rewards, advantages = output.scores, advantages_for(params, output.scores)
+    components = {name: output.info[name] for name in params.reward.weights}
+    summary = {"iteration": args.iteration, "reward_mean": float(rewards.double().mean()),  # as update's
+               "reward_std": float(rewards.double().std(unbiased=False)),
+               # each reward's own mean only where several are combined (one would repeat reward_mean)
+               **{f"{name}_mean": float(values.float().mean()) for name, values in components.items()
+                  if len(components) > 1}}
+    if dist.current().is_main:
+        write_scores(args.out, samples, rewards, advantages, components)
+        write_json(summary, args.summary)
+        write_json(reward.state_dict(), args.reward_state_out)
+    return {key: round(value, 4) if isinstance(value, float) else value for key, value in summary.items()}
 
 
 def score_shards(reward, rollout: str) -> dict:
@@ -81,4 +82,4 @@ def score_shards(reward, rollout: str) -> dict:
 
 
 if __name__ == "__main__":
-    _common.finish(main())
+    common.finish(main())

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stages import _common
+from stages.runtime import common
 
 
 def read_manifest(rollout: str) -> dict:
@@ -34,7 +34,7 @@ def read_manifest(rollout: str) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = _common.parser("update", __doc__.splitlines()[0])
+    parser = common.parser("update", __doc__.splitlines()[0])
     parser.add_argument("--iteration", type=int, required=True)
     parser.add_argument("--checkpoint", required=True, help="the previous iteration's checkpoint")
     parser.add_argument("--rollout", required=True, help="this iteration's shard directory")
@@ -43,52 +43,53 @@ def main(argv=None) -> int:
     parser.add_argument("--metrics", required=True, help="metrics.json to write")
     parser.add_argument("--timings", help="JSON file for the stage's timings (untracked; optional)")
     args = parser.parse_args(argv)
+    return common.run("update", work, args, argv, distributed=True)
 
-    def body():
-        from flash_grpo_core.artifacts.atomic import write_json
-        from flash_grpo_core.artifacts.checkpoint import check_config, config_record, prune_moments, write_checkpoint
-        from flash_grpo_core.artifacts.prompt_embeds import load_prompt_embeds
-        from flash_grpo_core.artifacts.rollout_records import batch_from_records
-        from flash_grpo_core.artifacts.scores import read_advantages
-        from flash_grpo_core.artifacts.shards import read_shards
-        from flash_grpo_core.engine.distributed import current, sum_counts
-        from flash_grpo_core.engine.iteration import update
-        from flash_grpo_core.method.batch import PassCounter
 
-        params = _common.load_params(args.params)
-        check_config(args.checkpoint, params)  # before the model loads: a checkpoint of other params
-        rollout = read_manifest(args.rollout)  # before the model loads too
-        timings, counter = {}, PassCounter()
-        with _common.timer(timings, "load_seconds"):
-            # no text encoder: the prompts come as the embeddings the rollout sampled with
-            engine, previous = _common.engine_at(params, args.checkpoint, text_encoder=False, optimizer=True)
-            records = read_shards(args.rollout)
-            batch, prompts, _ = batch_from_records(records)
-            embeds = load_prompt_embeds(args.rollout, prompts, engine.device)
-            advantages = read_advantages(args.scores, [r.key for r in records])
-        with _common.timer(timings, "train_seconds"), _common.progress_bar(batch.steps.numel(), "update") as bar:
-            metrics = update(engine, prompts, batch, advantages, args.iteration, counter, progress=bar, embeds=embeds)
-        passes = sum_counts(counter.as_dict())  # every rank's share of the passes
-        rewards = _reward_stats(args.scores)
-        row = {"iteration": args.iteration, **rewards, **metrics,
-               "rollout_forward_passes": rollout["forward_passes"], "train_forward_passes": passes["forward_passes"],
-               "train_backward_passes": passes["backward_passes"]}
-        tensors = engine.policy.checkpoint_tensors()  # every rank: sharded (FSDP2) tensors are gathered
-        if current().is_main:
-            beside = params.train.optimizer_state == "beside"
-            write_checkpoint(tensors, args.out, {"iteration": args.iteration, "preset": params.preset,
-                                                 "config": config_record(params),
-                                                 "history": [*previous.get("history", []), row]}, beside)
-            if beside:
-                prune_moments(args.out, params.train.keep_optimizer_states)
-            write_json(row, args.metrics)
-            if args.timings:
-                write_json(timings, args.timings)
-        return {k: round(row[k], 4) if isinstance(row[k], float) else row[k]
-                for k in ("iteration", "reward_mean", "reward_std", "loss", "clip_fraction", "train_forward_passes",
-                          "train_backward_passes")}
+def work(args) -> dict:
+    """Train on the scored rollouts; rank 0 writes the checkpoint and metrics.json."""
+    from flash_grpo_core.artifacts.atomic import write_json
+    from flash_grpo_core.artifacts.checkpoint import check_config, config_record, prune_moments, write_checkpoint
+    from flash_grpo_core.artifacts.prompt_embeds import load_prompt_embeds
+    from flash_grpo_core.artifacts.rollout_records import batch_from_records
+    from flash_grpo_core.artifacts.scores import read_advantages
+    from flash_grpo_core.artifacts.shards import read_shards
+    from flash_grpo_core.engine.distributed import current, sum_counts
+    from flash_grpo_core.engine.iteration import update
+    from flash_grpo_core.method.batch import PassCounter
 
-    return _common.run("update", body, argv, distributed=True)
+    params = common.load_params(args.params)
+    check_config(args.checkpoint, params)  # before the model loads: a checkpoint of other params
+    rollout = read_manifest(args.rollout)  # before the model loads too
+    timings, counter = {}, PassCounter()
+    with common.timer(timings, "load_seconds"):
+        # no text encoder: the prompts come as the embeddings the rollout sampled with
+        engine, previous = common.engine_at(params, args.checkpoint, text_encoder=False, optimizer=True)
+        records = read_shards(args.rollout)
+        batch, prompts, _ = batch_from_records(records)
+        embeds = load_prompt_embeds(args.rollout, prompts, engine.device)
+        advantages = read_advantages(args.scores, [r.key for r in records])
+    with common.timer(timings, "train_seconds"), common.progress_bar(batch.steps.numel(), "update") as bar:
+        metrics = update(engine, prompts, batch, advantages, args.iteration, counter, progress=bar, embeds=embeds)
+    passes = sum_counts(counter.as_dict())  # every rank's share of the passes
+    rewards = _reward_stats(args.scores)
+    row = {"iteration": args.iteration, **rewards, **metrics,
+           "rollout_forward_passes": rollout["forward_passes"], "train_forward_passes": passes["forward_passes"],
+           "train_backward_passes": passes["backward_passes"]}
+    tensors = engine.policy.checkpoint_tensors()  # every rank: sharded (FSDP2) tensors are gathered
+    if current().is_main:
+        beside = params.train.optimizer_state == "beside"
+        write_checkpoint(tensors, args.out, {"iteration": args.iteration, "preset": params.preset,
+                                             "config": config_record(params),
+                                             "history": [*previous.get("history", []), row]}, beside)
+        if beside:
+            prune_moments(args.out, params.train.keep_optimizer_states)
+        write_json(row, args.metrics)
+        if args.timings:
+            write_json(timings, args.timings)
+    return {k: round(row[k], 4) if isinstance(row[k], float) else row[k]
+            for k in ("iteration", "reward_mean", "reward_std", "loss", "clip_fraction", "train_forward_passes",
+                      "train_backward_passes")}
 
 
 def _reward_stats(scores_path: str) -> dict[str, float]:
@@ -100,4 +101,4 @@ def _reward_stats(scores_path: str) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    _common.finish(main())
+    common.finish(main())

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 
-from stages import _common
+from stages.runtime import common
 
 MARKER = {"valid": True}  # constant: see the module docstring
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = _common.parser("validate", __doc__.splitlines()[0])
+    parser = common.parser("validate", __doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="the constant marker every other stage depends on")
     parser.add_argument("--sources", required=True, help="where the effective prompt source's sha256 goes")
     parser.add_argument("--prompts-report", default=None, help="the curate stage's report.json, when it exists")
@@ -32,21 +32,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    return common.run("validate", work, args)
 
-    def body():
-        from flash_grpo_core.artifacts.atomic import write_json
-        from flash_grpo_core.pipeline.inputs import check_inputs
 
-        checked = check_inputs(args.params, args.prompts_report)
-        for warning in checked.warnings:
-            _common.warn("validate", warning)
-        write_json(checked.sources, args.sources)
-        write_json(MARKER, args.out)
-        return {"preset": checked.params.preset, "source": checked.params.data.source,
-                "files": len(checked.sources["files"]), "warnings": len(checked.warnings)}
+def work(args) -> dict:
+    """Check the params, the prompt source and the model folder; write the sources record, then the marker."""
+    from flash_grpo_core.artifacts.atomic import write_json
+    from flash_grpo_core.pipeline.inputs import check_inputs
 
-    return _common.run("validate", body)
+    checked = check_inputs(args.params, args.prompts_report)
+    for warning in checked.warnings:
+        common.warn("validate", warning)
+    write_json(checked.sources, args.sources)
+    write_json(MARKER, args.out)
+    return {"preset": checked.params.preset, "source": checked.params.data.source,
+            "files": len(checked.sources["files"]), "warnings": len(checked.warnings)}
 
 
 if __name__ == "__main__":
-    _common.finish(main())
+    common.finish(main())

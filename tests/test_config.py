@@ -80,7 +80,7 @@ def test_missing_and_malformed_files(tmp_path):
 
 
 def test_pipeline_loop_must_match_the_iteration_count(tmp_path):
-    with pytest.raises(ConfigError, match=r"pipeline.loop must map iterations 1..3 .*stages.iterations 3"):
+    with pytest.raises(ConfigError, match=r"pipeline.loop must map iterations 1..3 .*pipeline.iterations 3"):
         params_from_dict({"iterations": 3, "pipeline": {"loop": {"1": 0, "2": 1}}})
 
 
@@ -92,7 +92,7 @@ def test_evaluated_checkpoints_are_the_base_every_nth_and_the_last():
     assert eval_points(4, 2) == (0, 2, 4)
     assert eval_points(1, 1) == (0, 1)
     loop = {"1": 0, "2": 1, "3": 2}
-    with pytest.raises(ConfigError, match=r"pipeline.eval_at must be \[0, 3\] .*stages.iterations 3"):
+    with pytest.raises(ConfigError, match=r"pipeline.eval_at must be \[0, 3\] .*pipeline.iterations 3"):
         params_from_dict({"iterations": 3, "pipeline": {"loop": loop, "eval_at": [0, 1, 3]}})
     with pytest.raises(ConfigError, match="pipeline.eval_every must be >= 0"):
         params_from_dict({"pipeline": {"eval_every": -1}})
@@ -101,7 +101,7 @@ def test_evaluated_checkpoints_are_the_base_every_nth_and_the_last():
 
 
 def test_setting_the_iteration_count_rewrites_both_and_keeps_comments(tmp_path):
-    from stages.iterations import set_iterations
+    from flash_grpo_core.pipeline.iterations import set_iterations
 
     path = tmp_path / "params.yaml"
     path.write_text((ROOT / "params.yaml").read_text())

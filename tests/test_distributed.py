@@ -349,16 +349,16 @@ def test_ranks_that_drift_apart_fail_the_update_with_one_line(workspace):
 
 def test_the_worst_exit_skips_a_status_a_killed_rank_left_half_written(tmp_path, monkeypatch):
     """torchrun stops the other ranks at the first failure; one may die while writing its status."""
-    from stages import _launch
+    from stages.runtime import launch
 
     (tmp_path / "rank-00000.json").write_text("")  # killed between open and write
     (tmp_path / "rank-00001.json").write_text('{"exit": 2}')
-    assert _launch.worst_exit(tmp_path, 1) == 2
+    assert launch.worst_exit(tmp_path, 1) == 2
     (tmp_path / "rank-00001.json").write_text('{"exit": 0}')
-    assert _launch.worst_exit(tmp_path, 1) == 1  # no failure recorded: torchrun's own code
-    monkeypatch.setenv(_launch.STATUS_ENV, str(tmp_path))
-    monkeypatch.setattr(_launch, "inside", lambda: True)
+    assert launch.worst_exit(tmp_path, 1) == 1  # no failure recorded: torchrun's own code
+    monkeypatch.setenv(launch.STATUS_ENV, str(tmp_path))
+    monkeypatch.setattr(launch, "inside", lambda: True)
     monkeypatch.setenv("RANK", "0")
-    _launch.record_exit(75)
+    launch.record_exit(75)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["rank-00000.json", "rank-00001.json"]
-    assert _launch.worst_exit(tmp_path, 1) == 75
+    assert launch.worst_exit(tmp_path, 1) == 75

@@ -26,7 +26,7 @@ from flash_grpo_core.engine.sampler import _draw, sample_generators
 from flash_grpo_core.method.schedule import flow_sigmas, timesteps
 from flash_grpo_core.models.export import LORA_WEIGHT_NAME
 from flash_grpo_core.models.wan import save_stack
-from stages import _common
+from stages.runtime import common
 from stages import export as export_stage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,7 +121,7 @@ def pipeline_sample(pipe: WanPipeline, params, prompt_index: int) -> np.ndarray:
 def check_matches_evaluation(pipe: WanPipeline, params, checkpoint: Path) -> None:
     """The pipeline reproduces the engine with the checkpoint's EMA weights: velocity to float
     tolerance, the evaluation's ODE videos to one uint8 level."""
-    engine, _ = _common.engine_at(params, str(checkpoint))
+    engine, _ = common.engine_at(params, str(checkpoint))
     with engine.policy.ema.applied():
         ours = velocity(engine.policy.transformer)
         videos = sample_ode(engine, PROMPTS, params.eval.num_steps, params.eval.guidance, params.eval.seed)
@@ -161,7 +161,7 @@ def test_lora_file_is_what_diffusers_own_saving_writes(tmp_path):
     params = load_params(params_path)
     checkpoint = trained_checkpoint(params, tmp_path / "it1" / "checkpoint")
     assert run_export(params_path, checkpoint, tmp_path / "export") == 0
-    engine, _ = _common.engine_at(params, str(checkpoint))
+    engine, _ = common.engine_at(params, str(checkpoint))
     with engine.policy.ema.applied():
         transformer = engine.policy.transformer
         WanPipeline.save_lora_weights(tmp_path / "diffusers", get_peft_model_state_dict(transformer),
@@ -204,11 +204,11 @@ def test_export_of_the_trained_weights_and_of_a_wrong_checkpoint(tmp_path, capsy
     assert torch.equal(exported["transformer.blocks.0.attn1.to_q.lora_B.weight"], trained[name])
     assert json.loads((out / "export.json").read_text())["use_ema"] is False
 
-    assert run_export(params_path, checkpoint, tmp_path / "other", iteration=2) == _common.INPUT_ERROR_EXIT
+    assert run_export(params_path, checkpoint, tmp_path / "other", iteration=2) == common.INPUT_ERROR_EXIT
     assert "holds iteration 1, not 2" in capsys.readouterr().err
     (tmp_path / "full").mkdir()
     full = scratch_params(tmp_path / "full", model={"finetune": "full"})  # a LoRA checkpoint, full params
-    assert run_export(full, checkpoint, tmp_path / "other") == _common.INPUT_ERROR_EXIT
+    assert run_export(full, checkpoint, tmp_path / "other") == common.INPUT_ERROR_EXIT
     assert "model.finetune" in capsys.readouterr().err
     assert not (tmp_path / "other").exists()
 

@@ -133,17 +133,47 @@ def train_loop(prefect_api, monkeypatch):
 
 # The subprocess boundary and the params file, without Prefect.
 
+def test_the_stage_order_is_dvc_yaml_s():
+    """One declaration of the stages and their order: dvc.yaml, read by `stages.stage_order`."""
+    from stages import foreach_items, stage_order
+
+    assert stage_order(ROOT / "dvc.yaml") == ["validate", "curate", "init", "rollout", "score", "update",
+                                              "eval_checkpoint", "evaluate", "export"]
+    assert foreach_items(ROOT / "dvc.yaml") == {"rollout": "${pipeline.loop}", "score": "${pipeline.loop}",
+                                                "update": "${pipeline.loop}", "eval_checkpoint": "${pipeline.eval_at}"}
+    assert stage_order(ROOT / "bench" / "toy" / "dvc.yaml") == ["pretrain"]
+
+
+def test_the_flow_follows_dvc_yaml_s_order(tmp_path):
+    """A stage added to dvc.yaml (or moved there) is where the flow runs it, with no list to edit."""
+    from flows.train_loop import stage_names
+
+    text = (ROOT / "dvc.yaml").read_text()
+    edited = text.replace("\n  score:\n", "\n  probe:\n    foreach: ${pipeline.loop}\n    do:\n      cmd: probe\n"
+                                          "  score:\n").replace("\n  export:\n", "\n  summary:\n    cmd: summary\n"
+                                                                                "  export:\n")
+    (tmp_path / "dvc.yaml").write_text(edited)
+    assert stage_names(2, (0, 2), tmp_path / "dvc.yaml") == [
+        "validate", "curate", "init", "eval_checkpoint@0", "rollout@1", "probe@1", "score@1", "update@1",
+        "rollout@2", "probe@2", "score@2", "update@2", "eval_checkpoint@2", "evaluate", "summary", "export"]
+    (tmp_path / "dvc.yaml").write_text(edited.replace("foreach: ${pipeline.loop}\n    do:\n      cmd: probe",
+                                                      "foreach: ${pipeline.other}\n    do:\n      cmd: probe"))
+    with pytest.raises(ValueError, match=r"cannot expand foreach \{'probe': '\$\{pipeline.other\}'\}"):
+        stage_names(2, (0, 2), tmp_path / "dvc.yaml")
+
+
 def test_stage_order_unrolls_the_loop():
     from flows.train_loop import stage_names
 
-    assert stage_names(2) == ["validate", "curate", "init", "rollout@1", "score@1", "update@1",
-                              "rollout@2", "score@2", "update@2", "evaluate", "export"]
-    assert stage_names(4, (0, 2, 4)) == ["validate", "curate", "init", "eval_checkpoint@0",
-                                         "rollout@1", "score@1", "update@1",
-                                         "rollout@2", "score@2", "update@2", "eval_checkpoint@2",
-                                         "rollout@3", "score@3", "update@3",
-                                         "rollout@4", "score@4", "update@4", "eval_checkpoint@4", "evaluate",
-                                         "export"]
+    dvc_file = ROOT / "dvc.yaml"
+    assert stage_names(2, dvc_file=dvc_file) == ["validate", "curate", "init", "rollout@1", "score@1", "update@1",
+                                                 "rollout@2", "score@2", "update@2", "evaluate", "export"]
+    assert stage_names(4, (0, 2, 4), dvc_file) == ["validate", "curate", "init", "eval_checkpoint@0",
+                                                   "rollout@1", "score@1", "update@1",
+                                                   "rollout@2", "score@2", "update@2", "eval_checkpoint@2",
+                                                   "rollout@3", "score@3", "update@3",
+                                                   "rollout@4", "score@4", "update@4", "eval_checkpoint@4", "evaluate",
+                                                   "export"]
 
 
 def test_repro_reads_what_dvc_did_and_classifies_failures(dvc, project):
@@ -235,7 +265,7 @@ def test_prefect_yaml_declares_one_limited_deployment_per_preset():
         assert deployment["entrypoint"] == "flows/train_loop.py:train_loop"
         assert deployment["parameters"]["preset"] == name and deployment["concurrency_limit"] == 1
         assert deployment["work_pool"]["name"] == "flash-grpo"
-        # the GPU presets run every GPU stage on the node's 8 GPUs (stages/_launch.py), the tiny one on 1
+        # the GPU presets run every GPU stage on the node's 8 GPUs (stages/runtime/launch.py), the tiny one on 1
         env = deployment["work_pool"].get("job_variables", {}).get("env", {})
         assert env.get("FLASH_GRPO_NPROC_PER_NODE") == (None if name == "tiny" else "8")
     assert "set_working_directory" in str(spec["pull"])
@@ -336,8 +366,8 @@ def test_deterministic_failure_fails_the_run_without_retry_and_a_rerun_resumes(t
 
 def test_pruning_after_updates_lets_the_later_stages_skip_the_removed_checkpoints(train_loop, dvc, monkeypatch):
     """pipeline.keep_checkpoints_every > 0: the flow prunes after each update and evaluation; once a
-    checkpoint is gone, every later `dvc repro` passes --allow-missing (stages/prune.py)."""
-    from stages import prune
+    checkpoint is gone, every later `dvc repro` passes --allow-missing (flash_grpo_core/pipeline/prune.py)."""
+    from flash_grpo_core.pipeline import prune
 
     pruned, calls = {}, []
 

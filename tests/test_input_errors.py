@@ -67,10 +67,10 @@ def test_iterations_out_of_step_with_the_loop_shows_the_hint_at_the_first_stage(
     params = _params_file(tmp_path, iterations=9)
     line = _one_line(_module("stages.validate", "--params", params, "--out", tmp_path / "v" / "valid.json",
                              "--sources", tmp_path / "v" / "sources.json"), "validate: error: ")
-    assert "python -m stages.iterations 9" in line and not (tmp_path / "v").exists()
+    assert "python -m flash_grpo_core.pipeline.iterations 9" in line and not (tmp_path / "v").exists()
     line = _one_line(_module("stages.curate", "--sources", ROOT / "prompts" / "toy.jsonl", "--out-dir", tmp_path / "o",
                              "--params", params), "curate: error: ")
-    assert "python -m stages.iterations 9" in line
+    assert "python -m flash_grpo_core.pipeline.iterations 9" in line
     stages = YAML(typ="safe", pure=True).load((ROOT / "dvc.yaml").read_text())["stages"]
     assert "params.yaml" in stages["validate"]["deps"] and "eval.num_prompts" in stages["curate"]["params"]
 
@@ -78,7 +78,7 @@ def test_iterations_out_of_step_with_the_loop_shows_the_hint_at_the_first_stage(
 def test_setting_iterations_on_a_broken_params_file_names_it_and_leaves_it(tmp_path):
     params = _params_file(tmp_path, train__learning_rate=-1)
     before = params.read_bytes()
-    line = _one_line(_module("stages.iterations", "3", "--params", params), "iterations: error: ")
+    line = _one_line(_module("flash_grpo_core.pipeline.iterations", "3", "--params", params), "iterations: error: ")
     assert line.startswith(f"iterations: error: {params}: train.learning_rate must be > 0")
     assert params.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
 
@@ -111,13 +111,14 @@ def test_a_missing_or_wrong_rollout_manifest_is_named(tmp_path, content):
 
 def test_the_update_stage_reads_the_manifest_before_loading_the_model(tmp_path, monkeypatch, capsys):
     from flash_grpo_core.artifacts import checkpoint
-    from stages import _common, update
+    from stages import update
+    from stages.runtime import common
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the manifest was read")
 
     monkeypatch.setattr(checkpoint, "check_config", lambda *args: None)
-    monkeypatch.setattr(_common, "engine_at", no_model)
+    monkeypatch.setattr(common, "engine_at", no_model)
     code = update.main(["--params", str(_params_file(tmp_path)), "--iteration", "1", "--checkpoint", "ckpt",
                         "--rollout", str(tmp_path / "rollout"), "--scores", "s.parquet", "--out", str(tmp_path / "o"),
                         "--metrics", str(tmp_path / "m.json")])

@@ -166,3 +166,16 @@ def test_no_module_is_longer_than_400_lines():
     long = [f"{path.relative_to(ROOT)} ({lines} lines)" for folder in ("flash_grpo_core", "stages", "flows", "bench")
             for path in sorted((ROOT / folder).rglob("*.py")) if (lines := path.read_text().count("\n")) > 400]
     assert not long, long
+
+
+def test_the_core_imports_neither_the_stages_nor_the_flows():
+    """The stages and flows build on the core (its commands included: pipeline/prune.py,
+    pipeline/iterations.py), never the other way; also the imports inside functions."""
+    found = []
+    for path in sorted(CORE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else (
+                [alias.name for alias in node.names] if isinstance(node, ast.Import) else [])
+            found += [f"{path.relative_to(CORE.parent)}: {name}" for name in names
+                      if name.split(".")[0] in ("stages", "flows")]
+    assert not found, found

@@ -132,7 +132,7 @@ def _md5(path: Path) -> str:
 BAD_EDITS = [
     ("  group_size: 8\n", "  group_sise: 8\n", "unknown key(s) rollout.group_sise"),
     ("      num_prompts: 2\n", "      num_prompts: 7\n", "eval.num_prompts is 7, but runs/prompts/report.json holds 6"),
-    ("\niterations: 2\n", "\niterations: 3\n", "run `python -m stages.iterations 3`"),
+    ("\niterations: 2\n", "\niterations: 3\n", "run `python -m flash_grpo_core.pipeline.iterations 3`"),
     ("  root: runs", "  root: my runs", "pipeline.root must be a relative path of letters, digits and . _ / -"),
 ]
 

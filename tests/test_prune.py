@@ -1,5 +1,5 @@
-"""Thinning old checkpoints (stages/prune.py): every n-th iteration's and the latest stay, the others
-leave the workspace and the DVC cache, and `dvc repro --allow-missing` continues the run.
+"""Thinning old checkpoints (flash_grpo_core/pipeline/prune.py): every n-th iteration's and the
+latest stay, the others leave the workspace and the DVC cache, and `dvc repro --allow-missing` continues the run.
 
 The end-to-end test runs real DVC on a pipeline of the same shape as dvc.yaml (init, then rollout and
 update per iteration, evaluations of some checkpoints) whose commands are one-line file writers, so
@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 
 from flash_grpo_core.pipeline.workspace import tool_env
-from stages import prune
+from flash_grpo_core.pipeline import prune
 
 BIN = Path(sys.executable).parent
 

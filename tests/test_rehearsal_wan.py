@@ -3,8 +3,9 @@
 What a real run reads is built here in its released layout, tiny and random (tests/fakes.py): a
 Diffusers-format Wan 2.1 T2V folder saved by the project's own `save_stack`, an HPSv3.safetensors
 on a Qwen2-VL-Instruct base folder, and a prompt folder of train.txt / test.txt. A scratch copy of
-the project selects wan1_3b with one iteration (`copy_project`, as `python -m stages.iterations 1`),
-then `dvc exp run -S` overrides only paths and sizes (`_weights`, DATA_SOURCE, SIZES) and runs the whole pipeline,
+the project selects wan1_3b with one iteration (`copy_project`, as
+`python -m flash_grpo_core.pipeline.iterations 1`), then `dvc exp run -S` overrides only paths and
+sizes (`_weights`, DATA_SOURCE, SIZES) and runs the whole pipeline,
 curate to export, every multi-rank stage on 2 processes. The recipe (learning rate, LoRA rank and
 targets, guidance, sampling steps, HPSv3's JPEG round trip and top-30% frames, ...) stays the
 preset's: the first test checks that nothing else moved.
@@ -181,7 +182,7 @@ def test_the_export_loads_into_wan_pipeline_from_the_saved_folder(rehearsal):
     transformer's velocity moves off the base and equals the engine's with the checkpoint's EMA."""
     from diffusers import WanPipeline
 
-    from stages import _common
+    from stages.runtime import common
     from test_export import velocity
 
     project, overrides, _ = rehearsal
@@ -190,7 +191,7 @@ def test_the_export_loads_into_wan_pipeline_from_the_saved_folder(rehearsal):
     pipe.load_lora_weights(str(project / RUN / "export"))
     adapted = velocity(pipe.transformer)
     params = load_params(project / "params.yaml")
-    engine, _ = _common.engine_at(params, str(project / RUN / "it1" / "checkpoint"), text_encoder=False)
+    engine, _ = common.engine_at(params, str(project / RUN / "it1" / "checkpoint"), text_encoder=False)
     with engine.policy.ema.applied():
         ours = velocity(engine.policy.transformer)
     torch.testing.assert_close(adapted, ours, rtol=1e-4, atol=1e-6)

@@ -46,7 +46,8 @@ def test_rollout_names_a_missing_reward_model_before_loading_anything(tmp_path, 
     """A missing HPSv3 file fails the rollout stage at once (exit 2), not the score stage after a
     rollout's GPU hours."""
     from flash_grpo_core.artifacts import checkpoint
-    from stages import _common, rollout
+    from stages import rollout
+    from stages.runtime import common
 
     raw = _raw()
     raw["preset"] = "tiny"
@@ -65,7 +66,7 @@ def test_rollout_names_a_missing_reward_model_before_loading_anything(tmp_path, 
         raise AssertionError("the model was loaded before the reward was checked")
 
     monkeypatch.setattr(checkpoint, "check_config", lambda *args: None)
-    monkeypatch.setattr(_common, "engine_at", no_model)
+    monkeypatch.setattr(common, "engine_at", no_model)
     code = rollout.main(["--params", str(params), "--iteration", "1", "--prompts", str(prompts),
                          "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err

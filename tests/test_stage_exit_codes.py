@@ -2,28 +2,29 @@
 
 from flash_grpo_core.config import ConfigError
 from flash_grpo_core.rewards.base import RewardUnavailable
-from stages import _common
+from stages.runtime import common
 
 
 def _raising(error):
-    def body():
+    def work(args):
         raise error
 
-    return body
+    return work
 
 
 def test_known_input_error_exits_2_with_one_line(capsys):
-    assert _common.run("score", _raising(ConfigError("train.learning_rate must be > 0"))) == 2
+    assert common.run("score", _raising(ConfigError("train.learning_rate must be > 0")), None) == 2
     assert capsys.readouterr().err.strip() == "score: error: train.learning_rate must be > 0"
 
 
 def test_unreachable_reward_exits_75(capsys):
-    code = _common.run("score", _raising(RewardUnavailable("reward 'hpsv3' at http://127.0.0.1:9/score failed")))
+    code = common.run("score", _raising(RewardUnavailable("reward 'hpsv3' at http://127.0.0.1:9/score failed")),
+                      None)
     assert code == 75 and "transient" in capsys.readouterr().err
 
 
 def test_success_prints_one_summary_line(capsys):
-    assert _common.run("score", lambda: {"iteration": 1, "reward_mean": 0.5}) == 0
+    assert common.run("score", lambda args: {"iteration": args, "reward_mean": 0.5}, 1) == 0
     assert capsys.readouterr().out.startswith("score: iteration=1 reward_mean=0.5 seconds=")
 
 
@@ -33,9 +34,9 @@ def test_finish_keeps_the_exit_code_and_flushes_buffered_output(tmp_path):
     import subprocess
     import sys
 
-    script = ("import logging, sys; from stages import _common; logging.basicConfig(filename=sys.argv[1]); "
+    script = ("import logging, sys; from stages.runtime import common; logging.basicConfig(filename=sys.argv[1]); "
               "print('summary', end=''); print('warning', end='', file=sys.stderr); "
-              "logging.getLogger('stage').error('logged'); _common.finish(75)")
+              "logging.getLogger('stage').error('logged'); common.finish(75)")
     log = tmp_path / "stage.log"
     env = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}  # block-buffered pipes
     result = subprocess.run([sys.executable, "-c", script, str(log)], capture_output=True, text=True, check=False,

@@ -1,4 +1,4 @@
-"""The warm stage runner (stages/warm.py): same outputs as a cold stage, exit codes and streams passed
+"""The warm stage runner (stages/runtime/warm.py): same outputs as a cold stage, exit codes and streams passed
 through, current code on disk, cold runs where the warm one could differ, a dead client's stage stopped,
 and a client that hands nothing to a socket that is not its own user's server's."""
 
@@ -18,8 +18,8 @@ from types import SimpleNamespace
 import pytest
 
 from flash_grpo_core.pipeline.workspace import copy_project, tool_env
-from stages import warm_client
-from stages.warm import Server
+from stages.runtime import warm_client
+from stages.runtime.warm import Server
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,7 +36,7 @@ def warm(tmp_path_factory):
     env = tool_env(FLASH_GRPO_WARM_SOCKET=str(socket_path))
     log = project / "warm.log"
     with open(log, "w") as handle:
-        server = subprocess.Popen([sys.executable, "-m", "stages.warm"], cwd=project, env=env, stdout=handle,
+        server = subprocess.Popen([sys.executable, "-m", "stages.runtime.warm"], cwd=project, env=env, stdout=handle,
                                   stderr=subprocess.STDOUT, start_new_session=True,
                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     deadline = time.monotonic() + 120
@@ -168,11 +168,11 @@ def _lazy_third_party_imports() -> set[str]:
 
 
 def test_the_server_imports_what_the_stages_import_lazily():
-    from stages.warm import OPTIONAL_LIBRARIES
+    from stages.runtime.warm import OPTIONAL_LIBRARIES
 
     lazy = _lazy_third_party_imports()
     assert {"pyarrow.parquet", "cv2", "ruamel.yaml"} <= lazy  # the scan sees imports inside functions
-    probe = ("import json, sys\nfrom stages import warm\nwarm.warm_up()\n"
+    probe = ("import json, sys\nfrom stages.runtime import warm\nwarm.warm_up()\n"
              "print(json.dumps(sorted(sys.modules)))")
     result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=tool_env(), capture_output=True, text=True,
                             timeout=300)
@@ -182,6 +182,30 @@ def test_the_server_imports_what_the_stages_import_lazily():
                if not any(name == optional or name.startswith(optional + ".") for optional in OPTIONAL_LIBRARIES)}
     assert not missing, f"every warm stage would import these again: {sorted(missing)}"
     assert not any(name.split(".")[0] == "flash_grpo_core" for name in imported)  # the project's code is dropped
+    extras = {name for name in imported if any(name == optional or name.startswith(optional + ".")
+                                               for optional in OPTIONAL_LIBRARIES)}
+    assert not extras, f"warming up imported optional extras: {sorted(extras)}"
+
+
+def test_the_pre_imported_modules_are_those_the_stages_import(tmp_path):
+    """PROJECT_MODULES is read from the stages' source: a new stage's imports (inside its functions
+    too, a submodule named in `from ... import`) are pre-imported without a list to edit."""
+    from stages.runtime.warm import PROJECT_MODULES, project_modules
+
+    assert {"flash_grpo_core.engine.iteration", "flash_grpo_core.models.wan", "flash_grpo_core.artifacts.shards",
+            "flash_grpo_core.pipeline.report", "flash_grpo_core.engine.distributed"} <= set(PROJECT_MODULES)
+    assert all(name.startswith("flash_grpo_core.") or name == "flash_grpo_core" for name in PROJECT_MODULES)
+    stages = tmp_path / "stages"
+    shutil.copytree(ROOT / "stages", stages, ignore=shutil.ignore_patterns("__pycache__"))
+    assert project_modules(stages, ROOT) == PROJECT_MODULES
+    (stages / "probe.py").write_text(
+        "import json\n\nfrom stages.runtime import common\n\n\ndef work(args):\n"
+        "    import flash_grpo_core.method.sde\n"
+        "    from flash_grpo_core.artifacts import checksums\n"
+        "    from flash_grpo_core.method.schedule import flow_sigmas\n"
+        "    from . import validate\n")
+    new = {"flash_grpo_core.method.sde", "flash_grpo_core.artifacts.checksums", "flash_grpo_core.method.schedule"}
+    assert set(project_modules(stages, ROOT)) == set(PROJECT_MODULES) | new
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""A stage whose `dvc repro` is killed ends too, with its torchrun and ranks (stages/_watchdog.py).
+"""A stage whose `dvc repro` is killed ends too, with its torchrun and ranks (stages/runtime/watchdog.py).
 
 A stand-in for DVC starts the stage the way DVC does (`$SHELL -c <cmd>` with DVC_STAGE set), the
 stage is held at a fault point (FLASH_GRPO_FAULT=...:hang) and the stand-in is killed with

@@ -41,7 +41,7 @@ def wrong_schema_parquet() -> bytes:
 class BadInput:
     name: str  # what is wrong
     category: str  # params | prompts | model | checkpoint | cli
-    run: str  # a dvc stage, `iterations` (python -m stages.iterations 3) or `reward-server` (its CLI)
+    run: str  # a dvc stage, `iterations` (flash_grpo_core.pipeline.iterations 3) or `reward-server` (its CLI)
     names: str  # what the first stderr line must contain: the key or the file
     params: dict | None = None  # dotted keys set in a copy of the project's params.yaml (--params)
     params_text: str | None = None  # or a params file of this text
@@ -199,8 +199,8 @@ def run_entry(workspace: Workspace, entry: BadInput, folder: Path) -> Result:
     if entry.params is not None or entry.params_text is not None:
         replace["--params"] = write_params(workspace, folder, entry)
     if entry.run == "iterations":
-        return run_command([sys.executable, "-m", "stages.iterations", "3", "--params", replace["--params"]],
-                           workspace.project, workspace.env(True), timeout=120)
+        return run_command([sys.executable, "-m", "flash_grpo_core.pipeline.iterations", "3",
+                            "--params", replace["--params"]], workspace.project, workspace.env(True), timeout=120)
     if entry.run == "reward-server":
         return run_command([sys.executable, "-m", "flash_grpo_core.rewards.server", "--port", "0",
                             *entry.argv], workspace.project, workspace.env(True), timeout=60)

@@ -110,7 +110,7 @@ class Workspace:
     def start_warm(self) -> None:
         log = self.scratch / "warm.log"
         with open(log, "w") as handle:
-            self.server = subprocess.Popen([sys.executable, "-m", "stages.warm"], cwd=self.project,
+            self.server = subprocess.Popen([sys.executable, "-m", "stages.runtime.warm"], cwd=self.project,
                                            env=self.env(True), stdout=handle, stderr=subprocess.STDOUT,
                                            start_new_session=True)
         deadline = time.monotonic() + 180

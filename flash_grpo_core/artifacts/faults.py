@@ -3,7 +3,7 @@
 Stages and the atomic writers call `fault_point` at a few places; it does nothing unless the
 environment variable FLASH_GRPO_FAULT names that place, so the tests can stop a stage exactly
 there instead of guessing with timers. Standard library only: the artifact writers call it, and
-stages/_common.py re-exports it.
+stages/runtime/common.py re-exports it.
 """
 
 from __future__ import annotations
@@ -24,13 +24,13 @@ def fault_point(name: str, rank: int | None = None, file: str | None = None) -> 
     `written:shard-000001.tar:hang`. `@<rank>` picks one rank (default: any; `rank` defaults to the
     RANK variable, 0 without it), `<file name>` one output by its base name (only the writers' points
     have one). The points:
-      started    a stage process starts, before any work (stages/_common.py `run`; with the warm
+      started    a stage process starts, before any work (stages/runtime/common.py `run`; with the warm
                  runner first in the process DVC started, then in the runner's forked child)
-      joined     a rank has joined the process group (stages/_common.py)
+      joined     a rank has joined the process group (stages/runtime/common.py)
       written    an output is complete under its temporary name, before the rename (the atomic
                  writers: flash_grpo_core/artifacts/atomic.py, tar_io.py); `file`: the output's name
       renamed    right after that rename, before the stage writes anything else
-      finished   the stage's outputs are in place, just before its process exits (stages/_common.py
+      finished   the stage's outputs are in place, just before its process exits (stages/runtime/common.py
                  `finish`): what DVC has not yet recorded in dvc.lock
     Unset, a call costs one environment look-up."""
     spec = os.environ.get(FAULT_ENV)

@@ -2,8 +2,8 @@
 
 DVC's `foreach` needs the list of items written in params.yaml, so the iteration count lives there
 twice: as `iterations` and as the {iteration: previous} mapping the rollout/score/update stages
-iterate over; the evaluated checkpoints likewise. `python -m stages.iterations N` (and the Prefect
-flow) rewrite them together; config.py checks that they agree.
+iterate over; the evaluated checkpoints likewise. `python -m flash_grpo_core.pipeline.iterations N`
+(and the Prefect flow) rewrite them together; config.py checks that they agree.
 """
 
 from __future__ import annotations

@@ -264,15 +264,17 @@ class PipelineConfig:
     root: str = "runs"  # artifacts go to <root>/<preset>/...
     groups_per_shard: int = 1  # prompt groups per WebDataset shard
     # {iteration: previous iteration} for 1..N, for dvc.yaml's foreach (DVC cannot count), so stages
-    # are named update@1, update@2, ... `python -m stages.iterations N` sets it with `iterations`.
+    # are named update@1, update@2, ... `python -m flash_grpo_core.pipeline.iterations N` sets it
+    # with `iterations`.
     loop: dict[str, int] = field(default_factory=dict)
     # Checkpoints the `eval_checkpoint` stage evaluates: the base (0), every `eval_every`-th
     # iteration (0: none between) and the last, for metrics over iterations (`dvc plots`).
-    # `eval_at` spells them out for dvc.yaml's foreach; `python -m stages.iterations N` sets it.
+    # `eval_at` spells them out for dvc.yaml's foreach; `python -m flash_grpo_core.pipeline.iterations N`
+    # sets it.
     eval_every: int = 0
     eval_at: tuple[int, ...] = ()
-    # Keep every n-th iteration's checkpoint and the latest; `python -m stages.prune` (and the
-    # train-loop flow after each update) removes the others. 0: keep all. Read by no stage.
+    # Keep every n-th iteration's checkpoint and the latest; `python -m flash_grpo_core.pipeline.prune`
+    # (and the train-loop flow after each update) removes the others. 0: keep all. Read by no stage.
     keep_checkpoints_every: int = 0
 
     def __post_init__(self):
@@ -365,12 +367,13 @@ class Params:
         if self.pipeline.loop:
             _check(self.pipeline.loop == dvc_loop(self.iterations),
                    f"pipeline.loop must map iterations 1..{self.iterations} to their predecessors to match "
-                   f"`iterations`; run `python -m stages.iterations {self.iterations}` to rewrite it")
+                   f"`iterations`; run `python -m flash_grpo_core.pipeline.iterations {self.iterations}` "
+                   "to rewrite it")
             expected = eval_points(self.iterations, self.pipeline.eval_every)
             _check(self.pipeline.eval_at == expected,
                    f"pipeline.eval_at must be {list(expected)} for {self.iterations} iterations with "
                    f"pipeline.eval_every {self.pipeline.eval_every}, got {list(self.pipeline.eval_at)}; "
-                   f"run `python -m stages.iterations {self.iterations}` to rewrite it")
+                   f"run `python -m flash_grpo_core.pipeline.iterations {self.iterations}` to rewrite it")
         if self.preset != "toy":  # the toy model works in pixel space, without Wan's VAE
             r = self.rollout
             _check((r.frames - 1) % 4 == 0, f"rollout.frames - 1 must be divisible by 4 (Wan's VAE), got {r.frames}")

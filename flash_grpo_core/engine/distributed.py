@@ -1,6 +1,6 @@
 """Process groups for multi-process stages, and how a stage's work is split across ranks.
 
-A stage started under torchrun (stages/_launch.py starts it so) finds RANK, WORLD_SIZE and
+A stage started under torchrun (stages/runtime/launch.py starts it so) finds RANK, WORLD_SIZE and
 LOCAL_RANK in its environment; `init_from_env` joins the process group (gloo for CPU tensors, NCCL
 for CUDA tensors when CUDA is present) and pins the rank's GPU. Without torchrun nothing is set up
 and every helper here degrades to the single-process case, so the same stage code runs on 1 CPU

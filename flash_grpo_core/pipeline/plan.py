@@ -247,7 +247,7 @@ def shard_bytes(params) -> float:
 
 
 def kept_checkpoints(iterations: int, every: int) -> int:
-    """Checkpoints a run keeps (it0 included): all, or every `every`-th and the latest (stages/prune.py)."""
+    """Checkpoints a run keeps (it0 included): all, or every `every`-th and the latest (pipeline/prune.py)."""
     if every == 0:
         return iterations + 1
     return len({k for k in range(iterations + 1) if k % every == 0} | {iterations})

@@ -9,7 +9,7 @@ folder of the params file (the checkout):
   file and its Qwen2-VL base folder, any `path` or `*_path` option), the prompt source `data.source`
   (a file, or a folder with train.txt and test.txt);
 - a reward server's /health when the `remote` reward is weighted (a short timeout);
-- the processes asked for (FLASH_GRPO_NPROC_PER_NODE x FLASH_GRPO_NNODES, as stages/_launch.py reads
+- the processes asked for (FLASH_GRPO_NPROC_PER_NODE x FLASH_GRPO_NNODES, as stages/runtime/launch.py reads
   them) against the GPUs visible, and the estimated peak memory per GPU against the card's;
 - free disk under pipeline.root against the run's checkpoints and shards (flash_grpo_core/pipeline/plan.py).
 
@@ -37,7 +37,7 @@ from flash_grpo_core.config import ConfigError, load_params
 from flash_grpo_core.pipeline.lock_outputs import verify_linked_outputs
 from flash_grpo_core.models.layout import missing_parts
 
-NPROC_ENV, NNODES_ENV = "FLASH_GRPO_NPROC_PER_NODE", "FLASH_GRPO_NNODES"  # stages/_launch.py's
+NPROC_ENV, NNODES_ENV = "FLASH_GRPO_NPROC_PER_NODE", "FLASH_GRPO_NNODES"  # stages/runtime/launch.py's
 TOKEN_ENV = "FLASH_GRPO_REWARD_TOKEN"  # the reward client's bearer token (rewards/client.py)
 SERVER_TIMEOUT = 5.0  # seconds for the reward server's /health
 

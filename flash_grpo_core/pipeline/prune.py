@@ -1,7 +1,7 @@
 """Thin out old checkpoints: keep every n-th iteration's (and the latest), remove the others from the
 workspace and their objects from the DVC cache.
 
-    python -m stages.prune [--params params.yaml] [--every N] [--dry-run] [--keep-cache]
+    python -m flash_grpo_core.pipeline.prune [--params params.yaml] [--every N] [--dry-run] [--keep-cache]
 
 For full fine-tuning at 14B a checkpoint's weights and EMA are 114 GB per iteration (AdamW's moments
 go beside it, `train.optimizer_state: beside`): a 100-iteration run cannot keep them all. `dvc gc`
@@ -178,7 +178,8 @@ def prune(project: Path, params, every: int | None = None, dry_run: bool = False
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stages.prune", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m flash_grpo_core.pipeline.prune",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--every", type=int, default=None,
                         help="keep every N-th iteration's checkpoint (default: pipeline.keep_checkpoints_every)")

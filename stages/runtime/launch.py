@@ -92,10 +92,10 @@ def launch(module: str, argv: list[str]) -> int:
         command = torchrun_command(module, argv, nproc, nnodes)
         print(f"{module.removeprefix('stages.')}: starting {nproc * nnodes} processes ({nnodes} node(s) x {nproc})",
               file=sys.stderr, flush=True)
-        from stages import _watchdog
+        from stages.runtime import watchdog
 
         torchrun = subprocess.Popen(command, env={**os.environ, STATUS_ENV: str(status.resolve())})
-        _watchdog.adopt(torchrun)  # stopped with this process's starter, ranks and all
+        watchdog.adopt(torchrun)  # stopped with this process's starter, ranks and all
         return worst_exit(status, torchrun.wait())
     finally:
         shutil.rmtree(status, ignore_errors=True)

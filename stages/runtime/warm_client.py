@@ -1,5 +1,5 @@
 """The warm stage runner's client side: a stage started as `python -m stages.<name>` hands itself to
-the warm server (stages/warm.py) when one is listening for this checkout, and runs cold otherwise.
+the warm server (stages/runtime/warm.py) when one is listening for this checkout, and runs cold otherwise.
 
 Everything here is light (no torch): it runs at the start of every stage process, before the stage
 imports anything heavy. The protocol is one JSON line per message over a Unix socket, the caller's
@@ -26,7 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PROJECT_PACKAGES = ("flash_grpo_core", "stages")
 # Environment variables that libraries read when they are imported: a stage whose values differ
 # from the server's runs cold, since the server's modules were imported under the server's values.

@@ -1,6 +1,6 @@
 """Set the number of training iterations in params.yaml: `iterations`, `pipeline.loop` and `eval_at`.
 
-    python -m stages.iterations 5 [--params params.yaml]
+    python -m flash_grpo_core.pipeline.iterations 5 [--params params.yaml]
 
 DVC's `foreach` needs the iterations spelled out (it cannot count), so params.yaml keeps the count,
 the {iteration: previous} mapping and the evaluated checkpoints (from `pipeline.eval_every`); this
@@ -39,7 +39,8 @@ def set_iterations(path: Path, iterations: int) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stages.iterations", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m flash_grpo_core.pipeline.iterations",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("count", type=int)
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)

@@ -14,7 +14,7 @@ import time
 from typing import NoReturn
 
 from flash_grpo_core.artifacts.faults import FAULT_ENV, fault_point  # noqa: F401 - re-exported for the stages
-from stages import _launch
+from stages.runtime import launch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights come from local paths only
 
@@ -81,48 +81,49 @@ INPUT_ERROR_EXIT = 2  # a known, deterministic input error: rerunning cannot hel
 TRANSIENT_EXIT = 75  # EX_TEMPFAIL: an unreachable reward server; a retry may succeed
 
 
-def run(name: str, body, argv: list[str] | None = None, distributed: bool = False) -> int:
-    """Run a stage body; known input errors become a one-line message and exit code 2, an
-    unreachable reward exit code 75.
+def run(name: str, work, args, argv: list[str] | None = None, distributed: bool = False) -> int:
+    """Run a stage's work, `work(args)` (a top-level function of the stage module, `args` its parsed
+    command line), which returns the fields of the stage's summary line. Known input errors become a
+    one-line message and exit code 2, an unreachable reward exit code 75.
 
-    `distributed` stages run on as many processes as the environment asks for (stages/_launch.py):
+    `distributed` stages run on as many processes as the environment asks for (stages/runtime/launch.py):
     this process then starts torchrun and returns the worst rank's exit code, and each rank joins
-    the process group before its body runs. Otherwise, with a warm runner listening
-    (stages/warm.py), a stage started as `python -m stages.<name>` runs there instead and this
+    the process group before its work runs. Otherwise, with a warm runner listening
+    (stages/runtime/warm.py), a stage started as `python -m stages.<name>` runs there instead and this
     returns its exit code."""
-    from stages import _watchdog, warm_client
+    from stages.runtime import warm_client, watchdog
 
-    _watchdog.start()  # end with the process that started this one (DVC, torchrun), never orphaned
+    watchdog.start()  # end with the process that started this one (DVC, torchrun), never orphaned
     fault_point("started", int(os.environ.get("RANK", "0")))
     if distributed:
         try:
-            if _launch.wanted():
-                return _launch.launch(f"stages.{name}", sys.argv[1:] if argv is None else list(argv))
-        except _launch.LaunchError as error:
+            if launch.wanted():
+                return launch.launch(f"stages.{name}", sys.argv[1:] if argv is None else list(argv))
+        except launch.LaunchError as error:
             print(f"{name}: error: {error}", file=sys.stderr)
             return INPUT_ERROR_EXIT
-    if not _launch.inside():
+    if not launch.inside():
         delegated = warm_client.delegate()
         if delegated is not None:
             return delegated
     code = 1  # an unexpected exception propagates; the rank's record says it failed
     try:
-        code = _run_body(name, body, distributed)
+        code = _run_work(name, work, args, distributed)
     finally:
-        _launch.record_exit(code)
+        launch.record_exit(code)
     return code
 
 
-def _run_body(name: str, body, distributed: bool) -> int:
+def _run_work(name: str, work, args, distributed: bool) -> int:
     began = time.perf_counter()
     world = None
-    if distributed and _launch.inside():
+    if distributed and launch.inside():
         from flash_grpo_core.engine.distributed import init_from_env
 
         world = init_from_env()
         fault_point("joined", world.rank)
     try:
-        summary = body()
+        summary = work(args)
     except Exception as error:  # noqa: BLE001 - filtered right below
         rank = f" (rank {world.rank})" if world is not None else ""
         if isinstance(error, light_errors()):  # before the imports below, which load torch (seconds)
