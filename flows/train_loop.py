@@ -40,12 +40,12 @@ LOGGED_METRICS = ("reward_mean", "reward_std", "loss", "clip_fraction", "approx_
 def stage_names(iterations: int, eval_at: list[int] | tuple[int, ...] = (),
                 dvc_file: str | Path = "dvc.yaml") -> list[str]:
     """The DVC stages of a run, in the order the flow reproduces them: dvc.yaml's order
-    (`stages.stage_order`), its `foreach` stages expanded iteration by iteration. The stages before
+    (`flash_grpo_core.pipeline.stage_order`), its `foreach` stages expanded iteration by iteration. The stages before
     the first `foreach` stage come first; then, for each iteration 0..`iterations`, the `foreach`
     stages that run for it (over pipeline.loop: iterations 1..N; over pipeline.eval_at: `eval_at`,
     the evaluated checkpoints, each evaluated as soon as it exists), in dvc.yaml's order; then the
     other stages."""
-    from stages import foreach_items, stage_order
+    from flash_grpo_core.pipeline.stage_order import foreach_items, stage_order
 
     order, foreach = stage_order(dvc_file), foreach_items(dvc_file)
     runs_for = {"${pipeline.loop}": range(1, iterations + 1), "${pipeline.eval_at}": tuple(eval_at)}

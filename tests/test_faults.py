@@ -59,6 +59,15 @@ def importable_bench(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT))
 
 
+def test_every_stage_of_dvc_yaml_has_a_kill_point(importable_bench):
+    """A stage added to dvc.yaml without a kill point of its own fails here (docs/architecture.md)."""
+    from bench.faults.kills import FULL
+    from flash_grpo_core.pipeline.stage_order import stage_order
+
+    killed = {case.stage.split("@")[0] for case in FULL}
+    assert set(stage_order(ROOT / "dvc.yaml")) <= killed, sorted(set(stage_order(ROOT / "dvc.yaml")) - killed)
+
+
 @pytest.mark.slow
 def test_the_small_fault_run_is_clean(importable_bench, dvc_cache, tmp_path):
     from bench.faults import report, run

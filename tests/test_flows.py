@@ -134,8 +134,8 @@ def train_loop(prefect_api, monkeypatch):
 # The subprocess boundary and the params file, without Prefect.
 
 def test_the_stage_order_is_dvc_yaml_s():
-    """One declaration of the stages and their order: dvc.yaml, read by `stages.stage_order`."""
-    from stages import foreach_items, stage_order
+    """One declaration of the stages and their order: dvc.yaml, read by `pipeline.stage_order`."""
+    from flash_grpo_core.pipeline.stage_order import foreach_items, stage_order
 
     assert stage_order(ROOT / "dvc.yaml") == ["validate", "curate", "init", "rollout", "score", "update",
                                               "eval_checkpoint", "evaluate", "export"]

@@ -3,7 +3,7 @@
     python -m bench.costs.dvc_scaling [--iterations 40]
 
 In a scratch git + DVC copy of the project (the tiny preset, evaluation of the base and the last
-checkpoint only), with `python -m stages.warm` running, one `dvc repro` runs every iteration. Per
+checkpoint only), with `python -m stages.runtime.warm` running, one `dvc repro` runs every iteration. Per
 iteration it records the wall time from `rollout@k` starting to `rollout@k+1` starting and the time
 spent inside the stages' bodies (the `seconds=` of each stage's summary line); the rest is
 pipeline overhead: process start, DVC checking, hashing, caching, and rewriting dvc.lock after each
@@ -40,7 +40,7 @@ def measure(iterations: int) -> dict:
         project = copy_project(ROOT, Path(scratch), preset="tiny")
         params = project / "params.yaml"
         params.write_text(params.read_text().replace("  eval_every: 1\n", "  eval_every: 0\n", 1))
-        subprocess.run([sys.executable, "-m", "stages.iterations", str(iterations)], cwd=project, check=True,
+        subprocess.run([sys.executable, "-m", "flash_grpo_core.pipeline.iterations", str(iterations)], cwd=project, check=True,
                        capture_output=True)
         env = tool_env(FLASH_GRPO_WARM_SOCKET=str(Path(scratch) / "warm.sock"), FLASH_GRPO_WARM="1")
         server = _start_warm(project, env)

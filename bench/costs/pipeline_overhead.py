@@ -8,8 +8,8 @@ and all in one `dvc repro --force` (as a run goes: DVC starts once, and a stage'
 its start to the next stage's start, so it includes DVC hashing, caching and locking its outputs).
 The stage's own timings (manifest.json, metrics.json) give its model compute (prompt encoding,
 sampling and decoding for rollout; the update for update); the rest is overhead. It does so twice
-in one run: cold (every stage a fresh process) and warm (with `python -m stages.warm` running,
-stages/warm.py), in fresh copies each. Also times a bare `import` of the core (the floor of a cold
+in one run: cold (every stage a fresh process) and warm (with `python -m stages.runtime.warm` running,
+stages/runtime/warm.py), in fresh copies each. Also times a bare `import` of the core (the floor of a cold
 stage's overhead) and a no-op `dvc repro` (median of 3). Sizes of the tiny model's workload:
 `default` is the preset itself (B=2 prompts x G=4, 9 frames at 32x32), `realistic` B=8 x G=8 at
 17 frames of 64x64, `clip` B=8 x G=8 at 33 frames of 128x128, `large` the same at 256x256.
@@ -55,7 +55,7 @@ def _timed(args, cwd, env=None) -> float:
 def configure_size(project: Path, size: str) -> None:
     from ruamel.yaml import YAML
 
-    subprocess.run([sys.executable, "-m", "stages.iterations", "1"], cwd=project, check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "flash_grpo_core.pipeline.iterations", "1"], cwd=project, check=True, capture_output=True)
     if SIZES[size]:
         yaml = YAML()
         path = project / "params.yaml"
@@ -66,10 +66,10 @@ def configure_size(project: Path, size: str) -> None:
 
 
 def _start_warm(project: Path, env: dict) -> subprocess.Popen:
-    """`python -m stages.warm` in the scratch project; returns once it listens."""
+    """`python -m stages.runtime.warm` in the scratch project; returns once it listens."""
     log = project / "warm.log"
     with open(log, "w") as handle:
-        server = subprocess.Popen([sys.executable, "-m", "stages.warm"], cwd=project, env=env, stdout=handle,
+        server = subprocess.Popen([sys.executable, "-m", "stages.runtime.warm"], cwd=project, env=env, stdout=handle,
                                   stderr=subprocess.STDOUT)
     while "listening" not in log.read_text():
         if server.poll() is not None:
@@ -181,7 +181,7 @@ def _table(results: list[dict]) -> str:
     size = results[0]["size"]
     lines = [f"# Pipeline overhead ({size} tiny preset)", ""]
     for result in results:
-        mode = "warm (python -m stages.warm running)" if result["warm"] else "cold (a fresh process per stage)"
+        mode = "warm (python -m stages.runtime.warm running)" if result["warm"] else "cold (a fresh process per stage)"
         lines += [f"## {mode}", "", (f"Every stage in one `dvc repro --force` ({result['whole_repro_s']:.2f} s; "
                                     f"DVC start-up before the first stage {result['dvc_startup_s']:.2f} s; a stage's "
                                     "share runs from its start to the next stage's start; after its summary line "

@@ -5,7 +5,7 @@
 In a scratch git + DVC copy of the project, `dvc repro score@1` (one process) makes the inputs;
 then `rollout@1`, `score@1`, `update@1` and `eval_checkpoint@1` run in that order, each as its
 `dvc.yaml` command run directly (`python -m stages.<name> ...`, the paths as DVC resolves them),
-with FLASH_GRPO_NPROC_PER_NODE=1 and =2 one after the other (stages/_launch.py starts torchrun
+with FLASH_GRPO_NPROC_PER_NODE=1 and =2 one after the other (stages/runtime/launch.py starts torchrun
 for 2), OMP_NUM_THREADS=1 (`--threads`: each process computes on one core, so 1 against 2
 processes is 1 against 2 cores) and FLASH_GRPO_WARM=0 (a fresh process per stage). Both process
 counts write the same outputs (docs/distributed.md), so every run of a stage finds the inputs it

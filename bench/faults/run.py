@@ -10,7 +10,7 @@ Then three sets of cases, each described in its module:
 - kill points (bench/faults/kills.py): a stage interrupted at an exact fault point (between an
   output's write and its rename, after the rename, after the stage before DVC's lock update) or
   during its compute, by SIGKILL of the stage, SIGKILL of `dvc` or Ctrl-C (SIGINT to dvc's process
-  group), warm (`python -m stages.warm`) and cold, then `dvc repro` and every output compared with
+  group), warm (`python -m stages.runtime.warm`) and cold, then `dvc repro` and every output compared with
   the reference;
 - corruptions (bench/faults/corrupt.py): every artifact type truncated, a data byte flipped, a
   header byte flipped, deleted, replaced by a valid file of other content; detected by DVC or by

@@ -8,7 +8,7 @@ uninterrupted reference run, and what every fault case needs around it.
   left out): missing, changed and extra files (an extra file is debris an interruption left).
 - `stage_command` is a stage's command as DVC resolved it (dvc.lock), with its outputs moved to a
   scratch folder, so a stage can be run directly on an input without touching the workspace.
-- Stages run warm (`python -m stages.warm` listening on a socket of this workspace) or cold
+- Stages run warm (`python -m stages.runtime.warm` listening on a socket of this workspace) or cold
   (FLASH_GRPO_WARM=0); every process runs on one thread.
 """
 
