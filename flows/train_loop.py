@@ -28,7 +28,7 @@ from pydantic import Field
 
 from flows import dvc_runner, params_file
 
-# The model presets of the training loop (params.yaml's `toy` preset belongs to bench/alignment.py,
+# The model presets of the training loop (params.yaml's `toy` preset belongs to bench/alignment,
 # whose base model comes from the `pretrain` stage, which this flow does not run).
 Preset = Literal["tiny", "wan1_3b", "wan1_3b_flowgrpo", "wan14b"]
 STAGE_RETRIES = 2

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from flash_grpo_core.artifacts import atomic
+from flash_grpo_core.artifacts.safetensors_io import write_safetensors
 from flash_grpo_core.artifacts.checkpoint import (
     CheckpointError,
     CheckpointTensors,
@@ -130,8 +131,8 @@ def test_damaged_eval_videos_are_named(tmp_path, damage):
     from stages.evaluate import read_videos
 
     path = tmp_path / "it1" / "videos.safetensors"
-    atomic.write_safetensors({"videos": torch.randint(0, 255, (2, 3, 4, 4, 3), dtype=torch.uint8)}, path,
-                             {"prompt_ids": ["a", "b"], "prompts": ["a red square", "a blue one"]})
+    write_safetensors({"videos": torch.randint(0, 255, (2, 3, 4, 4, 3), dtype=torch.uint8)}, path,
+                      {"prompt_ids": ["a", "b"], "prompts": ["a red square", "a blue one"]})
     assert read_videos(tmp_path, 1)[1] == ["a red square", "a blue one"]
     _damage_safetensors(path, damage)
     with pytest.raises(CheckpointError, match="videos.safetensors"):
@@ -353,7 +354,8 @@ def test_the_toy_base_stage_is_not_reported_changed_on_a_fresh_copy(workspace):
     nor a change anywhere in the core it depends on make plain `dvc status` list it."""
     status = _run([BIN / "dvc", "status", "bench/toy/dvc.yaml"], workspace)
     assert "up to date" in status.stdout and "pretrain:" not in status.stdout, status.stdout
-    (workspace / "flash_grpo_core" / "toy.py").write_text((workspace / "flash_grpo_core" / "toy.py").read_text() + "\n")
+    model = workspace / "flash_grpo_core" / "tasks" / "toy" / "model.py"
+    model.write_text(model.read_text() + "\n")
     try:
         assert "pretrain:" not in _run([BIN / "dvc", "status"], workspace).stdout
     finally:

@@ -1,6 +1,6 @@
 """Converting between one iteration's `RolloutBatch` and per-sample `RolloutRecord`s.
 
-The rollout stage turns its batch into records for the shards (flash_grpo_core/shards.py); the
+The rollout stage turns its batch into records for the shards (flash_grpo_core/artifacts/shards.py); the
 score and update stages turn the records they read back into a batch. Record keys are
 `it<iteration>-p<prompt>-g<group>`, so sorting by key keeps whole groups together, prompt-major.
 """

@@ -29,7 +29,7 @@ Why this format:
 - Byte-reproducible shards, so DVC sees identical outputs for identical rollouts: records are
   sorted by key, every tar header is fixed (mtime 0, uid/gid 0, fixed uname/gname, mode 0644,
   ustar format) and the index holds no timestamps. The tars are written with `tarfile`
-  (flash_grpo_core/tar_io.py) rather than webdataset 1.0.2's `TarWriter`, whose `format` argument
+  (flash_grpo_core/artifacts/tar_io.py) rather than webdataset 1.0.2's `TarWriter`, whose `format` argument
   is ignored and whose uid/gid cannot be set; the result is an ordinary WebDataset shard all the same.
 - Whole groups per shard (a shard holds `groups_per_shard * G` records), so a reader streaming one
   shard always sees complete groups for the group-relative advantages.

@@ -4,7 +4,7 @@ A sample is a dict `{"__key__": key, field: bytes, ...}`; in the tar it is one m
 named `<key>.<field>`, fields in sorted order. Every header is fixed (mtime 0, uid/gid 0, uname and
 gname `flash-grpo`, mode 0644, ustar format), so the bytes depend only on the samples. Files are
 written under `TEMP_PREFIX + name`, fsynced and renamed into place. The rollout shard format on top
-of this is flash_grpo_core/shards.py.
+of this is flash_grpo_core/artifacts/shards.py.
 """
 
 from __future__ import annotations
