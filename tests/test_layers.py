@@ -1,7 +1,7 @@
 """The house's rules (docs/architecture.md), checked on the source and on what imports load.
 
 - Layers: the core's packages in one order, lowest first; a package imports only those below it,
-  never `stages`, `flows` or `bench`, and the flows never import a stage. Import statements inside
+  never `stages`, `flows` or `bench`; the flows and the stages import neither each other nor `bench`. Import statements inside
   functions count too (a load test does not run them).
 - Loading: a part imported in a fresh interpreter loads nothing above it (an import that some other
   test made earlier cannot hide a wrong arrow); the engine, rewards and metrics load no task.
@@ -61,9 +61,10 @@ def test_a_layer_imports_only_the_layers_below_it(layer):
     assert not wrong, wrong
 
 
-def test_the_flows_start_no_stage_module():
-    wrong = [f"{path.name} imports {name}" for path in sorted((ROOT / "flows").glob("*.py"))
-             for name in imported_names(path) if name.split(".")[0] == "stages"]
+@pytest.mark.parametrize("folder, forbidden", [("flows", ("stages", "bench")), ("stages", ("flows", "bench"))])
+def test_the_flows_and_the_stages_import_neither_each_other_nor_the_benchmarks(folder, forbidden):
+    wrong = [f"{path.relative_to(ROOT)} imports {name}" for path in sorted((ROOT / folder).rglob("*.py"))
+             for name in imported_names(path) if name.split(".")[0] in forbidden]
     assert not wrong, wrong
 
 

@@ -290,7 +290,7 @@ def reference_hpsv3(base, state, reward, frames, prompts):
 
 
 def test_hpsv3_loads_the_released_layout_and_matches_transformers(qwen_base, tmp_path):
-    from flash_grpo_core.rewards.vlm import jpeg_round_trip
+    from flash_grpo_core.rewards.hpsv3 import jpeg_round_trip
 
     state = make_hpsv3_checkpoint(qwen_base, tmp_path / "HPSv3.safetensors")
     videos, prompts = random_videos(2, 3, 40, 48, seed=11), ["a cat on a mat", "fireworks over a city"]
@@ -320,7 +320,7 @@ def test_jpeg_round_trip_is_pils_default_quality():
     import numpy as np
     from PIL import Image
 
-    from flash_grpo_core.rewards.vlm import jpeg_round_trip
+    from flash_grpo_core.rewards.hpsv3 import jpeg_round_trip
 
     frames = random_videos(1, 2, 32, 24, seed=3)[0]  # [2, 32, 24, 3]
     out = jpeg_round_trip(frames)

@@ -14,10 +14,16 @@ from importlib.metadata import entry_points
 
 GROUP = "flash_grpo.plugins"
 _loaded: set[str] = set()
+_scanned = False
 
 
 def load_plugins() -> list[str]:
-    """Import every installed plugin once; returns the names of those imported by this call."""
+    """Import every installed plugin once (the installed packages' metadata is read on the first
+    call of a process only); returns the names of those imported by this call."""
+    global _scanned
+    if _scanned:
+        return []
+    _scanned = True
     fresh = []
     for point in entry_points(group=GROUP):
         if point.value not in _loaded:

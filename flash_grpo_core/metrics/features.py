@@ -252,7 +252,7 @@ def brisque(videos, prompts=None, frame_stride=8) -> list[float]:
     Every ``frame_stride``-th frame only: BRISQUE takes about 0.5 s per 480x832 frame on one core.
     """
     try:
-        from flash_grpo_core.rewards.ocr import BRISQUEReward
+        from flash_grpo_core.rewards.brisque import BRISQUEReward
 
         reward = BRISQUEReward(frame_stride=frame_stride)
         reward.ensure_loaded()

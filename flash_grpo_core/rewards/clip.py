@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from flash_grpo_core.rewards.base import RewardError, register
-from flash_grpo_core.rewards.models import (
+from flash_grpo_core.rewards.model_base import (
     FrameModelReward,
     empty_model,
     load_strict,

@@ -25,8 +25,10 @@ which pins transformers 4.45 (HPSv3: also deepspeed, trl) and does not run on tr
 
 from __future__ import annotations
 
+import json
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -274,3 +276,30 @@ def sample_frame_indices(total: int, num_frames: int | None, fps: float | None, 
     else:
         raise RewardError("set num_frames or fps for video sampling")
     return torch.linspace(0, total - 1, count).round().long()
+
+
+# Qwen2-VL's video pixel budgets (qwen_vl_utils defaults), used by VideoAlign's frame sampling.
+VIDEO_MIN_PIXELS = 128 * 28 * 28  # qwen_vl_utils defaults
+VIDEO_MAX_PIXELS = 768 * 28 * 28
+VIDEO_TOTAL_PIXELS = 24576 * 28 * 28
+
+
+def load_tokenizer(base_path: Path, special_tokens: list[str]):
+    """The base model's tokenizer with the reward tokens added, as both trainers add them."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_path, local_files_only=True)
+    tokenizer.add_tokens(special_tokens, special_tokens=True)
+    return tokenizer
+
+
+def vision_inputs(base_path: Path, vision_config) -> VisionInputs:
+    """Patch sizes from the model config; normalisation from preprocessor_config.json if present."""
+    mean, std = CLIP_MEAN, CLIP_STD
+    preprocessor = base_path / "preprocessor_config.json"
+    if preprocessor.is_file():
+        settings = json.loads(preprocessor.read_text())
+        mean, std = settings.get("image_mean", mean), settings.get("image_std", std)
+    return VisionInputs(
+        vision_config.patch_size, vision_config.spatial_merge_size, vision_config.temporal_patch_size, mean, std
+    )

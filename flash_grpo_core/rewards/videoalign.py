@@ -1,6 +1,12 @@
 """VideoAlign (VideoReward) reward: Qwen2-VL-2B + LoRA + a 3-output head read at VQ / MQ / TA tokens.
 
-See ``vlm.py`` for the shared loading story and the departures from the released code. Here:
+``path``: the released directory (``model_config.json`` + ``checkpoint-*/{adapter_model.safetensors,
+non_lora_state_dict.pth}`` or ``model.pth``); ``base_path``: the local Qwen2-VL-2B-Instruct
+directory (defaults to ``model_name_or_path`` in ``model_config.json`` if that is a local
+directory). The score is ``w_VQ * VQ + w_MQ * MQ + w_TA * TA`` after the released normalisation
+(``inference_config`` means / stds), i.e. VideoAlign's "Overall" with unit weights. Departures
+from the released code: uint8 tensors in, not mp4 paths; pixels preprocessed in torch
+(``qwen2vl.VisionInputs``); LoRA merged into the weights instead of running through peft. Here:
 the released ``model_config.json`` decides the frame sampling (``data_config.fps`` /
 ``num_frames`` / ``max_frame_pixels``), the LoRA scaling (``peft_lora_config``, or the
 checkpoint's ``adapter_config.json``) and the score normalisation (``inference_config``); the
@@ -12,29 +18,26 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from flash_grpo_core.rewards.base import RewardError, RewardOutput, register
-from flash_grpo_core.rewards.models import ModelReward, require_path
+from flash_grpo_core.rewards.model_base import ModelReward, require_path
 from flash_grpo_core.rewards.prompts import VIDEOALIGN_PROMPT, VIDEOALIGN_REWARD_TOKENS
 from flash_grpo_core.rewards.qwen2vl import (
     Qwen2VLRewardModel,
     build_head,
     chat_text,
     encode_texts,
-    merge_lora,
-    sample_frame_indices,
-    translate_keys,
-)
-from flash_grpo_core.rewards.vlm import (
     VIDEO_MAX_PIXELS,
     VIDEO_MIN_PIXELS,
     VIDEO_TOTAL_PIXELS,
-    latest_checkpoint,
     load_tokenizer,
-    read_checkpoint,
+    merge_lora,
+    sample_frame_indices,
+    translate_keys,
     vision_inputs,
 )
 
@@ -187,3 +190,28 @@ def head_state_outputs(state: dict[str, torch.Tensor]) -> int:
     """Number of head outputs (rows of its last Linear weight)."""
     last = "weight" if "weight" in state else "5.weight"
     return int(state[last].shape[0])
+
+
+def latest_checkpoint(root: Path, step: int) -> Path:
+    """``root/checkpoint-<step>``, or the highest step when step is -1 (as VideoAlign picks)."""
+    found = sorted(root.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[-1]))
+    if not found:
+        raise RewardError(f"reward 'videoalign': no checkpoint-* directory in {str(root)!r}")
+    if step == -1:
+        return found[-1]
+    chosen = root / f"checkpoint-{step}"
+    if chosen not in found:
+        raise RewardError(f"reward 'videoalign': {str(chosen)!r} does not exist")
+    return chosen
+
+
+def read_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state dict, LoRA settings) of one VideoAlign checkpoint folder; .pth read with weights_only."""
+    from safetensors.torch import load_file
+
+    if (folder / "model.pth").is_file():
+        return torch.load(folder / "model.pth", map_location="cpu", weights_only=True), {}
+    state = dict(load_file(str(folder / "adapter_model.safetensors")))
+    state.update(torch.load(folder / "non_lora_state_dict.pth", map_location="cpu", weights_only=True))
+    adapter = folder / "adapter_config.json"
+    return state, json.loads(adapter.read_text()) if adapter.is_file() else {}
