@@ -180,3 +180,16 @@ def test_the_core_imports_neither_the_stages_nor_the_flows():
             found += [f"{path.relative_to(CORE.parent)}: {name}" for name in names
                       if name.split(".")[0] in ("stages", "flows")]
     assert not found, found
+
+
+def test_every_project_path_the_code_and_docs_name_exists():
+    """Docstrings, comments and docs that name a file of the project name one that is there."""
+    import re
+
+    named = re.compile(r"(?<![\w/.])((?:flash_grpo_core|stages|flows|bench)/[\w./-]*\w\.(?:py|md|yaml|sh))\b")
+    texts = [*(ROOT / "docs").glob("*.md"), ROOT / "README.md", ROOT / "params.yaml", ROOT / "dvc.yaml",
+             *(path for folder in ("flash_grpo_core", "stages", "flows", "bench", "tests", "scripts")
+               for path in (ROOT / folder).rglob("*.py"))]
+    missing = sorted({f"{path.relative_to(ROOT)}: {name}" for path in texts
+                      for name in named.findall(path.read_text()) if not (ROOT / name).exists()})
+    assert not missing, missing
