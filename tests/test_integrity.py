@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from flash_grpo_core.artifacts import atomic
-from flash_grpo_core.artifacts.safetensors_io import write_safetensors
 from flash_grpo_core.artifacts.checkpoint import (
     CheckpointError,
     CheckpointTensors,
@@ -25,10 +24,12 @@ from flash_grpo_core.artifacts.checkpoint import (
 )
 from flash_grpo_core.artifacts.checksums import write_index
 from flash_grpo_core.artifacts.prompt_embeds import load_prompt_embeds, save_prompt_embeds
+from flash_grpo_core.artifacts.safetensors_io import write_safetensors
 from flash_grpo_core.artifacts.scores import ScoresError, read_scores, write_scores
 from flash_grpo_core.artifacts.tar_io import ShardError
 from flash_grpo_core.config import load_params
 from flash_grpo_core.pipeline.workspace import copy_project, tool_env
+from warm_runner import warm_runner
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -263,8 +264,9 @@ def workspace(tmp_path_factory, dvc_cache):
     project = copy_project(ROOT, tmp_path_factory.mktemp("integrity"), cache_dir=dvc_cache)
     params = project / "params.yaml"  # the tiny preset, whatever the checkout's default
     params.write_text(re.sub(r"(?m)^preset: *\w+", "preset: tiny", params.read_text()))
-    _run([BIN / "dvc", "repro", "curate"], project)
-    return project
+    with warm_runner(project):  # the stages fork from one warm process (tests/warm_runner.py)
+        _run([BIN / "dvc", "repro", "curate"], project)
+        yield project
 
 
 def md5(path: Path) -> str:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from flash_grpo_core.pipeline.workspace import copy_project, tool_env
+from warm_runner import warm_runner
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -35,8 +36,11 @@ def _dvc(*args, cwd, check=True):
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, dvc_cache):
-    """A git + DVC copy of the repository's tracked and new files, without any run outputs."""
-    return copy_project(ROOT, tmp_path_factory.mktemp("project"), preset="tiny", cache_dir=dvc_cache)  # 2 iterations
+    """A git + DVC copy of the repository's tracked and new files, without any run outputs; its
+    stages run warm (tests/warm_runner.py)."""
+    project = copy_project(ROOT, tmp_path_factory.mktemp("project"), preset="tiny", cache_dir=dvc_cache)  # 2 iterations
+    with warm_runner(project, min_served=10):
+        yield project
 
 
 def test_repro_builds_every_artifact(project):
