@@ -91,12 +91,17 @@ def test_the_validate_stage_reads_every_reward_declaration_without_importing_one
     import sys
 
     from flash_grpo_core.pipeline.inputs import declared_rewards
+    from flash_grpo_core.rewards.base import _known as reward_for
     from flash_grpo_core.rewards.base import available_rewards
 
     declared = declared_rewards()
-    assert set(declared) == set(available_rewards())
-    assert declared == {**{name: ((), "") for name in declared if name not in _REQUIRED}, **{
-        name: _REQUIRED[name] for name in declared if name in _REQUIRED}}
+    project = {name for name in available_rewards()  # not those other tests of this process registered
+               if name not in _FACTORIES or _FACTORIES[name].__module__.startswith("flash_grpo_core.")}
+    assert set(declared) == project
+    for name in declared:
+        assert reward_for(name)  # registers a task's reward, as building it in a run does
+    assert {name: required for name, (required, _) in declared.items()} == {name: _REQUIRED[name][0] for name in declared}
+    assert all(declared[name] == _REQUIRED[name] for name in declared if declared[name][0])  # and their hints
     code = ("import sys; from flash_grpo_core.pipeline.inputs import declared_rewards; declared_rewards(); "
             "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

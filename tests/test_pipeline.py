@@ -276,9 +276,10 @@ def test_interrupted_stage_is_rerun_and_never_taken_as_done(project):
     (project / "runs" / "tiny" / "it2" / "rollout" / "shards.json").unlink()  # as if the writer died
     status = _dvc("status", "dvc.yaml", cwd=project).stdout
     assert "rollout@2" in status  # DVC sees the output changed: it is not taken as done
+    # cold, so that one second into the stage it is still loading or sampling (warm, it may be done)
     process = subprocess.Popen([str(BIN / "dvc"), "repro", "--force", "--single-item", "rollout@2"], cwd=project,
-                               env=tool_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
+                               env=tool_env(FLASH_GRPO_WARM="0"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)
     for line in process.stdout:
         if "Running stage 'rollout@2'" in line:
             time.sleep(1.0)  # inside the stage: loading the model or sampling
