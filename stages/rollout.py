@@ -57,7 +57,7 @@ def work(args) -> dict:
     steps = plan_steps(params, len(texts), args.iteration)  # [B, G, T], the same on every rank
     with common.timer(timings, "sample_seconds"):
         embeds = encode(engine, texts)  # every prompt on every rank: the same numbers as one process
-        entries = sample_shards(engine, params, args, chosen, steps, embeds, counter)
+        entries = sample_shards(engine, Path(args.out), args.iteration, chosen, steps, embeds, counter)
     passes = dist.sum_counts(counter.as_dict())
     if dist.current().is_main:
         ShardWriter(args.out, r.group_size).finish(entries)  # shards.json: the folder is complete
@@ -72,29 +72,31 @@ def work(args) -> dict:
             **passes, **timings}
 
 
-def sample_shards(engine, params, args, chosen, steps, embeds, counter) -> list[dict]:
-    """Sample, decode and write this rank's shards (whole groups, `pipeline.groups_per_shard` each);
-    every rank's listing entries, gathered. Rank 0 first clears a previous attempt and writes the
-    prompt embeddings."""
+def sample_shards(engine, out: Path, iteration: int, chosen, steps, embeds, counter) -> list[dict]:
+    """Sample, decode and write this rank's shards of the `chosen` prompts into `out` (whole groups,
+    `pipeline.groups_per_shard` each) with the iteration's trained `steps` [B, G, T] and prompt
+    `embeds`; every rank's listing entries, gathered. Rank 0 first clears a previous attempt and
+    writes the prompt embeddings."""
     from flash_grpo_core.artifacts.prompt_embeds import save_prompt_embeds
     from flash_grpo_core.artifacts.rollout_records import records_from_batch, videos_by_key
     from flash_grpo_core.artifacts.shards import ShardWriter
     from flash_grpo_core.engine import distributed as dist
     from flash_grpo_core.engine.iteration import generate
 
+    params = engine.params
     r, per_shard, world = params.rollout, params.pipeline.groups_per_shard, dist.current()
-    writer = ShardWriter(args.out, r.group_size)
+    writer = ShardWriter(out, r.group_size)
     if world.is_main:
         writer.clear()
-        save_prompt_embeds(args.out, [p.prompt for p in chosen], *embeds)  # before the index: it is written last
+        save_prompt_embeds(out, [p.prompt for p in chosen], *embeds)  # before the index: it is written last
     dist.barrier()  # no rank writes a shard into a folder that is still being cleared
     owned = dist.owned_units(-(-len(chosen) // per_shard), world)
     texts, ids, entries = [p.prompt for p in chosen], [p.id for p in chosen], []
     with common.progress_bar(len(owned) * per_shard * r.group_size * r.num_steps, "rollout") as bar:
         for number in owned:
             groups = range(number * per_shard, min((number + 1) * per_shard, len(chosen)))
-            batch, videos = generate(engine, texts, args.iteration, counter, steps, bar, embeds, groups)
-            records = records_from_batch(batch, texts, ids, args.iteration, params.seed, r.group_size)
+            batch, videos = generate(engine, texts, iteration, counter, steps, bar, embeds, groups)
+            records = records_from_batch(batch, texts, ids, iteration, params.seed, r.group_size)
             entries.append(writer.write(number, records, videos_by_key(records, videos)))
     return [entry for part in dist.gather_objects(entries) for entry in part]
 
