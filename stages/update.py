@@ -56,7 +56,9 @@ def work(args) -> dict:
     from flash_grpo_core.artifacts.shards import read_shards
     from flash_grpo_core.engine.distributed import current, sum_counts
     from flash_grpo_core.engine.iteration import update
+    from flash_grpo_core.method.advantages import NonFiniteError
     from flash_grpo_core.method.batch import PassCounter
+    from flash_grpo_core.pipeline.health import act_on, check_health
 
     params = common.load_params(args.params)
     check_config(args.checkpoint, params)  # before the model loads: a checkpoint of other params
@@ -70,18 +72,27 @@ def work(args) -> dict:
         embeds = load_prompt_embeds(args.rollout, prompts, engine.device)
         advantages = read_advantages(args.scores, [r.key for r in records])
     with common.timer(timings, "train_seconds"), common.progress_bar(batch.steps.numel(), "update") as bar:
-        metrics = update(engine, prompts, batch, advantages, args.iteration, counter, progress=bar, embeds=embeds)
+        try:
+            metrics = update(engine, prompts, batch, advantages, args.iteration, counter, progress=bar,
+                             embeds=embeds)
+        except NonFiniteError as error:  # exit 2, naming the iteration: a rerun would meet it again
+            raise NonFiniteError(f"iteration {args.iteration}: {error}") from error
     passes = sum_counts(counter.as_dict())  # every rank's share of the passes
     rewards = _reward_stats(args.scores)
-    row = {"iteration": args.iteration, **rewards, **metrics,
+    equal = advantages.reshape(-1, params.rollout.group_size).eq(0).all(dim=1)  # groups without signal
+    row = {"iteration": args.iteration, **rewards, **metrics, "equal_groups_fraction": float(equal.float().mean()),
            "rollout_forward_passes": rollout["forward_passes"], "train_forward_passes": passes["forward_passes"],
            "train_backward_passes": passes["backward_passes"]}
+    history = previous.get("history", [])
+    # every rank checks the same numbers (a guard set to stop stops them all); rank 0 says it
+    row["health_warnings"] = act_on(check_health(row, history, params.health), args.iteration,
+                                    _warn_on_rank_0)
     tensors = engine.policy.checkpoint_tensors()  # every rank: sharded (FSDP2) tensors are gathered
     if current().is_main:
         beside = params.train.optimizer_state == "beside"
         write_checkpoint(tensors, args.out, {"iteration": args.iteration, "preset": params.preset,
                                              "config": config_record(params),
-                                             "history": [*previous.get("history", []), row]}, beside)
+                                             "history": [*history, row]}, beside)
         if beside:
             prune_moments(args.out, params.train.keep_optimizer_states)
         write_json(row, args.metrics)
@@ -90,6 +101,13 @@ def work(args) -> dict:
     return {k: round(row[k], 4) if isinstance(row[k], float) else row[k]
             for k in ("iteration", "reward_mean", "reward_std", "loss", "clip_fraction", "train_forward_passes",
                       "train_backward_passes")}
+
+
+def _warn_on_rank_0(line: str) -> None:
+    from flash_grpo_core.engine.distributed import current
+
+    if current().is_main:
+        common.warn("update", line)
 
 
 def _reward_stats(scores_path: str) -> dict[str, float]:

@@ -55,6 +55,7 @@ def test_policy_stats():
     stats = policy_stats(torch.log(torch.tensor([1.0, 1.01, 0.98])), torch.zeros(3), clip_range=0.015)
     assert stats["clip_fraction"] == pytest.approx(1 / 3)  # only |0.98 - 1| > 0.015
     assert stats["ratio_mean"] == pytest.approx((1 + 1.01 + 0.98) / 3, abs=1e-6)
+    assert stats["ratio_deviation_max"] == pytest.approx(0.02, abs=1e-6)
 
 
 def test_advantages_hand_worked():

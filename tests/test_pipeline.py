@@ -58,6 +58,8 @@ def test_repro_builds_every_artifact(project):
         assert manifest["forward_passes"] == 8 * 20 * 2
         metrics = json.loads((runs / "tiny" / f"it{it}" / "metrics.json").read_text())
         assert metrics["iteration"] == it and metrics["train_backward_passes"] > 0
+        assert metrics["health_warnings"] == [] and metrics["first_ratio_deviation"] < 1e-3  # the guards: silent
+        assert metrics["equal_groups_fraction"] == 0.0  # brightness differs within every group
         assert read_state(runs / "tiny" / f"it{it}" / "checkpoint")["iteration"] == it
     metric = json.loads((runs / "tiny" / "eval" / "metrics.json").read_text())  # the DVC metric: numbers only
     assert set(metric) == {"iteration", "base", "trained", "delta", "ci_low", "ci_high"} and metric["iteration"] == 2

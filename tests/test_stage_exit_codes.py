@@ -17,6 +17,14 @@ def test_known_input_error_exits_2_with_one_line(capsys):
     assert capsys.readouterr().err.strip() == "score: error: train.learning_rate must be > 0"
 
 
+def test_a_health_guard_set_to_stop_exits_2_with_one_line(capsys):
+    from flash_grpo_core.pipeline.health import HealthStop
+
+    line = "iteration 7: gradient norm 3 is 30.0x its running median 0.1; stopped (health.grad_norm: stop; ...)"
+    assert common.run("update", _raising(HealthStop(line)), None) == 2
+    assert capsys.readouterr().err.strip() == f"update: error: {line}"
+
+
 def test_unreachable_reward_exits_75(capsys):
     code = common.run("score", _raising(RewardUnavailable("reward 'hpsv3' at http://127.0.0.1:9/score failed")),
                       None)

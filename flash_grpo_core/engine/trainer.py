@@ -172,7 +172,8 @@ def _item_terms(policy: Policy, ctx: StepContext, items: torch.Tensor, train: Tr
 
 def update_policy(policy: Policy, ctx: StepContext, step_factors: torch.Tensor, train: TrainConfig,
                   generator: torch.Generator, counter: PassCounter, progress=None) -> dict[str, float]:
-    """Run the minibatch optimizer steps of one iteration; return averaged training metrics."""
+    """Run the minibatch optimizer steps of one iteration; return averaged training metrics, and the
+    first minibatch's max |ratio - 1| (its weights sampled the rollout: it must be ~0)."""
     total, trained = ctx.batch.steps.shape
     order = torch.randperm(total * trained, generator=generator)
     per_minibatch = total * trained // train.minibatches
@@ -182,7 +183,8 @@ def update_policy(policy: Policy, ctx: StepContext, step_factors: torch.Tensor, 
         if progress is not None:
             progress.update(len(chunk))
     summed = {"trained_items"}
-    return {key: sum(h[key] for h in history) / (1 if key in summed else len(history)) for key in history[0]}
+    return {**{key: sum(h[key] for h in history) / (1 if key in summed else len(history)) for key in history[0]},
+            "first_ratio_deviation": history[0]["ratio_deviation_max"]}
 
 
 def rank_micro_batches(items: torch.Tensor, micro_batch: int, rank: int, world_size: int):
@@ -243,7 +245,7 @@ def _minibatch_step(policy: Policy, ctx: StepContext, items: torch.Tensor, step_
         check_replicas(policy.parameters, f"trainable weights after optimizer step {policy.ema.steps}")
     parts = gather_objects((loss_sum, [t.cpu() for t in new_parts], [t.cpu() for t in old_parts]))
     new_all = [t for part in parts for t in part[1]]
-    stats = {"clip_fraction": 0.0, "approx_kl": 0.0, "ratio_mean": 1.0}
+    stats = {"clip_fraction": 0.0, "approx_kl": 0.0, "ratio_mean": 1.0, "ratio_deviation_max": 0.0}
     if new_all:
         stats = policy_stats(torch.cat(new_all), torch.cat([t for part in parts for t in part[2]]), train.clip_range)
     return {"loss": sum(part[0] for part in parts), "grad_norm": grad_norm, "trained_items": float(len(items)),

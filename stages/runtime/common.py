@@ -72,9 +72,11 @@ def known_errors() -> tuple[type[BaseException], ...]:
     from flash_grpo_core.artifacts.scores import ScoresError
     from flash_grpo_core.artifacts.tar_io import ShardError
     from flash_grpo_core.method.advantages import NonFiniteError
+    from flash_grpo_core.pipeline.health import HealthStop
     from flash_grpo_core.rewards import RewardError
 
-    return (*light_errors(), ShardError, CheckpointError, RewardError, ScoresError, NonFiniteError, FileNotFoundError)
+    return (*light_errors(), ShardError, CheckpointError, RewardError, ScoresError, NonFiniteError, HealthStop,
+            FileNotFoundError)
 
 
 INPUT_ERROR_EXIT = 2  # a known, deterministic input error: rerunning cannot help
