@@ -19,9 +19,11 @@ from flash_grpo_core.config.sections import (
     RewardConfig,
     RolloutConfig,
     ToyConfig,
+    TrackingConfig,
     TrainConfig,
 )
 
 __all__ = ["ConfigError", "DataConfig", "EvalConfig", "ExportConfig", "ModelConfig", "Params", "PipelineConfig",
-           "RewardConfig", "RolloutConfig", "ToyConfig", "TrainConfig", "load_params", "params_from_dict",
+           "RewardConfig", "RolloutConfig", "ToyConfig", "TrackingConfig",
+           "TrainConfig", "load_params", "params_from_dict",
            "read_yaml", "to_dict"]

@@ -29,6 +29,7 @@ from flash_grpo_core.config.checks import (  # noqa: F401 - ConfigError re-expor
 from flash_grpo_core.config.building import build_section
 from flash_grpo_core.config.dvc_layout import dvc_loop, eval_points
 from flash_grpo_core.config.plugins import load_plugins
+from flash_grpo_core.config.tracking_section import TrackingConfig  # noqa: F401 - a section of Params
 
 
 @dataclass(frozen=True)
@@ -348,6 +349,7 @@ class Params:
     data: DataConfig = field(default_factory=DataConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     toy: ToyConfig = field(default_factory=ToyConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # read by no stage's dvc.yaml params
 
     def __post_init__(self):
         _check(self.preset in PRESETS, f"preset must be one of {PRESETS}, got {self.preset!r}")
