@@ -131,13 +131,15 @@ def test_the_tracking_section_resolves_per_preset_and_stays_out_of_presets(tmp_p
     params = load_params(ROOT / "params.yaml", preset="tiny")
     assert params.tracking.backends == ("tensorboard",)
     assert run_spec(params).log_dir == Path("runs") / "tiny" / "tracking" / "tiny"
-    custom = load_params(ROOT / "params.yaml", preset="tiny", overrides={"tracking.run_name": "a", "tracking.dir": "tb"})
+    custom = load_params(ROOT / "params.yaml", preset="tiny",
+                         overrides={"tracking.run_name": "a", "tracking.dir": "tb"})
     assert run_spec(custom).log_dir == Path("tb") / "a"
     off = load_params(ROOT / "params.yaml", preset="tiny", overrides={"tracking.backends": []})
     assert not Tracker(run_spec(off), rank=0).active
     with pytest.raises(ConfigError, match="tracking.backends: unknown"):
         load_params(ROOT / "params.yaml", overrides={"tracking.backends": ["wandb"]})
-    text = (ROOT / "params.yaml").read_text().replace("  tiny:\n    model:\n", "  tiny:\n    tracking:\n      run_name: b\n    model:\n", 1)
+    text = (ROOT / "params.yaml").read_text().replace("  tiny:\n    model:\n",
+                                                      "  tiny:\n    tracking:\n      run_name: b\n    model:\n", 1)
     (tmp_path / "params.yaml").write_text(text)
     with pytest.raises(ConfigError, match="presets.tiny: set `tracking` in the base section only"):
         load_params(tmp_path / "params.yaml")

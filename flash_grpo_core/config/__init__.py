@@ -24,6 +24,5 @@ from flash_grpo_core.config.sections import (
 )
 
 __all__ = ["ConfigError", "DataConfig", "EvalConfig", "ExportConfig", "ModelConfig", "Params", "PipelineConfig",
-           "RewardConfig", "RolloutConfig", "ToyConfig", "TrackingConfig",
-           "TrainConfig", "load_params", "params_from_dict",
-           "read_yaml", "to_dict"]
+           "RewardConfig", "RolloutConfig", "ToyConfig", "TrackingConfig", "TrainConfig", "load_params",
+           "params_from_dict", "read_yaml", "to_dict"]

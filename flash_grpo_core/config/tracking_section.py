@@ -27,7 +27,8 @@ class TrackingConfig:
         unknown = sorted(set(self.backends) - set(TRACKING_BACKENDS))
         _check(not unknown, f"tracking.backends: unknown {unknown}; known: {list(TRACKING_BACKENDS)} ([] turns "
                             "tracking off)")
-        _check(len(set(self.backends)) == len(self.backends), f"tracking.backends lists one twice: {list(self.backends)}")
+        _check(len(set(self.backends)) == len(self.backends),
+               f"tracking.backends lists one twice: {list(self.backends)}")
         _check(bool(self.project.strip()), "tracking.project must not be empty")
         _check(self.run_name is None or re.fullmatch(RUN_NAME, self.run_name) is not None,
                f"tracking.run_name must be letters, digits and . _ - (one folder name), got {self.run_name!r}")

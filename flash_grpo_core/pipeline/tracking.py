@@ -150,7 +150,13 @@ class Tracker:
             return
         import numpy as np
 
-        array = np.ascontiguousarray(np.asarray(video, dtype=np.uint8))
+        try:
+            if hasattr(video, "detach"):  # a tensor, on a GPU too
+                video = video.detach().cpu().numpy()
+            array = np.ascontiguousarray(np.asarray(video, dtype=np.uint8))
+        except (TypeError, ValueError, RuntimeError) as error:
+            self._warn("tracking", error)
+            return
         digest = hashlib.sha256(array.tobytes()).hexdigest()[:16]
         if self._is_new(tag, step, digest) and self._backends():
             self._record([(tag, step, digest)], lambda backend: backend.video(tag, array, step, fps))
