@@ -71,6 +71,17 @@ def write_videos(videos, prompts, path: str) -> None:
                       {"prompt_ids": [p.id for p in prompts], "prompts": [p.prompt for p in prompts]})
 
 
+def track(params, iteration: int, means: dict, videos) -> None:
+    """The checkpoint's held-out numbers (each reward and metric's mean) and its first sample video
+    to the run's tracker (params.yaml's `tracking:`) at step = the checkpoint's iteration."""
+    from flash_grpo_core.pipeline.tracking import open_tracker
+
+    with open_tracker(params) as tracker:
+        tracker.log_scalars(means, iteration, prefix="eval")
+        if len(videos):
+            tracker.log_video("eval/sample", videos[0], iteration, fps=8)  # as the report's mp4s
+
+
 def work(args) -> dict:
     """Sample and score the eval prompts with the checkpoint; rank 0 writes metrics.json and the videos."""
     from flash_grpo_core.artifacts.atomic import write_json
@@ -108,6 +119,7 @@ def work(args) -> dict:
                                   if name.startswith("reward") and r["status"] == "ok"},
                     "not_configured": {name: r["reason"] for name, r in results.items() if r["status"] != "ok"}},
                    args.metrics)
+        track(params, args.iteration, means, videos)
     return {"iteration": args.iteration, "prompts": len(prompts), "reward": round(means["reward"], 4)}
 
 

@@ -98,6 +98,7 @@ def work(args) -> dict:
         write_json(row, args.metrics)
         if args.timings:
             write_json(timings, args.timings)
+        track(params, row, args.scores)
     return {k: round(row[k], 4) if isinstance(row[k], float) else row[k]
             for k in ("iteration", "reward_mean", "reward_std", "loss", "clip_fraction", "train_forward_passes",
                       "train_backward_passes")}
@@ -108,6 +109,29 @@ def _warn_on_rank_0(line: str) -> None:
 
     if current().is_main:
         common.warn("update", line)
+
+
+def track(params, row: dict, scores_path: str) -> None:
+    """The iteration's numbers to the run's tracker (params.yaml's `tracking:`) at step = iteration:
+    every number of the metrics row, and each reward component's mean and std."""
+    from flash_grpo_core.pipeline.tracking import open_tracker
+
+    with open_tracker(params) as tracker:
+        values = {key: value for key, value in row.items() if key not in ("iteration", "health_warnings")}
+        values["health_warnings"] = len(row["health_warnings"])  # how many guards warned (the lines: stderr, metrics.json)
+        tracker.log_scalars({**values, "reward": _component_stats(scores_path)}, row["iteration"], prefix="train")
+
+
+def _component_stats(scores_path: str) -> dict[str, float]:
+    from flash_grpo_core.artifacts.scores import COMPONENT_PREFIX, read_scores
+
+    stats = {}
+    for name, values in read_scores(scores_path).items():
+        if name.startswith(COMPONENT_PREFIX) and values:
+            mean = sum(values) / len(values)
+            stats[f"{name[len(COMPONENT_PREFIX):]}_mean"] = mean
+            stats[f"{name[len(COMPONENT_PREFIX):]}_std"] = (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
+    return stats
 
 
 def _reward_stats(scores_path: str) -> dict[str, float]:

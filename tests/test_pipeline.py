@@ -89,6 +89,26 @@ def test_repro_builds_every_artifact(project):
     assert "reward and loss over iterations" in plots
     drawn = plots["runs/tiny/eval/curves/dynamic_degree_flow.json"][0]["content"]["data"]["values"]
     assert [row["iteration"] for row in drawn] == [0, 1, 2]  # a VBench-style metric over iterations
+    _assert_tracked(runs / "tiny" / "tracking" / "tiny", runs / "tiny", points)
+
+
+def _assert_tracked(log_dir: Path, preset_dir: Path, points: list[dict]) -> None:
+    """The live run (params.yaml's tracking:, TensorBoard by default), read with TensorBoard's reader:
+    the update's numbers at iterations 1 and 2, each evaluated checkpoint's held-out reward and sample."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0})
+    run.Reload()
+    rows = [json.loads((preset_dir / f"it{it}" / "metrics.json").read_text()) for it in (1, 2)]
+    for key in ("reward_mean", "reward_std", "loss", "grad_norm", "clip_fraction", "train_backward_passes"):
+        assert [(e.step, e.value) for e in run.Scalars(f"train/{key}")] == [
+            (it, pytest.approx(row[key], rel=1e-6)) for it, row in zip((1, 2), rows)], key
+    assert [e.step for e in run.Scalars("train/reward/brightness_mean")] == [1, 2]  # each reward component
+    assert [(e.step, e.value) for e in run.Scalars("eval/reward")] == [
+        (it, pytest.approx(point["metrics"]["reward"], rel=1e-6)) for it, point in zip((0, 1, 2), points)]
+    (sample,) = run.Tags()["images"]  # a GIF where moviepy can encode one, else a frame grid
+    assert sample.startswith("eval/sample") and [e.step for e in run.Images(sample)] == [0, 1, 2]
+    assert len(json.loads((log_dir / "run.json").read_text())["run_id"]) == 32  # one run: every process's id
 
 
 def metrics_of(iteration_dir) -> float:
@@ -166,9 +186,20 @@ def test_a_bad_params_edit_fails_at_validate_and_loses_nothing(project, old, new
 
 def test_a_valid_edit_that_no_stage_reads_reruns_validate_alone(project):
     """Any edit of params.yaml reruns validate (a file dependency); its marker keeps its bytes, so
-    nothing downstream reruns: here a comment and pipeline.keep_checkpoints_every."""
+    nothing downstream reruns: here the tracking section (status only), a comment and
+    pipeline.keep_checkpoints_every."""
     params = project / "params.yaml"
     original = params.read_text()
+    tracking = original.replace("  run_name: null", "  run_name: elsewhere", 1).replace(
+        "  options: {}  ", "  options: {tensorboard: {flush_secs: 5}}  ", 1)
+    assert tracking.count("elsewhere") == 1 and "flush_secs" in tracking
+    params.write_text(tracking)  # tracking: is no stage's param: watching a run differently reruns nothing
+    try:
+        status = _dvc("status", "dvc.yaml", cwd=project).stdout
+    finally:
+        params.write_text(original)
+    stale = {line.strip().rstrip(":") for line in status.splitlines() if line and not line.startswith("\t")}
+    assert stale == {"validate"}, status
     params.write_text("# a note\n" + original.replace("keep_checkpoints_every: 0", "keep_checkpoints_every: 3", 1))
     try:
         output = _dvc("repro", cwd=project).stdout

@@ -30,6 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 UNTRACKED_SUFFIX = ".timings.json"  # wall times: no DVC output, different on every run
+# runs/<preset>/tracking: the live tracking's run (event files named by time and process): no DVC output
+UNTRACKED_FOLDER = "tracking"
 
 
 @dataclass
@@ -63,9 +65,12 @@ def run_command(args: list[str], cwd: Path, env: dict, timeout: float = 600) -> 
 
 
 def file_hashes(folder: Path) -> dict[str, str]:
-    """{path relative to folder's parent: sha256} of every file under `folder`, timings left out."""
+    """{path relative to folder's parent: sha256} of every file under `folder`, timings and the tracking
+    run (`<preset>/tracking`) left out."""
     hashes = {}
     for path in sorted(folder.rglob("*")):
+        if path.relative_to(folder).parts[1:2] == (UNTRACKED_FOLDER,):
+            continue
         if path.is_file() and not path.name.endswith(UNTRACKED_SUFFIX):
             hashes[str(path.relative_to(folder.parent))] = hashlib.sha256(path.read_bytes()).hexdigest()
     return hashes

@@ -8,7 +8,7 @@ torch, so flows and CLIs validate parameters cheaply.
 """
 
 from flash_grpo_core.config.loading import load_params, params_from_dict, read_yaml, to_dict
-from flash_grpo_core.config.monitoring import HealthConfig
+from flash_grpo_core.config.monitoring import HealthConfig, TrackingConfig
 from flash_grpo_core.config.sections import (
     ConfigError,
     DataConfig,
@@ -23,6 +23,6 @@ from flash_grpo_core.config.sections import (
     TrainConfig,
 )
 
-__all__ = ["ConfigError", "DataConfig", "EvalConfig", "ExportConfig", "HealthConfig", "ModelConfig", "Params", "PipelineConfig",
-           "RewardConfig", "RolloutConfig", "ToyConfig", "TrainConfig", "load_params", "params_from_dict",
-           "read_yaml", "to_dict"]
+__all__ = ["ConfigError", "DataConfig", "EvalConfig", "ExportConfig", "HealthConfig", "ModelConfig", "Params",
+           "PipelineConfig", "RewardConfig", "RolloutConfig", "ToyConfig", "TrackingConfig", "TrainConfig",
+           "load_params", "params_from_dict", "read_yaml", "to_dict"]

@@ -70,6 +70,9 @@ def params_from_dict(raw: dict, preset: str | None = None, overrides: dict[str, 
     chosen = preset or raw.get("preset", "tiny")
     _check(chosen in PRESETS, f"preset must be one of {PRESETS}, got {chosen!r}")
     _check(set(presets) <= set(PRESETS), f"presets: unknown preset(s) {sorted(set(presets) - set(PRESETS))}")
+    tracked = sorted(name for name, section in presets.items() if isinstance(section, dict) and "tracking" in section)
+    _check(not tracked, f"presets.{', presets.'.join(tracked)}: set `tracking` in the base section only; a preset's "
+                        "overrides are params of every stage, so changing them there would rerun the pipeline")
     merged = _merge(raw, presets.get(chosen, {}) or {})
     merged = _merge(merged, _dotted(overrides or {}))  # caller overrides win over the preset's
     merged["preset"] = chosen

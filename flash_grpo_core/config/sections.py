@@ -28,7 +28,7 @@ from flash_grpo_core.config.checks import (  # noqa: F401 - ConfigError re-expor
 )
 from flash_grpo_core.config.building import build_section
 from flash_grpo_core.config.dvc_layout import dvc_loop, eval_points
-from flash_grpo_core.config.monitoring import HealthConfig
+from flash_grpo_core.config.monitoring import HealthConfig, TrackingConfig
 from flash_grpo_core.config.plugins import load_plugins
 
 
@@ -350,6 +350,7 @@ class Params:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     toy: ToyConfig = field(default_factory=ToyConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # read by no stage's dvc.yaml params
 
     def __post_init__(self):
         _check(self.preset in PRESETS, f"preset must be one of {PRESETS}, got {self.preset!r}")

