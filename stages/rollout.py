@@ -42,6 +42,7 @@ def work(args) -> dict:
     from flash_grpo_core.engine import distributed as dist
     from flash_grpo_core.engine.iteration import encode, iteration_prompts, plan_steps, reward_from_params
     from flash_grpo_core.method.batch import PassCounter
+    from flash_grpo_core.pipeline.tracking import cost, open_tracker
 
     params = common.load_params(args.params)
     r = params.rollout
@@ -68,6 +69,9 @@ def work(args) -> dict:
                     **passes}, Path(args.out) / "manifest.json")
         if args.timings:
             write_json(timings, args.timings)
+        with open_tracker(params) as tracker:  # the sampling's cost, live (params.yaml's tracking:)
+            tracker.log_scalars(cost(timings, len(chosen) * r.group_size, dist.current().size, "sample_seconds"),
+                                args.iteration, prefix="cost/rollout")
     return {"iteration": args.iteration, "samples": len(chosen) * r.group_size, "shards": len(entries),
             **passes, **timings}
 

@@ -59,6 +59,7 @@ def work(args) -> dict:
     from flash_grpo_core.method.advantages import NonFiniteError
     from flash_grpo_core.method.batch import PassCounter
     from flash_grpo_core.pipeline.health import act_on, check_health
+    from flash_grpo_core.pipeline.tracking import cost
 
     params = common.load_params(args.params)
     check_config(args.checkpoint, params)  # before the model loads: a checkpoint of other params
@@ -98,7 +99,7 @@ def work(args) -> dict:
         write_json(row, args.metrics)
         if args.timings:
             write_json(timings, args.timings)
-        track(params, row, args.scores)
+        track(params, row, args.scores, cost(timings, len(records), current().size, "train_seconds"))
     return {k: round(row[k], 4) if isinstance(row[k], float) else row[k]
             for k in ("iteration", "reward_mean", "reward_std", "loss", "clip_fraction", "train_forward_passes",
                       "train_backward_passes")}
@@ -111,15 +112,16 @@ def _warn_on_rank_0(line: str) -> None:
         common.warn("update", line)
 
 
-def track(params, row: dict, scores_path: str) -> None:
+def track(params, row: dict, scores_path: str, costs: dict[str, float]) -> None:
     """The iteration's numbers to the run's tracker (params.yaml's `tracking:`) at step = iteration:
-    every number of the metrics row, and each reward component's mean and std."""
+    every number of the metrics row, each reward component's mean and std, and the update's cost."""
     from flash_grpo_core.pipeline.tracking import open_tracker
 
     with open_tracker(params) as tracker:
         values = {key: value for key, value in row.items() if key not in ("iteration", "health_warnings")}
         values["health_warnings"] = len(row["health_warnings"])  # how many guards warned (the lines: stderr, metrics.json)
         tracker.log_scalars({**values, "reward": _component_stats(scores_path)}, row["iteration"], prefix="train")
+        tracker.log_scalars(costs, row["iteration"], prefix="cost/update")
 
 
 def _component_stats(scores_path: str) -> dict[str, float]:

@@ -94,7 +94,8 @@ def test_repro_builds_every_artifact(project):
 
 def _assert_tracked(log_dir: Path, preset_dir: Path, points: list[dict]) -> None:
     """The live run (params.yaml's tracking:, TensorBoard by default), read with TensorBoard's reader:
-    the update's numbers at iterations 1 and 2, each evaluated checkpoint's held-out reward and sample."""
+    the update's numbers and both stages' costs at iterations 1 and 2, each evaluated checkpoint's
+    held-out reward and sample."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0})
@@ -104,6 +105,9 @@ def _assert_tracked(log_dir: Path, preset_dir: Path, points: list[dict]) -> None
         assert [(e.step, e.value) for e in run.Scalars(f"train/{key}")] == [
             (it, pytest.approx(row[key], rel=1e-6)) for it, row in zip((1, 2), rows)], key
     assert [e.step for e in run.Scalars("train/reward/brightness_mean")] == [1, 2]  # each reward component
+    for tag in ("cost/rollout/sample_seconds", "cost/rollout/videos_per_second_per_rank", "cost/rollout/peak_rss_gb",
+                "cost/update/train_seconds", "cost/update/videos_per_second_per_rank", "cost/update/peak_rss_gb"):
+        assert [e.step for e in run.Scalars(tag)] == [1, 2] and all(e.value > 0 for e in run.Scalars(tag)), tag
     assert [(e.step, e.value) for e in run.Scalars("eval/reward")] == [
         (it, pytest.approx(point["metrics"]["reward"], rel=1e-6)) for it, point in zip((0, 1, 2), points)]
     (sample,) = run.Tags()["images"]  # a GIF where moviepy can encode one, else a frame grid

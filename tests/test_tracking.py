@@ -150,3 +150,12 @@ def test_no_stage_lists_the_tracking_section_in_dvc_yaml():
 
     for name, stage in read_yaml(ROOT / "dvc.yaml")["stages"].items():
         assert not [p for p in stage.get("do", stage).get("params") or [] if str(p).startswith("tracking")], name
+
+
+def test_a_stage_cost_is_its_timings_throughput_and_peak_memory():
+    from flash_grpo_core.pipeline.tracking import cost
+
+    numbers = cost({"load_seconds": 1.0, "train_seconds": 4.0}, videos=16, world_size=2, seconds_key="train_seconds")
+    assert numbers["load_seconds"] == 1.0 and numbers["videos_per_second_per_rank"] == 2.0
+    assert numbers["peak_rss_gb"] > 0  # no GPU here: the process's resident set
+    assert "videos_per_second_per_rank" not in cost({}, videos=16, world_size=1, seconds_key="train_seconds")

@@ -215,6 +215,23 @@ class Tracker:
             return False
 
 
+def cost(timings: Mapping[str, float], videos: int, world_size: int, seconds_key: str) -> dict[str, float]:
+    """A stage's cost for its tracker: its timings (seconds), videos per second per rank over
+    `seconds_key`, and this process's peak memory in GB (the GPU's when there is one, else the
+    resident set)."""
+    import resource
+
+    numbers = {key: float(value) for key, value in timings.items()}
+    if numbers.get(seconds_key):
+        numbers["videos_per_second_per_rank"] = videos / world_size / numbers[seconds_key]
+    torch = sys.modules.get("torch")  # the stage imported it; no import here
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        numbers["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    else:
+        numbers["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux: KiB
+    return numbers
+
+
 def open_tracker(params, rank: int | None = None) -> Tracker:
     """The tracker of `params`' run (params.yaml's `tracking:`), logging from rank 0 only."""
     return Tracker(run_spec(params), rank)
