@@ -207,22 +207,20 @@ def test_rollout_cost_files_each_alignment_record_under_the_toy_preset_of_its_gr
 
 
 def test_the_gpu_check_script_runs_its_steps_at_the_tiny_shape(tmp_path):
-    """bench/costs/gpu_check.sh with SMOKE=1 (its CPU form; here two of its steps): each benchmark's record
-    lands in $OUT, nothing in the checkout, and $OUT holds a handful of files, not one per table."""
+    """bench/costs/gpu_check.sh with SMOKE=1 (its CPU form; here its iteration step, whose two runs show
+    the script's options reach the benchmark; lora_cost alone is tested above): each record lands in
+    $OUT, nothing in the checkout, and $OUT holds a handful of files, not one per table."""
     before = sorted((ROOT / "bench" / "results").iterdir())
-    env = tool_env(SMOKE="1", STEPS="lora iteration", OUT=str(tmp_path), PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    env = tool_env(SMOKE="1", STEPS="iteration", OUT=str(tmp_path), PYTHON=sys.executable, OMP_NUM_THREADS="1")
     done = subprocess.run(["bash", str(ROOT / "bench" / "costs" / "gpu_check.sh")], env=env, capture_output=True, text=True,
                           timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     assert sorted(path.name for path in tmp_path.iterdir()) == [
-        "device.txt", "iteration_cost-check-flash-fast3.json", "iteration_cost-check-flash.json", "log.txt",
-        "lora_cost-tiny-cpu-core.json"]
+        "device.txt", "iteration_cost-check-flash-fast3.json", "iteration_cost-check-flash.json", "log.txt"]
     fast = json.loads((tmp_path / "iteration_cost-check-flash-fast3.json").read_text())
     plain = json.loads((tmp_path / "iteration_cost-check-flash.json").read_text())
     assert (fast["config"]["head_steps"], fast["config"]["tail_steps"]) == (1, 3) and plain["config"]["head_steps"] is None
     assert fast["modes"][0]["rollout_forward"] < plain["modes"][0]["rollout_forward"]
-    assert [row["way"] for row in json.loads((tmp_path / "lora_cost-tiny-cpu-core.json").read_text())["rows"]] == [
-        "full", "lora", "lora-compute-input"]
     assert sorted((ROOT / "bench" / "results").iterdir()) == before
 
 

@@ -13,7 +13,6 @@ import importlib
 from importlib.metadata import entry_points
 
 GROUP = "flash_grpo.plugins"
-_loaded: set[str] = set()
 _scanned = False
 
 
@@ -24,10 +23,7 @@ def load_plugins() -> list[str]:
     if _scanned:
         return []
     _scanned = True
-    fresh = []
-    for point in entry_points(group=GROUP):
-        if point.value not in _loaded:
-            importlib.import_module(point.value.split(":")[0])
-            _loaded.add(point.value)
-            fresh.append(point.name)
-    return fresh
+    points = list(entry_points(group=GROUP))
+    for point in points:
+        importlib.import_module(point.value.split(":")[0])
+    return [point.name for point in points]
