@@ -52,7 +52,7 @@ def work(args) -> dict:
     from flash_grpo_core.artifacts.checkpoint import check_config, config_record, prune_moments, write_checkpoint
     from flash_grpo_core.artifacts.prompt_embeds import load_prompt_embeds
     from flash_grpo_core.artifacts.rollout_records import batch_from_records
-    from flash_grpo_core.artifacts.scores import read_advantages
+    from flash_grpo_core.artifacts.scores import read_advantages, read_scores
     from flash_grpo_core.artifacts.shards import read_shards
     from flash_grpo_core.engine.distributed import current, sum_counts
     from flash_grpo_core.engine.iteration import update
@@ -79,7 +79,9 @@ def work(args) -> dict:
         except NonFiniteError as error:  # exit 2, naming the iteration: a rerun would meet it again
             raise NonFiniteError(f"iteration {args.iteration}: {error}") from error
     passes = sum_counts(counter.as_dict())  # every rank's share of the passes
-    rewards = _reward_stats(args.scores)
+    scores = read_scores(args.scores)  # once: the reward's and each component's statistics
+    mean, std = _mean_std(scores["reward"])
+    rewards = {"reward_mean": mean, "reward_std": std}
     equal = advantages.reshape(-1, params.rollout.group_size).eq(0).all(dim=1)  # groups without signal
     row = {"iteration": args.iteration, **rewards, **metrics, "equal_groups_fraction": float(equal.float().mean()),
            "rollout_forward_passes": rollout["forward_passes"], "train_forward_passes": passes["forward_passes"],
@@ -99,7 +101,7 @@ def work(args) -> dict:
         write_json(row, args.metrics)
         if args.timings:
             write_json(timings, args.timings)
-        track(params, row, args.scores, cost(timings, len(records), current().size, "train_seconds"))
+        track(params, row, _component_stats(scores), cost(timings, len(records), current().size, "train_seconds"))
     return {k: round(row[k], 4) if isinstance(row[k], float) else row[k]
             for k in ("iteration", "reward_mean", "reward_std", "loss", "clip_fraction", "train_forward_passes",
                       "train_backward_passes")}
@@ -112,7 +114,7 @@ def _warn_on_rank_0(line: str) -> None:
         common.warn("update", line)
 
 
-def track(params, row: dict, scores_path: str, costs: dict[str, float]) -> None:
+def track(params, row: dict, components: dict[str, float], costs: dict[str, float]) -> None:
     """The iteration's numbers to the run's tracker (params.yaml's `tracking:`) at step = iteration:
     every number of the metrics row, each reward component's mean and std, and the update's cost."""
     from flash_grpo_core.pipeline.tracking import open_tracker
@@ -120,28 +122,26 @@ def track(params, row: dict, scores_path: str, costs: dict[str, float]) -> None:
     with open_tracker(params) as tracker:
         values = {key: value for key, value in row.items() if key not in ("iteration", "health_warnings")}
         values["health_warnings"] = len(row["health_warnings"])  # how many guards warned (the lines: stderr, metrics.json)
-        tracker.log_scalars({**values, "reward": _component_stats(scores_path)}, row["iteration"], prefix="train")
+        tracker.log_scalars({**values, "reward": components}, row["iteration"], prefix="train")
         tracker.log_scalars(costs, row["iteration"], prefix="cost/update")
 
 
-def _component_stats(scores_path: str) -> dict[str, float]:
-    from flash_grpo_core.artifacts.scores import COMPONENT_PREFIX, read_scores
+def _component_stats(scores: dict[str, list[float]]) -> dict[str, float]:
+    """Each reward component's mean and std, from the score table's columns."""
+    from flash_grpo_core.artifacts.scores import COMPONENT_PREFIX
 
     stats = {}
-    for name, values in read_scores(scores_path).items():
+    for name, values in scores.items():
         if name.startswith(COMPONENT_PREFIX) and values:
-            mean = sum(values) / len(values)
-            stats[f"{name[len(COMPONENT_PREFIX):]}_mean"] = mean
-            stats[f"{name[len(COMPONENT_PREFIX):]}_std"] = (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
+            component = name[len(COMPONENT_PREFIX):]
+            stats[f"{component}_mean"], stats[f"{component}_std"] = _mean_std(values)
     return stats
 
 
-def _reward_stats(scores_path: str) -> dict[str, float]:
-    from flash_grpo_core.artifacts.scores import read_scores
-
-    rewards = read_scores(scores_path)["reward"]
-    mean = sum(rewards) / len(rewards)
-    return {"reward_mean": mean, "reward_std": (sum((r - mean) ** 2 for r in rewards) / len(rewards)) ** 0.5}
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    """The mean and the population std, in the row's summation order."""
+    mean = sum(values) / len(values)
+    return mean, (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
 
 
 if __name__ == "__main__":
