@@ -12,7 +12,6 @@ relays its lines, reads what happened from them, and classifies failures:
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -21,7 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-TELEMETRY_OFF = {"DVC_NO_ANALYTICS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1"}
+from flash_grpo_core.pipeline.workspace import tool_env  # telemetry off, this environment's tools first
+
 DETERMINISTIC_EXIT = 2  # stages/runtime/common.py: known input errors
 
 _RAN = re.compile(r"^Running stage '([^']+)'")
@@ -60,14 +60,6 @@ class StageRun:
 def worth_logging(line: str) -> bool:
     text = line.strip()
     return bool(text) and not text.startswith(_HINTS)
-
-
-def tool_env() -> dict[str, str]:
-    """This environment with the interpreter's bin directory first on PATH (`dvc`, and `python` in
-    dvc.yaml commands, are the running environment's) and telemetry off."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", **TELEMETRY_OFF)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    return env
 
 
 def spawn(args: list[str], cwd: Path, on_line: Callable[[str], None]) -> int:

@@ -30,7 +30,7 @@ BIN=$(dirname "$PYTHON")
 [ -x "$BIN/prefect" ] || { echo "no prefect beside $PYTHON: run scripts/setup.sh first" >&2; exit 2; }
 export PATH="$BIN:$PATH"
 export PREFECT_HOME=${PREFECT_HOME:-$ROOT/.prefect}
-export DO_NOT_TRACK=1 PREFECT_SERVER_ANALYTICS_ENABLED=false DVC_NO_ANALYTICS=1 HF_HUB_OFFLINE=1
+export DO_NOT_TRACK=1 PREFECT_SERVER_ANALYTICS_ENABLED=false DVC_NO_ANALYTICS=1 HF_HUB_OFFLINE=1 MLFLOW_DISABLE_TELEMETRY=true
 export PREFECT_WORKER_QUERY_SECONDS=${PREFECT_WORKER_QUERY_SECONDS:-2}
 export FLASH_GRPO_PROJECT=$ROOT  # where the worker runs the flow (prefect.yaml's pull step)
 PORT=${PORT:-$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}

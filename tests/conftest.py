@@ -6,6 +6,8 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # MLflow reads DO_NOT_TRACK only as "true"
+os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # `pytest -n N` (the README's test command): each of the N workers and every process it starts
     # (stages, torchrun ranks, benchmarks) computes on one thread, so N workers share N cores instead

@@ -19,7 +19,7 @@ cd "$(dirname "$0")/../.."  # the repository root: each benchmark runs as `pytho
 OUT=${OUT:-bench/results/gpu}
 STEPS=${STEPS:-tests lora step iteration}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 DO_NOT_TRACK=1 PREFECT_SERVER_ANALYTICS_ENABLED=false DVC_NO_ANALYTICS=1 HF_HUB_OFFLINE=1
+export PYTHONUNBUFFERED=1 DO_NOT_TRACK=1 PREFECT_SERVER_ANALYTICS_ENABLED=false DVC_NO_ANALYTICS=1 HF_HUB_OFFLINE=1 MLFLOW_DISABLE_TELEMETRY=true
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
 if [[ ${SMOKE:-0} == 1 ]]; then

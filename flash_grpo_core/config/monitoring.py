@@ -43,7 +43,7 @@ class HealthConfig:
                "health.reward_drop_iterations must be >= 1 and health.window >= 2")
 
 
-TRACKING_BACKENDS = ("tensorboard",)  # the backends implemented; W&B and MLflow are later work
+TRACKING_BACKENDS = ("tensorboard", "wandb", "mlflow")  # pipeline/tracking.py BACKENDS (wandb, mlflow: extras)
 RUN_NAME = r"[A-Za-z0-9_][A-Za-z0-9_.-]*"  # one folder name under `dir`
 
 

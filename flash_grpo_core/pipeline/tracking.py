@@ -10,7 +10,15 @@ so a curve holds one point a step.
 
 Only rank 0 logs; other ranks create nothing. A backend that fails (not installed, raising) warns
 once on stderr and is dropped; the stage goes on. Imports are lazy: opening a tracker costs nothing
-until the first value is logged. W&B and MLflow would be backends beside `TensorBoard` below.
+until the first value is logged.
+
+Backends (`tracking.backends`): `tensorboard` (a dependency), `wandb` and `mlflow` (extras:
+`pip install .[wandb]`, `.[mlflow]`), each through its library's own client. W&B resumes the run by
+its id (`resume="allow"`) and plots every value against `iteration`, a logged key of its own, so a
+later process may log an earlier step (an evaluation after an update); MLflow finds its run by the tag
+`flash_grpo.run_id`, in a SQLite store inside the run's folder unless `options.mlflow.tracking_uri`
+names another. Where each backend shows the run is written to `links.json` there (the Prefect flow
+links it from the flow run's page).
 """
 
 from __future__ import annotations
@@ -27,6 +35,8 @@ from typing import Any, Mapping
 
 RUN_FILE = "run.json"  # {"run_id", "run_name", "project"}: created once, then reused
 LEDGER_FILE = "logged.jsonl"  # one {"tag", "step", "value"} a line: what the run holds already
+LINKS_FILE = "links.json"  # {backend: where it shows the run}: rewritten when a backend opens
+RUN_TAG = "flash_grpo.run_id"  # MLflow: the tag that finds the run again
 FRAME_LIMIT = 16  # frames of a sample shown in a frame grid when no video encoder is installed
 
 
@@ -78,10 +88,11 @@ class TensorBoard:
 
     name = "tensorboard"
 
-    def __init__(self, spec: RunSpec):
+    def __init__(self, spec: RunSpec, run: str):
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(log_dir=str(spec.log_dir), **spec.options.get(self.name, {}))
+        self.link = f"tensorboard --logdir {spec.log_dir}"
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         for tag, value in values.items():
@@ -92,21 +103,100 @@ class TensorBoard:
         """`video` uint8 [T, H, W, 3]: a video where moviepy can encode it, else a frame grid image."""
         import torch
 
-        frames = torch.as_tensor(video)
         if video_encoder_available():
-            self.writer.add_video(tag, frames.permute(0, 3, 1, 2)[None], global_step=step, fps=fps)  # [1, T, C, H, W]
-            self.writer.flush()
-            return
-        chosen = frames[:: max(1, math.ceil(len(frames) / FRAME_LIMIT))]
-        grid = torch.cat(list(chosen), dim=1)  # [H, T' * W, 3]: the frames left to right
-        self.writer.add_image(f"{tag}_frames", grid, global_step=step, dataformats="HWC")
+            frames = torch.as_tensor(video).permute(0, 3, 1, 2)[None]  # [1, T, C, H, W]
+            self.writer.add_video(tag, frames, global_step=step, fps=fps)
+        else:
+            self.writer.add_image(f"{tag}_frames", frame_strip(video), global_step=step, dataformats="HWC")
         self.writer.flush()
 
     def close(self) -> None:
         self.writer.close()
 
 
-BACKENDS = {TensorBoard.name: TensorBoard}  # the names tracking.backends may hold (config/monitoring.py)
+class WandB:
+    """The `wandb` backend: one W&B run with the run's id, resumed by every process; `options.wandb`
+    goes to `wandb.init` (e.g. `mode: offline`, `entity`, `tags`)."""
+
+    name = "wandb"
+
+    def __init__(self, spec: RunSpec, run: str):
+        import wandb
+
+        options = {"project": spec.project, "name": spec.run_name, "dir": str(spec.log_dir),
+                   **spec.options.get(self.name, {})}
+        self.wandb = wandb
+        self.run = wandb.init(id=run, resume="allow", **options)
+        self.run.define_metric("iteration")
+        self.run.define_metric("*", step_metric="iteration")  # steps may arrive out of order across processes
+        self.link = self.run.url or f"offline: wandb sync {Path(self.run.dir).parent}"
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        self.run.log({**values, "iteration": step})
+
+    def video(self, tag: str, video, step: int, fps: int) -> None:
+        if video_encoder_available():
+            media = self.wandb.Video(video.transpose(0, 3, 1, 2), fps=fps, format="gif")  # [T, C, H, W]
+        else:
+            media, tag = self.wandb.Image(frame_strip(video)), f"{tag}_frames"
+        self.run.log({tag: media, "iteration": step})
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class MLflow:
+    """The `mlflow` backend: the run tagged with the run's id in the experiment `project`, created by
+    the first process; `options.mlflow.tracking_uri` (default a SQLite store in the run's folder) and
+    `artifact_location` (a new experiment's; default the run's folder) say where."""
+
+    name = "mlflow"
+
+    def __init__(self, spec: RunSpec, run: str):
+        from mlflow.tracking import MlflowClient
+
+        options = dict(spec.options.get(self.name, {}))
+        folder = spec.log_dir.resolve()
+        uri = options.pop("tracking_uri", None) or f"sqlite:///{folder / 'mlflow.db'}"
+        location = options.pop("artifact_location", None) or (folder / "mlflow-artifacts").as_uri()
+        self.client = MlflowClient(tracking_uri=uri, **options)
+        experiment = self.client.get_experiment_by_name(spec.project)
+        experiment_id = (experiment.experiment_id if experiment is not None
+                         else self.client.create_experiment(spec.project, artifact_location=location))
+        found = self.client.search_runs([experiment_id], filter_string=f"tags.`{RUN_TAG}` = '{run}'", max_results=1)
+        if found:
+            self.run = found[0].info.run_id
+            self.client.update_run(self.run, status="RUNNING")
+        else:
+            self.run = self.client.create_run(experiment_id, run_name=spec.run_name, tags={RUN_TAG: run}).info.run_id
+        self.link = f"{uri} experiment {experiment_id} run {self.run}"
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run, metrics=[Metric(tag, value, now, step) for tag, value in values.items()])
+
+    def video(self, tag: str, video, step: int, fps: int) -> None:
+        self.client.log_image(self.run, frame_strip(video), key=f"{tag}_frames", step=step)
+
+    def close(self) -> None:
+        self.client.set_terminated(self.run)  # a later process sets it running again
+
+
+BACKENDS = {backend.name: backend for backend in (TensorBoard, WandB, MLflow)}  # config/monitoring.py names them
+
+
+def frame_strip(video):
+    """uint8 [H, T' * W, 3]: at most FRAME_LIMIT evenly spaced frames of `video` [T, H, W, 3], left to
+    right: how a sample shows where no video encoder is installed."""
+    import numpy as np
+
+    frames = np.asarray(video)
+    chosen = frames[:: max(1, math.ceil(len(frames) / FRAME_LIMIT))]
+    return np.ascontiguousarray(np.concatenate(list(chosen), axis=1))
 
 
 def video_encoder_available() -> bool:
@@ -136,10 +226,14 @@ class Tracker:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def log_scalars(self, values: Mapping[str, Any], step: int, prefix: str = "") -> None:
-        """Every finite number of `values` (nested mappings as `a/b`) under `prefix/`, at `step`."""
+    def log_scalars(self, values: Mapping[str, Any], step: int, prefix: str = "", measured: bool = False) -> None:
+        """Every finite number of `values` (nested mappings as `a/b`) under `prefix/`, at `step`.
+
+        A result is logged again at a step only when it changed (the workspace's outputs changed); a
+        `measured` value (a wall time, a peak memory: it differs on every run) only once a step, so
+        a stage rerun after an interruption adds no second point."""
         flat = {f"{prefix}/{key}" if prefix else key: float(value) for key, value in _numbers(values)}
-        new = {tag: value for tag, value in flat.items() if self._is_new(tag, step, value)}
+        new = {tag: value for tag, value in flat.items() if self._is_new(tag, step, value, measured)}
         if new and self._backends():
             self._record([(tag, step, value) for tag, value in new.items()],
                          lambda backend: backend.scalars(new, step))
@@ -166,10 +260,12 @@ class Tracker:
             self._call(name, lambda b: b.close())
         self._open = {} if self._open is not None else None
 
-    def _is_new(self, tag: str, step: int, value) -> bool:
+    def _is_new(self, tag: str, step: int, value, measured: bool = False) -> bool:
         if not self.active:
             return False
         self._backends()
+        if measured:
+            return (tag, step) not in self._logged
         return self._logged.get((tag, step)) != value
 
     def _backends(self) -> dict[str, Any]:
@@ -185,10 +281,23 @@ class Tracker:
                 return {}
             for name in self.spec.backends:
                 try:
-                    self._open[name] = self._classes[name](self.spec)
+                    self._open[name] = self._classes[name](self.spec, self.run_id)
                 except Exception as error:  # noqa: BLE001 - not installed, a bad option: the stage goes on
                     self._warn(name, error)
+            self._write_links()
         return self._open or {}
+
+    def _write_links(self) -> None:
+        """links.json: where each open backend shows the run (for the flow run's page), when it changed."""
+        from flash_grpo_core.artifacts.atomic import write_json
+
+        links = {name: str(getattr(backend, "link", "")) for name, backend in self._open.items()}
+        path = self.spec.log_dir / LINKS_FILE
+        try:
+            if links and read_links(self.spec.log_dir) != links:
+                write_json(links, path)
+        except OSError as error:
+            self._warn("tracking", error)
 
     def _record(self, entries: list[tuple[str, int, Any]], call) -> None:
         if any([self._call(name, call) for name in list(self._open)]):  # every backend, then the ledger
@@ -235,6 +344,14 @@ def cost(timings: Mapping[str, float], videos: int, world_size: int, seconds_key
 def open_tracker(params, rank: int | None = None) -> Tracker:
     """The tracker of `params`' run (params.yaml's `tracking:`), logging from rank 0 only."""
     return Tracker(run_spec(params), rank)
+
+
+def read_links(log_dir: Path) -> dict[str, str]:
+    """The run's links.json ({} before a backend opened, or unreadable)."""
+    try:
+        return dict(json.loads((Path(log_dir) / LINKS_FILE).read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError):
+        return {}
 
 
 def _numbers(values: Mapping[str, Any], prefix: str = ""):

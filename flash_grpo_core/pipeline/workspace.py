@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 TELEMETRY_OFF = {"DVC_NO_ANALYTICS": "1", "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                 "HF_HUB_OFFLINE": "1"}
+                 "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "WANDB_ERROR_REPORTING": "false"}
 
 
 def tool_env(**extra: str) -> dict[str, str]:

