@@ -19,6 +19,7 @@ the top, so a worker starts a run quickly; the stages import torch in their own 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -83,6 +84,7 @@ def prepare_params(project: str, preset: str, iterations: int | None, overrides:
     memory, disk; every problem fails the run, none is retried), write them into params.yaml."""
     from flash_grpo_core.pipeline import preflight
     from flash_grpo_core.pipeline.prune import pruned_iterations
+    from flash_grpo_core.pipeline.tracking import run_spec
 
     path = Path(project) / "params.yaml"
     preflight.require(params_file.validate(path, preset, iterations, overrides), Path(project))
@@ -91,7 +93,7 @@ def prepare_params(project: str, preset: str, iterations: int | None, overrides:
                           f"overrides={overrides or {}} mode={params.train.mode} device={params.model.device}")
     return {"preset": preset, "iterations": params.iterations, "root": params.pipeline.root,
             "eval_at": list(params.pipeline.eval_at), "keep_every": params.pipeline.keep_checkpoints_every,
-            "pruned": bool(pruned_iterations(Path(project), params))}
+            "pruned": bool(pruned_iterations(Path(project), params)), "tracking": str(run_spec(params).log_dir)}
 
 
 @task(name="dvc-repro", task_run_name="{stage}", retries=STAGE_RETRIES, retry_delay_seconds=STAGE_RETRY_DELAYS,
@@ -156,6 +158,28 @@ def log_iteration(logger, run: dict, iteration: int, stages: list[dict]) -> dict
     return row
 
 
+def artifact_key(*parts: str) -> str:
+    """A Prefect artifact key (lowercase letters, digits, dashes) naming `parts`, e.g. a preset."""
+    return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower())
+
+
+def link_tracker(run: dict, shown: dict[str, str]) -> dict[str, str]:
+    """Put where the tracker shows the run (its links.json, written by the first stage that logs) on
+    the flow run's page as a markdown artifact, when it appears or changes; returns what is shown."""
+    from flash_grpo_core.pipeline.tracking import read_links
+
+    links = read_links(Path(run["tracking"]))
+    if links and links != shown:
+        from prefect.artifacts import create_markdown_artifact
+
+        lines = [f"- **{name}**: {link if '://' in link else f'`{link}`'}" for name, link in sorted(links.items())]
+        create_markdown_artifact("\n".join([f"Live tracking of the {run['preset']} run:", "", *lines]),
+                                 key=artifact_key("tracking", run["preset"]),
+                                 description=f"Where the {run['preset']} run's curves and samples are")
+        get_run_logger().info("tracking: " + "; ".join(f"{name}: {link}" for name, link in sorted(links.items())))
+    return links or shown
+
+
 def report(run: dict, rows: list[dict], stages: list[dict]) -> dict:
     """The run's summary: logged, attached to the run as a table artifact, returned."""
     from prefect.artifacts import create_table_artifact
@@ -166,7 +190,7 @@ def report(run: dict, rows: list[dict], stages: list[dict]) -> dict:
                           f"({', '.join(ran) or 'none: everything was up to date'}); evaluation: "
                           f"{json.dumps(evaluation.get('delta', evaluation), sort_keys=True)}")
     if rows:
-        create_table_artifact(rows, key=f"train-loop-{run['preset'].replace('.', '-')}",
+        create_table_artifact(rows, key=artifact_key("train-loop", run["preset"]),
                               description=f"Per-iteration metrics of the {run['preset']} preset")
     return {**run, "stages": stages, "metrics": rows, "evaluation": evaluation}
 
@@ -190,11 +214,14 @@ def train_loop(preset: Preset = "tiny",
     with params_file.workspace_lock(project):
         run = prepare_params(str(project), preset, iterations, overrides)
         run["root"] = str(project / run["root"])
+        run["tracking"] = str(project / run["tracking"])
+        shown: dict[str, str] = {}
         stages: list[dict] = []
         rows: list[dict] = []
         pruned = run.pop("pruned")
         for stage in stage_names(run["iterations"], run["eval_at"], project / "dvc.yaml"):
             stages.append(run_stage(stage, str(project), allow_missing=pruned))
+            shown = link_tracker(run, shown)
             if stage.startswith("update@"):
                 rows.append(log_iteration(logger, run, int(stage.split("@")[1]), stages))
             if run["keep_every"] and stage.startswith(("update@", "eval_checkpoint@")):

@@ -74,6 +74,12 @@ class FakeDvc:
 
     def _write_outputs(self, stage: str) -> None:
         runs = self.project / "runs" / "tiny"
+        if stage == "rollout@1":  # the first stage that logs opens the tracker, which says where it shows the run
+            from flash_grpo_core.artifacts.atomic import write_json
+
+            (runs / "tracking" / "tiny").mkdir(parents=True, exist_ok=True)
+            write_json({"tensorboard": "tensorboard --logdir runs/tiny/tracking/tiny"},
+                       runs / "tracking" / "tiny" / "links.json")
         if stage.startswith("update@"):
             it = int(stage.split("@")[1])
             (runs / f"it{it}").mkdir(parents=True, exist_ok=True)
@@ -250,6 +256,13 @@ def test_one_run_per_workspace(project):
         pass
 
 
+def test_artifact_keys_are_what_prefect_accepts():
+    from flows.train_loop import artifact_key
+
+    assert artifact_key("train-loop", "wan1_3b") == "train-loop-wan1-3b"  # Prefect refuses "_" in a key
+    assert artifact_key("tracking", "My.Preset") == "tracking-my-preset"
+
+
 def test_flow_module_imports_no_torch():
     code = "import sys, flows.train_loop; sys.exit('torch' in sys.modules or 'diffusers' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=False).returncode == 0
@@ -283,6 +296,12 @@ def test_flow_runs_every_stage_in_order_and_reports_metrics(train_loop, dvc, pro
     assert summary["metrics"][1]["reward_mean"] == pytest.approx(0.7) and summary["metrics"][1]["loss"] == -0.02
     assert summary["evaluation"] == {"delta": {"reward": 0.01}}
     json.dumps(summary)  # small, plain metadata: no tensors
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:  # the flow run's page links the tracker's run
+        (link,) = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["tracking-tiny"])))
+    assert "tensorboard --logdir runs/tiny/tracking/tiny" in link.data and link.type == "markdown"
     from flash_grpo_core.config import load_params
 
     assert load_params(project / "params.yaml").iterations == 2
