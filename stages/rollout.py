@@ -71,7 +71,7 @@ def work(args) -> dict:
             write_json(timings, args.timings)
         with open_tracker(params) as tracker:  # the sampling's cost, live (params.yaml's tracking:)
             tracker.log_scalars(cost(timings, len(chosen) * r.group_size, dist.current().size, "sample_seconds"),
-                                args.iteration, prefix="cost/rollout")
+                                args.iteration, prefix="cost/rollout", measured=True)
     return {"iteration": args.iteration, "samples": len(chosen) * r.group_size, "shards": len(entries),
             **passes, **timings}
 

@@ -83,7 +83,13 @@ def work(args) -> dict:
     mean, std = _mean_std(scores["reward"])
     rewards = {"reward_mean": mean, "reward_std": std}
     equal = advantages.reshape(-1, params.rollout.group_size).eq(0).all(dim=1)  # groups without signal
+    metrics["per_step"] = with_reward_spread(metrics["per_step"], batch.steps, _aligned(scores, records),
+                                             params.rollout.group_size)
+    ema = engine.policy.ema
     row = {"iteration": args.iteration, **rewards, **metrics, "equal_groups_fraction": float(equal.float().mean()),
+           "advantage_abs_mean": float(advantages.abs().mean()), "advantage_min": float(advantages.min()),
+           "advantage_max": float(advantages.max()), "learning_rate": params.train.learning_rate,
+           "ema_decay": ema.current_decay(ema.steps),  # the decay of the last optimizer step's fold
            "rollout_forward_passes": rollout["forward_passes"], "train_forward_passes": passes["forward_passes"],
            "train_backward_passes": passes["backward_passes"]}
     history = previous.get("history", [])
@@ -107,6 +113,26 @@ def work(args) -> dict:
                       "train_backward_passes")}
 
 
+def with_reward_spread(per_step: dict, steps, rewards: list[float], group_size: int) -> dict[str, dict]:
+    """The per-step picture of metrics.json, keyed "k<step>": the trainer's items and output gradient
+    norm per trained step k, and its reward spread: the mean, over the items trained at k, of their
+    group's reward std (0 where every sample of the group scored alike: no signal at that step)."""
+    groups = [rewards[start:start + group_size] for start in range(0, len(rewards), group_size)]
+    spread = [_mean_std(group)[1] for group in groups]
+    at_step: dict[int, list[float]] = {}
+    for sample, sample_steps in enumerate(steps.tolist()):  # [S, T]: every item of the rollout
+        for k in sample_steps:
+            at_step.setdefault(k, []).append(spread[sample // group_size])
+    return {f"k{k}": {**per_step.get(k, {"items": 0.0}), "reward_spread": sum(values) / len(values)}
+            for k, values in sorted(at_step.items())}
+
+
+def _aligned(scores: dict[str, list], records) -> list[float]:
+    """The rewards in the rollout's record order (the score table keys them)."""
+    by_key = dict(zip(scores["key"], scores["reward"]))
+    return [by_key[record.key] for record in records]
+
+
 def _warn_on_rank_0(line: str) -> None:
     from flash_grpo_core.engine.distributed import current
 
@@ -116,14 +142,16 @@ def _warn_on_rank_0(line: str) -> None:
 
 def track(params, row: dict, components: dict[str, float], costs: dict[str, float]) -> None:
     """The iteration's numbers to the run's tracker (params.yaml's `tracking:`) at step = iteration:
-    every number of the metrics row, each reward component's mean and std, and the update's cost."""
+    every number of the metrics row, each reward component's mean and std, the update's cost and the
+    per-step picture (with_reward_spread)."""
     from flash_grpo_core.pipeline.tracking import open_tracker
 
     with open_tracker(params) as tracker:
-        values = {key: value for key, value in row.items() if key not in ("iteration", "health_warnings")}
+        values = {key: value for key, value in row.items() if key not in ("iteration", "health_warnings", "per_step")}
         values["health_warnings"] = len(row["health_warnings"])  # how many guards warned (the lines: stderr, metrics.json)
         tracker.log_scalars({**values, "reward": components}, row["iteration"], prefix="train")
-        tracker.log_scalars(costs, row["iteration"], prefix="cost/update")
+        tracker.log_scalars(costs, row["iteration"], prefix="cost/update", measured=True)
+        tracker.log_scalars(row["per_step"], row["iteration"], prefix="steps")  # steps/k<k>/<number>
 
 
 def _component_stats(scores: dict[str, list[float]]) -> dict[str, float]:

@@ -92,8 +92,11 @@ def _checkpoints_close(a: Path, b: Path, tolerance=1e-6):
 
 
 def test_update_on_two_processes_matches_one(workspace):
-    _update(workspace, "one/update", IT1 / "scores.parquet", nproc=1)
-    _update(workspace, "two/update", IT1 / "scores.parquet", nproc=2)
+    """Weights, metrics and what the tracker receives: 2 processes give 1 process's, rank 0 logging."""
+    for name in ("one", "two"):  # each run tracked in a folder of its own
+        _params_variant(workspace, f"{name}.yaml", tracking={"dir": f"tracked-{name}"})
+    _update(workspace, "one/update", IT1 / "scores.parquet", nproc=1, params="one.yaml")
+    _update(workspace, "two/update", IT1 / "scores.parquet", nproc=2, params="two.yaml")
     one, two = workspace / "one" / "update", workspace / "two" / "update"
     _checkpoints_close(one / "checkpoint", two / "checkpoint")
     assert load_file(one / "checkpoint" / "trainable.safetensors") != {}
@@ -102,6 +105,25 @@ def test_update_on_two_processes_matches_one(workspace):
         assert metrics[0][key] == metrics[1][key], key
     # the loss sums +- advantage terms of order 1 that cancel to ~1e-6: compare at float32 rounding of the terms
     assert metrics[0]["loss"] == pytest.approx(metrics[1]["loss"], abs=1e-7)
+    assert set(metrics[0]["per_step"]) == set(metrics[1]["per_step"])  # reward spread and |dL/dv| per step k
+    for k, entry in metrics[0]["per_step"].items():
+        assert entry == pytest.approx(metrics[1]["per_step"][k], rel=1e-4), k
+    logged = [_tracked(workspace / f"tracked-{name}" / "tiny") for name in ("one", "two")]
+    assert len(list((workspace / "tracked-two" / "tiny").glob("events.out.tfevents.*"))) == 1  # one writer
+    assert set(logged[0]) == set(logged[1]) and any(tag.startswith("steps/") for tag in logged[0])
+    for tag in logged[0]:
+        if tag.startswith("cost/"):  # measured: wall times and memory differ; one point each
+            assert [s for s, _ in logged[0][tag]] == [s for s, _ in logged[1][tag]] == [1], tag
+        else:  # the loss cancels to ~1e-6 (above): an absolute tolerance for numbers near 0
+            assert logged[0][tag] == [(1, pytest.approx(value, rel=1e-4, abs=1e-6)) for _, value in logged[1][tag]], tag
+
+
+def _tracked(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    run.Reload()
+    return {tag: [(e.step, e.value) for e in run.Scalars(tag)] for tag in run.Tags()["scalars"]}
 
 
 def _params_variant(workspace: Path, name: str, preset: dict | None = None, **sections) -> str:

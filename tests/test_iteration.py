@@ -253,3 +253,21 @@ def test_checkpointing_every_nth_block_recomputes_those_and_leaves_the_gradients
     assert once == blocks and len(blocks) >= 2  # without checkpointing each block runs once
     assert calls == sorted(blocks + [b for b in blocks if b % every == 0])  # the chosen ones again, in the backward
     assert all(torch.allclose(g, p, rtol=1e-5, atol=1e-7) for g, p in zip(grads, plain))
+
+
+def test_the_per_step_picture_counts_each_trained_step_and_its_output_gradient(tiny_params):
+    """On one on-policy optimizer step (ratio 1, nothing clipped) the loss is linear in the
+    advantages: doubling them doubles each step's mean |dL/dv|; the items add up to what was trained."""
+    params = tiny_params(train__mode="window", train__window_size=3, train__minibatches=1, train__kl_beta=0.0)
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0, 0.3, -0.3])
+    pictures = []
+    for scale in (1.0, 2.0):
+        engine = build_engine(params)
+        batch, _ = generate(engine, PROMPTS, 0, PassCounter())
+        metrics = update(engine, PROMPTS, batch, advantages * scale, 0, PassCounter())
+        pictures.append(metrics["per_step"])
+    assert set(pictures[0]) == set(batch.steps.unique().tolist()) and len(pictures[0]) == 3  # the window's steps
+    assert sum(entry["items"] for entry in pictures[0].values()) == metrics["trained_items"] == 24
+    for k, entry in pictures[0].items():
+        assert entry["output_grad_norm"] > 0
+        assert pictures[1][k]["output_grad_norm"] == pytest.approx(2 * entry["output_grad_norm"], rel=1e-4)

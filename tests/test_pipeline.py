@@ -101,7 +101,9 @@ def _assert_tracked(log_dir: Path, preset_dir: Path, points: list[dict]) -> None
     run = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0})
     run.Reload()
     rows = [json.loads((preset_dir / f"it{it}" / "metrics.json").read_text()) for it in (1, 2)]
-    for key in ("reward_mean", "reward_std", "loss", "grad_norm", "clip_fraction", "train_backward_passes"):
+    for key in ("reward_mean", "reward_std", "loss", "grad_norm", "clip_fraction", "approx_kl", "ratio_min",
+                "ratio_max", "ratio_deviation_mean", "advantage_abs_mean", "equal_groups_fraction", "learning_rate",
+                "ema_decay", "train_backward_passes"):
         assert [(e.step, e.value) for e in run.Scalars(f"train/{key}")] == [
             (it, pytest.approx(row[key], rel=1e-6)) for it, row in zip((1, 2), rows)], key
     assert [e.step for e in run.Scalars("train/reward/brightness_mean")] == [1, 2]  # each reward component
@@ -110,6 +112,14 @@ def _assert_tracked(log_dir: Path, preset_dir: Path, points: list[dict]) -> None
         assert [e.step for e in run.Scalars(tag)] == [1, 2] and all(e.value > 0 for e in run.Scalars(tag)), tag
     assert [(e.step, e.value) for e in run.Scalars("eval/reward")] == [
         (it, pytest.approx(point["metrics"]["reward"], rel=1e-6)) for it, point in zip((0, 1, 2), points)]
+    for dimension in ("temporal_flickering", "dynamic_degree_flow"):  # the VBench-style dimensions evaluated
+        assert [e.step for e in run.Scalars(f"eval/{dimension}")] == [0, 1, 2], dimension
+    for it, row in zip((1, 2), rows):  # the per-step picture: each trained step k's numbers
+        assert row["per_step"] and all(entry["items"] > 0 for entry in row["per_step"].values())
+        for k, entry in row["per_step"].items():
+            for name, value in entry.items():
+                assert (it, pytest.approx(value, rel=1e-6)) in [(e.step, e.value) for e in run.Scalars(
+                    f"steps/{k}/{name}")], (k, name)
     (sample,) = run.Tags()["images"]  # a GIF where moviepy can encode one, else a frame grid
     assert sample.startswith("eval/sample") and [e.step for e in run.Images(sample)] == [0, 1, 2]
     assert len(json.loads((log_dir / "run.json").read_text())["run_id"]) == 32  # one run: every process's id
@@ -308,7 +318,9 @@ def test_rollout_shards_are_byte_reproducible(project, tmp_path):
 
 
 def test_interrupted_stage_is_rerun_and_never_taken_as_done(project):
-    """Kill `dvc repro` inside rollout@2; the next repro reruns what was unfinished and ends clean."""
+    """Kill `dvc repro` inside rollout@2; the next repro reruns what was unfinished and ends clean,
+    and neither rerun adds a point to the tracked run (the same results; a wall time once a step)."""
+    tracked = _tracked_points(project)
     _dvc("repro", "--force", "--single-item", "rollout@2", cwd=project, check=False)  # make it stale first
     (project / "runs" / "tiny" / "it2" / "rollout" / "shards.json").unlink()  # as if the writer died
     status = _dvc("status", "dvc.yaml", cwd=project).stdout
@@ -333,6 +345,16 @@ def test_interrupted_stage_is_rerun_and_never_taken_as_done(project):
     _dvc("repro", cwd=project)
     assert len(read_shards(rollout)) == 8
     assert "up to date" in _dvc("status", "dvc.yaml", cwd=project).stdout
+    assert _tracked_points(project) == tracked  # the forced rerun and the resumed one added no point
+
+
+def _tracked_points(project: Path) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value), ...]} of the tiny preset's tracked run, in logging order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = EventAccumulator(str(project / "runs" / "tiny" / "tracking" / "tiny"), size_guidance={"scalars": 0})
+    run.Reload()
+    return {tag: [(e.step, e.value) for e in run.Scalars(tag)] for tag in run.Tags()["scalars"]}
 
 
 @pytest.mark.parametrize("name", ["shard-000000.tar", "video-000001.tar"])
@@ -383,3 +405,23 @@ def test_reward_on_a_different_scale_than_its_history_fails_the_score_stage(proj
     assert not (tmp_path / "scores.parquet").exists()
     carried = json.loads((project / "runs" / "tiny" / "it2" / "reward_state.json").read_text())
     assert len(carried["guards"]["brightness"]["history"]) == 2  # one batch mean per iteration so far
+
+
+def test_extending_the_run_continues_its_tracked_curves(project):
+    """Two more iterations (`python -m flash_grpo_core.pipeline.iterations 4`, then `dvc repro`): only
+    the new iterations run, and each adds one point a tag to the same tracked run, at its step."""
+    run_file = project / "runs" / "tiny" / "tracking" / "tiny" / "run.json"
+    run_id, before = json.loads(run_file.read_text())["run_id"], _tracked_points(project)
+    _run([sys.executable, "-m", "flash_grpo_core.pipeline.iterations", "4"], project)
+    output = _dvc("repro", cwd=project).stdout
+    assert "Running stage 'update@3'" in output and "Running stage 'update@1'" not in output
+    assert json.loads(run_file.read_text())["run_id"] == run_id
+    after = _tracked_points(project)
+    for tag, points in after.items():
+        assert points[:len(before.get(tag, []))] == before.get(tag, []), tag  # nothing earlier is touched
+        added = [step for step, _ in points[len(before.get(tag, [])):]]
+        if tag.startswith("steps/"):  # a trained step k: at the new iterations that drew it, once each
+            assert added in ([], [3], [4], [3, 4]), (tag, added)
+        else:  # every other number at both new iterations
+            assert added == [3, 4], (tag, added)
+    assert any(tag.startswith("steps/") and len(after[tag]) > len(before.get(tag, [])) for tag in after)

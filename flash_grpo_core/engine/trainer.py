@@ -133,6 +133,7 @@ class StepContext:
     guidance: float
     cfg_sequential: bool = False  # the CFG halves one after the other (predict_velocity)
     weights: torch.Tensor | None = None  # [S, T] rectification weights of the current optimizer step's items
+    output_grads: list | None = None  # while a list: each trained forward appends (steps [M], |dL/dv| [M])
 
 
 def score_items(policy: Policy, ctx: StepContext, items: torch.Tensor, counter: PassCounter,
@@ -151,6 +152,9 @@ def score_items(policy: Policy, ctx: StepContext, items: torch.Tensor, counter: 
     model = policy.transformer if transformer is None else transformer
     v = predict_velocity(model, x, ctx.sigmas[steps], cond, ctx.uncond_embed, ctx.guidance, counter,
                          ctx.cfg_sequential)
+    if ctx.output_grads is not None and v.requires_grad:  # the per-step picture: read in backward, unchanged
+        v.register_hook(lambda grad: ctx.output_grads.append((steps.cpu(), grad.detach().float().flatten(1)
+                                                               .norm(dim=1).cpu())))
     step = sde_step(x, v, ctx.sigmas[steps], ctx.sigmas[steps + 1], ctx.scales[steps], prev_sample=x_next)
     return step, ctx.batch.log_probs[samples, slots].to(device)
 
@@ -183,8 +187,26 @@ def update_policy(policy: Policy, ctx: StepContext, step_factors: torch.Tensor, 
         if progress is not None:
             progress.update(len(chunk))
     summed = {"trained_items"}
-    return {**{key: sum(h[key] for h in history) / (1 if key in summed else len(history)) for key in history[0]},
-            "first_ratio_deviation": history[0]["ratio_deviation_max"]}
+    numbers = [key for key in history[0] if key != "per_step"]
+    return {**{key: sum(h[key] for h in history) / (1 if key in summed else len(history)) for key in numbers},
+            "first_ratio_deviation": history[0]["ratio_deviation_max"],
+            "per_step": _per_step(h["per_step"] for h in history)}
+
+
+def _per_step(parts) -> dict[int, dict[str, float]]:
+    """{trained step k: its items and their mean |dL/dv|} from the optimizer steps' {k: (sum, count)}:
+    the loss gradient at the transformer's output, how hard each step's items push the model."""
+    merged = _merge_sums(parts)
+    return {k: {"items": float(count), "output_grad_norm": total / count} for k, (total, count) in merged.items()}
+
+
+def _merge_sums(parts) -> dict[int, tuple[float, int]]:
+    sums: dict[int, tuple[float, int]] = {}
+    for part in parts:
+        for k, (total, count) in part.items():
+            previous = sums.get(k, (0.0, 0))
+            sums[k] = (previous[0] + total, previous[1] + count)
+    return dict(sorted(sums.items()))
 
 
 def rank_micro_batches(items: torch.Tensor, micro_batch: int, rank: int, world_size: int):
@@ -222,14 +244,20 @@ def _minibatch_step(policy: Policy, ctx: StepContext, items: torch.Tensor, step_
     ctx.weights = step_weights(ctx, items, step_factors, train.rectify)  # [S, T]
     policy.optimizer.zero_grad(set_to_none=True)
     micros = rank_micro_batches(items, train.micro_batch, world.rank, world.size)
-    loss_sum, new_parts, old_parts = 0.0, [], []
+    loss_sum, new_parts, old_parts, per_step = 0.0, [], [], {}
     for number, (micro, live) in enumerate(micros):
+        ctx.output_grads = []
         with policy.gradient_sync(number == len(micros) - 1):
             terms, new, old = _item_terms(policy, ctx, micro, train, counter)
             # averaged over the chunk's items (samples x trained steps); x world size since DDP averages
             loss = (terms * live.to(terms.device)).sum() * world.size / items_in_chunk
             check_finite("policy loss", loss.detach())
             loss.backward()
+        for steps, norms in ctx.output_grads:  # the live items' output gradients, by trained step
+            for k, norm in zip(steps[live].tolist(), norms[live].tolist()):
+                total, count = per_step.get(k, (0.0, 0))
+                per_step[k] = (total + norm / world.size, count + 1)  # DDP's x world size undone
+        ctx.output_grads = None
         loss_sum += float(loss.detach()) / world.size
         new_parts.append(new[live.to(new.device)])
         old_parts.append(old[live.to(old.device)])
@@ -243,10 +271,11 @@ def _minibatch_step(policy: Policy, ctx: StepContext, items: torch.Tensor, step_
     policy.ema.step()
     if policy.parallel is not None and policy.parallel.replicated:
         check_replicas(policy.parameters, f"trainable weights after optimizer step {policy.ema.steps}")
-    parts = gather_objects((loss_sum, [t.cpu() for t in new_parts], [t.cpu() for t in old_parts]))
+    parts = gather_objects((loss_sum, [t.cpu() for t in new_parts], [t.cpu() for t in old_parts], per_step))
     new_all = [t for part in parts for t in part[1]]
-    stats = {"clip_fraction": 0.0, "approx_kl": 0.0, "ratio_mean": 1.0, "ratio_deviation_max": 0.0}
+    stats = {"clip_fraction": 0.0, "approx_kl": 0.0, "ratio_mean": 1.0, "ratio_min": 1.0, "ratio_max": 1.0,
+             "ratio_deviation_mean": 0.0, "ratio_deviation_max": 0.0}  # no item trained: policy_stats' keys
     if new_all:
         stats = policy_stats(torch.cat(new_all), torch.cat([t for part in parts for t in part[2]]), train.clip_range)
     return {"loss": sum(part[0] for part in parts), "grad_norm": grad_norm, "trained_items": float(len(items)),
-            **stats}
+            **stats, "per_step": _merge_sums(part[3] for part in parts)}

@@ -41,12 +41,16 @@ def kl_penalty(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor) ->
 
 @torch.no_grad()
 def policy_stats(log_prob_new: torch.Tensor, log_prob_old: torch.Tensor, clip_range: float) -> dict[str, float]:
-    """Clip fraction, approximate KL (0.5 E[(log ratio)^2]), mean ratio and max |ratio - 1| of a batch of items."""
+    """Clip fraction, approximate KL (0.5 E[(log ratio)^2]), the ratio's mean, min and max, and the
+    mean and max |ratio - 1| of a batch of items."""
     log_ratio = log_prob_new.float() - log_prob_old.float()
     ratio = torch.exp(log_ratio)
     return {
         "clip_fraction": float(((ratio - 1).abs() > clip_range).float().mean()),
         "approx_kl": float(0.5 * (log_ratio**2).mean()),
         "ratio_mean": float(ratio.mean()),
+        "ratio_min": float(ratio.min()),
+        "ratio_max": float(ratio.max()),
+        "ratio_deviation_mean": float((ratio - 1).abs().mean()),
         "ratio_deviation_max": float((ratio - 1).abs().max()),
     }
