@@ -190,3 +190,23 @@ def test_benchmark_overrides_parse_yaml_values_and_reject_malformed_pairs(monkey
         "train.ema_decay": 0.95, "rollout.iso_temporal": False, "x.y": [1, 2]}
     with pytest.raises(SystemExit):
         alignment._overrides(parser, ["train.ema_decay"])
+
+
+def test_every_benchmark_variant_loads_and_the_window_variant_sweeps_the_steps():
+    """Each variant's overrides are valid toy params; MixGRPO's progressive window moves across
+    steps 0..N-2 within the benchmark's iterations (one step every 4)."""
+    from pathlib import Path
+
+    from bench.alignment.alignment import DEFAULT_VARIANTS, VARIANTS
+    from flash_grpo_core.config import load_params
+    from flash_grpo_core.engine.iteration import plan_steps
+
+    root = Path(__file__).resolve().parents[1]
+    assert set(DEFAULT_VARIANTS) <= set(VARIANTS) and "window" in DEFAULT_VARIANTS
+    loaded = {name: load_params(root / "params.yaml", preset="toy", overrides=overrides)
+              for name, overrides in VARIANTS.items()}
+    window = loaded["window"]
+    assert window.train.mode == "window" and window.train.rectify == "none"
+    starts = [int(plan_steps(window, 1, iteration=it).min()) for it in (0, 4, 8, 28)]
+    assert starts == [0, 1, 2, 7]  # a window of 2 ends at step N - 2 = 8
+    assert all(int(plan_steps(window, 1, iteration=it).max()) <= window.rollout.num_steps - 2 for it in range(40))

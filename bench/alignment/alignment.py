@@ -1,6 +1,6 @@
 """Alignment benchmark: does one-step GRPO beat full-trajectory GRPO at equal compute? (toy task)
 
-    python -m bench.alignment            # full run: 6 variants x 3 seeds (about 45 min on 2 quiet cores)
+    python -m bench.alignment            # full run: 7 variants x 3 seeds (about 50 min on 2 quiet cores)
     python -m bench.alignment --quick    # smoke size: 2 variants x 1 seed, the shipped base (a few minutes)
     python -m bench.alignment --jobs 2   # two runs at a time, one thread each (29 min on 2 cores)
 
@@ -17,6 +17,10 @@ noise per (prompt, sample). Variants:
   flash-no-iso          the same, one step per sample instead of per prompt
   flash-no-rect         the same, no rectification
   flash-flowgrpo-rect   the same, with the partial factor s/sqrt(dt) (rectify: flow_grpo, this project's)
+  window                MixGRPO's progressive window (train.mode window): SDE on 2 consecutive steps
+                        of 0..N-2, the window moved one step every 4 iterations (MixGRPO: 4 steps
+                        every 25 iterations, over a run of thousands; scaled so it sweeps the steps
+                        within the benchmark's budget), no rectification
   window-k              SDE on a window of 2 steps inside flash's first K, moved every iteration
                         (train.mode window_k), no rectification
   full                  SDE on every step, training the first int(N x timestep_fraction), loss
@@ -53,6 +57,7 @@ VARIANTS = {
     "flash-no-iso": {"train.mode": "flash", "rollout.iso_temporal": False},
     "flash-no-rect": {"train.mode": "flash", "train.rectify": "none"},
     "flash-flowgrpo-rect": {"train.mode": "flash", "train.rectify": "flow_grpo"},
+    "window": {"train.mode": "window", "train.rectify": "none", "train.window_size": 2, "train.window_every": 4},
     "window-k": {"train.mode": "window_k", "train.rectify": "none", "train.window_size": 2, "train.window_every": 1},
     "full": {"train.mode": "full", "train.rectify": "none"},
     # cheaper rollouts (docs/decisions.md, "Cheaper rollouts"): run with --variants, not by default
@@ -61,7 +66,7 @@ VARIANTS = {
     "flash-fast-guide": {"train.mode": "flash", "rollout.head_steps": 1, "rollout.tail_steps": 3,
                          "rollout.guidance_until": 0.5},
 }
-DEFAULT_VARIANTS = ("flash", "flash-no-iso", "flash-no-rect", "flash-flowgrpo-rect", "window-k", "full")
+DEFAULT_VARIANTS = ("flash", "flash-no-iso", "flash-no-rect", "flash-flowgrpo-rect", "window", "window-k", "full")
 COMPONENTS = ("color", "single", "motion")
 
 
