@@ -86,6 +86,7 @@ def sample_shards(engine, out: Path, iteration: int, chosen, steps, embeds, coun
     from flash_grpo_core.artifacts.shards import ShardWriter
     from flash_grpo_core.engine import distributed as dist
     from flash_grpo_core.engine.iteration import generate
+    from flash_grpo_core.method.modes import get_mode
 
     params = engine.params
     r, per_shard, world = params.rollout, params.pipeline.groups_per_shard, dist.current()
@@ -100,7 +101,8 @@ def sample_shards(engine, out: Path, iteration: int, chosen, steps, embeds, coun
         for number in owned:
             groups = range(number * per_shard, min((number + 1) * per_shard, len(chosen)))
             batch, videos = generate(engine, texts, iteration, counter, steps, bar, embeds, groups)
-            records = records_from_batch(batch, texts, ids, iteration, params.seed, r.group_size)
+            records = records_from_batch(batch, texts, ids, iteration, params.seed, r.group_size,
+                                         keep_final=get_mode(params.train.mode).forward_process)
             entries.append(writer.write(number, records, videos_by_key(records, videos)))
     return [entry for part in dist.gather_objects(entries) for entry in part]
 

@@ -24,6 +24,7 @@ from flash_grpo_core.artifacts.tar_io import ShardError
 FORMAT = "flash-grpo-rollout/2"
 ENTRIES = ("json", "tensors.safetensors")
 TENSOR_FIELDS = ("steps", "latents", "next_latents", "log_probs")
+OPTIONAL_TENSOR_FIELDS = ("final_latents",)  # the forward-process modes' clean sample (`nft`, `awm`)
 VIDEO_ENTRY = "video.safetensors"
 META_FIELDS = {"prompt_id": str, "prompt": str, "prompt_index": int, "group_index": int, "iteration": int, "seed": int}
 _KEY = re.compile(r"[A-Za-z0-9_-]{1,80}")  # 80 + len(".tensors.safetensors") fits a ustar name (100)
@@ -45,6 +46,8 @@ class RolloutRecord:
     latents: [T, C, F, H, W]   x_{t_k}, any floating dtype (bfloat16 included)
     next_latents: [T, C, F, H, W] x_{t_{k+1}}, same shape and dtype as latents
     log_probs: [T] float32     log p_old of next_latents given latents
+    final_latents: [C, F, H, W] or None  the sample after the last step, for the modes that train on
+                               the forward process (`nft`, `awm`: their records hold T = 0 steps)
     """
 
     key: str
@@ -58,6 +61,7 @@ class RolloutRecord:
     latents: torch.Tensor
     next_latents: torch.Tensor
     log_probs: torch.Tensor
+    final_latents: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -97,17 +101,25 @@ class RolloutRecord:
         if self.log_probs.dtype != torch.float32 or self.log_probs.shape != steps.shape:
             raise self._error("log_probs", f"expected float32 [{steps.shape[0]}], "
                                            f"got {self.log_probs.dtype} {list(self.log_probs.shape)}")
+        final = self.final_latents
+        if final is not None and (not isinstance(final, torch.Tensor) or final.dim() != 4
+                                  or not final.is_floating_point()):
+            found = f"{final.dtype} {list(final.shape)}" if isinstance(final, torch.Tensor) else type(final).__name__
+            raise self._error("final_latents", f"expected floating [C, F, H, W] or none, got {found}")
 
     def to_sample(self) -> dict[str, str | bytes]:
         """The WebDataset sample: `__key__` (str), `json` and `tensors.safetensors` (bytes)."""
         self.validate()
         meta = {"format": FORMAT, "key": self.key, **{name: getattr(self, name) for name in META_FIELDS}}
-        tensors = {name: getattr(self, name).detach().cpu().contiguous() for name in TENSOR_FIELDS}
+        tensors = {name: getattr(self, name).detach().cpu().contiguous() for name in self._present_fields()}
         return {
             "__key__": self.key,
             "json": json.dumps(meta, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8"),
             "tensors.safetensors": save_safetensors(tensors),
         }
+
+    def _present_fields(self) -> tuple[str, ...]:
+        return TENSOR_FIELDS + tuple(name for name in OPTIONAL_TENSOR_FIELDS if getattr(self, name) is not None)
 
     @classmethod
     def from_sample(cls, sample: dict) -> RolloutRecord:
@@ -124,7 +136,8 @@ class RolloutRecord:
         meta = _parse_meta(sample["json"], where)
         if key is not None and meta["key"] != key:
             raise ShardError(f"{where}: field 'json': its key {meta['key']!r} differs from the sample key")
-        tensors = _load_tensors(sample, "tensors.safetensors", TENSOR_FIELDS, f"record {meta['key']!r}")
+        tensors = _load_tensors(sample, "tensors.safetensors", TENSOR_FIELDS, f"record {meta['key']!r}",
+                                optional=OPTIONAL_TENSOR_FIELDS)
         return cls(key=meta["key"], **{name: meta[name] for name in META_FIELDS}, **tensors)
 
 
@@ -153,13 +166,15 @@ def check_video(key: str, video) -> None:
         raise ShardError(f"record {key!r}: field 'video': expected uint8 [F, H, W, 3], got {found}")
 
 
-def _load_tensors(sample: dict, field: str, names: Sequence[str], where: str) -> dict[str, torch.Tensor]:
+def _load_tensors(sample: dict, field: str, names: Sequence[str], where: str,
+                  optional: Sequence[str] = ()) -> dict[str, torch.Tensor]:
     try:
         tensors = load_safetensors(bytes(sample[field]))
     except Exception as error:  # safetensors raises its own (Rust-side) error types for bad bytes
         raise ShardError(f"{where}: field {field!r}: not a readable safetensors file ({error})") from error
-    if sorted(tensors) != sorted(names):
-        raise ShardError(f"{where}: field {field!r}: expected tensors {sorted(names)}, found {sorted(tensors)}")
+    if sorted(set(tensors) - set(optional)) != sorted(names):
+        also = f" (and optionally {sorted(optional)})" if optional else ""
+        raise ShardError(f"{where}: field {field!r}: expected tensors {sorted(names)}{also}, found {sorted(tensors)}")
     return tensors
 
 

@@ -17,12 +17,13 @@ from flash_grpo_core.method.batch import RolloutBatch
 
 
 def records_from_batch(batch: RolloutBatch, prompts: list[str], prompt_ids: list[str], iteration: int, seed: int,
-                       group_size: int) -> list[RolloutRecord]:
+                       group_size: int, keep_final: bool = False) -> list[RolloutRecord]:
     """Split one iteration's rollouts (S samples) into records, in sample order.
 
     Sample s belongs to prompt `batch.prompt_index[s]` (an index into `prompts` / `prompt_ids`) and
     is member s % G of its group; the G consecutive samples of a group must share a prompt.
-    `batch.final_latents` and `batch.counters` are not part of a record.
+    `batch.counters` is not part of a record, nor `batch.final_latents` unless `keep_final` (the
+    forward-process modes train on them).
     """
     total = batch.num_samples
     if group_size < 1 or total % group_size:
@@ -45,7 +46,7 @@ def records_from_batch(batch: RolloutBatch, prompts: list[str], prompt_ids: list
             prompt=prompts[p], prompt_index=p, group_index=g, iteration=iteration, seed=seed,
             # clone: a record owns its tensors rather than keeping the whole batch alive
             steps=batch.steps[s].clone(), latents=batch.latents[s].clone(), next_latents=batch.next_latents[s].clone(),
-            log_probs=batch.log_probs[s].clone()))
+            log_probs=batch.log_probs[s].clone(), final_latents=batch.final_latents[s].clone() if keep_final else None))
     check_unique_keys(records)
     return records
 
@@ -61,8 +62,8 @@ def batch_from_records(records: Sequence[RolloutRecord]) -> tuple[RolloutBatch, 
     """Stack records (in the given order) back into (RolloutBatch, prompts, prompt_ids).
 
     Prompts are numbered in first-seen order of their (iteration, prompt_index), and
-    `batch.prompt_index` indexes the returned `prompts` / `prompt_ids`. `final_latents` is not stored
-    in records: it comes back as an empty tensor of shape [S, 0]; `counters` comes back empty.
+    `batch.prompt_index` indexes the returned `prompts` / `prompt_ids`. `final_latents` come back
+    where the records hold them, else as an empty tensor of shape [S, 0]; `counters` comes back empty.
     """
     if not records:
         raise ShardError("no records to build a batch from")
@@ -85,12 +86,16 @@ def batch_from_records(records: Sequence[RolloutRecord]) -> tuple[RolloutBatch, 
 
     batch = RolloutBatch(prompt_index=torch.tensor(prompt_index, dtype=torch.long), steps=stack("steps"),
                          latents=stack("latents"), next_latents=stack("next_latents"), log_probs=stack("log_probs"),
-                         final_latents=torch.empty(len(records), 0, dtype=first.latents.dtype))
+                         final_latents=stack("final_latents") if first.final_latents is not None
+                         else torch.empty(len(records), 0, dtype=first.latents.dtype))
     return batch, prompts, prompt_ids
 
 
 def _check_same_layout(first: RolloutRecord, record: RolloutRecord) -> None:
-    for name in TENSOR_FIELDS:
+    if (first.final_latents is None) != (record.final_latents is None):
+        raise ShardError(f"record {record.key!r}: field 'final_latents': present in one of records {first.key!r} and "
+                         f"{record.key!r} only; records of one batch must match")
+    for name in (*TENSOR_FIELDS, *(["final_latents"] if first.final_latents is not None else [])):
         a, b = getattr(first, name), getattr(record, name)
         if a.shape != b.shape or a.dtype != b.dtype:
             raise ShardError(f"record {record.key!r}: field {name!r}: {b.dtype} {list(b.shape)} differs from record "

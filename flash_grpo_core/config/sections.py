@@ -118,7 +118,7 @@ class RolloutConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    mode: str = "flash"  # flash | window | window_k | full
+    mode: str = "flash"  # flash | window | window_k | full | nft | awm (method/modes/)
     rectify: str = "exact"  # exact | none | flow_grpo
     learning_rate: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
@@ -137,6 +137,8 @@ class TrainConfig:
     window_size: int = 4  # window modes: W (MixGRPO's `group_size`)
     window_stride: int = 1  # steps the window moves by (MixGRPO's `prog_overlap_step`)
     window_every: int = 25  # iterations between window moves (MixGRPO's `iters_per_group`)
+    nft_beta: float = 1.0  # nft: the implicit policies' step b (DiffusionNFT's `config.beta`); checked by the mode
+    awm_weighting: str = "uniform"  # awm: the flow-matching surrogate's weight over t: uniform | t | t**2
     parallel: str = "auto"  # on several ranks: ddp | fsdp | auto (ddp for LoRA, fsdp for full fine-tuning)
     # AdamW's moments: in the checkpoint (a DVC output) or beside it for the latest keep_optimizer_states iterations
     optimizer_state: str = "checkpoint"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import torch
@@ -237,6 +237,8 @@ def sample_rollouts(engine: Engine, prompts: list[str], iteration: int, counter:
     cond, uncond = embeds if embeds is not None else encode(engine, prompts)
     groups = range(len(prompts)) if groups is None else groups
     mine = train_steps[groups.start:groups.stop]  # [b, G, T]
+    if get_mode(engine.params.train.mode).forward_process:  # ODE throughout, only the final latents kept
+        mine = mine[..., :0]
     fast = FastRolloutOptions.from_config(r)  # rollout.head_steps, tail_steps, guidance_until
     sample = partial(fast_rollout, options=fast) if fast.active else rollout
     spec = sampling_spec(engine, engine.sigmas, engine.scales, r.guidance,
@@ -317,9 +319,14 @@ def update(engine: Engine, prompts: list[str], batch: RolloutBatch, advantages: 
     """The GRPO update on one iteration's rollouts; `embeds` as in `generate` (the update stage
     passes the rollout's stored ones, so it needs no text encoder)."""
     cond, uncond = embeds if embeds is not None else encode(engine, prompts)
+    mode = get_mode(engine.params.train.mode)
+    if mode.forward_process:  # the levels each final sample is re-noised at: the plan's, on every rank alike
+        levels = plan_steps(engine.params, len(prompts), iteration).reshape(batch.num_samples, -1)
+        batch = replace(batch, steps=levels)
     ctx = StepContext(batch, advantages, cond, uncond, engine.sigmas.to(engine.device),
                       engine.scales.float().to(engine.device), engine.params.rollout.guidance,
-                      cfg_sequential=engine.params.model.cfg_sequential)
+                      cfg_sequential=engine.params.model.cfg_sequential, objective=mode.objective,
+                      noise_seed=derive_seed(engine.params.seed, iteration, "forward-noise"))
     generator = torch.Generator().manual_seed(derive_seed(engine.params.seed, iteration, "minibatches"))
     if current_world().distributed and engine.policy.parallel is None:
         from flash_grpo_core.engine.parallel import data_parallel
@@ -328,9 +335,14 @@ def update(engine: Engine, prompts: list[str], batch: RolloutBatch, advantages: 
         strategy = engine.params.train.parallel
         if strategy == "auto":
             strategy = "ddp" if engine.params.model.finetune == "lora" else "fsdp"
+        if strategy == "fsdp" and mode.forward_process:  # the sampling policy's copy is called unsharded
+            raise ConfigError(f"train.mode {mode.name} trains on several ranks with DDP only (train.parallel: ddp, "
+                              f"or model.finetune: lora); FSDP shards the weights its sampling policy is called with")
         engine.policy.parallel = data_parallel(engine.policy, engine.device, strategy,
                                                compute_dtype(engine.policy.transformer),
                                                lambda parameters: make_optimizer(parameters, engine.params.train))
+    if mode.forward_process:  # the weights that sampled the rollouts, before this update moves them
+        ctx.sampling_weights = {name: param.detach().clone() for name, param in engine.policy.parameters.items()}
     engine.policy.transformer.train()
     try:
         return update_policy(engine.policy, ctx, engine.step_factors, engine.params.train, generator, counter,

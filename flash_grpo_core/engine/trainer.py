@@ -28,6 +28,7 @@ import torch
 from flash_grpo_core.artifacts.checkpoint import CheckpointError, CheckpointTensors
 from flash_grpo_core.config import TrainConfig
 from flash_grpo_core.engine.ema import EMA
+from flash_grpo_core.engine.forward_process import forward_process_terms, watch_output
 from flash_grpo_core.engine.sampler import predict_velocity
 from flash_grpo_core.method.advantages import NonFiniteError, check_finite
 from flash_grpo_core.method.batch import PassCounter, RolloutBatch
@@ -134,6 +135,9 @@ class StepContext:
     cfg_sequential: bool = False  # the CFG halves one after the other (predict_velocity)
     weights: torch.Tensor | None = None  # [S, T] rectification weights of the current optimizer step's items
     output_grads: list | None = None  # while a list: each trained forward appends (steps [M], |dL/dv| [M])
+    objective: str = "policy_gradient"  # the mode's (method/modes): or "nft" / "awm" on the forward process
+    noise_seed: int = 0  # forward process: each item's noise comes from (noise_seed, sample, slot)
+    sampling_weights: dict | None = None  # forward process: the trainable weights that sampled the rollouts
 
 
 def score_items(policy: Policy, ctx: StepContext, items: torch.Tensor, counter: PassCounter,
@@ -152,15 +156,15 @@ def score_items(policy: Policy, ctx: StepContext, items: torch.Tensor, counter: 
     model = policy.transformer if transformer is None else transformer
     v = predict_velocity(model, x, ctx.sigmas[steps], cond, ctx.uncond_embed, ctx.guidance, counter,
                          ctx.cfg_sequential)
-    if ctx.output_grads is not None and v.requires_grad:  # the per-step picture: read in backward, unchanged
-        v.register_hook(lambda grad: ctx.output_grads.append((steps.cpu(), grad.detach().float().flatten(1)
-                                                               .norm(dim=1).cpu())))
+    watch_output(ctx, v, steps)
     step = sde_step(x, v, ctx.sigmas[steps], ctx.sigmas[steps + 1], ctx.scales[steps], prev_sample=x_next)
     return step, ctx.batch.log_probs[samples, slots].to(device)
 
 
 def _item_terms(policy: Policy, ctx: StepContext, items: torch.Tensor, train: TrainConfig, counter: PassCounter):
     """Loss terms [M] (with grad), new and old log-probs [M] of flat items."""
+    if ctx.objective != "policy_gradient":
+        return forward_process_terms(policy, ctx, items, train, counter)
     step, old = score_items(policy, ctx, items, counter, transformer=policy.trained_module)
     counter.backward += counter.last_forward
     samples, slots = items // ctx.batch.steps.shape[1], items % ctx.batch.steps.shape[1]

@@ -4,3 +4,4 @@ SCHEDULE_KINDS = ("authors", "diffusers")
 NOISE_KINDS = ("wan", "flow_grpo", "dance")
 RECTIFY_MODES = ("exact", "none", "flow_grpo")
 STD_SCOPES = ("batch", "group")
+AWM_WEIGHTINGS = ("uniform", "t", "t**2")  # method/forward_process.py: awm_log_prob

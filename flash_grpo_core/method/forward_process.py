@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-AWM_WEIGHTINGS = ("uniform", "t", "t**2")
+from flash_grpo_core.method.choices import AWM_WEIGHTINGS
 
 
 def _per_item(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

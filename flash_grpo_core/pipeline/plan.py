@@ -136,6 +136,13 @@ def trained_steps(params) -> int:
     return get_mode(params.train.mode).trained_steps(params.rollout, params.train)
 
 
+def _forward_process(params) -> bool:
+    """Whether the mode re-noises final samples (`nft`, `awm`): unguided items, one latent a sample."""
+    from flash_grpo_core.method.modes import get_mode
+
+    return get_mode(params.train.mode).forward_process
+
+
 def branches(params) -> int:
     """Transformer batch rows per prompt: 2 with classifier-free guidance (cond and uncond), else 1."""
     return 2 if params.rollout.guidance > 1.0 else 1
@@ -233,16 +240,19 @@ def iteration_seconds(params, arch: Arch, world: int, project: Path | None = Non
     forward, backward, source = steps
     videos = params.rollout.prompts_per_iteration * params.rollout.group_size
     rows = branches(params)
-    items = videos * trained_steps(params) * rows
-    update = items * (backward + (forward if params.train.kl_beta > 0 else 0.0))
+    if _forward_process(params):  # unguided; the sampling policy's forward per item too
+        update = videos * trained_steps(params) * (backward + forward * (1 + (params.train.kl_beta > 0)))
+    else:
+        update = videos * trained_steps(params) * rows * (backward + (forward if params.train.kl_beta > 0 else 0.0))
     return videos * params.rollout.num_steps * rows * forward / world, update / world, source
 
 
 def shard_bytes(params) -> float:
-    """One iteration's rollout shards: per sample two float32 latents per trained step, and the
-    decoded video (frames x height x width x 3 bytes)."""
+    """One iteration's rollout shards: per sample two float32 latents per trained step (the final
+    latent alone for the forward-process modes), and the decoded video (frames x height x width x 3 bytes)."""
     r = params.rollout
-    per_sample = trained_steps(params) * 2 * math.prod(latent_shape(r)) * 4 + r.frames * r.height * r.width * 3
+    latents = 1 if _forward_process(params) else trained_steps(params) * 2
+    per_sample = latents * math.prod(latent_shape(r)) * 4 + r.frames * r.height * r.width * 3
     return r.prompts_per_iteration * r.group_size * per_sample
 
 

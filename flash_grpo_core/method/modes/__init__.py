@@ -20,6 +20,14 @@ class TrainingMode:
     rectify = "none"  # what `train.rectify: auto` resolves to: the mode's published setting
     one_sde_step = False  # one SDE step per sample, the trained one: the cheaper-rollout options apply
     sde_every_step = False  # the rollout samples every step with the SDE (Flow-GRPO), not only the trained
+    # "policy_gradient": PPO on the rollout's stored SDE steps (engine/trainer.py); "nft" or "awm":
+    # the forward process, re-noising the rollout's final samples (method/forward_process.py)
+    objective = "policy_gradient"
+
+    @property
+    def forward_process(self) -> bool:
+        """Whether the mode trains on re-noised final samples: ODE rollouts, no step stored."""
+        return self.objective != "policy_gradient"
 
     def problems(self, rollout, train) -> list[str]:
         """What is wrong with the rollout and train sections for this mode (messages naming the keys)."""
