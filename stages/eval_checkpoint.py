@@ -71,15 +71,19 @@ def write_videos(videos, prompts, path: str) -> None:
                       {"prompt_ids": [p.id for p in prompts], "prompts": [p.prompt for p in prompts]})
 
 
+TRACKED_SAMPLES = 3  # the report's first videos, one for each of the first held-out prompts
+
+
 def track(params, iteration: int, means: dict, videos) -> None:
-    """The checkpoint's held-out numbers (each reward and metric's mean) and its first sample video
-    to the run's tracker (params.yaml's `tracking:`) at step = the checkpoint's iteration."""
+    """The checkpoint's held-out numbers (each reward and metric's mean) and its first sample
+    videos (`eval/sample/<n>`) to the run's tracker (params.yaml's `tracking:`) at step = the
+    checkpoint's iteration."""
     from flash_grpo_core.pipeline.tracking import open_tracker
 
     with open_tracker(params) as tracker:
         tracker.log_scalars(means, iteration, prefix="eval")
-        if len(videos):
-            tracker.log_video("eval/sample", videos[0], iteration, fps=8)  # as the report's mp4s
+        for number, video in enumerate(videos[:TRACKED_SAMPLES]):
+            tracker.log_video(f"eval/sample/{number}", video, iteration, fps=8)  # as the report's mp4s
 
 
 def work(args) -> dict:

@@ -264,7 +264,7 @@ def test_the_results_writer_ends_a_table_with_one_newline_and_keeps_the_old_file
     assert sorted(path.name for path in (tmp_path / "new").iterdir()) == ["x.json", "x.md"]
 
 
-BENCHMARKS = ["bench.faults.run", "bench.alignment.alignment", "bench.alignment.toy_probe",
+BENCHMARKS = ["bench.faults.run", "bench.alignment.alignment", "bench.alignment.toy_probe", "bench.alignment.tune",
               *(f"bench.costs.{name}" for name in ("dvc_scaling", "gpu_step", "iteration_cost", "lora_cost",
                                                    "pipeline_overhead", "process_scaling", "rollout_cost"))]
 

@@ -120,8 +120,9 @@ def _assert_tracked(log_dir: Path, preset_dir: Path, points: list[dict]) -> None
             for name, value in entry.items():
                 assert (it, pytest.approx(value, rel=1e-6)) in [(e.step, e.value) for e in run.Scalars(
                     f"steps/{k}/{name}")], (k, name)
-    (sample,) = run.Tags()["images"]  # a GIF where moviepy can encode one, else a frame grid
-    assert sample.startswith("eval/sample") and [e.step for e in run.Images(sample)] == [0, 1, 2]
+    samples = sorted(run.Tags()["images"])  # GIFs where moviepy can encode them, else frame grids
+    assert len(samples) == 3 and all(tag.startswith(f"eval/sample/{n}") for n, tag in enumerate(samples))
+    assert all([e.step for e in run.Images(tag)] == [0, 1, 2] for tag in samples)
     assert len(json.loads((log_dir / "run.json").read_text())["run_id"]) == 32  # one run: every process's id
 
 

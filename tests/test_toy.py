@@ -210,3 +210,46 @@ def test_every_benchmark_variant_loads_and_the_window_variant_sweeps_the_steps()
     starts = [int(plan_steps(window, 1, iteration=it).min()) for it in (0, 4, 8, 28)]
     assert starts == [0, 1, 2, 7]  # a window of 2 ends at step N - 2 = 8
     assert all(int(plan_steps(window, 1, iteration=it).max()) <= window.rollout.num_steps - 2 for it in range(40))
+
+
+def test_each_variant_is_paired_with_flash_seed_by_seed_at_every_point():
+    from bench.alignment.alignment import paired_to_reference, summarise
+
+    def run(variant, seed, rewards):
+        evals = [{"compute": 100 * i, "reward": r, "color": 0.0, "single": 0.0, "motion": 0.0}
+                 for i, r in enumerate(rewards)]
+        return {"variant": variant, "seed": seed, "iterations": 3, "wall_s": 1.0, "evals": evals,
+                "train": [{"clip_fraction": 0.0}]}
+
+    flash = [run("flash", seed, [0.5, 0.6]) for seed in (0, 1, 2)]
+    full = [run("full", 0, [0.5, 0.61]), run("full", 1, [0.5, 0.62]), run("full", 2, [0.5, 0.57]),
+            run("full", 7, [0.5, 0.9])]  # seed 7: flash did not run it, not paired
+    points = paired_to_reference(full, flash)
+    final = points[-1]
+    assert final["seeds"] == 3 and final["ahead"] == 2 and final["mean"] == pytest.approx(0.0)
+    half = 4.303 * 0.026457513 / 3 ** 0.5  # t(0.975, 2) x sample std of (+0.01, +0.02, -0.03) / sqrt(3)
+    assert (final["low"], final["high"]) == (pytest.approx(-half, rel=1e-6), pytest.approx(half, rel=1e-6))
+    assert paired_to_reference(flash, flash) is None  # the reference itself
+    summary = summarise([*flash, *full[:1]])
+    assert summary["full"]["versus_reference"][-1]["low"] is None  # one seed: no interval
+
+
+def test_the_settings_search_is_the_same_coordinate_search_for_every_variant():
+    from bench.alignment import tune
+
+    assert "rollout.noise_level" not in tune.knobs("nft") and "rollout.noise_level" in tune.knobs("flash")
+    assert list(tune.knobs("nft"))[-1] == "train.nft_beta"  # its own knobs after the shared ones
+    calls = []
+
+    def evaluate(settings):  # a made-up landscape: best at lr 1e-4, ema 0.98, shared noise; ties keep the first
+        calls.append(settings)
+        reward = (-abs(settings.get("train.learning_rate", 1e-4) - 1e-4) * 1e3
+                  + (0.01 if settings.get("train.ema_decay") == 0.98 else 0.0)
+                  + (0.02 if settings.get("rollout.same_initial_noise") else 0.0))
+        return [{"evals": [{"reward": 0.5}, {"reward": 0.5 + reward}]} for _ in (100, 101)]
+
+    chosen, tried = tune.search("flash", (100, 101), evaluate)
+    assert chosen == {"train.learning_rate": 1e-4, "train.ema_decay": 0.98, "rollout.same_initial_noise": True,
+                      "rollout.noise_level": 0.5}
+    assert len(tried) == len(calls) == 3 + 2 + 2 + 2  # every value once, none evaluated twice
+    assert tune.run_key("flash", chosen, 100, 9) != tune.run_key("flash", chosen, 101, 9)

@@ -1,6 +1,7 @@
 """Alignment benchmark: does one-step GRPO beat full-trajectory GRPO at equal compute? (toy task)
 
-    python -m bench.alignment            # full run: 7 variants x 3 seeds (about 50 min on 2 quiet cores)
+    python -m bench.alignment            # full run: 9 variants x 3 seeds
+    python -m bench.alignment --first-seed 100 --seeds 3   # seeds 100-102 (tuning seeds, never reported)
     python -m bench.alignment --quick    # smoke size: 2 variants x 1 seed, the shipped base (a few minutes)
     python -m bench.alignment --jobs 2   # two runs at a time, one thread each (29 min on 2 cores)
 
@@ -25,6 +26,10 @@ noise per (prompt, sample). Variants:
                         (train.mode window_k), no rectification
   full                  SDE on every step, training the first int(N x timestep_fraction), loss
                         averaged over them, no rectification (Flow-GRPO as published)
+  nft                   DiffusionNFT (train.mode nft): ODE rollouts, each final sample re-noised at
+                        9 of the 10 levels, implicit positive/negative loss, no guidance in training
+  awm                   Advantage Weighted Matching (train.mode awm): the same rollouts and levels,
+                        PPO's ratio on the flow-matching log-likelihood surrogate
   flash-fast            flash with cheaper rollouts: 1 UniPC step before step k, 2 after it
                         (rollout.head_steps 1, tail_steps 2; docs/decisions.md, "Cheaper rollouts")
   flash-fast3           the same with 3 UniPC steps after k (rollout.tail_steps 3)
@@ -60,13 +65,21 @@ VARIANTS = {
     "window": {"train.mode": "window", "train.rectify": "none", "train.window_size": 2, "train.window_every": 4},
     "window-k": {"train.mode": "window_k", "train.rectify": "none", "train.window_size": 2, "train.window_every": 1},
     "full": {"train.mode": "full", "train.rectify": "none"},
+    # the forward-process successors: ODE rollouts, final samples re-noised at int(10 x 0.99) = 9 levels
+    "nft": {"train.mode": "nft", "train.rectify": "none", "train.timestep_fraction": 0.99},
+    "awm": {"train.mode": "awm", "train.rectify": "none", "train.timestep_fraction": 0.99},
     # cheaper rollouts (docs/decisions.md, "Cheaper rollouts"): run with --variants, not by default
     "flash-fast": {"train.mode": "flash", "rollout.head_steps": 1, "rollout.tail_steps": 2},
     "flash-fast3": {"train.mode": "flash", "rollout.head_steps": 1, "rollout.tail_steps": 3},
     "flash-fast-guide": {"train.mode": "flash", "rollout.head_steps": 1, "rollout.tail_steps": 3,
                          "rollout.guidance_until": 0.5},
 }
-DEFAULT_VARIANTS = ("flash", "flash-no-iso", "flash-no-rect", "flash-flowgrpo-rect", "window", "window-k", "full")
+DEFAULT_VARIANTS = ("flash", "flash-no-iso", "flash-no-rect", "flash-flowgrpo-rect", "window", "window-k", "full",
+                    "nft", "awm")
+REFERENCE = "flash"  # the variant every other one is compared with, seed by seed
+# two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (then the normal's 1.96)
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 COMPONENTS = ("color", "single", "motion")
 
 
@@ -103,16 +116,17 @@ def scored(reward, videos, prompts: list[str]) -> dict[str, float]:
 
 
 def train_variant(variant: str, seed: int, base: str, budget: int, evals: int, eval_samples: int,
-                  extra: dict | None = None) -> dict:
+                  extra: dict | None = None, tuned: dict | None = None) -> dict:
     """One variant, one seed: train to the compute budget, evaluating at `evals` equal fractions;
-    `extra`: params overrides for every variant (--quick's faster EMA)."""
+    `extra`: params overrides for every variant (--quick's faster EMA), `tuned`: this variant's
+    settings (bench/alignment/tune.py), applied last."""
     from flash_grpo_core.tasks import toy
     from flash_grpo_core.config import load_params
     from flash_grpo_core.engine.iteration import build_engine, iteration_prompts, reward_from_params, run_iteration
 
     params = load_params(ROOT / "params.yaml", preset="toy",
-                         overrides={**(extra or {}), **VARIANTS[variant], "seed": seed, "model.path": base,
-                                    "model.device": "cpu"})
+                         overrides={**(extra or {}), **VARIANTS[variant], **(tuned or {}), "seed": seed,
+                                    "model.path": base, "model.device": "cpu"})
     engine = build_engine(params)
     reward = reward_from_params(params)
     train_prompts, held_out = toy.toy_prompts(params.toy)
@@ -131,8 +145,8 @@ def train_variant(variant: str, seed: int, base: str, budget: int, evals: int, e
             thresholds.pop(0)
             eval_rows.append({"compute": spent, "wall_s": time.perf_counter() - began,
                               **evaluate(engine, held_out, eval_samples)})
-    return {"variant": variant, "seed": seed, "iterations": iteration, "evals": eval_rows, "train": train_rows,
-            "wall_s": time.perf_counter() - began}
+    return {"variant": variant, "seed": seed, "tuned": dict(tuned or {}), "iterations": iteration, "evals": eval_rows,
+            "train": train_rows, "wall_s": time.perf_counter() - began}
 
 
 def gradient_spread(base: str, seed: int = 0, overrides: dict | None = None) -> dict:
@@ -183,8 +197,9 @@ def _one_thread() -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
 
 
-def run_all(pairs: list[tuple[str, int]], base: str, config: dict) -> list[dict]:
-    """train_variant for every (variant, seed), `config["jobs"]` at a time; results in `pairs` order."""
+def run_all(pairs: list[tuple], base: str, config: dict) -> list[dict]:
+    """train_variant for every (variant, seed) or (variant, seed, tuned settings), `config["jobs"]` at a
+    time; results in `pairs` order. Without tuned settings in a pair, `config["settings"]` has them."""
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
@@ -195,10 +210,12 @@ def run_all(pairs: list[tuple[str, int]], base: str, config: dict) -> list[dict]
         return run
 
     args = (base, config["budget"], config["evals"], config["eval_samples"], config["overrides"])
+    settings = config.get("settings") or {}
+    calls = [(pair[0], pair[1], *args, pair[2] if len(pair) > 2 else settings.get(pair[0], {})) for pair in pairs]
     if config["jobs"] == 1:
-        return [report(train_variant(variant, seed, *args)) for variant, seed in pairs]
+        return [report(train_variant(*call)) for call in calls]
     with ProcessPoolExecutor(config["jobs"], mp_context=get_context("spawn"), initializer=_one_thread) as pool:
-        futures = [pool.submit(train_variant, variant, seed, *args) for variant, seed in pairs]
+        futures = [pool.submit(train_variant, *call) for call in calls]
         return [report(future.result()) for future in futures]
 
 
@@ -254,14 +271,35 @@ def summarise(runs: list[dict]) -> dict:
         finals = [run["evals"][-1]["reward"] for run in mine]
         above = sum(run["evals"][-1]["reward"] > run["evals"][0]["reward"] for run in mine)
         summary[variant] = {
-            "seeds": len(mine), "iterations": statistics.mean(run["iterations"] for run in mine),
+            "seeds": len(mine), "seed_list": [run["seed"] for run in mine],
+            "iterations": statistics.mean(run["iterations"] for run in mine),
             "wall_s": statistics.mean(run["wall_s"] for run in mine), "curve": curve,
             "base_reward": curve[0]["mean"], "final_reward": statistics.mean(finals),
             "final_reward_std": statistics.pstdev(finals), "delta": delta, "seeds_above_base": above,
             "clip_fraction": statistics.mean(row["clip_fraction"] for run in mine for row in run["train"]),
             "hacking": [c for c in COMPONENTS if delta["reward"] > 0 and delta[c] < -0.02],
+            "versus_reference": paired_to_reference(mine, [run for run in runs if run["variant"] == REFERENCE]),
         }
     return summary
+
+
+def paired_to_reference(mine: list[dict], reference: list[dict]) -> list[dict] | None:
+    """At each evaluation point (equal compute), the held-out reward minus the reference variant's
+    on the same seed: mean, 95% t-interval over the seeds both ran (none with fewer than 2), and the
+    seeds where this variant is ahead. None for the reference itself or without it."""
+    by_seed = {run["seed"]: run for run in reference}
+    pairs = [(run, by_seed[run["seed"]]) for run in mine if run["seed"] in by_seed and run is not by_seed[run["seed"]]]
+    if not pairs:
+        return None
+    points = []
+    for i in range(min(min(len(a["evals"]), len(b["evals"])) for a, b in pairs)):
+        differences = [a["evals"][i]["reward"] - b["evals"][i]["reward"] for a, b in pairs]
+        mean, n = statistics.mean(differences), len(differences)
+        half = T975[min(n - 1, len(T975)) - 1] * statistics.stdev(differences) / n ** 0.5 if n > 1 else None
+        points.append({"compute": statistics.mean(a["evals"][i]["compute"] for a, _ in pairs), "mean": mean,
+                       "low": None if half is None else mean - half, "high": None if half is None else mean + half,
+                       "ahead": sum(d > 0 for d in differences), "seeds": n})
+    return points
 
 
 def write_outputs(out: Path, runs: list[dict], summary: dict, spread: dict, config: dict) -> str:
@@ -326,6 +364,14 @@ def _markdown(summary: dict, spread: dict, config: dict) -> str:
                      f"{d['delta']['color']:+.3f} | "
                      f"{d['delta']['single']:+.3f} | {d['delta']['motion']:+.3f} | {d['clip_fraction']:.3f} | "
                      f"{d['wall_s']:.0f} | {', '.join(d['hacking']) or '-'} |")
+    compared = {variant: d["versus_reference"][-1] for variant, d in summary.items() if d.get("versus_reference")}
+    if compared:
+        lines += ["", f"Paired with {REFERENCE} seed by seed, at the final point (held-out reward minus {REFERENCE}'s; "
+                      "95% t-interval over the seeds; summary.json has every point):", "",
+                  f"| variant | minus {REFERENCE} | 95% interval | seeds ahead |", "| --- | ---: | ---: | ---: |"]
+        lines += [f"| {variant} | {p['mean']:+.4f} | "
+                  + (f"{p['low']:+.4f} to {p['high']:+.4f}" if p["low"] is not None else "-")
+                  + f" | {p['ahead']}/{p['seeds']} |" for variant, p in compared.items()]
     lines += ["", "Gradient-norm spread across the K candidate timesteps (max / min of the policy-gradient norm",
               f"at each timestep on the base model, {spread['samples']} samples a timestep):", "",
               "| rectification | max / min |", "| --- | ---: |"]
@@ -349,7 +395,9 @@ def _overrides(parser: argparse.ArgumentParser, pairs: list[str]) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.alignment", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--seeds", type=int, default=None)
+    parser.add_argument("--seeds", type=int, default=None, help="how many seeds")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="seeds first..first+seeds-1 (settings are tuned on seeds the record does not report)")
     parser.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS))
     parser.add_argument("--iterations", type=int, default=None, help="the budget, in flash iterations")
     parser.add_argument("--evals", type=int, default=None, help="held-out evaluations per run")
@@ -359,6 +407,8 @@ def main(argv=None) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a params.yaml key (dotted, YAML value) for every variant, e.g. "
                              "--set train.ema_decay=0.95; repeatable")
+    parser.add_argument("--settings", default=None,
+                        help="settings.json of bench/alignment/tune.py: each variant's tuned settings")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs at a time, each in its own process on one thread")
     parser.add_argument("--out", default=None)
@@ -370,13 +420,15 @@ def main(argv=None) -> None:
     seeds = args.seeds or (1 if quick else 3)
     variants = args.variants or (["flash", "full"] if quick else list(DEFAULT_VARIANTS))
     flash_iterations = args.iterations or (6 if quick else 40)
-    config = {"quick": quick, "seeds": seeds, "variants": variants,
+    settings = json.loads(Path(args.settings).read_text())["chosen"] if args.settings else {}
+    config = {"quick": quick, "seeds": seeds, "first_seed": args.first_seed, "variants": variants, "settings": settings,
               "budget": flash_iterations * flash_iteration_cost(),
               "evals": args.evals or (2 if quick else 8), "eval_samples": args.eval_samples or 8, "jobs": args.jobs,
               # 6 iterations are 12 optimizer steps: an EMA over ~50 steps would still be mostly the base
               "overrides": {**({"train.ema_decay": 0.9} if quick else {}), **_overrides(parser, args.set)}}
     base = pretrained_base(out, args.pretrain_steps)
-    runs = run_all([(variant, seed) for variant in variants for seed in range(seeds)], base, config)
+    runs = run_all([(variant, seed) for variant in variants for seed in range(args.first_seed, args.first_seed + seeds)],
+                   base, config)
     # the quick run's smoke size: groups of 4 (a third of the time)
     spread = gradient_spread(base, overrides={**config["overrides"], **({"rollout.group_size": 4} if quick else {})})
     print(write_outputs(out, runs, summarise(runs), spread, config))
