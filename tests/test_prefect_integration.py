@@ -2,7 +2,8 @@
 
 One module-wide stack, started once: a temporary git + DVC copy of the repository, a Prefect server
 on a free loopback port (temporary PREFECT_HOME, SQLite, analytics off), the `flash-grpo` process
-pool, the deployments of prefect.yaml and one worker. The tests run in file order on one iteration
+pool, the deployments of prefect.yaml and one worker, whose flow runs' stages start warm
+(tests/warm_runner.py: the worker's PYTHONPATH repeats the project's own path). The tests run in file order on one iteration
 of the tiny preset: a run whose evaluate stage fails, its retry (which resumes there), then a second
 run with the same parameters (which does no stage work). Every process started here is stopped by
 its id when the module ends, also when a test fails.
@@ -19,6 +20,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from warm_runner import warm_runner
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -112,7 +115,8 @@ def stack(tmp_path_factory, dvc_cache):
         stack.prefect("work-pool", "create", "flash-grpo", "--type", "process")
         stack.prefect("deploy", "--all")
         stack.start("worker", "worker", "start", "--pool", "flash-grpo", "--limit", "1")
-        yield stack
+        with warm_runner(project, min_served=8):  # validate .. export: every stage that ran
+            yield stack
     finally:
         stack.stop()
         assert all(process.poll() is not None for process in stack.processes)

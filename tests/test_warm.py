@@ -110,6 +110,18 @@ def test_a_different_import_time_environment_runs_cold(warm, tmp_path):
     assert len(_served(log)) == before
 
 
+def test_a_pythonpath_that_repeats_the_server_s_path_is_no_difference(tmp_path):
+    """A Prefect worker's flow runs carry a PYTHONPATH of the workspace's own path: a stage with it
+    imports what the server imported, so it runs warm; a folder the server's path lacks does not."""
+    from stages.runtime.warm import differing_environment
+
+    server = {"OMP_NUM_THREADS": "1"}
+    on_path = os.pathsep.join([*[entry for entry in sys.path if entry][-2:], ""])  # folders of this process's path
+    assert differing_environment({**server, "PYTHONPATH": on_path}, server) == []
+    assert differing_environment({**server, "PYTHONPATH": str(tmp_path)}, server) == ["PYTHONPATH"]
+    assert differing_environment({"OMP_NUM_THREADS": "2", "PYTHONPATH": on_path}, server) == ["OMP_NUM_THREADS"]
+
+
 def test_a_killed_client_stops_its_stage(warm, tmp_path):
     project, env, log = warm
     client = subprocess.Popen([sys.executable, "-m", "stages.pretrain", "--out", str(tmp_path / "base"),

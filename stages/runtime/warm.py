@@ -15,7 +15,9 @@ Correctness before speed:
 - The server keeps only third-party modules: the project's own modules (`flash_grpo_core`, `stages`)
   are dropped after warm-up, so every stage imports the current code from disk.
 - A stage runs cold (in its own process, as without the server) whenever the warm one could differ:
-  an environment variable read at import time (HF_*, TORCH*, CUDA*, OMP_*, ...) differs, the
+  an environment variable read at import time (HF_*, TORCH*, CUDA*, OMP_*, ...) differs (the
+  refusal names it; a PYTHONPATH whose folders are all on the server's own path, as a Prefect
+  worker's flow runs carry, is no difference: the stage would import from the same folders), the
   installed packages changed since the server started (site-packages modified), or the socket is
   missing, refused or not this user's (see below). `FLASH_GRPO_WARM=0` forces cold runs.
 - The server never runs a torch operation itself (no thread pools or CUDA context to inherit), and
@@ -182,6 +184,18 @@ def _run_child(request: dict, fds: list[int], added_env: dict[str, str]) -> None
         os._exit(code)
 
 
+def differing_environment(requested: dict[str, str], server: dict[str, str]) -> list[str]:
+    """The import-time variables in which a stage's environment differs from the server's.
+    PYTHONPATH counts only where it names a folder the server's sys.path lacks: a stage whose
+    PYTHONPATH repeats the server's own path (as a Prefect worker's flow runs carry) imports the same."""
+    keys = sorted(key for key in {*requested, *server} if requested.get(key) != server.get(key))
+    if "PYTHONPATH" in keys:
+        known = {os.path.realpath(entry or os.getcwd()) for entry in sys.path}
+        if all(os.path.realpath(entry) in known for entry in requested.get("PYTHONPATH", "").split(os.pathsep) if entry):
+            keys.remove("PYTHONPATH")
+    return keys
+
+
 class Server:
     def __init__(self, path: Path, imported_under: dict[str, str], added_env: dict[str, str]):
         self.path = path
@@ -198,8 +212,9 @@ class Server:
             return "another user"
         if _site_packages_stamp() != self.stamp:
             return "installed packages changed since the server started; restart it"
-        if import_environment(request.get("env", {})) != self.environment:
-            return "environment differs from the server's"
+        differing = differing_environment(import_environment(request.get("env", {})), self.environment)
+        if differing:
+            return f"environment differs from the server's in {', '.join(differing)}"
         if not str(request.get("module", "")).startswith("stages."):
             return "not a stage"
         if request.get("root") != str(ROOT):
