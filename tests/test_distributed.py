@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from flash_grpo_core.pipeline.workspace import copy_project, tool_env
+from warm_runner import warm_runner
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -26,8 +27,8 @@ pytestmark = pytest.mark.slow
 
 
 def _run(args, cwd, nproc=1, check=True, timeout=300, **env):
-    environment = tool_env(OMP_NUM_THREADS="1", FLASH_GRPO_NPROC_PER_NODE=str(nproc), FLASH_GRPO_WARM="0",
-                           FLASH_GRPO_DIST_TIMEOUT="60", **env)
+    environment = tool_env(OMP_NUM_THREADS="1", FLASH_GRPO_NPROC_PER_NODE=str(nproc), FLASH_GRPO_DIST_TIMEOUT="60",
+                           **env)
     result = subprocess.run([str(a) for a in args], cwd=cwd, env=environment, capture_output=True, text=True, check=False,
                             timeout=timeout)
     if check and result.returncode:
@@ -53,8 +54,10 @@ def _update(cwd, out, scores, nproc, params="params.yaml"):
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, dvc_cache):
     project = copy_project(ROOT, tmp_path_factory.mktemp("distributed"), preset="tiny", cache_dir=dvc_cache)
-    _run([BIN / "dvc", "repro", "score@1"], project)  # curate, init, rollout@1, score@1 on one process
-    return project
+    # the one-process references start warm (tests/warm_runner.py); ranks under torchrun never do
+    with warm_runner(project, min_served=4, OMP_NUM_THREADS="1"):
+        _run([BIN / "dvc", "repro", "score@1"], project)  # curate, init, rollout@1, score@1 on one process
+        yield project
 
 
 def _files(folder: Path) -> dict[str, bytes]:

@@ -11,7 +11,8 @@ targets, guidance, sampling steps, HPSv3's JPEG round trip and top-30% frames, .
 preset's: the first test checks that nothing else moved.
 
 One DVC run for the module (about 2 CPU-minutes: 9 stages, each a few Python processes that import
-torch and diffusers); the tests read its outputs.
+torch and diffusers; the one-process stages start warm, tests/warm_runner.py); the tests read its
+outputs.
 """
 
 import dataclasses
@@ -30,6 +31,7 @@ from fakes import make_hpsv3_checkpoint, save_qwen2vl_base, save_wan_folder, wri
 from flash_grpo_core.config import load_params, read_yaml
 from flash_grpo_core.pipeline.workspace import copy_project, tool_env
 from flows.params_file import _defines
+from warm_runner import warm_runner
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -59,8 +61,7 @@ STAGES = ("curate", "init", "rollout@1", "score@1", "update@1", "eval_checkpoint
 
 
 def _run(args, cwd, timeout=900):
-    env = tool_env(OMP_NUM_THREADS="1", FLASH_GRPO_NPROC_PER_NODE="2", FLASH_GRPO_WARM="0",
-                   FLASH_GRPO_DIST_TIMEOUT="120")
+    env = tool_env(OMP_NUM_THREADS="1", FLASH_GRPO_NPROC_PER_NODE="2", FLASH_GRPO_DIST_TIMEOUT="120")
     result = subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     command = " ".join(map(str, args))
     assert result.returncode == 0, f"{command} failed:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
@@ -96,7 +97,9 @@ def rehearsal(tmp_path_factory, dvc_cache):
                     ["add", "-A"], ["commit", "-qm", "prompts"]):
         subprocess.run(["git", *command], cwd=project, check=True, capture_output=True)
     overrides = {**_weights(tmp_path_factory.mktemp("weights")), "data.source": DATA_SOURCE, **SIZES}
-    done = _run([BIN / "dvc", "exp", "run", *_set_params(project, overrides)], project)
+    # the one-process stages (validate, curate, init, evaluate, export) start warm; ranks under torchrun never do
+    with warm_runner(project, min_served=5, OMP_NUM_THREADS="1"):
+        done = _run([BIN / "dvc", "exp", "run", *_set_params(project, overrides)], project)
     return project, overrides, done.stdout
 
 

@@ -12,14 +12,15 @@ from flash_grpo_core.pipeline.workspace import tool_env
 
 
 @contextlib.contextmanager
-def warm_runner(project: Path, min_served: int = 1):
-    """Runs the warm runner in `project` on the project's own default socket while the block runs;
+def warm_runner(project: Path, min_served: int = 1, **env: str):
+    """Runs the warm runner in `project` on the project's own default socket while the block runs,
+    with `env` added to its environment (the stages' import-time variables, for them to match);
     afterwards checks that it served at least `min_served` stages and removes its socket."""
     from stages.runtime.warm_client import socket_path
 
     log = project.parent / f"{project.name}-warm.log"
     with open(log, "w") as handle:
-        server = subprocess.Popen([sys.executable, "-m", "stages.runtime.warm"], cwd=project, env=tool_env(),
+        server = subprocess.Popen([sys.executable, "-m", "stages.runtime.warm"], cwd=project, env=tool_env(**env),
                                   stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
