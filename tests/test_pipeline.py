@@ -120,8 +120,11 @@ def _assert_tracked(log_dir: Path, preset_dir: Path, points: list[dict]) -> None
             for name, value in entry.items():
                 assert (it, pytest.approx(value, rel=1e-6)) in [(e.step, e.value) for e in run.Scalars(
                     f"steps/{k}/{name}")], (k, name)
+    from stages.eval_checkpoint import TRACKED_SAMPLES
+
     samples = sorted(run.Tags()["images"])  # GIFs where moviepy can encode them, else frame grids
-    assert len(samples) == 3 and all(tag.startswith(f"eval/sample/{n}") for n, tag in enumerate(samples))
+    shown = min(TRACKED_SAMPLES, points[0]["prompts"])  # the report's videos: one per held-out prompt, 2 here
+    assert len(samples) == shown == 2 and all(tag.startswith(f"eval/sample/{n}") for n, tag in enumerate(samples))
     assert all([e.step for e in run.Images(tag)] == [0, 1, 2] for tag in samples)
     assert len(json.loads((log_dir / "run.json").read_text())["run_id"]) == 32  # one run: every process's id
 

@@ -213,7 +213,7 @@ def test_every_benchmark_variant_loads_and_the_window_variant_sweeps_the_steps()
 
 
 def test_each_variant_is_paired_with_flash_seed_by_seed_at_every_point():
-    from bench.alignment.alignment import paired_to_reference, summarise
+    from bench.alignment.report import paired_to_reference, summarise
 
     def run(variant, seed, rewards):
         evals = [{"compute": 100 * i, "reward": r, "color": 0.0, "single": 0.0, "motion": 0.0}

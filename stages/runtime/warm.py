@@ -188,12 +188,11 @@ def differing_environment(requested: dict[str, str], server: dict[str, str]) -> 
     """The import-time variables in which a stage's environment differs from the server's.
     PYTHONPATH counts only where it names a folder the server's sys.path lacks: a stage whose
     PYTHONPATH repeats the server's own path (as a Prefect worker's flow runs carry) imports the same."""
-    keys = sorted(key for key in {*requested, *server} if requested.get(key) != server.get(key))
-    if "PYTHONPATH" in keys:
-        known = {os.path.realpath(entry or os.getcwd()) for entry in sys.path}
-        if all(os.path.realpath(entry) in known for entry in requested.get("PYTHONPATH", "").split(os.pathsep) if entry):
-            keys.remove("PYTHONPATH")
-    return keys
+    known = {os.path.realpath(entry or os.getcwd()) for entry in sys.path}
+    folders = [entry for entry in requested.get("PYTHONPATH", "").split(os.pathsep) if entry]
+    same_path = all(os.path.realpath(entry) in known for entry in folders)
+    return sorted(key for key in {*requested, *server}
+                  if requested.get(key) != server.get(key) and not (key == "PYTHONPATH" and same_path))
 
 
 class Server:
