@@ -104,6 +104,8 @@ def test_fast_rollouts_and_unknown_weightings_are_refused(tiny_params):
         _params(tiny_params, "awm", train__awm_weighting="huber")
     with pytest.raises(ConfigError, match="0 noise levels"):
         tiny_params(train__mode="awm", train__timestep_fraction=0.01)
+    with pytest.raises(ConfigError, match="the group's videos would be identical"):
+        _params(tiny_params, "nft", rollout__same_initial_noise=True)
 
 
 def test_the_preflight_plans_one_stored_latent_a_sample(tiny_params):

@@ -238,6 +238,7 @@ def test_the_settings_search_is_the_same_coordinate_search_for_every_variant():
     from bench.alignment import tune
 
     assert "rollout.noise_level" not in tune.knobs("nft") and "rollout.noise_level" in tune.knobs("flash")
+    assert "rollout.same_initial_noise" not in tune.knobs("awm")
     assert list(tune.knobs("nft"))[-1] == "train.nft_beta"  # its own knobs after the shared ones
     calls = []
 

@@ -63,9 +63,12 @@ VARIANTS = {
     "window": {"train.mode": "window", "train.rectify": "none", "train.window_size": 2, "train.window_every": 4},
     "window-k": {"train.mode": "window_k", "train.rectify": "none", "train.window_size": 2, "train.window_every": 1},
     "full": {"train.mode": "full", "train.rectify": "none"},
-    # the forward-process successors: ODE rollouts, final samples re-noised at int(10 x 0.99) = 9 levels
-    "nft": {"train.mode": "nft", "train.rectify": "none", "train.timestep_fraction": 0.99},
-    "awm": {"train.mode": "awm", "train.rectify": "none", "train.timestep_fraction": 0.99},
+    # the forward-process successors: ODE rollouts, final samples re-noised at int(10 x 0.99) = 9 levels; a
+    # group's samples need their own initial noise (from a shared one the ODE gives one video a group)
+    "nft": {"train.mode": "nft", "train.rectify": "none", "train.timestep_fraction": 0.99,
+            "rollout.same_initial_noise": False},
+    "awm": {"train.mode": "awm", "train.rectify": "none", "train.timestep_fraction": 0.99,
+            "rollout.same_initial_noise": False},
     # cheaper rollouts (docs/decisions.md, "Cheaper rollouts"): run with --variants, not by default
     "flash-fast": {"train.mode": "flash", "rollout.head_steps": 1, "rollout.tail_steps": 2},
     "flash-fast3": {"train.mode": "flash", "rollout.head_steps": 1, "rollout.tail_steps": 3},

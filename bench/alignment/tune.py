@@ -8,7 +8,9 @@ The search is coordinate-wise and the same for every variant: starting from the 
 (params.yaml's toy preset with the variant's overrides), each knob of SEARCH in turn takes each of
 its values, the others held at the best found so far, and keeps the value with the highest mean
 held-out reward at the budget's end over the tuning seeds (ties: the earlier value). A knob that
-does not change a variant's runs (the SDE noise level for the ODE-rollout modes) is skipped for it;
+does not apply to a variant (the SDE noise level and a group's shared initial noise for the
+ODE-rollout modes: without an SDE step the first changes nothing and the second would give a group
+identical videos) is skipped for it;
 each variant also searches its own knobs (OWN). Every finished run is kept in `<out>/runs/` and
 reused, so an interrupted search resumes where it stopped, and a search that spans several sittings
 costs no run twice. Writes `<out>/settings.json` (the chosen settings, every configuration's score)
@@ -48,14 +50,14 @@ OWN = {
     "nft": {"train.nft_beta": [0.1, 1.0]},
     "awm": {"train.clip_range": [1.0e-3, 1.0e-2]},
 }
-ODE_ROLLOUTS = {"nft", "awm"}  # no SDE step: the noise level changes nothing
+ODE_ROLLOUTS = {"nft", "awm"}  # no SDE step: the noise level changes nothing, a shared initial noise is refused
+ODE_SKIPS = ("rollout.noise_level", "rollout.same_initial_noise")
 SEEDS = (100, 101, 102)
 
 
 def knobs(variant: str) -> dict[str, list]:
     """The knobs a variant searches, in order."""
-    shared = {key: values for key, values in SEARCH.items()
-              if not (variant in ODE_ROLLOUTS and key == "rollout.noise_level")}
+    shared = {key: values for key, values in SEARCH.items() if not (variant in ODE_ROLLOUTS and key in ODE_SKIPS)}
     return {**shared, **OWN.get(variant, {})}
 
 

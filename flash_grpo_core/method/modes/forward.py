@@ -24,6 +24,10 @@ class ForwardProcess(TrainingMode):
         if int(rollout.num_steps * train.timestep_fraction) < 1:
             found.append(f"train.timestep_fraction ({train.timestep_fraction}) trains int({rollout.num_steps} x "
                          f"{train.timestep_fraction}) = 0 noise levels; raise it")
+        if rollout.same_initial_noise:
+            found.append(f"rollout.same_initial_noise: true gives a group's samples one initial noise, and train.mode "
+                         f"{self.name} samples with the ODE: the group's videos would be identical, with no signal; "
+                         f"set it to false")
         if not (math.isfinite(train.nft_beta) and train.nft_beta > 0):
             found.append(f"train.nft_beta must be > 0, got {train.nft_beta}")
         if train.awm_weighting not in AWM_WEIGHTINGS:
