@@ -216,7 +216,7 @@ def test_each_variant_is_paired_with_flash_seed_by_seed_at_every_point():
     from bench.alignment.report import paired_to_reference, summarise
 
     def run(variant, seed, rewards):
-        evals = [{"compute": 100 * i, "reward": r, "color": 0.0, "single": 0.0, "motion": 0.0}
+        evals = [{"compute": 100 * i, "wall_s": 10.0 * i, "reward": r, "color": 0.0, "single": 0.0, "motion": 0.0}
                  for i, r in enumerate(rewards)]
         return {"variant": variant, "seed": seed, "iterations": 3, "wall_s": 1.0, "evals": evals,
                 "train": [{"clip_fraction": 0.0}]}
@@ -232,6 +232,7 @@ def test_each_variant_is_paired_with_flash_seed_by_seed_at_every_point():
     assert paired_to_reference(flash, flash) is None  # the reference itself
     summary = summarise([*flash, *full[:1]])
     assert summary["full"]["versus_reference"][-1]["low"] is None  # one seed: no interval
+    assert [point["wall_s"] for point in summary["flash"]["curve"]] == [0.0, 10.0]  # the plot's second axis
 
 
 def test_the_settings_search_is_the_same_coordinate_search_for_every_variant():

@@ -29,6 +29,7 @@ def summarise(runs: list[dict]) -> dict:
         for i in range(points):
             values = [run["evals"][i]["reward"] for run in mine]
             curve.append({"compute": statistics.mean(run["evals"][i]["compute"] for run in mine),
+                          "wall_s": statistics.mean(run["evals"][i]["wall_s"] for run in mine),
                           "mean": statistics.mean(values), "std": statistics.pstdev(values)})
         delta = {key: statistics.mean(run["evals"][-1][key] - run["evals"][0][key] for run in mine)
                  for key in ("reward", *COMPONENTS)}
@@ -97,17 +98,21 @@ def _plot(path: Path, summary: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7, 4.2), dpi=120)
-    for variant, data in summary.items():
-        xs = [p["compute"] / 1000 for p in data["curve"]]
-        means, stds = [p["mean"] for p in data["curve"]], [p["std"] for p in data["curve"]]
-        axis.plot(xs, means, marker="o", markersize=3, label=variant)
-        axis.fill_between(xs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)], alpha=0.15)
-    axis.set_xlabel("compute (thousand transformer forward-pass equivalents)")
-    axis.set_ylabel("held-out reward (toy_following)")
-    axis.set_title("Alignment at equal compute (mean and spread over seeds)")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.2), dpi=120, sharey=True)
+    for axis, key, scale, label in ((axes[0], "compute", 1000, "compute (thousand transformer forward-pass equivalents)"),
+                                    (axes[1], "wall_s", 60, "wall time of a run (minutes)")):
+        for variant, data in summary.items():
+            xs = [p.get(key, 0.0) / scale for p in data["curve"]]
+            means, stds = [p["mean"] for p in data["curve"]], [p["std"] for p in data["curve"]]
+            axis.plot(xs, means, marker="o", markersize=3, label=variant)
+            axis.fill_between(xs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
+                              alpha=0.15)
+        axis.set_xlabel(label)
+        axis.grid(alpha=0.3)
+    axes[0].set_ylabel("held-out reward (toy_following)")
+    axes[0].set_title("Alignment at equal compute (mean and spread over seeds)")
+    axes[1].set_title("... against wall time")
+    axes[1].legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
