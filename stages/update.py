@@ -48,30 +48,20 @@ def main(argv=None) -> int:
 
 def work(args) -> dict:
     """Train on the scored rollouts; rank 0 writes the checkpoint and metrics.json."""
-    from flash_grpo_core.artifacts.atomic import write_json
-    from flash_grpo_core.artifacts.checkpoint import check_config, config_record, prune_moments, write_checkpoint
-    from flash_grpo_core.artifacts.prompt_embeds import load_prompt_embeds
-    from flash_grpo_core.artifacts.rollout_records import batch_from_records
-    from flash_grpo_core.artifacts.scores import read_advantages, read_scores
-    from flash_grpo_core.artifacts.shards import read_shards
-    from flash_grpo_core.engine.distributed import current, sum_counts
+    from flash_grpo_core.artifacts.checkpoint import check_config
+    from flash_grpo_core.engine.distributed import sum_counts
     from flash_grpo_core.engine.iteration import update
     from flash_grpo_core.method.advantages import NonFiniteError
     from flash_grpo_core.method.batch import PassCounter
     from flash_grpo_core.pipeline.health import act_on, check_health
-    from flash_grpo_core.pipeline.tracking import cost
 
     params = common.load_params(args.params)
     check_config(args.checkpoint, params)  # before the model loads: a checkpoint of other params
     rollout = read_manifest(args.rollout)  # before the model loads too
     timings, counter = {}, PassCounter()
     with common.timer(timings, "load_seconds"):
-        # no text encoder: the prompts come as the embeddings the rollout sampled with
-        engine, previous = common.engine_at(params, args.checkpoint, text_encoder=False, optimizer=True)
-        records = read_shards(args.rollout)
-        batch, prompts, _ = batch_from_records(records)
-        embeds = load_prompt_embeds(args.rollout, prompts, engine.device)
-        advantages = read_advantages(args.scores, [r.key for r in records])
+        engine, previous, inputs = _load(args, params)
+    batch, prompts, embeds, records, scores, advantages = inputs
     with common.timer(timings, "train_seconds"), common.progress_bar(batch.steps.numel(), "update") as bar:
         try:
             metrics = update(engine, prompts, batch, advantages, args.iteration, counter, progress=bar,
@@ -79,38 +69,69 @@ def work(args) -> dict:
         except NonFiniteError as error:  # exit 2, naming the iteration: a rerun would meet it again
             raise NonFiniteError(f"iteration {args.iteration}: {error}") from error
     passes = sum_counts(counter.as_dict())  # every rank's share of the passes
-    scores = read_scores(args.scores)  # once: the reward's and each component's statistics
-    mean, std = _mean_std(scores["reward"])
-    rewards = {"reward_mean": mean, "reward_std": std}
-    equal = advantages.reshape(-1, params.rollout.group_size).eq(0).all(dim=1)  # groups without signal
-    metrics["per_step"] = with_reward_spread(metrics["per_step"], batch.steps, _aligned(scores, records),
-                                             params.rollout.group_size)
-    ema = engine.policy.ema
-    row = {"iteration": args.iteration, **rewards, **metrics, "equal_groups_fraction": float(equal.float().mean()),
-           "advantage_abs_mean": float(advantages.abs().mean()), "advantage_min": float(advantages.min()),
-           "advantage_max": float(advantages.max()), "learning_rate": params.train.learning_rate,
-           "ema_decay": ema.current_decay(ema.steps),  # the decay of the last optimizer step's fold
+    row = {"iteration": args.iteration, **_statistics(params, scores, records, batch.steps, advantages, metrics),
+           "learning_rate": params.train.learning_rate,
+           "ema_decay": engine.policy.ema.current_decay(engine.policy.ema.steps),  # the last optimizer step's fold
            "rollout_forward_passes": rollout["forward_passes"], "train_forward_passes": passes["forward_passes"],
            "train_backward_passes": passes["backward_passes"]}
     history = previous.get("history", [])
     # every rank checks the same numbers (a guard set to stop stops them all); rank 0 says it
     row["health_warnings"] = act_on(check_health(row, history, params.health), args.iteration,
                                     _warn_on_rank_0)
-    tensors = engine.policy.checkpoint_tensors()  # every rank: sharded (FSDP2) tensors are gathered
-    if current().is_main:
-        beside = params.train.optimizer_state == "beside"
-        write_checkpoint(tensors, args.out, {"iteration": args.iteration, "preset": params.preset,
-                                             "config": config_record(params),
-                                             "history": [*history, row]}, beside)
-        if beside:
-            prune_moments(args.out, params.train.keep_optimizer_states)
-        write_json(row, args.metrics)
-        if args.timings:
-            write_json(timings, args.timings)
-        track(params, row, _component_stats(scores), cost(timings, len(records), current().size, "train_seconds"))
+    _save(args, params, engine, [*history, row], timings, scores, len(records))
     return {k: round(row[k], 4) if isinstance(row[k], float) else row[k]
             for k in ("iteration", "reward_mean", "reward_std", "loss", "clip_fraction", "train_forward_passes",
                       "train_backward_passes")}
+
+
+def _load(args, params):
+    """The engine at the checkpoint (no text encoder: the prompts come as the embeddings the rollout
+    sampled with), its state, and the iteration's inputs: (batch, prompts, embeddings, records,
+    the score table, advantages aligned to the records), the score table read once."""
+    from flash_grpo_core.artifacts.prompt_embeds import load_prompt_embeds
+    from flash_grpo_core.artifacts.rollout_records import batch_from_records
+    from flash_grpo_core.artifacts.scores import aligned_advantages, read_scores
+    from flash_grpo_core.artifacts.shards import read_shards
+
+    engine, previous = common.engine_at(params, args.checkpoint, text_encoder=False, optimizer=True)
+    records = read_shards(args.rollout)
+    batch, prompts, _ = batch_from_records(records)
+    embeds = load_prompt_embeds(args.rollout, prompts, engine.device)
+    scores = read_scores(args.scores)
+    advantages = aligned_advantages(scores, [r.key for r in records], args.scores)
+    return engine, previous, (batch, prompts, embeds, records, scores, advantages)
+
+
+def _statistics(params, scores: dict, records, steps, advantages, metrics: dict) -> dict:
+    """The rewards' and advantages' statistics, the update's metrics and its per-step picture."""
+    mean, std = _mean_std(scores["reward"])
+    equal = advantages.reshape(-1, params.rollout.group_size).eq(0).all(dim=1)  # groups without signal
+    per_step = with_reward_spread(metrics["per_step"], steps, _aligned(scores, records), params.rollout.group_size)
+    return {"reward_mean": mean, "reward_std": std, **metrics, "per_step": per_step,
+            "equal_groups_fraction": float(equal.float().mean()), "advantage_abs_mean": float(advantages.abs().mean()),
+            "advantage_min": float(advantages.min()), "advantage_max": float(advantages.max())}
+
+
+def _save(args, params, engine, history: list[dict], timings: dict, scores: dict, videos: int) -> None:
+    """Every rank gathers the (possibly sharded) tensors; rank 0 writes the checkpoint (its history
+    ending with this iteration's row), metrics.json, the timings, and logs to the tracker."""
+    from flash_grpo_core.artifacts.atomic import write_json
+    from flash_grpo_core.artifacts.checkpoint import config_record, prune_moments, write_checkpoint
+    from flash_grpo_core.engine.distributed import current
+    from flash_grpo_core.pipeline.tracking import cost
+
+    tensors = engine.policy.checkpoint_tensors()  # every rank: sharded (FSDP2) tensors are gathered
+    if not current().is_main:
+        return
+    beside = params.train.optimizer_state == "beside"
+    write_checkpoint(tensors, args.out, {"iteration": args.iteration, "preset": params.preset,
+                                         "config": config_record(params), "history": history}, beside)
+    if beside:
+        prune_moments(args.out, params.train.keep_optimizer_states)
+    write_json(history[-1], args.metrics)
+    if args.timings:
+        write_json(timings, args.timings)
+    track(params, history[-1], _component_stats(scores), cost(timings, videos, current().size, "train_seconds"))
 
 
 def with_reward_spread(per_step: dict, steps, rewards: list[float], group_size: int) -> dict[str, dict]:

@@ -69,7 +69,11 @@ def read_scores(path: str | os.PathLike) -> dict[str, list]:
 
 def read_advantages(path: str | os.PathLike, keys: Sequence[str]) -> torch.Tensor:
     """Advantages float32 [S] aligned to `keys`; a clear error if the table does not match them."""
-    table = read_scores(path)
+    return aligned_advantages(read_scores(path), keys, path)
+
+
+def aligned_advantages(table: dict[str, list], keys: Sequence[str], path: str | os.PathLike) -> torch.Tensor:
+    """`read_advantages` on a table already read from `path` (`read_scores`)."""
     by_key = dict(zip(table["key"], table["advantage"]))
     missing = [key for key in keys if key not in by_key]
     if missing or len(by_key) != len(keys):
